@@ -1,0 +1,81 @@
+//! The library's typed errors.
+//!
+//! Every variant says what went wrong in words an operator or client can act
+//! on. Front ends map them to protocol replies (`-ERR ...`, HTTP status plus a
+//! JSON body); the binary wraps them in `anyhow` only at its edge.
+
+use std::path::PathBuf;
+use std::sync::Arc;
+
+/// Errors returned by [`crate::Node`] and the storage modules.
+#[derive(Debug, Clone, thiserror::Error)]
+#[non_exhaustive]
+pub enum Error {
+    /// The increment would take the counter outside the signed 64-bit range.
+    /// Worded exactly as Redis words it so that clients recognise it.
+    #[error("increment or decrement would overflow")]
+    Overflow,
+
+    /// A counter name or idempotency key broke a limit or was empty.
+    #[error("{what} is invalid: {reason}")]
+    InvalidInput { what: &'static str, reason: String },
+
+    /// The request asked for a durability level this node cannot provide.
+    /// It is refused rather than silently downgraded.
+    #[error("durability '{level}' is not available: {reason}")]
+    DurabilityUnavailable { level: &'static str, reason: String },
+
+    /// The journal failed earlier (a write or fsync returned an error). The
+    /// node acknowledges no more writes until it is restarted.
+    #[error("journal failed, writes are refused until the node restarts: {0}")]
+    JournalFailed(Arc<str>),
+
+    /// The increment was applied in memory and written, but the fsync that
+    /// would have made it durable failed: it may or may not survive a crash.
+    /// Retry with the same idempotency key after the node has restarted.
+    #[error("outcome unknown: the increment was written but its fsync failed ({0}); retry with the same idempotency key")]
+    Indeterminate(Arc<str>),
+
+    /// The node is shutting down and takes no new writes.
+    #[error("node is shutting down")]
+    ShuttingDown,
+
+    /// A bounded resource is full; the message names the limit to raise.
+    #[error("{0}")]
+    LimitExceeded(String),
+
+    /// Persistent data failed validation. `offset` is a byte offset in `path`.
+    #[error("{path}: corrupt data at byte offset {offset}: {reason}")]
+    Corrupt {
+        path: PathBuf,
+        offset: u64,
+        reason: String,
+    },
+
+    /// An I/O operation failed; `context` says which one and on what.
+    #[error("{context}: {source}")]
+    Io {
+        context: String,
+        #[source]
+        source: Arc<std::io::Error>,
+    },
+}
+
+impl Error {
+    pub(crate) fn io(context: impl Into<String>, source: std::io::Error) -> Self {
+        Error::Io {
+            context: context.into(),
+            source: Arc::new(source),
+        }
+    }
+
+    pub(crate) fn invalid(what: &'static str, reason: impl Into<String>) -> Self {
+        Error::InvalidInput {
+            what,
+            reason: reason.into(),
+        }
+    }
+}
+
+/// Shorthand used throughout the crate.
+pub type Result<T, E = Error> = std::result::Result<T, E>;

@@ -1,0 +1,198 @@
+//! Idempotency keys: which keys this node has applied, until when.
+//!
+//! Pure state, like the counter table: no I/O. Keys reach the journal inside
+//! the increment record that carries them and reach snapshots with their
+//! expiry, so a key and its expiry survive restarts.
+//!
+//! A key's check and its increment must be atomic, or two requests with the
+//! same key could both be applied. The node holds the key's shard lock (via
+//! [`IdempotencyKeys::with_key`]) across the check, the increment and the
+//! insertion. Lock order: key shard, then counter shard, then journal queue.
+
+use std::hash::BuildHasher;
+use std::sync::atomic::{AtomicUsize, Ordering::Relaxed};
+
+use compact_str::CompactString;
+use parking_lot::Mutex;
+
+use crate::error::{Error, Result};
+
+/// Longest idempotency key, in bytes.
+pub const KEY_BYTES_MAX: usize = 128;
+
+/// Number of independently locked shards.
+const SHARDS: usize = 64;
+
+type Map = hashbrown::HashMap<CompactString, u64, foldhash::fast::RandomState>;
+
+/// Checks an idempotency key against the rules.
+pub fn validate_key(key: &str) -> Result<()> {
+    if key.is_empty() {
+        return Err(Error::invalid("idempotency key", "it is empty"));
+    }
+    if key.len() > KEY_BYTES_MAX {
+        return Err(Error::invalid(
+            "idempotency key",
+            format!(
+                "it is {} bytes long; the limit is {KEY_BYTES_MAX} bytes",
+                key.len()
+            ),
+        ));
+    }
+    Ok(())
+}
+
+/// Keys seen, each with the unix time in milliseconds when it expires.
+pub struct IdempotencyKeys {
+    shards: Box<[Mutex<Map>]>,
+    hasher: foldhash::fast::FixedState,
+    len: AtomicUsize,
+    keys_max: usize,
+}
+
+/// A key's shard, locked; see [`IdempotencyKeys::with_key`].
+pub struct KeySlot<'a> {
+    map: parking_lot::MutexGuard<'a, Map>,
+    len: &'a AtomicUsize,
+    keys_max: usize,
+    key: &'a str,
+    now_ms: u64,
+}
+
+impl KeySlot<'_> {
+    /// Whether the key was seen and has not expired.
+    pub fn seen(&self) -> bool {
+        self.map.get(self.key).is_some_and(|&exp| exp > self.now_ms)
+    }
+
+    /// Fails if recording one more key would break the limit.
+    pub fn check_room(&self) -> Result<()> {
+        if !self.map.contains_key(self.key) && self.len.load(Relaxed) >= self.keys_max {
+            return Err(Error::LimitExceeded(format!(
+                "the node holds {} idempotency keys, its limit (--idempotency-keys-max); \
+                 raise it or shorten --idempotency-retention-s",
+                self.keys_max
+            )));
+        }
+        Ok(())
+    }
+
+    /// Records the key with its expiry.
+    pub fn insert(&mut self, expiry_ms: u64) {
+        if self
+            .map
+            .insert(CompactString::from(self.key), expiry_ms)
+            .is_none()
+        {
+            self.len.fetch_add(1, Relaxed);
+        }
+    }
+}
+
+impl IdempotencyKeys {
+    pub fn new(keys_max: usize) -> Self {
+        IdempotencyKeys {
+            shards: (0..SHARDS).map(|_| Mutex::new(Map::default())).collect(),
+            hasher: foldhash::fast::FixedState::with_seed(0x1de4),
+            len: AtomicUsize::new(0),
+            keys_max,
+        }
+    }
+
+    fn shard(&self, key: &str) -> &Mutex<Map> {
+        &self.shards[(self.hasher.hash_one(key) as usize) % SHARDS]
+    }
+
+    /// Locks `key`'s shard and hands `f` a slot to check and record it.
+    pub fn with_key<R>(&self, key: &str, now_ms: u64, f: impl FnOnce(&mut KeySlot<'_>) -> R) -> R {
+        let mut slot = KeySlot {
+            map: self.shard(key).lock(),
+            len: &self.len,
+            keys_max: self.keys_max,
+            key,
+            now_ms,
+        };
+        f(&mut slot)
+    }
+
+    /// Records a key seen in the journal or a snapshot, keeping the later
+    /// expiry if it is already known. Expired keys are skipped.
+    pub fn restore(&self, key: &str, expiry_ms: u64, now_ms: u64) {
+        if expiry_ms <= now_ms {
+            return;
+        }
+        let mut map = self.shard(key).lock();
+        match map.get_mut(key) {
+            Some(e) => *e = (*e).max(expiry_ms),
+            None => {
+                map.insert(CompactString::from(key), expiry_ms);
+                self.len.fetch_add(1, Relaxed);
+            }
+        }
+    }
+
+    /// Drops expired keys; returns how many.
+    pub fn purge_expired(&self, now_ms: u64) -> usize {
+        let mut removed = 0;
+        for shard in self.shards.iter() {
+            let mut map = shard.lock();
+            let before = map.len();
+            map.retain(|_, exp| *exp > now_ms);
+            removed += before - map.len();
+        }
+        self.len.fetch_sub(removed, Relaxed);
+        removed
+    }
+
+    pub fn len(&self) -> usize {
+        self.len.load(Relaxed)
+    }
+
+    pub fn is_empty(&self) -> bool {
+        self.len() == 0
+    }
+
+    /// Calls `f` with every live key of shard `index` (for snapshots).
+    pub fn for_each_in_shard(&self, index: usize, now_ms: u64, mut f: impl FnMut(&str, u64)) {
+        let map = self.shards[index].lock();
+        for (k, &exp) in map.iter() {
+            if exp > now_ms {
+                f(k, exp);
+            }
+        }
+    }
+
+    pub const SHARDS: usize = SHARDS;
+}
+
+/// Milliseconds since the unix epoch, by the wall clock (key expiry must
+/// mean the same thing after a restart, so a monotonic clock will not do).
+pub fn now_ms() -> u64 {
+    std::time::SystemTime::now()
+        .duration_since(std::time::UNIX_EPOCH)
+        .map_or(0, |d| d.as_millis() as u64)
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    // A key is seen until it expires; the limit refuses new keys only.
+    #[test]
+    fn keys_expire_and_are_bounded() {
+        let keys = IdempotencyKeys::new(1);
+        keys.with_key("a", 100, |s| {
+            assert!(!s.seen());
+            s.check_room().unwrap();
+            s.insert(200);
+        });
+        assert!(keys.with_key("a", 150, |s| s.seen()));
+        assert!(!keys.with_key("a", 200, |s| s.seen()));
+        assert!(keys.with_key("b", 150, |s| s.check_room()).is_err());
+        assert!(keys.with_key("a", 150, |s| s.check_room()).is_ok());
+        assert_eq!(keys.purge_expired(250), 1);
+        assert_eq!(keys.len(), 0);
+        keys.restore("c", 10, 20);
+        assert_eq!(keys.len(), 0, "expired keys are not restored");
+    }
+}

@@ -1,0 +1,685 @@
+//! The node: wires the counter table, idempotency keys, journal, snapshots
+//! and recovery together and owns their lifecycle (open, serve, shut down).
+//!
+//! [`Node::open`] recovers before it returns, so a `Node` value is always a
+//! recovered node; front ends start listening only after that, which is how
+//! a node reports ready only after recovery.
+//!
+//! The increment path takes no global lock: the counter's shard lock (and
+//! the key's, with an idempotency key) is held while the lsn is assigned and
+//! the record is queued in the journal, then released before waiting for the
+//! fsync. See `docs/design.md`, "Commit protocol".
+
+use std::path::{Path, PathBuf};
+use std::sync::Arc;
+use std::sync::atomic::{AtomicBool, AtomicU64, Ordering};
+use std::time::{Duration, Instant};
+
+use parking_lot::{Condvar, Mutex};
+
+use crate::config::{Config, Durability};
+use crate::error::{Error, Result};
+use crate::idempotency::{self, IdempotencyKeys, now_ms};
+use crate::journal::{Journal, JournalConfig, Record};
+use crate::metrics::Metrics;
+use crate::recovery::{self, JOURNAL_DIR, RecoveryReport};
+use crate::snapshot;
+use crate::storage::{FsStorage, Storage};
+use crate::table::{self, CounterTable};
+
+/// File in the data directory holding the node id.
+pub const NODE_ID_FILE: &str = "node-id";
+/// Lock file that keeps two processes off one data directory.
+pub const LOCK_FILE: &str = "LOCK";
+/// Longest node id, in bytes.
+pub const NODE_ID_BYTES_MAX: usize = 64;
+/// How often the background thread looks for work (snapshots, key expiry).
+const HOUSEKEEPING_INTERVAL: Duration = Duration::from_millis(50);
+/// How often expired idempotency keys are purged.
+const KEY_PURGE_INTERVAL: Duration = Duration::from_secs(60);
+/// Wait after a failed snapshot before trying again.
+const SNAPSHOT_RETRY_DELAY: Duration = Duration::from_secs(10);
+
+/// Per-request options of [`Node::increment`].
+#[derive(Debug, Clone, Copy, Default)]
+pub struct IncrementOptions<'a> {
+    /// Durability to acknowledge at; the node's default when `None`.
+    pub durability: Option<Durability>,
+    /// A key seen again within the retention window is not applied again.
+    pub idempotency_key: Option<&'a str>,
+}
+
+/// Result of [`Node::increment`].
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub struct IncrementOutcome {
+    /// Value after the increment (for a duplicate: the current value).
+    pub value: i64,
+    /// The idempotency key had been seen: nothing was applied.
+    pub duplicate: bool,
+}
+
+/// Whether the node can make writes durable, and if not, why.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct Readiness {
+    pub ready: bool,
+    pub reason: Option<String>,
+}
+
+/// Figures for `INFO` and `/metrics`.
+#[derive(Debug, Clone)]
+pub struct NodeStats {
+    pub node_id: String,
+    pub counters: usize,
+    pub idempotency_keys: usize,
+    pub next_lsn: u64,
+    pub journal_end_pos: u64,
+    pub journal_durable_pos: u64,
+    pub journal_queued_bytes: usize,
+    pub journal_segments: usize,
+    pub journal_syncs: u64,
+    pub journal_bytes_written: u64,
+    pub journal_records_written: u64,
+    pub sync_p50_s: Option<f64>,
+    pub sync_p99_s: Option<f64>,
+    pub batch_p50_records: Option<f64>,
+    pub batch_p99_records: Option<f64>,
+    pub snapshots_written: u64,
+    pub last_snapshot_pos: u64,
+    pub recovery_ms: u64,
+    pub recovery_records_replayed: u64,
+    pub uptime_s: u64,
+    pub readiness: Readiness,
+    pub default_durability: Durability,
+}
+
+struct Inner {
+    config: Config,
+    node_id: String,
+    storage: Arc<dyn Storage>,
+    table: CounterTable,
+    keys: IdempotencyKeys,
+    journal: Journal,
+    /// Next lsn to assign; an atomic, not a lock, because it is bumped on
+    /// every increment from every connection.
+    next_lsn: AtomicU64,
+    metrics: Arc<Metrics>,
+    shutting_down: AtomicBool,
+    /// Journal position the newest snapshot covers.
+    last_snapshot_pos: AtomicU64,
+    /// One snapshot at a time.
+    snapshot_lock: Mutex<()>,
+    /// Stops the housekeeping thread.
+    stop: (Mutex<bool>, Condvar),
+    housekeeping: Mutex<Option<std::thread::JoinHandle<()>>>,
+    recovery: RecoveryReport,
+    started: Instant,
+    /// Held for the node's life: the data directory's exclusive lock.
+    _lock: Option<std::fs::File>,
+}
+
+/// A running node. Cheap to clone; all clones share one node.
+///
+/// ```
+/// # #[tokio::main(flavor = "current_thread")]
+/// # async fn main() -> Result<(), tally::Error> {
+/// use tally::{Config, Durability, IncrementOptions, Node};
+///
+/// let dir = tempfile::tempdir().unwrap();
+/// let node = Node::open(Config::new(dir.path()))?;
+/// // Acknowledged only after an fsync covers it (the default, `local`).
+/// let hits = node.increment("hits", 1, IncrementOptions::default()).await?;
+/// assert_eq!(hits.value, 1);
+/// // Retried with the same key: not applied twice.
+/// let opts = IncrementOptions { idempotency_key: Some("req-42"), ..Default::default() };
+/// node.increment("hits", 5, opts).await?;
+/// let again = node.increment("hits", 5, opts).await?;
+/// assert!(again.duplicate);
+/// assert_eq!(node.get("hits")?, Some(6));
+/// node.shutdown()?;
+///
+/// // Reopened, the node has every acknowledged increment and the key.
+/// let node = Node::open(Config::new(dir.path()))?;
+/// assert_eq!(node.get("hits")?, Some(6));
+/// assert!(node.increment("hits", 5, opts).await?.duplicate);
+/// # node.shutdown()?;
+/// # Ok(())
+/// # }
+/// ```
+#[derive(Clone)]
+pub struct Node {
+    inner: Arc<Inner>,
+}
+
+impl Node {
+    /// Opens the node on the real file system: locks the data directory,
+    /// recovers, starts the journal writer. Returns once the node is ready.
+    pub fn open(config: Config) -> Result<Node> {
+        std::fs::create_dir_all(&config.data_dir).map_err(|e| {
+            Error::io(
+                format!("creating data directory {}", config.data_dir.display()),
+                e,
+            )
+        })?;
+        let lock = lock_data_dir(&config.data_dir)?;
+        Self::open_inner(config, Arc::new(FsStorage), Some(lock))
+    }
+
+    /// Opens the node on any [`Storage`] (tests use the simulated one).
+    pub fn open_with_storage(config: Config, storage: Arc<dyn Storage>) -> Result<Node> {
+        Self::open_inner(config, storage, None)
+    }
+
+    fn open_inner(
+        config: Config,
+        storage: Arc<dyn Storage>,
+        lock: Option<std::fs::File>,
+    ) -> Result<Node> {
+        let dir = config.data_dir.clone();
+        storage
+            .create_dir_all(&dir)
+            .map_err(|e| Error::io(format!("creating {}", dir.display()), e))?;
+        let node_id = resolve_node_id(storage.as_ref(), &dir, config.node_id.as_deref())?;
+        let table = CounterTable::new();
+        let keys = IdempotencyKeys::new(config.idempotency_keys_max);
+        let report = recovery::recover(
+            storage.as_ref(),
+            &dir,
+            &table,
+            &keys,
+            config.recovery_mode,
+            now_ms(),
+        )?;
+        let metrics = Arc::new(Metrics::default());
+        metrics
+            .recovery_ms
+            .store(report.duration.as_millis() as u64, Ordering::Relaxed);
+        metrics
+            .recovery_records_replayed
+            .store(report.records_applied, Ordering::Relaxed);
+        let journal = Journal::start(
+            storage.clone(),
+            &dir.join(JOURNAL_DIR),
+            report.end_pos,
+            report.segments.clone(),
+            JournalConfig {
+                segment_bytes_max: config.segment_bytes_max,
+                memory_sync_delay: config.memory_sync_delay,
+                queue_bytes_max: config.journal_queue_bytes_max,
+            },
+            metrics.clone(),
+        )?;
+        tracing::info!(
+            node_id = %node_id,
+            counters = table.len(),
+            idempotency_keys = keys.len(),
+            records_replayed = report.records_applied,
+            torn_tail = report.torn_tail.is_some(),
+            recovery_ms = report.duration.as_millis() as u64,
+            "recovered"
+        );
+        let snapshot_pos = report
+            .snapshot
+            .as_ref()
+            .map_or(0, |(_, meta)| meta.covers_pos);
+        let inner = Arc::new(Inner {
+            next_lsn: AtomicU64::new(report.next_lsn),
+            last_snapshot_pos: AtomicU64::new(snapshot_pos),
+            config,
+            node_id,
+            storage,
+            table,
+            keys,
+            journal,
+            metrics,
+            shutting_down: AtomicBool::new(false),
+            snapshot_lock: Mutex::new(()),
+            stop: (Mutex::new(false), Condvar::new()),
+            housekeeping: Mutex::new(None),
+            recovery: report,
+            started: Instant::now(),
+            _lock: lock,
+        });
+        let weak = Arc::downgrade(&inner);
+        let handle = std::thread::Builder::new()
+            .name("tally-housekeeping".into())
+            .spawn(move || housekeeping_main(weak))
+            .map_err(|e| Error::io("starting the housekeeping thread", e))?;
+        *inner.housekeeping.lock() = Some(handle);
+        Ok(Node { inner })
+    }
+
+    /// The node's id.
+    pub fn node_id(&self) -> &str {
+        &self.inner.node_id
+    }
+
+    /// The configuration the node runs with.
+    pub fn config(&self) -> &Config {
+        &self.inner.config
+    }
+
+    /// What recovery found when the node opened.
+    pub fn recovery_report(&self) -> &RecoveryReport {
+        &self.inner.recovery
+    }
+
+    /// Adds `delta` to counter `name` and returns the new value once the
+    /// increment is as durable as asked.
+    ///
+    /// Errors: [`Error::InvalidInput`] for a bad name or key,
+    /// [`Error::Overflow`], [`Error::DurabilityUnavailable`] for
+    /// `replicated` without a store, [`Error::JournalFailed`] and
+    /// [`Error::ShuttingDown`] (nothing applied), [`Error::Indeterminate`]
+    /// (applied in memory, durability unknown), [`Error::LimitExceeded`].
+    pub async fn increment(
+        &self,
+        name: &str,
+        delta: i64,
+        options: IncrementOptions<'_>,
+    ) -> Result<IncrementOutcome> {
+        let result = self.increment_inner(name, delta, options).await;
+        let m = &self.inner.metrics;
+        match &result {
+            Ok(o) if o.duplicate => m.duplicates.fetch_add(1, Ordering::Relaxed),
+            Ok(_) => m.increments.fetch_add(1, Ordering::Relaxed),
+            Err(_) => m.increment_errors.fetch_add(1, Ordering::Relaxed),
+        };
+        result
+    }
+
+    async fn increment_inner(
+        &self,
+        name: &str,
+        delta: i64,
+        options: IncrementOptions<'_>,
+    ) -> Result<IncrementOutcome> {
+        let inner = &*self.inner;
+        table::validate_name(name)?;
+        if let Some(key) = options.idempotency_key {
+            idempotency::validate_key(key)?;
+        }
+        let durability = options.durability.unwrap_or(inner.config.durability);
+        if durability == Durability::Replicated {
+            return Err(Error::DurabilityUnavailable {
+                level: "replicated",
+                reason: "this node runs without a shared store".into(),
+            });
+        }
+        if inner.shutting_down.load(Ordering::Acquire) {
+            return Err(Error::ShuttingDown);
+        }
+        inner.journal.reserve().await?;
+        let urgent = durability == Durability::Local;
+        let mut pos = 0u64;
+        let mut commit = |key: Option<(&str, u64)>| -> Result<u64> {
+            let lsn = inner.next_lsn.fetch_add(1, Ordering::SeqCst);
+            pos = inner.journal.append(
+                &Record {
+                    lsn,
+                    delta,
+                    name,
+                    key,
+                },
+                urgent,
+            )?;
+            Ok(lsn)
+        };
+        let outcome = match options.idempotency_key {
+            None => IncrementOutcome {
+                value: inner.table.increment(name, delta, |_| commit(None))?,
+                duplicate: false,
+            },
+            Some(key) => {
+                let now = now_ms();
+                let expiry = now.saturating_add(inner.config.idempotency_retention.as_millis() as u64);
+                inner.keys.with_key(key, now, |slot| -> Result<IncrementOutcome> {
+                    if slot.seen() {
+                        return Ok(IncrementOutcome {
+                            value: inner.table.get(name).map_or(0, |e| e.value),
+                            duplicate: true,
+                        });
+                    }
+                    slot.check_room()?;
+                    let value = inner
+                        .table
+                        .increment(name, delta, |_| commit(Some((key, expiry))))?;
+                    slot.insert(expiry);
+                    Ok(IncrementOutcome {
+                        value,
+                        duplicate: false,
+                    })
+                })?
+            }
+        };
+        if urgent {
+            if outcome.duplicate {
+                // The first request with this key may still be waiting for
+                // its fsync; answer only once everything queued is durable.
+                pos = inner.journal.end_pos();
+                inner.journal.request_sync();
+            }
+            inner.journal.wait_durable(pos).await?;
+        }
+        Ok(outcome)
+    }
+
+    /// Current value of a counter, `None` if it was never incremented.
+    pub fn get(&self, name: &str) -> Result<Option<i64>> {
+        table::validate_name(name)?;
+        Ok(self.inner.table.get(name).map(|e| e.value))
+    }
+
+    /// Up to `limit` counters with names starting with `prefix` and sorting
+    /// after `after`, in name order.
+    pub fn list(&self, prefix: &str, after: Option<&str>, limit: usize) -> Vec<(String, i64)> {
+        self.inner.table.list(prefix, after, limit)
+    }
+
+    /// Number of counters.
+    pub fn counter_count(&self) -> usize {
+        self.inner.table.len()
+    }
+
+    /// Calls `f` with every counter, shard by shard (for `/metrics`).
+    pub fn for_each_counter(&self, mut f: impl FnMut(&str, i64)) {
+        for shard in 0..table::SHARDS {
+            self.inner
+                .table
+                .for_each_in_shard(shard, |name, e| f(name, e.value));
+        }
+    }
+
+    /// Ready when the journal can make writes durable and the node is not
+    /// shutting down.
+    pub fn readiness(&self) -> Readiness {
+        if let Some(reason) = self.inner.journal.failure() {
+            return Readiness {
+                ready: false,
+                reason: Some(reason.to_string()),
+            };
+        }
+        if self.inner.shutting_down.load(Ordering::Acquire) {
+            return Readiness {
+                ready: false,
+                reason: Some("shutting down".into()),
+            };
+        }
+        Readiness {
+            ready: true,
+            reason: None,
+        }
+    }
+
+    /// The node's own metrics.
+    pub fn metrics(&self) -> &Metrics {
+        &self.inner.metrics
+    }
+
+    /// Figures for `INFO` and `/metrics`.
+    pub fn stats(&self) -> NodeStats {
+        let inner = &*self.inner;
+        let m = &inner.metrics;
+        let progress = inner.journal.progress();
+        NodeStats {
+            node_id: inner.node_id.clone(),
+            counters: inner.table.len(),
+            idempotency_keys: inner.keys.len(),
+            next_lsn: inner.next_lsn.load(Ordering::Relaxed),
+            journal_end_pos: inner.journal.end_pos(),
+            journal_durable_pos: progress.durable_pos,
+            journal_queued_bytes: inner.journal.queued_bytes(),
+            journal_segments: inner.journal.segment_count(),
+            journal_syncs: m.journal_syncs.load(Ordering::Relaxed),
+            journal_bytes_written: m.journal_bytes_written.load(Ordering::Relaxed),
+            journal_records_written: m.journal_records_written.load(Ordering::Relaxed),
+            sync_p50_s: m.journal_sync_seconds.quantile_upper_bound(0.5),
+            sync_p99_s: m.journal_sync_seconds.quantile_upper_bound(0.99),
+            batch_p50_records: m.journal_batch_records.quantile_upper_bound(0.5),
+            batch_p99_records: m.journal_batch_records.quantile_upper_bound(0.99),
+            snapshots_written: m.snapshots_written.load(Ordering::Relaxed),
+            last_snapshot_pos: inner.last_snapshot_pos.load(Ordering::Relaxed),
+            recovery_ms: m.recovery_ms.load(Ordering::Relaxed),
+            recovery_records_replayed: m.recovery_records_replayed.load(Ordering::Relaxed),
+            uptime_s: inner.started.elapsed().as_secs(),
+            readiness: self.readiness(),
+            default_durability: inner.config.durability,
+        }
+    }
+
+    /// Takes a snapshot now and drops the journal segments it covers.
+    /// Returns the snapshot's path.
+    pub fn snapshot(&self) -> Result<PathBuf> {
+        take_snapshot(&self.inner)
+    }
+
+    /// Stops taking writes, makes everything queued durable, takes a final
+    /// snapshot if the journal grew since the last one, and stops the
+    /// node's threads. Idempotent; blocks until done.
+    pub fn shutdown(&self) -> Result<()> {
+        let inner = &*self.inner;
+        if inner.shutting_down.swap(true, Ordering::AcqRel) {
+            return Ok(());
+        }
+        {
+            let (lock, cv) = &inner.stop;
+            *lock.lock() = true;
+            cv.notify_all();
+        }
+        if let Some(h) = inner.housekeeping.lock().take() {
+            let _ = h.join();
+        }
+        inner.journal.close();
+        if let Some(reason) = inner.journal.failure() {
+            return Err(Error::JournalFailed(reason));
+        }
+        if inner.journal.end_pos() > inner.last_snapshot_pos.load(Ordering::Acquire) {
+            take_snapshot(inner)?;
+        }
+        tracing::info!(node_id = %inner.node_id, "node shut down");
+        Ok(())
+    }
+}
+
+impl Drop for Inner {
+    fn drop(&mut self) {
+        // Without an explicit shutdown, still sync what is queued.
+        self.journal.close();
+    }
+}
+
+fn take_snapshot(inner: &Inner) -> Result<PathBuf> {
+    let _one_at_a_time = inner.snapshot_lock.lock();
+    let started = Instant::now();
+    let covers = inner.journal.end_pos();
+    let dir = &inner.config.data_dir;
+    let (path, meta) = snapshot::write(
+        inner.storage.as_ref(),
+        dir,
+        covers,
+        &inner.table,
+        &inner.keys,
+        &inner.next_lsn,
+        now_ms(),
+    )?;
+    // The new snapshot is durable: older snapshots and the segments it
+    // covers are no longer needed.
+    let names = inner
+        .storage
+        .list(dir)
+        .map_err(|e| Error::io(format!("listing {}", dir.display()), e))?;
+    for old in names
+        .iter()
+        .filter_map(|n| snapshot::parse_file_name(n))
+        .filter(|&p| p < covers)
+    {
+        let p = dir.join(snapshot::file_name(old));
+        inner
+            .storage
+            .remove(&p)
+            .map_err(|e| Error::io(format!("removing {}", p.display()), e))?;
+    }
+    let removed = inner.journal.remove_segments_before(covers)?;
+    inner.last_snapshot_pos.store(covers, Ordering::Release);
+    let ms = started.elapsed().as_millis() as u64;
+    inner.metrics.snapshots_written.fetch_add(1, Ordering::Relaxed);
+    inner.metrics.snapshot_last_ms.store(ms, Ordering::Relaxed);
+    tracing::info!(
+        path = %path.display(),
+        counters = meta.counters,
+        keys = meta.keys,
+        bytes = meta.bytes,
+        segments_removed = removed,
+        ms,
+        "snapshot written"
+    );
+    Ok(path)
+}
+
+fn housekeeping_main(inner: std::sync::Weak<Inner>) {
+    let mut last_purge = Instant::now();
+    let mut retry_snapshot_at: Option<Instant> = None;
+    loop {
+        let Some(inner) = inner.upgrade() else { return };
+        {
+            let (lock, cv) = &inner.stop;
+            let mut stop = lock.lock();
+            if *stop {
+                return;
+            }
+            cv.wait_for(&mut stop, HOUSEKEEPING_INTERVAL);
+            if *stop {
+                return;
+            }
+        }
+        let grown = inner
+            .journal
+            .end_pos()
+            .saturating_sub(inner.last_snapshot_pos.load(Ordering::Acquire));
+        if grown >= inner.config.snapshot_journal_bytes
+            && retry_snapshot_at.is_none_or(|t| Instant::now() >= t)
+            && inner.journal.failure().is_none()
+        {
+            match take_snapshot(&inner) {
+                Ok(_) => retry_snapshot_at = None,
+                Err(e) => {
+                    tracing::error!(error = %e, "snapshot failed; the journal keeps everything, retrying later");
+                    retry_snapshot_at = Some(Instant::now() + SNAPSHOT_RETRY_DELAY);
+                }
+            }
+        }
+        if last_purge.elapsed() >= KEY_PURGE_INTERVAL {
+            let n = inner.keys.purge_expired(now_ms());
+            if n > 0 {
+                tracing::debug!(keys = n, "expired idempotency keys purged");
+            }
+            last_purge = Instant::now();
+        }
+    }
+}
+
+/// Takes an exclusive `flock` on the data directory's lock file, so that
+/// two processes never write one journal.
+fn lock_data_dir(dir: &Path) -> Result<std::fs::File> {
+    use std::os::fd::AsRawFd;
+    let path = dir.join(LOCK_FILE);
+    let file = std::fs::OpenOptions::new()
+        .create(true)
+        .truncate(false)
+        .write(true)
+        .open(&path)
+        .map_err(|e| Error::io(format!("opening {}", path.display()), e))?;
+    // SAFETY: flock on a descriptor we own, for the life of `file`.
+    let rc = unsafe { libc::flock(file.as_raw_fd(), libc::LOCK_EX | libc::LOCK_NB) };
+    if rc != 0 {
+        return Err(Error::io(
+            format!(
+                "data directory {} is in use by another tally process (lock on {})",
+                dir.display(),
+                path.display()
+            ),
+            std::io::Error::last_os_error(),
+        ));
+    }
+    Ok(file)
+}
+
+fn validate_node_id(id: &str) -> Result<()> {
+    let ok = !id.is_empty()
+        && id.len() <= NODE_ID_BYTES_MAX
+        && id
+            .bytes()
+            .all(|b| b.is_ascii_alphanumeric() || b == b'-' || b == b'_' || b == b'.');
+    if ok {
+        Ok(())
+    } else {
+        Err(Error::invalid(
+            "node id",
+            format!(
+                "'{id}' must be 1 to {NODE_ID_BYTES_MAX} characters of letters, digits, '-', '_' or '.'"
+            ),
+        ))
+    }
+}
+
+/// Reads the node id persisted in `dir`, or persists `wanted` (or a new
+/// random id) on first start. A data directory belongs to one node id: a
+/// different `wanted` is refused, since counting one node's journal under
+/// another id would double-count it in a cluster.
+fn resolve_node_id(storage: &dyn Storage, dir: &Path, wanted: Option<&str>) -> Result<String> {
+    let path = dir.join(NODE_ID_FILE);
+    let names = storage
+        .list(dir)
+        .map_err(|e| Error::io(format!("listing {}", dir.display()), e))?;
+    if names.iter().any(|n| n == NODE_ID_FILE) {
+        let bytes = storage
+            .read(&path)
+            .map_err(|e| Error::io(format!("reading {}", path.display()), e))?;
+        let id = String::from_utf8_lossy(&bytes).trim().to_string();
+        validate_node_id(&id).map_err(|_| Error::Corrupt {
+            path: path.clone(),
+            offset: 0,
+            reason: format!("'{id}' is not a valid node id"),
+        })?;
+        if let Some(w) = wanted
+            && w != id
+        {
+            return Err(Error::invalid(
+                "node id",
+                format!(
+                    "the data directory {} belongs to node '{id}', not '{w}'; \
+                     use another data directory for a different node",
+                    dir.display()
+                ),
+            ));
+        }
+        return Ok(id);
+    }
+    let id = match wanted {
+        Some(w) => w.to_string(),
+        None => random_node_id(),
+    };
+    validate_node_id(&id)?;
+    let tmp = dir.join("node-id.tmp");
+    let io = |what: &str| {
+        let what = format!("{what} {}", path.display());
+        move |e| Error::io(what, e)
+    };
+    let mut f = storage.create(&tmp).map_err(io("writing"))?;
+    f.append(format!("{id}\n").as_bytes()).map_err(io("writing"))?;
+    f.sync().map_err(io("syncing"))?;
+    storage.rename(&tmp, &path).map_err(io("renaming"))?;
+    storage.sync_dir(dir).map_err(io("syncing the directory of"))?;
+    Ok(id)
+}
+
+fn random_node_id() -> String {
+    use std::hash::{BuildHasher, Hasher};
+    let mut h = std::collections::hash_map::RandomState::new().build_hasher();
+    h.write_u128(
+        std::time::SystemTime::now()
+            .duration_since(std::time::UNIX_EPOCH)
+            .map_or(0, |d| d.as_nanos()),
+    );
+    h.write_u32(std::process::id());
+    format!("node-{:08x}", h.finish() as u32)
+}

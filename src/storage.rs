@@ -1,0 +1,409 @@
+//! The one seam where the node touches the disk.
+//!
+//! The journal, snapshots and recovery do all file I/O through [`Storage`],
+//! so that the same code runs on the real file system ([`FsStorage`]) and on
+//! [`SimStorage`], an in-memory file system that tells written bytes from
+//! durable ones, can lose everything not yet synced (a power cut), and can
+//! fail a chosen write or sync with an I/O error.
+//!
+//! The trait is small on purpose: create, append, sync, read, rename,
+//! remove, truncate, list and sync a directory. Nothing else is needed, and
+//! every extra method would be one more thing the simulator must model.
+
+use std::collections::BTreeMap;
+use std::io::{self, Write};
+use std::path::{Path, PathBuf};
+use std::sync::Arc;
+
+use parking_lot::Mutex;
+
+/// A file opened for appending.
+pub trait AppendFile: Send {
+    /// Appends `buf` at the end of the file.
+    fn append(&mut self, buf: &[u8]) -> io::Result<()>;
+    /// Makes every appended byte durable (`fdatasync`).
+    fn sync(&mut self) -> io::Result<()>;
+}
+
+/// File-system operations the node needs.
+pub trait Storage: Send + Sync + 'static {
+    /// Creates `path` empty (replacing any file there) and opens it to append.
+    fn create(&self, path: &Path) -> io::Result<Box<dyn AppendFile>>;
+    /// Opens an existing file to append to it.
+    fn open_append(&self, path: &Path) -> io::Result<Box<dyn AppendFile>>;
+    /// Reads a whole file.
+    fn read(&self, path: &Path) -> io::Result<Vec<u8>>;
+    /// Names of the files directly in `dir` (not paths), in no order.
+    fn list(&self, dir: &Path) -> io::Result<Vec<String>>;
+    /// Atomically replaces `to` with `from`.
+    fn rename(&self, from: &Path, to: &Path) -> io::Result<()>;
+    fn remove(&self, path: &Path) -> io::Result<()>;
+    /// Cuts a file to `len` bytes and makes the new length durable.
+    fn truncate(&self, path: &Path, len: u64) -> io::Result<()>;
+    /// Makes the directory's entries (creations, renames, removals) durable.
+    fn sync_dir(&self, dir: &Path) -> io::Result<()>;
+    fn create_dir_all(&self, dir: &Path) -> io::Result<()>;
+}
+
+/// The real file system.
+#[derive(Debug, Default, Clone, Copy)]
+pub struct FsStorage;
+
+struct FsFile(std::fs::File);
+
+impl AppendFile for FsFile {
+    fn append(&mut self, buf: &[u8]) -> io::Result<()> {
+        self.0.write_all(buf)
+    }
+    fn sync(&mut self) -> io::Result<()> {
+        self.0.sync_data()
+    }
+}
+
+impl Storage for FsStorage {
+    fn create(&self, path: &Path) -> io::Result<Box<dyn AppendFile>> {
+        let f = std::fs::OpenOptions::new()
+            .create(true)
+            .write(true)
+            .truncate(true)
+            .open(path)?;
+        Ok(Box::new(FsFile(f)))
+    }
+    fn open_append(&self, path: &Path) -> io::Result<Box<dyn AppendFile>> {
+        let f = std::fs::OpenOptions::new().append(true).open(path)?;
+        Ok(Box::new(FsFile(f)))
+    }
+    fn read(&self, path: &Path) -> io::Result<Vec<u8>> {
+        std::fs::read(path)
+    }
+    fn list(&self, dir: &Path) -> io::Result<Vec<String>> {
+        let mut names = Vec::new();
+        for entry in std::fs::read_dir(dir)? {
+            let entry = entry?;
+            if entry.file_type()?.is_file() {
+                names.push(entry.file_name().to_string_lossy().into_owned());
+            }
+        }
+        Ok(names)
+    }
+    fn rename(&self, from: &Path, to: &Path) -> io::Result<()> {
+        std::fs::rename(from, to)
+    }
+    fn remove(&self, path: &Path) -> io::Result<()> {
+        std::fs::remove_file(path)
+    }
+    fn truncate(&self, path: &Path, len: u64) -> io::Result<()> {
+        let f = std::fs::OpenOptions::new().write(true).open(path)?;
+        f.set_len(len)?;
+        f.sync_all()
+    }
+    fn sync_dir(&self, dir: &Path) -> io::Result<()> {
+        std::fs::File::open(dir)?.sync_all()
+    }
+    fn create_dir_all(&self, dir: &Path) -> io::Result<()> {
+        std::fs::create_dir_all(dir)
+    }
+}
+
+/// Which operation a [`SimStorage`] fault targets.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum SimOp {
+    /// `AppendFile::append`.
+    Write,
+    /// `AppendFile::sync` and `Storage::sync_dir` (every sync point).
+    Sync,
+}
+
+#[derive(Debug, Clone, Default)]
+struct Inode {
+    /// Bytes as a reader sees them now.
+    data: Vec<u8>,
+    /// Bytes that survive a power cut: the data as of the last sync.
+    durable: Vec<u8>,
+}
+
+#[derive(Debug, Default)]
+struct SimState {
+    inodes: Vec<Inode>,
+    /// Directory entries as seen now.
+    names: BTreeMap<PathBuf, usize>,
+    /// Directory entries that survive a power cut (as of the last sync_dir).
+    durable_names: BTreeMap<PathBuf, usize>,
+    dirs: Vec<PathBuf>,
+    writes: u64,
+    syncs: u64,
+    /// Fail the write or sync with this ordinal (1-based) and every later one.
+    fail: Option<(SimOp, u64)>,
+}
+
+/// An in-memory file system that models what a power cut keeps.
+///
+/// File contents become durable only at `AppendFile::sync` (or `truncate`);
+/// directory entries (creations, renames, removals) only at `sync_dir` of
+/// their directory. [`SimStorage::crash`] returns the file system a reboot
+/// would find. Faults make the Nth write or sync and all later ones fail with
+/// `EIO`, as a dying disk would; the state a crash keeps is then the state
+/// before the failed operation.
+#[derive(Clone, Default)]
+pub struct SimStorage {
+    state: Arc<Mutex<SimState>>,
+}
+
+struct SimFile {
+    state: Arc<Mutex<SimState>>,
+    inode: usize,
+}
+
+fn sim_eio(what: &str) -> io::Error {
+    io::Error::other(format!("simulated I/O error on {what}"))
+}
+
+impl SimState {
+    fn check(&mut self, op: SimOp) -> io::Result<()> {
+        let n = match op {
+            SimOp::Write => {
+                self.writes += 1;
+                self.writes
+            }
+            SimOp::Sync => {
+                self.syncs += 1;
+                self.syncs
+            }
+        };
+        match self.fail {
+            Some((fop, at)) if fop == op && n >= at => Err(sim_eio(match op {
+                SimOp::Write => "write",
+                SimOp::Sync => "sync",
+            })),
+            _ => Ok(()),
+        }
+    }
+
+    fn inode_of(&self, path: &Path) -> io::Result<usize> {
+        self.names
+            .get(path)
+            .copied()
+            .ok_or_else(|| io::Error::new(io::ErrorKind::NotFound, path.display().to_string()))
+    }
+}
+
+impl AppendFile for SimFile {
+    fn append(&mut self, buf: &[u8]) -> io::Result<()> {
+        let mut s = self.state.lock();
+        s.check(SimOp::Write)?;
+        s.inodes[self.inode].data.extend_from_slice(buf);
+        Ok(())
+    }
+    fn sync(&mut self) -> io::Result<()> {
+        let mut s = self.state.lock();
+        s.check(SimOp::Sync)?;
+        let inode = &mut s.inodes[self.inode];
+        inode.durable = inode.data.clone();
+        Ok(())
+    }
+}
+
+impl SimStorage {
+    pub fn new() -> Self {
+        Self::default()
+    }
+
+    /// Makes write or sync number `at` (counting from 1 since creation) and
+    /// every later one fail with an I/O error.
+    pub fn fail_from(&self, op: SimOp, at: u64) {
+        self.state.lock().fail = Some((op, at));
+    }
+
+    /// Writes and syncs performed so far.
+    pub fn op_counts(&self) -> (u64, u64) {
+        let s = self.state.lock();
+        (s.writes, s.syncs)
+    }
+
+    /// The file system a reboot after a power cut now would find: only
+    /// durable directory entries, each with only its durable bytes.
+    /// `keep_unsynced` may keep a prefix of the unsynced tail of chosen files
+    /// (path, extra bytes), to model a write torn at any byte.
+    pub fn crash(&self, keep_unsynced: &[(PathBuf, usize)]) -> SimStorage {
+        let s = self.state.lock();
+        let mut fresh = SimState {
+            dirs: s.dirs.clone(),
+            ..SimState::default()
+        };
+        for (path, &ino) in &s.durable_names {
+            let inode = &s.inodes[ino];
+            let mut data = inode.durable.clone();
+            if let Some((_, extra)) = keep_unsynced.iter().find(|(p, _)| p == path)
+                && inode.data.starts_with(&inode.durable)
+            {
+                let end = (inode.durable.len() + extra).min(inode.data.len());
+                data.extend_from_slice(&inode.data[inode.durable.len()..end]);
+            }
+            fresh.inodes.push(Inode {
+                durable: data.clone(),
+                data,
+            });
+            let id = fresh.inodes.len() - 1;
+            fresh.names.insert(path.clone(), id);
+            fresh.durable_names.insert(path.clone(), id);
+        }
+        SimStorage {
+            state: Arc::new(Mutex::new(fresh)),
+        }
+    }
+
+    /// Unsynced bytes at the end of the file at `path` (0 if none or absent).
+    pub fn unsynced_len(&self, path: &Path) -> usize {
+        let s = self.state.lock();
+        s.names.get(path).map_or(0, |&i| {
+            let inode = &s.inodes[i];
+            inode.data.len().saturating_sub(inode.durable.len())
+        })
+    }
+
+    /// Current contents of a file, for tests that corrupt or inspect it.
+    pub fn contents(&self, path: &Path) -> Option<Vec<u8>> {
+        let s = self.state.lock();
+        s.names.get(path).map(|&i| s.inodes[i].data.clone())
+    }
+
+    /// Replaces a file's contents, durably (a test tampering with the disk).
+    pub fn set_contents(&self, path: &Path, data: Vec<u8>) {
+        let mut s = self.state.lock();
+        let i = s.inode_of(path).expect("set_contents of a missing file");
+        s.inodes[i] = Inode {
+            durable: data.clone(),
+            data,
+        };
+    }
+
+    /// Paths of every file that exists now.
+    pub fn paths(&self) -> Vec<PathBuf> {
+        self.state.lock().names.keys().cloned().collect()
+    }
+}
+
+impl Storage for SimStorage {
+    fn create(&self, path: &Path) -> io::Result<Box<dyn AppendFile>> {
+        let mut s = self.state.lock();
+        s.inodes.push(Inode::default());
+        let inode = s.inodes.len() - 1;
+        s.names.insert(path.to_path_buf(), inode);
+        Ok(Box::new(SimFile {
+            state: self.state.clone(),
+            inode,
+        }))
+    }
+    fn open_append(&self, path: &Path) -> io::Result<Box<dyn AppendFile>> {
+        let s = self.state.lock();
+        let inode = s.inode_of(path)?;
+        Ok(Box::new(SimFile {
+            state: self.state.clone(),
+            inode,
+        }))
+    }
+    fn read(&self, path: &Path) -> io::Result<Vec<u8>> {
+        let s = self.state.lock();
+        Ok(s.inodes[s.inode_of(path)?].data.clone())
+    }
+    fn list(&self, dir: &Path) -> io::Result<Vec<String>> {
+        let s = self.state.lock();
+        if !s.dirs.iter().any(|d| d == dir) {
+            return Err(io::Error::new(
+                io::ErrorKind::NotFound,
+                dir.display().to_string(),
+            ));
+        }
+        Ok(s.names
+            .keys()
+            .filter(|p| p.parent() == Some(dir))
+            .filter_map(|p| p.file_name().map(|n| n.to_string_lossy().into_owned()))
+            .collect())
+    }
+    fn rename(&self, from: &Path, to: &Path) -> io::Result<()> {
+        let mut s = self.state.lock();
+        let inode = s.inode_of(from)?;
+        s.names.remove(from);
+        s.names.insert(to.to_path_buf(), inode);
+        Ok(())
+    }
+    fn remove(&self, path: &Path) -> io::Result<()> {
+        let mut s = self.state.lock();
+        s.inode_of(path)?;
+        s.names.remove(path);
+        Ok(())
+    }
+    fn truncate(&self, path: &Path, len: u64) -> io::Result<()> {
+        let mut s = self.state.lock();
+        s.check(SimOp::Sync)?;
+        let i = s.inode_of(path)?;
+        let inode = &mut s.inodes[i];
+        inode.data.truncate(len as usize);
+        inode.durable = inode.data.clone();
+        Ok(())
+    }
+    fn sync_dir(&self, dir: &Path) -> io::Result<()> {
+        let mut s = self.state.lock();
+        s.check(SimOp::Sync)?;
+        let current: Vec<(PathBuf, usize)> = s
+            .names
+            .iter()
+            .filter(|(p, _)| p.parent() == Some(dir))
+            .map(|(p, i)| (p.clone(), *i))
+            .collect();
+        s.durable_names.retain(|p, _| p.parent() != Some(dir));
+        s.durable_names.extend(current);
+        Ok(())
+    }
+    fn create_dir_all(&self, dir: &Path) -> io::Result<()> {
+        let mut s = self.state.lock();
+        let mut d = Some(dir);
+        while let Some(p) = d {
+            if !p.as_os_str().is_empty() && !s.dirs.iter().any(|x| x == p) {
+                s.dirs.push(p.to_path_buf());
+            }
+            d = p.parent();
+        }
+        Ok(())
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    // A power cut keeps only synced bytes and dir-synced names.
+    #[test]
+    fn crash_keeps_only_durable_state() {
+        let fs = SimStorage::new();
+        let dir = Path::new("/d");
+        fs.create_dir_all(dir).unwrap();
+        let a = dir.join("a");
+        let mut f = fs.create(&a).unwrap();
+        f.append(b"hello").unwrap();
+        f.sync().unwrap();
+        f.append(b" world").unwrap();
+        // Name not yet durable: the file vanishes.
+        assert!(fs.crash(&[]).read(&a).is_err());
+        fs.sync_dir(dir).unwrap();
+        assert_eq!(fs.crash(&[]).read(&a).unwrap(), b"hello");
+        assert_eq!(fs.crash(&[(a.clone(), 3)]).read(&a).unwrap(), b"hello wo");
+        // A rename not dir-synced reverts.
+        fs.rename(&a, &dir.join("b")).unwrap();
+        let after = fs.crash(&[]);
+        assert!(after.read(&a).is_ok() && after.read(&dir.join("b")).is_err());
+    }
+
+    // Injected faults are sticky: the Nth operation and every later one fail.
+    #[test]
+    fn faults_are_sticky() {
+        let fs = SimStorage::new();
+        fs.create_dir_all(Path::new("/d")).unwrap();
+        let mut f = fs.create(Path::new("/d/a")).unwrap();
+        fs.fail_from(SimOp::Sync, 2);
+        f.sync().unwrap();
+        assert!(f.sync().is_err());
+        assert!(f.sync().is_err());
+        f.append(b"x").unwrap();
+    }
+}
