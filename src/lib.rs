@@ -18,6 +18,7 @@ pub mod journal;
 pub mod metrics;
 pub mod node;
 pub mod recovery;
+pub mod shutdown;
 pub mod snapshot;
 pub mod storage;
 pub mod table;

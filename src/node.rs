@@ -113,8 +113,8 @@ struct Inner {
     housekeeping: Mutex<Option<std::thread::JoinHandle<()>>>,
     recovery: RecoveryReport,
     started: Instant,
-    /// Held for the node's life: the data directory's exclusive lock.
-    _lock: Option<std::fs::File>,
+    /// The data directory's exclusive lock, held until shutdown completes.
+    lock: Mutex<Option<std::fs::File>>,
 }
 
 /// A running node. Cheap to clone; all clones share one node.
@@ -237,7 +237,7 @@ impl Node {
             housekeeping: Mutex::new(None),
             recovery: report,
             started: Instant::now(),
-            _lock: lock,
+            lock: Mutex::new(lock),
         });
         let weak = Arc::downgrade(&inner);
         let handle = std::thread::Builder::new()
@@ -475,6 +475,8 @@ impl Node {
         if inner.journal.end_pos() > inner.last_snapshot_pos.load(Ordering::Acquire) {
             take_snapshot(inner)?;
         }
+        // Everything is durable: another process may now open the directory.
+        inner.lock.lock().take();
         tracing::info!(node_id = %inner.node_id, "node shut down");
         Ok(())
     }
