@@ -213,7 +213,10 @@ impl FileConfig {
         let text = std::fs::read_to_string(path)
             .map_err(|e| Error::io(format!("reading config file {}", path.display()), e))?;
         toml::from_str(&text).map_err(|e| {
-            Error::invalid("config file", format!("{}: {}", path.display(), e.message()))
+            Error::invalid(
+                "config file",
+                format!("{}: {}", path.display(), e.message()),
+            )
         })
     }
 }

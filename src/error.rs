@@ -33,7 +33,9 @@ pub enum Error {
     /// The increment was applied in memory and written, but the fsync that
     /// would have made it durable failed: it may or may not survive a crash.
     /// Retry with the same idempotency key after the node has restarted.
-    #[error("outcome unknown: the increment was written but its fsync failed ({0}); retry with the same idempotency key")]
+    #[error(
+        "outcome unknown: the increment was written but its fsync failed ({0}); retry with the same idempotency key"
+    )]
     Indeterminate(Arc<str>),
 
     /// The node is shutting down and takes no new writes.

@@ -535,7 +535,8 @@ fn writer_main(shared: Arc<Shared>, mut file: Box<dyn AppendFile>, start_pos: u6
         };
         let started = Instant::now();
         let result = (|| -> std::io::Result<()> {
-            if segment_bytes > 0 && segment_bytes + batch.len() as u64 > shared.config.segment_bytes_max
+            if segment_bytes > 0
+                && segment_bytes + batch.len() as u64 > shared.config.segment_bytes_max
             {
                 let start = end_pos - batch.len() as u64;
                 let (new_file, path) = create_segment(shared.storage.as_ref(), &shared.dir, start)?;
@@ -545,7 +546,10 @@ fn writer_main(shared: Arc<Shared>, mut file: Box<dyn AppendFile>, start_pos: u6
                     start_pos: start,
                     path,
                 });
-                shared.metrics.journal_segments_created.fetch_add(1, Relaxed);
+                shared
+                    .metrics
+                    .journal_segments_created
+                    .fetch_add(1, Relaxed);
             }
             file.append(&batch)?;
             file.sync()
@@ -603,7 +607,10 @@ mod tests {
         rec("counter", Some(("key", 5))).encode(&mut buf);
         for cut in 0..buf.len() {
             assert!(
-                matches!(decode(&buf[..cut]), Decoded::Incomplete | Decoded::Corrupt(_)),
+                matches!(
+                    decode(&buf[..cut]),
+                    Decoded::Incomplete | Decoded::Corrupt(_)
+                ),
                 "prefix {cut}"
             );
         }

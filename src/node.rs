@@ -331,24 +331,27 @@ impl Node {
             },
             Some(key) => {
                 let now = now_ms();
-                let expiry = now.saturating_add(inner.config.idempotency_retention.as_millis() as u64);
-                inner.keys.with_key(key, now, |slot| -> Result<IncrementOutcome> {
-                    if slot.seen() {
-                        return Ok(IncrementOutcome {
-                            value: inner.table.get(name).map_or(0, |e| e.value),
-                            duplicate: true,
-                        });
-                    }
-                    slot.check_room()?;
-                    let value = inner
-                        .table
-                        .increment(name, delta, |_| commit(Some((key, expiry))))?;
-                    slot.insert(expiry);
-                    Ok(IncrementOutcome {
-                        value,
-                        duplicate: false,
-                    })
-                })?
+                let expiry =
+                    now.saturating_add(inner.config.idempotency_retention.as_millis() as u64);
+                inner
+                    .keys
+                    .with_key(key, now, |slot| -> Result<IncrementOutcome> {
+                        if slot.seen() {
+                            return Ok(IncrementOutcome {
+                                value: inner.table.get(name).map_or(0, |e| e.value),
+                                duplicate: true,
+                            });
+                        }
+                        slot.check_room()?;
+                        let value = inner
+                            .table
+                            .increment(name, delta, |_| commit(Some((key, expiry))))?;
+                        slot.insert(expiry);
+                        Ok(IncrementOutcome {
+                            value,
+                            duplicate: false,
+                        })
+                    })?
             }
         };
         if urgent {
@@ -523,7 +526,10 @@ fn take_snapshot(inner: &Inner) -> Result<PathBuf> {
     let removed = inner.journal.remove_segments_before(covers)?;
     inner.last_snapshot_pos.store(covers, Ordering::Release);
     let ms = started.elapsed().as_millis() as u64;
-    inner.metrics.snapshots_written.fetch_add(1, Ordering::Relaxed);
+    inner
+        .metrics
+        .snapshots_written
+        .fetch_add(1, Ordering::Relaxed);
     inner.metrics.snapshot_last_ms.store(ms, Ordering::Relaxed);
     tracing::info!(
         path = %path.display(),
@@ -667,10 +673,13 @@ fn resolve_node_id(storage: &dyn Storage, dir: &Path, wanted: Option<&str>) -> R
         move |e| Error::io(what, e)
     };
     let mut f = storage.create(&tmp).map_err(io("writing"))?;
-    f.append(format!("{id}\n").as_bytes()).map_err(io("writing"))?;
+    f.append(format!("{id}\n").as_bytes())
+        .map_err(io("writing"))?;
     f.sync().map_err(io("syncing"))?;
     storage.rename(&tmp, &path).map_err(io("renaming"))?;
-    storage.sync_dir(dir).map_err(io("syncing the directory of"))?;
+    storage
+        .sync_dir(dir)
+        .map_err(io("syncing the directory of"))?;
     Ok(id)
 }
 

@@ -75,7 +75,9 @@ pub fn recover(
     storage
         .create_dir_all(&journal_dir)
         .map_err(io_err("creating", &journal_dir))?;
-    let names = storage.list(data_dir).map_err(io_err("listing", data_dir))?;
+    let names = storage
+        .list(data_dir)
+        .map_err(io_err("listing", data_dir))?;
 
     // A temporary snapshot is an unfinished write: never valid, remove it.
     if names.iter().any(|n| n == snapshot::TEMP_FILE_NAME) {
@@ -83,7 +85,10 @@ pub fn recover(
         storage.remove(&tmp).map_err(io_err("removing", &tmp))?;
     }
 
-    let mut snapshots: Vec<u64> = names.iter().filter_map(|n| snapshot::parse_file_name(n)).collect();
+    let mut snapshots: Vec<u64> = names
+        .iter()
+        .filter_map(|n| snapshot::parse_file_name(n))
+        .collect();
     snapshots.sort_unstable();
     let mut report = RecoveryReport {
         snapshot: None,
@@ -171,7 +176,9 @@ pub fn recover(
             return Err(Error::Corrupt {
                 path,
                 offset: 16,
-                reason: format!("segment header says it starts at {header_start}, its name says {start}"),
+                reason: format!(
+                    "segment header says it starts at {header_start}, its name says {start}"
+                ),
             });
         }
         // The first segment may start before the snapshot position; every
@@ -193,11 +200,14 @@ pub fn recover(
                     report.records_read += 1;
                     // Records already in the snapshot carry an lsn at or
                     // below their entry's and are skipped by `replay`.
-                    let applied = table.replay(r.name, r.delta, r.lsn).map_err(|_| Error::Corrupt {
-                        path: path.clone(),
-                        offset: off as u64,
-                        reason: "replaying this record overflows its counter".into(),
-                    })?;
+                    let applied =
+                        table
+                            .replay(r.name, r.delta, r.lsn)
+                            .map_err(|_| Error::Corrupt {
+                                path: path.clone(),
+                                offset: off as u64,
+                                reason: "replaying this record overflows its counter".into(),
+                            })?;
                     report.records_applied += u64::from(applied);
                     if let Some((key, expiry)) = r.key {
                         keys.restore(key, expiry, now_ms);

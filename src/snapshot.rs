@@ -141,9 +141,12 @@ pub fn write(
     );
 
     let path = dir.join(file_name(covers_pos));
-    storage
-        .rename(&tmp, &path)
-        .map_err(|e| Error::io(format!("renaming {} to {}", tmp.display(), path.display()), e))?;
+    storage.rename(&tmp, &path).map_err(|e| {
+        Error::io(
+            format!("renaming {} to {}", tmp.display(), path.display()),
+            e,
+        )
+    })?;
     storage
         .sync_dir(dir)
         .map_err(|e| Error::io(format!("syncing directory {}", dir.display()), e))?;
@@ -170,11 +173,17 @@ pub fn read(
     }
     let version = u32::from_le_bytes(bytes[8..12].try_into().unwrap());
     if version != SNAPSHOT_VERSION {
-        return Err(corrupt(8, &format!("snapshot version {version} is not supported")));
+        return Err(corrupt(
+            8,
+            &format!("snapshot version {version} is not supported"),
+        ));
     }
     let end_magic_at = bytes.len() - 8;
     if &bytes[end_magic_at..] != SNAPSHOT_END_MAGIC {
-        return Err(corrupt(end_magic_at, "snapshot end magic is missing (truncated file?)"));
+        return Err(corrupt(
+            end_magic_at,
+            "snapshot end magic is missing (truncated file?)",
+        ));
     }
     let crc_at = end_magic_at - 4;
     let stored = u32::from_le_bytes(bytes[crc_at..end_magic_at].try_into().unwrap());
@@ -185,7 +194,11 @@ pub fn read(
     let covers_pos = u64_at(16);
     let written_at_ms = u64_at(24);
     let trailer_at = crc_at - 24;
-    let (next_lsn, counters, keys) = (u64_at(trailer_at), u64_at(trailer_at + 8), u64_at(trailer_at + 16));
+    let (next_lsn, counters, keys) = (
+        u64_at(trailer_at),
+        u64_at(trailer_at + 8),
+        u64_at(trailer_at + 16),
+    );
 
     let body = &bytes[..trailer_at];
     let mut at = HEADER_BYTES;
@@ -207,15 +220,25 @@ pub fn read(
         let item = body
             .get(at..at + len + fixed)
             .ok_or_else(|| corrupt(at, "item runs past the body"))?;
-        let text = std::str::from_utf8(&item[..len]).map_err(|_| corrupt(at, "name is not UTF-8"))?;
+        let text =
+            std::str::from_utf8(&item[..len]).map_err(|_| corrupt(at, "name is not UTF-8"))?;
         let n1 = u64::from_le_bytes(item[len..len + 8].try_into().unwrap());
         match tag {
             TAG_COUNTER => {
                 let lsn = u64::from_le_bytes(item[len + 8..len + 16].try_into().unwrap());
                 if lsn >= next_lsn {
-                    return Err(corrupt(at, "counter lsn is not below the snapshot's next lsn"));
+                    return Err(corrupt(
+                        at,
+                        "counter lsn is not below the snapshot's next lsn",
+                    ));
                 }
-                visit(Item::Counter(text, Entry { value: n1 as i64, lsn }))?;
+                visit(Item::Counter(
+                    text,
+                    Entry {
+                        value: n1 as i64,
+                        lsn,
+                    },
+                ))?;
                 seen_counters += 1;
             }
             TAG_KEY => {

@@ -211,7 +211,10 @@ mod tests {
         assert_eq!(err.to_string(), "increment or decrement would overflow");
         assert_eq!(t.get("c").unwrap().value, i64::MAX);
         t.increment("d", i64::MIN, |_| next()).unwrap();
-        assert!(matches!(t.increment("d", -1, |_| next()), Err(Error::Overflow)));
+        assert!(matches!(
+            t.increment("d", -1, |_| next()),
+            Err(Error::Overflow)
+        ));
     }
 
     // A failing commit (journal refused the record) leaves no trace.

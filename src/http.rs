@@ -1,0 +1,1 @@
+//! HTTP/JSON front end (placeholder; being written).
