@@ -11,15 +11,18 @@
 //! I/O seam), [`node`] (wiring and lifecycle), [`resp`] and [`http`] (front
 //! ends), [`metrics`], [`config`].
 
+pub mod cli;
 pub mod config;
 pub mod error;
+pub mod http;
 pub mod idempotency;
+pub mod inspect;
 pub mod journal;
 pub mod metrics;
 pub mod node;
-pub mod http;
 pub mod recovery;
 pub mod resp;
+pub mod server;
 pub mod shutdown;
 pub mod snapshot;
 pub mod storage;
