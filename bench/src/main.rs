@@ -1,0 +1,217 @@
+//! tally-bench: measures tally against Redis on this machine, in one run
+//! and one process tree, and prints one markdown table per part:
+//!
+//! 1. throughput: `redis-benchmark -t incr` against tally (`local`,
+//!    `memory`) and Redis (`appendfsync always`, `everysec`);
+//! 2. recovery: time to ready with a million counters and a long journal;
+//! 3. memory: bytes per counter against Redis.
+//!
+//! Run it with `cargo run --release -p tally-bench`; it builds the release
+//! `tally` binary itself. Every server is a private child process on a
+//! loopback port with its files in a temporary directory, stopped by its
+//! process id when its part ends, even on failure.
+
+mod memory;
+mod parse;
+mod process;
+mod recovery;
+mod resp;
+mod table;
+mod throughput;
+mod tools;
+mod writer;
+
+use std::path::PathBuf;
+use std::process::ExitCode;
+
+use anyhow::{Context as _, Result};
+use clap::{Parser, Subcommand, ValueEnum};
+
+#[derive(Debug, Parser)]
+#[command(
+    name = "tally-bench",
+    about = "Benchmarks tally against Redis on this machine and prints markdown tables",
+    args_conflicts_with_subcommands = true
+)]
+struct Cli {
+    #[command(subcommand)]
+    command: Option<Hidden>,
+    #[command(flatten)]
+    run: RunArgs,
+}
+
+#[derive(Debug, Subcommand)]
+enum Hidden {
+    /// Fills a data directory for the recovery part, then exits as a crash
+    /// would (used by the benchmark itself).
+    #[command(hide = true)]
+    WriteJournal(writer::WriteJournalArgs),
+}
+
+#[derive(Debug, Clone, Copy, PartialEq, Eq, ValueEnum)]
+enum Part {
+    Throughput,
+    Recovery,
+    Memory,
+}
+
+#[derive(Debug, clap::Args)]
+struct RunArgs {
+    /// Parts to run, comma-separated [default: all]
+    #[arg(long, value_delimiter = ',')]
+    part: Vec<Part>,
+    /// Small sizes for a smoke run (seconds, not minutes); figures are not
+    /// meant to be compared
+    #[arg(long)]
+    quick: bool,
+    /// Requests per redis-benchmark run [default: 200000, --quick 20000]
+    #[arg(long)]
+    requests: Option<u64>,
+    /// Parallel redis-benchmark connections
+    #[arg(long, default_value_t = 50)]
+    clients: u32,
+    /// Pipeline depth of the pipelined redis-benchmark run
+    #[arg(long, default_value_t = 16)]
+    pipeline: u32,
+    /// Counters in the recovery part [default: 1000000, --quick 100000]
+    #[arg(long)]
+    counters: Option<u64>,
+    /// Journal records after the snapshot in the recovery part
+    /// [default: 10000000, --quick 1000000]
+    #[arg(long)]
+    journal_records: Option<u64>,
+    /// Journal records after a covering snapshot in the recovery part
+    /// [default: 100000, --quick 10000]
+    #[arg(long)]
+    tail_records: Option<u64>,
+    /// Starts per recovery case (median reported) [default: 3, --quick 1]
+    #[arg(long)]
+    recovery_runs: Option<u32>,
+    /// Counters in the memory part [default: 1000000, --quick 100000]
+    #[arg(long)]
+    memory_counters: Option<u64>,
+    /// Use this tally binary instead of building one
+    #[arg(long)]
+    tally_bin: Option<PathBuf>,
+    /// Directory for the servers' temporary data; put it on the file system
+    /// to measure [default: the system temporary directory]
+    #[arg(long)]
+    work_dir: Option<PathBuf>,
+}
+
+fn main() -> ExitCode {
+    let cli = Cli::parse();
+    let result = match cli.command {
+        Some(Hidden::WriteJournal(args)) => writer::main(args).map(|()| true),
+        None => run(cli.run),
+    };
+    match result {
+        Ok(true) => ExitCode::SUCCESS,
+        Ok(false) => ExitCode::FAILURE,
+        Err(e) => {
+            eprintln!("tally-bench: {e:#}");
+            ExitCode::FAILURE
+        }
+    }
+}
+
+/// Picks the full-size or the `--quick` default.
+fn size<T>(given: Option<T>, quick: bool, full: T, small: T) -> T {
+    given.unwrap_or(if quick { small } else { full })
+}
+
+/// Runs the chosen parts; `Ok(false)` if any of them failed.
+fn run(args: RunArgs) -> Result<bool> {
+    let parts = if args.part.is_empty() {
+        vec![Part::Throughput, Part::Recovery, Part::Memory]
+    } else {
+        args.part.clone()
+    };
+    if cfg!(debug_assertions) {
+        eprintln!(
+            "warning: tally-bench is an unoptimised build; the recovery part's writer \
+             will be slow. Use cargo run --release -p tally-bench"
+        );
+    }
+    let redis_version = tools::require("redis-server")?;
+    if parts.contains(&Part::Throughput) {
+        tools::require("redis-benchmark")?;
+    }
+    let tally_bin = match &args.tally_bin {
+        Some(p) => p.clone(),
+        None => tools::build_tally()?,
+    };
+    let mut builder = tempfile::Builder::new();
+    builder.prefix("tally-bench-");
+    let work = match &args.work_dir {
+        Some(d) => builder.tempdir_in(d),
+        None => builder.tempdir(),
+    }
+    .context("creating the temporary work directory")?;
+
+    println!("## tally-bench\n");
+    let mut tally_version = tools::version(&tally_bin)?;
+    if args.tally_bin.is_none() {
+        tally_version.push_str(" (release build)");
+    }
+    println!("{}\n", machine_line(&redis_version, &tally_version));
+    let mut all_ok = true;
+    for part in parts {
+        let (text, ok) = match part {
+            Part::Throughput => throughput::run(
+                &tally_bin,
+                work.path(),
+                &throughput::Settings {
+                    requests: size(args.requests, args.quick, 200_000, 20_000),
+                    clients: args.clients,
+                    pipelines: vec![1, args.pipeline],
+                },
+            ),
+            Part::Recovery => recovery::run(
+                &tally_bin,
+                work.path(),
+                &recovery::Settings {
+                    counters: size(args.counters, args.quick, 1_000_000, 100_000),
+                    records: size(args.journal_records, args.quick, 10_000_000, 1_000_000),
+                    tail_records: size(args.tail_records, args.quick, 100_000, 10_000),
+                    runs: size(args.recovery_runs, args.quick, 3, 1).max(1),
+                },
+            ),
+            Part::Memory => memory::run(
+                &tally_bin,
+                work.path(),
+                size(args.memory_counters, args.quick, 1_000_000, 100_000),
+            ),
+        };
+        println!("{text}");
+        all_ok &= ok;
+    }
+    Ok(all_ok)
+}
+
+/// One line saying what the figures were measured on.
+fn machine_line(redis_version: &str, tally_version: &str) -> String {
+    let read = |p: &str| std::fs::read_to_string(p).unwrap_or_default();
+    let cpuinfo = read("/proc/cpuinfo");
+    let model = cpuinfo
+        .lines()
+        .find_map(|l| {
+            l.strip_prefix("model name")?
+                .split_once(':')
+                .map(|(_, m)| m.trim())
+        })
+        .unwrap_or("unknown CPU");
+    let cores = std::thread::available_parallelism().map_or(0, |n| n.get());
+    let load = read("/proc/loadavg");
+    let load = load.split_whitespace().next().unwrap_or("?");
+    let kernel = read("/proc/sys/kernel/osrelease");
+    let redis = redis_version
+        .split_whitespace()
+        .find_map(|w| w.strip_prefix("v="))
+        .unwrap_or(redis_version);
+    format!(
+        "Measured on {cores} cores ({model}), Linux {}, load average {load} at start; \
+         redis-server {redis}; {tally_version}.",
+        kernel.trim(),
+    )
+}
