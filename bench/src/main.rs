@@ -13,6 +13,7 @@
 
 mod memory;
 mod parse;
+mod phases;
 mod process;
 mod recovery;
 mod resp;

@@ -13,7 +13,8 @@
 //! SIGTERM, whose final snapshot makes the next case's starting point. The
 //! node's own figures come from its "recovered" log line. The files are in
 //! the page cache (just written), so this measures recovery's CPU work, not
-//! the disk's read speed.
+//! the disk's read speed. Before the first case, [`phases`] times each step
+//! of recovery separately on the same directory.
 
 use std::path::Path;
 use std::process::Command;
@@ -22,6 +23,7 @@ use std::time::Duration;
 use anyhow::{Context as _, Result, bail};
 
 use crate::parse::{self, Recovered};
+use crate::phases::{self, Phases};
 use crate::process::{self, run_with_timeout};
 use crate::table::{Table, thousands};
 use crate::throughput::verdict;
@@ -70,12 +72,17 @@ impl Case {
 
 pub fn run(tally_bin: &Path, work: &Path, s: &Settings) -> (String, bool) {
     match run_cases(tally_bin, work, s) {
-        Ok(cases) => report(&cases, s),
+        Ok((cases, phases)) => {
+            let (mut text, ok) = report(&cases, s);
+            text.push('\n');
+            text.push_str(&phases::render(&phases, cases[0].median().0.recovery_ms));
+            (text, ok)
+        }
         Err(e) => (format!("### Recovery\n\n- error: {e:#}\n"), false),
     }
 }
 
-fn run_cases(tally_bin: &Path, work: &Path, s: &Settings) -> Result<Vec<Case>> {
+fn run_cases(tally_bin: &Path, work: &Path, s: &Settings) -> Result<(Vec<Case>, Phases)> {
     let dir = work.join("recovery");
     let mut cases = Vec::new();
 
@@ -85,6 +92,8 @@ fn run_cases(tally_bin: &Path, work: &Path, s: &Settings) -> Result<Vec<Case>> {
         thousands(s.records)
     );
     write_journal(&dir, s.counters, s.records, true)?;
+    eprintln!("recovery: timing each recovery step in-process ...");
+    let phases = phases::measure(&dir)?;
     cases.push(measure(
         tally_bin,
         &dir,
@@ -121,7 +130,7 @@ fn run_cases(tally_bin: &Path, work: &Path, s: &Settings) -> Result<Vec<Case>> {
         0,
         s,
     )?);
-    Ok(cases)
+    Ok((cases, phases))
 }
 
 /// Runs the `write-journal` child (this same program) on `dir`.
