@@ -17,6 +17,7 @@
 //! on one lock.
 
 use std::hash::BuildHasher;
+use std::sync::atomic::{AtomicUsize, Ordering::Relaxed};
 
 use compact_str::CompactString;
 use parking_lot::Mutex;
@@ -46,6 +47,11 @@ pub struct CounterTable {
     /// Picks the shard. A hasher of its own, with its own seed, so that the
     /// shard index is not correlated with the bucket bits inside a shard.
     shard_hasher: foldhash::fast::FixedState,
+    /// Number of counters, kept beside the shards so that the limit check
+    /// on the increment path does not lock every shard.
+    len: AtomicUsize,
+    /// Most counters an increment may create (recovery is never refused).
+    counters_max: usize,
 }
 
 impl Default for CounterTable {
@@ -73,9 +79,16 @@ pub fn validate_name(name: &str) -> Result<()> {
 
 impl CounterTable {
     pub fn new() -> Self {
+        Self::with_limit(usize::MAX)
+    }
+
+    /// A table whose increments may create at most `counters_max` counters.
+    pub fn with_limit(counters_max: usize) -> Self {
         CounterTable {
             shards: (0..SHARDS).map(|_| Mutex::new(Map::default())).collect(),
             shard_hasher: foldhash::fast::FixedState::with_seed(0x7a11_7a11),
+            len: AtomicUsize::new(0),
+            counters_max,
         }
     }
 
@@ -92,7 +105,14 @@ impl CounterTable {
         F: FnOnce(i64) -> Result<u64>,
     {
         let mut shard = self.shards[self.shard_of(name)].lock();
-        let current = shard.get(name).map_or(0, |e| e.value);
+        let existing = shard.get(name).map(|e| e.value);
+        if existing.is_none() && self.len.load(Relaxed) >= self.counters_max {
+            return Err(Error::LimitExceeded(format!(
+                "the node holds {} counters, its limit; refusing to create '{name}'",
+                self.counters_max
+            )));
+        }
+        let current = existing.unwrap_or(0);
         let value = current.checked_add(delta).ok_or(Error::Overflow)?;
         let lsn = commit(value)?;
         match shard.get_mut(name) {
@@ -102,6 +122,7 @@ impl CounterTable {
             }
             None => {
                 shard.insert(CompactString::from(name), Entry { value, lsn });
+                self.len.fetch_add(1, Relaxed);
             }
         }
         Ok(value)
@@ -121,6 +142,7 @@ impl CounterTable {
             }
             None => {
                 shard.insert(CompactString::from(name), Entry { value: delta, lsn });
+                self.len.fetch_add(1, Relaxed);
                 Ok(true)
             }
         }
@@ -128,9 +150,12 @@ impl CounterTable {
 
     /// Sets a counter's entry outright (loading a snapshot).
     pub fn restore(&self, name: &str, entry: Entry) {
-        self.shards[self.shard_of(name)]
+        let previous = self.shards[self.shard_of(name)]
             .lock()
             .insert(CompactString::from(name), entry);
+        if previous.is_none() {
+            self.len.fetch_add(1, Relaxed);
+        }
     }
 
     pub fn get(&self, name: &str) -> Option<Entry> {
@@ -139,7 +164,7 @@ impl CounterTable {
 
     /// Number of counters.
     pub fn len(&self) -> usize {
-        self.shards.iter().map(|s| s.lock().len()).sum()
+        self.len.load(Relaxed)
     }
 
     pub fn is_empty(&self) -> bool {
@@ -236,6 +261,22 @@ mod tests {
         assert!(!t.replay("c", 3, 2).unwrap());
         assert!(t.replay("c", 3, 8).unwrap());
         assert_eq!(t.get("c").unwrap(), Entry { value: 13, lsn: 8 });
+    }
+
+    // The counter limit refuses new counters only, never existing ones.
+    #[test]
+    fn counter_limit_refuses_only_new_counters() {
+        let t = CounterTable::with_limit(2);
+        let mut lsn = 0;
+        let mut next = || {
+            lsn += 1;
+            Ok(lsn)
+        };
+        t.increment("a", 1, |_| next()).unwrap();
+        t.increment("b", 1, |_| next()).unwrap();
+        assert!(matches!(t.increment("c", 1, |_| next()), Err(Error::LimitExceeded(_))));
+        assert_eq!(t.increment("a", 1, |_| next()).unwrap(), 2);
+        assert_eq!(t.len(), 2);
     }
 
     #[test]
