@@ -96,17 +96,16 @@ fn kill9_mid_load_loses_no_acknowledged_increment() {
         let mut node = TallyProcess::start(&data, &flags);
         let url = node.resp_url();
         let values = rt.block_on(read_all(&url));
-        for c in 0..COUNTERS {
+        for (c, &value) in values.iter().enumerate() {
             let acked = ledger.acked[c].load(Ordering::SeqCst);
             let attempted = ledger.attempted[c].load(Ordering::SeqCst);
             assert!(
-                acked <= values[c] && values[c] <= attempted,
-                "round {round} counter k{c}: value {} outside [acked {acked}, attempted {attempted}]",
-                values[c]
+                acked <= value && value <= attempted,
+                "round {round} counter k{c}: value {value} outside [acked {acked}, attempted {attempted}]"
             );
             // Whatever survived is now the truth for the next round's bounds.
-            ledger.acked[c].store(values[c], Ordering::SeqCst);
-            ledger.attempted[c].store(values[c], Ordering::SeqCst);
+            ledger.acked[c].store(value, Ordering::SeqCst);
+            ledger.attempted[c].store(value, Ordering::SeqCst);
         }
         if round == KILLS {
             // Last round: load with nothing in flight at the kill.
@@ -124,9 +123,9 @@ fn kill9_mid_load_loses_no_acknowledged_increment() {
             node.kill9();
             let node = TallyProcess::start(&data, &flags);
             let values = rt.block_on(read_all(&node.resp_url()));
-            for c in 0..COUNTERS {
+            for (c, &value) in values.iter().enumerate() {
                 let acked = ledger.acked[c].load(Ordering::SeqCst);
-                assert_eq!(values[c], acked, "counter k{c} after a quiet kill");
+                assert_eq!(value, acked, "counter k{c} after a quiet kill");
                 total_acked += acked;
             }
             break;
@@ -144,7 +143,10 @@ fn kill9_mid_load_loses_no_acknowledged_increment() {
             }
         });
     }
-    assert!(total_acked > 1000, "the load acknowledged only {total_acked}");
+    assert!(
+        total_acked > 1000,
+        "the load acknowledged only {total_acked}"
+    );
 }
 
 // SIGTERM finishes in-flight work and exits 0; the value survives, as the

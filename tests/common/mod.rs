@@ -67,7 +67,10 @@ impl TallyProcess {
                 );
             }
         };
-        assert!(line.starts_with("tally ready"), "unexpected first line: {line}");
+        assert!(
+            line.starts_with("tally ready"),
+            "unexpected first line: {line}"
+        );
         let node_id = line
             .split_whitespace()
             .find_map(|w| w.strip_prefix("node_id="))
