@@ -108,6 +108,10 @@ fn le_u64(b: &[u8]) -> u64 {
 
 /// Decodes the record at the start of `buf`, verifying its checksum.
 pub fn decode(buf: &[u8]) -> Decoded<'_> {
+    decode_inner(buf, true)
+}
+
+fn decode_inner(buf: &[u8], verify_crc: bool) -> Decoded<'_> {
     if buf.len() < RECORD_FRAME_BYTES {
         return Decoded::Incomplete;
     }
@@ -119,8 +123,8 @@ pub fn decode(buf: &[u8]) -> Decoded<'_> {
         return Decoded::Incomplete;
     }
     let payload = &buf[RECORD_FRAME_BYTES..RECORD_FRAME_BYTES + len];
-    let crc = crc32c::crc32c_append(crc32c::crc32c(&buf[..4]), payload);
-    if crc != le_u32(&buf[4..]) {
+    if verify_crc && crc32c::crc32c_append(crc32c::crc32c(&buf[..4]), payload) != le_u32(&buf[4..])
+    {
         return Decoded::Corrupt("record checksum mismatch".into());
     }
     if payload[0] != KIND_INCREMENT {
@@ -161,6 +165,41 @@ pub fn decode(buf: &[u8]) -> Decoded<'_> {
         },
         RECORD_FRAME_BYTES + len,
     )
+}
+
+/// Iterates over records already verified by [`decode`] (recovery's
+/// second pass, which does not check the CRCs again): stops at the first
+/// bytes that are not a valid record.
+pub struct RecordIter<'a> {
+    buf: &'a [u8],
+    off: usize,
+}
+
+impl<'a> RecordIter<'a> {
+    pub fn new(buf: &'a [u8]) -> Self {
+        RecordIter { buf, off: 0 }
+    }
+
+    /// Byte offsets (in `buf`) of the records, in order.
+    pub fn offsets(mut self) -> impl Iterator<Item = usize> + 'a {
+        std::iter::from_fn(move || {
+            let at = self.off;
+            self.next().map(|_| at)
+        })
+    }
+}
+
+impl<'a> Iterator for RecordIter<'a> {
+    type Item = Record<'a>;
+    fn next(&mut self) -> Option<Record<'a>> {
+        match decode_inner(&self.buf[self.off..], false) {
+            Decoded::Record(r, used) => {
+                self.off += used;
+                Some(r)
+            }
+            _ => None,
+        }
+    }
 }
 
 /// Encodes a segment header for a segment starting at journal position

@@ -179,7 +179,7 @@ impl Node {
             .create_dir_all(&dir)
             .map_err(|e| Error::io(format!("creating {}", dir.display()), e))?;
         let node_id = resolve_node_id(storage.as_ref(), &dir, config.node_id.as_deref())?;
-        let table = CounterTable::new();
+        let table = CounterTable::with_limit(config.counters_max);
         let keys = IdempotencyKeys::new(config.idempotency_keys_max);
         let report = recovery::recover(
             storage.as_ref(),

@@ -17,6 +17,7 @@
 //! on one lock.
 
 use std::hash::BuildHasher;
+use std::sync::atomic::{AtomicUsize, Ordering::Relaxed};
 
 use compact_str::CompactString;
 use parking_lot::Mutex;
@@ -46,6 +47,11 @@ pub struct CounterTable {
     /// Picks the shard. A hasher of its own, with its own seed, so that the
     /// shard index is not correlated with the bucket bits inside a shard.
     shard_hasher: foldhash::fast::FixedState,
+    /// Number of counters, kept beside the shards so that the limit check
+    /// on the increment path does not lock every shard.
+    len: AtomicUsize,
+    /// Most counters an increment may create (recovery is never refused).
+    counters_max: usize,
 }
 
 impl Default for CounterTable {
@@ -73,9 +79,16 @@ pub fn validate_name(name: &str) -> Result<()> {
 
 impl CounterTable {
     pub fn new() -> Self {
+        Self::with_limit(usize::MAX)
+    }
+
+    /// A table whose increments may create at most `counters_max` counters.
+    pub fn with_limit(counters_max: usize) -> Self {
         CounterTable {
             shards: (0..SHARDS).map(|_| Mutex::new(Map::default())).collect(),
             shard_hasher: foldhash::fast::FixedState::with_seed(0x7a11_7a11),
+            len: AtomicUsize::new(0),
+            counters_max,
         }
     }
 
@@ -92,7 +105,14 @@ impl CounterTable {
         F: FnOnce(i64) -> Result<u64>,
     {
         let mut shard = self.shards[self.shard_of(name)].lock();
-        let current = shard.get(name).map_or(0, |e| e.value);
+        let existing = shard.get(name).map(|e| e.value);
+        if existing.is_none() && self.len.load(Relaxed) >= self.counters_max {
+            return Err(Error::LimitExceeded(format!(
+                "the node holds {} counters, its limit; refusing to create '{name}'",
+                self.counters_max
+            )));
+        }
+        let current = existing.unwrap_or(0);
         let value = current.checked_add(delta).ok_or(Error::Overflow)?;
         let lsn = commit(value)?;
         match shard.get_mut(name) {
@@ -102,6 +122,7 @@ impl CounterTable {
             }
             None => {
                 shard.insert(CompactString::from(name), Entry { value, lsn });
+                self.len.fetch_add(1, Relaxed);
             }
         }
         Ok(value)
@@ -112,25 +133,39 @@ impl CounterTable {
     /// is not counted twice. Returns whether it was applied.
     pub fn replay(&self, name: &str, delta: i64, lsn: u64) -> Result<bool> {
         let mut shard = self.shards[self.shard_of(name)].lock();
-        match shard.get_mut(name) {
-            Some(entry) if entry.lsn >= lsn => Ok(false),
-            Some(entry) => {
-                entry.value = entry.value.checked_add(delta).ok_or(Error::Overflow)?;
-                entry.lsn = lsn;
-                Ok(true)
-            }
-            None => {
-                shard.insert(CompactString::from(name), Entry { value: delta, lsn });
-                Ok(true)
-            }
+        let (applied, inserted) = replay_into(&mut shard, name, delta, lsn)?;
+        if inserted {
+            self.len.fetch_add(1, Relaxed);
+        }
+        Ok(applied)
+    }
+
+    /// Locks every shard whose index is `part` modulo `parts`, for the life
+    /// of the returned [`Partition`]. Recovery replays the journal with one
+    /// partition per thread: no lock or atomic per record, and the threads
+    /// never touch the same shard.
+    pub fn partition(&self, part: usize, parts: usize) -> Partition<'_> {
+        assert!(part < parts && parts <= SHARDS);
+        Partition {
+            table: self,
+            part,
+            parts,
+            guards: (part..SHARDS)
+                .step_by(parts)
+                .map(|i| self.shards[i].lock())
+                .collect(),
+            inserted: 0,
         }
     }
 
     /// Sets a counter's entry outright (loading a snapshot).
     pub fn restore(&self, name: &str, entry: Entry) {
-        self.shards[self.shard_of(name)]
+        let previous = self.shards[self.shard_of(name)]
             .lock()
             .insert(CompactString::from(name), entry);
+        if previous.is_none() {
+            self.len.fetch_add(1, Relaxed);
+        }
     }
 
     pub fn get(&self, name: &str) -> Option<Entry> {
@@ -139,7 +174,7 @@ impl CounterTable {
 
     /// Number of counters.
     pub fn len(&self) -> usize {
-        self.shards.iter().map(|s| s.lock().len()).sum()
+        self.len.load(Relaxed)
     }
 
     pub fn is_empty(&self) -> bool {
@@ -191,6 +226,86 @@ impl CounterTable {
     }
 }
 
+/// The replay rule shared by [`CounterTable::replay`] and [`Partition`]:
+/// returns (applied, inserted).
+fn replay_into(map: &mut Map, name: &str, delta: i64, lsn: u64) -> Result<(bool, bool)> {
+    match map.get_mut(name) {
+        Some(entry) if entry.lsn >= lsn => Ok((false, false)),
+        Some(entry) => {
+            entry.value = entry.value.checked_add(delta).ok_or(Error::Overflow)?;
+            entry.lsn = lsn;
+            Ok((true, false))
+        }
+        None => {
+            map.insert(CompactString::from(name), Entry { value: delta, lsn });
+            Ok((true, true))
+        }
+    }
+}
+
+/// Exclusive hold on a subset of the shards; see [`CounterTable::partition`].
+pub struct Partition<'a> {
+    table: &'a CounterTable,
+    part: usize,
+    parts: usize,
+    guards: Vec<parking_lot::MutexGuard<'a, Map>>,
+    inserted: usize,
+}
+
+impl Partition<'_> {
+    /// Replays the record if its counter lives in this partition: `None`
+    /// when it does not, else whether it was applied (see
+    /// [`CounterTable::replay`]).
+    pub fn replay(&mut self, name: &str, delta: i64, lsn: u64) -> Result<Option<bool>> {
+        let shard = self.table.shard_of(name);
+        if shard % self.parts != self.part {
+            return Ok(None);
+        }
+        let (applied, inserted) =
+            replay_into(&mut self.guards[shard / self.parts], name, delta, lsn)?;
+        self.inserted += usize::from(inserted);
+        Ok(Some(applied))
+    }
+
+    /// Replays every record of `records` that lives in this partition, in
+    /// order per counter. The records are first sorted into one bucket per
+    /// shard, then applied shard by shard, so that each shard's map stays in
+    /// cache while its records are applied: replaying in journal order would
+    /// miss the cache on nearly every record of a large table. Returns how
+    /// many were applied, or the index (in `records`) of one that overflowed.
+    pub fn replay_batch<'r>(
+        &mut self,
+        records: impl Iterator<Item = (&'r str, i64, u64)>,
+    ) -> std::result::Result<u64, usize> {
+        // Names are copied into the buckets (inline up to 24 bytes): reading
+        // them back from the journal buffer in bucket order would miss the
+        // cache just as badly.
+        let mut buckets: Vec<Vec<(usize, CompactString, i64, u64)>> =
+            vec![Vec::new(); self.guards.len()];
+        for (i, (name, delta, lsn)) in records.enumerate() {
+            let shard = self.table.shard_of(name);
+            if shard % self.parts == self.part {
+                buckets[shard / self.parts].push((i, CompactString::from(name), delta, lsn));
+            }
+        }
+        let mut applied = 0;
+        for (bucket, map) in buckets.iter().zip(self.guards.iter_mut()) {
+            for (i, name, delta, lsn) in bucket {
+                let (a, inserted) = replay_into(map, name, *delta, *lsn).map_err(|_| *i)?;
+                applied += u64::from(a);
+                self.inserted += usize::from(inserted);
+            }
+        }
+        Ok(applied)
+    }
+}
+
+impl Drop for Partition<'_> {
+    fn drop(&mut self) {
+        self.table.len.fetch_add(self.inserted, Relaxed);
+    }
+}
+
 #[cfg(test)]
 mod tests {
     use super::*;
@@ -236,6 +351,53 @@ mod tests {
         assert!(!t.replay("c", 3, 2).unwrap());
         assert!(t.replay("c", 3, 8).unwrap());
         assert_eq!(t.get("c").unwrap(), Entry { value: 13, lsn: 8 });
+    }
+
+    // Replaying through partitions gives the same table as replaying one
+    // record at a time, and every record lands in exactly one partition.
+    #[test]
+    fn partitions_cover_every_shard_exactly_once() {
+        let one = CounterTable::new();
+        let split = CounterTable::new();
+        let records: Vec<(String, i64, u64)> = (0..5000u64)
+            .map(|i| (format!("c{}", i % 700), (i % 13) as i64 - 6, i + 1))
+            .collect();
+        for (n, d, l) in &records {
+            one.replay(n, *d, *l).unwrap();
+        }
+        let parts = 3;
+        let mut hits = 0;
+        for part in 0..parts {
+            let mut p = split.partition(part, parts);
+            for (n, d, l) in &records {
+                hits += usize::from(p.replay(n, *d, *l).unwrap().is_some());
+            }
+        }
+        assert_eq!(hits, records.len());
+        assert_eq!(split.len(), one.len());
+        for i in 0..700 {
+            let name = format!("c{i}");
+            assert_eq!(split.get(&name), one.get(&name));
+        }
+    }
+
+    // The counter limit refuses new counters only, never existing ones.
+    #[test]
+    fn counter_limit_refuses_only_new_counters() {
+        let t = CounterTable::with_limit(2);
+        let mut lsn = 0;
+        let mut next = || {
+            lsn += 1;
+            Ok(lsn)
+        };
+        t.increment("a", 1, |_| next()).unwrap();
+        t.increment("b", 1, |_| next()).unwrap();
+        assert!(matches!(
+            t.increment("c", 1, |_| next()),
+            Err(Error::LimitExceeded(_))
+        ));
+        assert_eq!(t.increment("a", 1, |_| next()).unwrap(), 2);
+        assert_eq!(t.len(), 2);
     }
 
     #[test]
