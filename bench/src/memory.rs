@@ -67,6 +67,7 @@ fn measure_tally(tally_bin: &Path, work: &Path, counters: u64) -> Result<Measure
     let t = process::start_tally(
         tally_bin,
         &work.join("memory-tally"),
+        true,
         "local",
         &[],
         READY_TIMEOUT,

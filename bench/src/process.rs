@@ -23,6 +23,8 @@ pub const STOP_TIMEOUT: Duration = Duration::from_secs(60);
 const REDIS_START_TIMEOUT: Duration = Duration::from_secs(20);
 /// How often a waiting loop looks again.
 const POLL_INTERVAL: Duration = Duration::from_millis(10);
+/// Longest wait for a PING reply from a server that says it is ready.
+const PING_TIMEOUT: Duration = Duration::from_secs(5);
 
 /// A child process that is stopped by pid when the guard is dropped.
 pub struct Guard {
@@ -192,12 +194,14 @@ pub struct Tally {
     pub log_path: PathBuf,
 }
 
-/// Starts `tally serve` on `data_dir` with RESP on a loopback port chosen
-/// by the kernel and HTTP off, and waits for its ready line, at most
-/// `ready_timeout` (recovery of a large journal happens before it).
+/// Starts `tally serve` on `data_dir` with HTTP off and, if `resp`, RESP on
+/// a loopback port chosen by the kernel; waits for its ready line, at most
+/// `ready_timeout` (recovery of a large journal happens before it), and
+/// checks that RESP answers PING.
 pub fn start_tally(
     bin: &Path,
     data_dir: &Path,
+    resp: bool,
     durability: &str,
     extra_args: &[&str],
     ready_timeout: Duration,
@@ -211,7 +215,8 @@ pub fn start_tally(
         .arg("serve")
         .arg("--data-dir")
         .arg(data_dir)
-        .args(["--resp-addr", "127.0.0.1:0", "--http-addr", "off"])
+        .args(["--resp-addr", if resp { "127.0.0.1:0" } else { "off" }])
+        .args(["--http-addr", "off"])
         .args(["--durability", durability, "--log-format", "json"])
         .args(extra_args)
         .stdin(Stdio::null())
@@ -239,6 +244,11 @@ pub fn start_tally(
             Ok(line) if line.starts_with("tally ready ") => {
                 let ready_after = started.elapsed();
                 let resp_addr = ready_line_addr(&line, "resp")?;
+                // A front end that accepts connections but never answers
+                // would hang redis-benchmark; find out now.
+                if let Some(addr) = resp_addr {
+                    ping(addr).context("tally is ready but its RESP front end does not answer")?;
+                }
                 return Ok(Tally {
                     guard,
                     resp_addr,
@@ -321,10 +331,7 @@ pub fn start_redis(dir: &Path, label: &str, extra_args: &[&str]) -> Result<Redis
                 tail(&log, 10)
             );
         }
-        if let Ok(mut c) = Client::connect(addr)
-            && let Ok(Reply::Simple(pong)) = c.command(&["PING"])
-            && pong == "PONG"
-        {
+        if ping(addr).is_ok() {
             return Ok(Redis { guard, addr });
         }
         if Instant::now() >= deadline {
@@ -335,6 +342,15 @@ pub fn start_redis(dir: &Path, label: &str, extra_args: &[&str]) -> Result<Redis
         }
         std::thread::sleep(POLL_INTERVAL * 5);
     }
+}
+
+/// Sends PING and expects PONG within [`PING_TIMEOUT`].
+pub fn ping(addr: SocketAddr) -> Result<()> {
+    let reply = Client::connect_with_timeout(addr, PING_TIMEOUT)?.command(&["PING"])?;
+    if reply != Reply::Simple("PONG".into()) {
+        bail!("PING to {addr} answered {reply:?}");
+    }
+    Ok(())
 }
 
 /// Resident set size of process `pid`, in bytes.

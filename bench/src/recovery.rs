@@ -172,6 +172,7 @@ fn measure(
         let tally = process::start_tally(
             tally_bin,
             dir,
+            false,
             "local",
             &["--snapshot-journal-bytes", NO_AUTOMATIC_SNAPSHOT],
             READY_TIMEOUT,

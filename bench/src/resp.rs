@@ -5,7 +5,7 @@
 //! benchmark needs exact control over pipelining (a fixed number of commands
 //! written before any reply is read) and nothing else.
 
-use std::io::{BufRead, BufReader, BufWriter, Write};
+use std::io::{BufRead, BufReader, BufWriter, ErrorKind, Write};
 use std::net::{SocketAddr, TcpStream};
 use std::time::Duration;
 
@@ -54,18 +54,26 @@ impl Reply {
 pub struct Client {
     reader: BufReader<TcpStream>,
     writer: BufWriter<TcpStream>,
+    /// Longest wait for one reply, for error messages.
+    timeout: Duration,
 }
 
 impl Client {
     pub fn connect(addr: SocketAddr) -> Result<Client> {
-        let stream = TcpStream::connect_timeout(&addr, REPLY_TIMEOUT)
+        Self::connect_with_timeout(addr, REPLY_TIMEOUT)
+    }
+
+    /// Connects with `timeout` for the connection and for each reply.
+    pub fn connect_with_timeout(addr: SocketAddr, timeout: Duration) -> Result<Client> {
+        let stream = TcpStream::connect_timeout(&addr, timeout)
             .with_context(|| format!("connecting to {addr}"))?;
-        stream.set_read_timeout(Some(REPLY_TIMEOUT))?;
-        stream.set_write_timeout(Some(REPLY_TIMEOUT))?;
+        stream.set_read_timeout(Some(timeout))?;
+        stream.set_write_timeout(Some(timeout))?;
         stream.set_nodelay(true)?;
         Ok(Client {
             reader: BufReader::new(stream.try_clone()?),
             writer: BufWriter::new(stream),
+            timeout,
         })
     }
 
@@ -145,9 +153,13 @@ impl Client {
 
     fn read_line(&mut self) -> Result<String> {
         let mut line = String::new();
-        let n = std::io::Read::take(&mut self.reader, LINE_BYTES_MAX)
-            .read_line(&mut line)
-            .context("reading a reply (the server may be stuck or gone)")?;
+        let n = match std::io::Read::take(&mut self.reader, LINE_BYTES_MAX).read_line(&mut line) {
+            Ok(n) => n,
+            Err(e) if matches!(e.kind(), ErrorKind::WouldBlock | ErrorKind::TimedOut) => {
+                bail!("no reply within {} s", self.timeout.as_secs_f64())
+            }
+            Err(e) => return Err(e).context("reading a reply"),
+        };
         if n == 0 {
             return Err(anyhow!("the server closed the connection"));
         }

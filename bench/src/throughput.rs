@@ -115,7 +115,7 @@ fn run_server(
             } else {
                 "memory"
             };
-            let t = process::start_tally(tally_bin, &dir, durability, &[], READY_TIMEOUT)?;
+            let t = process::start_tally(tally_bin, &dir, true, durability, &[], READY_TIMEOUT)?;
             let addr = t.resp_addr.context("tally started without RESP")?;
             (t.guard, addr)
         }
