@@ -10,6 +10,9 @@
 //! `tally` binary itself. Every server is a private child process on a
 //! loopback port with its files in a temporary directory, stopped by its
 //! process id when its part ends, even on failure.
+//!
+//! The exit status is non-zero when a part could not be measured; a target
+//! that is not met is reported in the output, not as a failure.
 
 mod memory;
 mod parse;

@@ -101,9 +101,8 @@ impl Guard {
     }
 
     /// Abrupt stop (SIGKILL), as a crash would; waits for the exit.
-    pub fn kill(mut self) -> Result<()> {
+    pub fn kill(mut self) {
         self.kill_now();
-        Ok(())
     }
 
     fn kill_now(&mut self) {
