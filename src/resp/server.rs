@@ -256,11 +256,17 @@ async fn handle(
             continue;
         }
         if shutdown.is_fired() {
+            conn.close_with(None).await;
             break;
         }
         let read = tokio::select! {
             read = conn.read_more() => read,
-            _ = shutdown.fired() => break,
+            _ = shutdown.fired() => {
+                // Every received request is answered; close without
+                // letting unread input turn the close into a reset.
+                conn.close_with(None).await;
+                break;
+            }
         };
         match read {
             Ok(true) => {}
