@@ -388,3 +388,42 @@ async fn concurrent_clients_count_exactly() {
     );
     server.stop().await;
 }
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn inline_commands_and_quit_behave_as_in_redis() {
+    // Proves typed (inline) commands work, AUTH, RESET and unknown INFO
+    // sections answer as Redis does, and QUIT answers +OK, closes, and
+    // leaves the requests pipelined after it unrun.
+    let dir = tempfile::tempdir().unwrap();
+    let server = TestServer::start(dir.path()).await;
+    let mut s = server.raw().await;
+    let script: &[(&[u8], &[u8])] = &[
+        (b"PING\r\n", b"+PONG\r\n"),
+        (b"incrby  \"typed counter\"  3\n", b":3\r\n"),
+        (b"GET 'typed counter'\r\n", b"$1\r\n3\r\n"),
+        (b"INFO nosuch\r\n", b"$0\r\n\r\n"),
+        (
+            b"AUTH secret\r\n",
+            b"-ERR AUTH <password> called without any password configured for the default user. Are you sure your configuration is correct?\r\n",
+        ),
+        (b"AUTH default secret\r\n", b"+OK\r\n"),
+        (b"CLIENT SETNAME before-reset\r\n", b"+OK\r\n"),
+        (b"RESET\r\nCLIENT GETNAME\r\n", b"+RESET\r\n$-1\r\n"),
+    ];
+    for (request, reply) in script {
+        let got = resp_support::exchange(&mut s, request, reply.len()).await;
+        assert_eq!(
+            String::from_utf8_lossy(&got),
+            String::from_utf8_lossy(reply),
+            "{}",
+            String::from_utf8_lossy(request)
+        );
+    }
+    use tokio::io::AsyncWriteExt;
+    s.write_all(b"INCR after-quit\r\nQUIT\r\nINCR after-quit\r\n")
+        .await
+        .unwrap();
+    assert_eq!(resp_support::read_to_close(&mut s).await, b":1\r\n+OK\r\n");
+    assert_eq!(server.node.get("after-quit").unwrap(), Some(1));
+    server.stop().await;
+}
