@@ -13,11 +13,11 @@
 
 pub mod config;
 pub mod error;
+pub mod http;
 pub mod idempotency;
 pub mod journal;
 pub mod metrics;
 pub mod node;
-pub mod http;
 pub mod recovery;
 pub mod resp;
 pub mod shutdown;

@@ -1,1 +1,0 @@
-//! HTTP/JSON front end (placeholder; being written).
