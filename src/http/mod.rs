@@ -38,7 +38,8 @@
 //! (plus `"outcome": "unknown"` where a lone increment would have had it),
 //! where `status` is what `POST /v1/counters/{name}/increment` would have
 //! answered. A failed item does not stop the others: a batch is not a
-//! transaction.
+//! transaction. Items naming the same counter may be applied in any order
+//! among themselves; each reports the value right after its own increment.
 //!
 //! # Errors
 //!
