@@ -791,7 +791,11 @@ async fn stalled_request_head_is_cut_off_without_blocking_others() {
         .write_all(b"GET /healthz HTTP/1.1\r\nhost: t\r\n\r\n")
         .await
         .unwrap();
-    assert!(read_response(&mut kept_alive).await.starts_with("HTTP/1.1 200"));
+    assert!(
+        read_response(&mut kept_alive)
+            .await
+            .starts_with("HTTP/1.1 200")
+    );
     let mut slow = TcpStream::connect(s.addr).await.unwrap();
     slow.write_all(b"POST /v1/counters/slow/increment HTTP/1.1\r\nhost: t\r\n")
         .await
@@ -874,12 +878,20 @@ async fn client_that_stops_reading_is_disconnected() {
         .write_all(b"GET /metrics HTTP/1.1\r\nhost: t\r\n\r\n")
         .await
         .unwrap();
-    // Long enough to render the reply and for the stall to time out.
+    // Wait for the reply to start, then stop reading for many times
+    // frame_timeout.
+    let mut received = vec![0u8; 1024];
+    let n = tokio::time::timeout(STEP_TIMEOUT, reader.read(&mut received))
+        .await
+        .expect("the reply starts")
+        .unwrap();
+    received.truncate(n);
+    assert!(received.starts_with(b"HTTP/1.1 200"));
     tokio::time::sleep(Duration::from_secs(3)).await;
-    let received = read_until_closed(&mut reader, STEP_TIMEOUT)
+    let rest = read_until_closed(&mut reader, STEP_TIMEOUT)
         .await
         .expect("the server closes the connection");
-    assert!(received.starts_with(b"HTTP/1.1 200"));
+    received.extend_from_slice(&rest);
     assert!(
         received.len() < full_len,
         "received the whole reply ({} bytes)",
@@ -960,4 +972,25 @@ async fn shutdown_finishes_in_flight_requests() {
     assert!(started.elapsed() < Duration::from_secs(5));
     assert_eq!(s.node.get("drain").unwrap(), Some(3));
     s.node.shutdown().unwrap();
+}
+
+// A request head over HEAD_BYTES_MAX is refused (431, by hyper) and the
+// server keeps serving.
+#[tokio::test]
+async fn oversized_request_head_is_refused() {
+    let dir = tempfile::tempdir().unwrap();
+    let s = Served::open(dir.path()).await;
+    let mut big = TcpStream::connect(s.addr).await.unwrap();
+    // Twice the limit: hyper checks it before each read, so a head that
+    // crosses it within one read may still be taken.
+    let filler = "a".repeat(2 * tally::http::HEAD_BYTES_MAX);
+    let head = format!("GET /healthz HTTP/1.1\r\nhost: t\r\nx-filler: {filler}\r\n\r\n");
+    let _ = big.write_all(head.as_bytes()).await;
+    let received = read_until_closed(&mut big, STEP_TIMEOUT)
+        .await
+        .expect("the connection is closed");
+    let text = String::from_utf8_lossy(&received);
+    assert!(text.starts_with("HTTP/1.1 431"), "{text}");
+    assert_eq!(get(&s, "/healthz").await.0, StatusCode::OK);
+    s.stop().await.shutdown().unwrap();
 }

@@ -34,7 +34,8 @@ pub const SHUTDOWN_DRAIN_TIMEOUT: Duration = Duration::from_secs(10);
 pub const ACCEPT_ERROR_BACKOFF: Duration = Duration::from_millis(100);
 
 /// Largest request head (request line and headers) a connection buffers;
-/// a larger one is answered 431. Also bounds hyper's read buffer.
+/// a larger one is answered 431. It bounds hyper's read buffer, which hyper
+/// checks before each read, so a head may overrun it by up to one read.
 pub const HEAD_BYTES_MAX: usize = 64 * 1024;
 
 /// Serves `router(node, config)` on `listener` until `shutdown` fires, then
