@@ -1,0 +1,296 @@
+//! Route handlers: each turns one request into calls on the node and its
+//! outcome into a JSON reply. Extractor rejections are caught here and
+//! answered as JSON errors, never with axum's plain-text bodies.
+
+use std::sync::Arc;
+
+use axum::Json;
+use axum::body::Body;
+use axum::extract::rejection::{PathRejection, QueryRejection};
+use axum::extract::{Path, Query, State};
+use axum::http::{HeaderMap, HeaderValue, Method, StatusCode, Uri, header};
+use axum::response::{IntoResponse, Response};
+use axum::routing::{MethodFilter, MethodRouter, on};
+use serde::{Deserialize, Serialize};
+use serde_json::{Value, json};
+
+use super::body::{self, IncrementFields};
+use super::endpoint::Endpoint;
+use super::error::ApiError;
+use super::openapi::OPENAPI_JSON;
+use crate::config::ServerConfig;
+use crate::node::{IncrementOptions, Node};
+
+/// Page length of `GET /v1/counters` when the request gives no `limit`.
+pub const PAGE_LEN_DEFAULT: usize = 100;
+
+/// Content type of `/metrics`, as the OpenMetrics specification names it.
+const OPENMETRICS_CONTENT_TYPE: &str = "application/openmetrics-text; version=1.0.0; charset=utf-8";
+
+/// What every handler shares.
+#[derive(Clone)]
+pub(crate) struct AppState {
+    pub node: Node,
+    pub config: Arc<ServerConfig>,
+}
+
+/// The handler of `endpoint`, accepting only its method.
+pub(crate) fn method_router(endpoint: Endpoint) -> MethodRouter<AppState> {
+    let filter = MethodFilter::try_from(endpoint.method())
+        .expect("every endpoint uses a method axum can route");
+    match endpoint {
+        Endpoint::Increment => on(filter, increment),
+        Endpoint::IncrementBatch => on(filter, increment_batch),
+        Endpoint::GetCounter => on(filter, get_counter),
+        Endpoint::ListCounters => on(filter, list_counters),
+        Endpoint::Metrics => on(filter, metrics),
+        Endpoint::Health => on(filter, health),
+        Endpoint::Readiness => on(filter, readiness),
+        Endpoint::OpenApi => on(filter, openapi),
+    }
+}
+
+#[derive(Serialize)]
+struct IncrementReply<'a> {
+    name: &'a str,
+    value: i64,
+    duplicate: bool,
+}
+
+#[derive(Serialize)]
+struct CounterReply {
+    name: String,
+    value: i64,
+}
+
+/// The counter name from the path, percent-decoded.
+fn name_from(path: Result<Path<String>, PathRejection>) -> Result<String, ApiError> {
+    path.map(|Path(name)| name)
+        .map_err(|e| ApiError::bad_request(format!("counter name in the path: {}", e.body_text())))
+}
+
+/// Applies one increment; the error is the library's, mapped by the caller.
+async fn apply(
+    node: &Node,
+    name: &str,
+    fields: &IncrementFields,
+) -> crate::Result<crate::IncrementOutcome> {
+    let options = IncrementOptions {
+        durability: fields.durability,
+        idempotency_key: fields.idempotency_key.as_deref(),
+    };
+    node.increment(name, fields.by, options).await
+}
+
+async fn increment(
+    State(state): State<AppState>,
+    path: Result<Path<String>, PathRejection>,
+    headers: HeaderMap,
+    request_body: Body,
+) -> Result<Response, ApiError> {
+    let name = name_from(path)?;
+    let bytes = body::read(
+        &headers,
+        request_body,
+        state.config.http_body_bytes_max,
+        state.config.frame_timeout,
+    )
+    .await?;
+    let fields = body::parse_increment(&bytes)?;
+    let outcome = apply(&state.node, &name, &fields).await?;
+    Ok(Json(IncrementReply {
+        name: &name,
+        value: outcome.value,
+        duplicate: outcome.duplicate,
+    })
+    .into_response())
+}
+
+async fn increment_batch(
+    State(state): State<AppState>,
+    headers: HeaderMap,
+    request_body: Body,
+) -> Result<Response, ApiError> {
+    let bytes = body::read(
+        &headers,
+        request_body,
+        state.config.http_body_bytes_max,
+        state.config.frame_timeout,
+    )
+    .await?;
+    let items = body::parse_batch(&bytes, state.config.http_batch_len_max)?;
+    // All items wait for their fsyncs at once, so one group commit covers
+    // many of them; join_all still yields the results in the items' order.
+    let node = &state.node;
+    let results = futures_util::future::join_all(items.iter().map(|item| async move {
+        match apply(node, &item.name, &item.fields).await {
+            Ok(outcome) => json!({
+                "name": item.name,
+                "value": outcome.value,
+                "duplicate": outcome.duplicate,
+            }),
+            Err(e) => {
+                let error = ApiError::from(e);
+                let mut slot = error.fields();
+                slot.insert("name".into(), Value::String(item.name.clone()));
+                slot.insert("status".into(), Value::from(error.status().as_u16()));
+                Value::Object(slot)
+            }
+        }
+    }))
+    .await;
+    Ok(Json(Value::Array(results)).into_response())
+}
+
+async fn get_counter(
+    State(state): State<AppState>,
+    path: Result<Path<String>, PathRejection>,
+) -> Result<Json<CounterReply>, ApiError> {
+    let name = name_from(path)?;
+    match state.node.get(&name)? {
+        Some(value) => Ok(Json(CounterReply { name, value })),
+        None => Err(ApiError::new(
+            StatusCode::NOT_FOUND,
+            format!("counter '{name}' not found"),
+        )),
+    }
+}
+
+#[derive(Deserialize)]
+#[serde(deny_unknown_fields)]
+struct ListQuery {
+    #[serde(default)]
+    prefix: String,
+    after: Option<String>,
+    limit: Option<usize>,
+}
+
+#[derive(Serialize)]
+struct ListReply {
+    counters: Vec<CounterReply>,
+    /// Name to pass as `after` for the next page; `None` on the last page.
+    next_after: Option<String>,
+}
+
+async fn list_counters(
+    State(state): State<AppState>,
+    query: Result<Query<ListQuery>, QueryRejection>,
+) -> Result<Json<ListReply>, ApiError> {
+    let Query(query) = query.map_err(|e| ApiError::bad_request(e.body_text()))?;
+    let page_len_max = state.config.http_page_len_max;
+    let limit = query.limit.unwrap_or(PAGE_LEN_DEFAULT.min(page_len_max));
+    if limit == 0 || limit > page_len_max {
+        return Err(ApiError::bad_request(format!(
+            "query parameter 'limit' must be from 1 to {page_len_max} (http_page_len_max), not {limit}"
+        )));
+    }
+    // Listing scans the whole table: keep it off the threads that serve
+    // other connections. One extra entry tells whether another page exists.
+    let node = state.node.clone();
+    let mut found = tokio::task::spawn_blocking(move || {
+        node.list(&query.prefix, query.after.as_deref(), limit + 1)
+    })
+    .await
+    .map_err(|e| {
+        ApiError::new(
+            StatusCode::INTERNAL_SERVER_ERROR,
+            format!("listing counters: {e}"),
+        )
+    })?;
+    let next_after = if found.len() > limit {
+        found.truncate(limit);
+        found.last().map(|(name, _)| name.clone())
+    } else {
+        None
+    };
+    Ok(Json(ListReply {
+        counters: found
+            .into_iter()
+            .map(|(name, value)| CounterReply { name, value })
+            .collect(),
+        next_after,
+    }))
+}
+
+async fn metrics(State(state): State<AppState>) -> Result<Response, ApiError> {
+    // Rendering visits every counter: keep it off the serving threads.
+    let node = state.node.clone();
+    let text = tokio::task::spawn_blocking(move || crate::metrics::render_openmetrics(&node))
+        .await
+        .map_err(|e| {
+            ApiError::new(
+                StatusCode::INTERNAL_SERVER_ERROR,
+                format!("rendering metrics: {e}"),
+            )
+        })?;
+    Ok((
+        [(
+            header::CONTENT_TYPE,
+            HeaderValue::from_static(OPENMETRICS_CONTENT_TYPE),
+        )],
+        text,
+    )
+        .into_response())
+}
+
+async fn health() -> Json<Value> {
+    Json(json!({ "status": "alive" }))
+}
+
+async fn readiness(State(state): State<AppState>) -> Response {
+    let readiness = state.node.readiness();
+    let node_id = state.node.node_id();
+    if readiness.ready {
+        Json(json!({ "ready": true, "node_id": node_id })).into_response()
+    } else {
+        (
+            StatusCode::SERVICE_UNAVAILABLE,
+            Json(json!({ "ready": false, "node_id": node_id, "reason": readiness.reason })),
+        )
+            .into_response()
+    }
+}
+
+async fn openapi() -> Response {
+    (
+        [(
+            header::CONTENT_TYPE,
+            HeaderValue::from_static("application/json"),
+        )],
+        OPENAPI_JSON,
+    )
+        .into_response()
+}
+
+/// Answers a path no route takes. A path that would fit a route but for an
+/// empty counter name is a bad name, not a missing route.
+pub(crate) async fn no_route(method: Method, uri: Uri) -> ApiError {
+    let path = uri.path();
+    if Endpoint::ALL
+        .iter()
+        .any(|e| e.fits(path).is_some_and(|fit| fit.empty_name))
+    {
+        return ApiError::bad_request("counter name is invalid: it is empty");
+    }
+    ApiError::new(
+        StatusCode::NOT_FOUND,
+        format!("no route for {method} {path}; the API is described at /openapi.json"),
+    )
+}
+
+/// Answers a known path asked with a method it does not take.
+pub(crate) async fn method_not_allowed(method: Method, uri: Uri) -> ApiError {
+    let path = uri.path();
+    let allowed: Vec<String> = Endpoint::ALL
+        .iter()
+        .filter(|e| e.fits(path).is_some())
+        .map(|e| e.method().to_string())
+        .collect();
+    ApiError::new(
+        StatusCode::METHOD_NOT_ALLOWED,
+        format!(
+            "method {method} is not allowed on {path}; allowed: {}",
+            allowed.join(", ")
+        ),
+    )
+}

@@ -1,0 +1,69 @@
+//! Reads of counters: `GET`, `MGET`, `EXISTS`, `DBSIZE`.
+//!
+//! A counter's value is sent as Redis sends an integer stored in a string:
+//! a bulk string of its decimal form, or nil for a counter never
+//! incremented. These commands read the node's in-memory table and change
+//! nothing.
+
+use crate::Node;
+
+use super::super::frame::Frame;
+use super::super::parse::Args;
+use super::super::reply::ReplyError;
+use super::Command;
+
+/// A read of the counter table.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub enum Read {
+    Get(String),
+    MGet(Vec<String>),
+    /// How many of the names exist, a name given twice counting twice.
+    Exists(Vec<String>),
+    DbSize,
+}
+
+impl Read {
+    pub fn apply(self, node: &Node) -> Result<Frame, ReplyError> {
+        let value = |name: &str| -> Result<Frame, ReplyError> {
+            Ok(node.get(name)?.map_or(Frame::Null, Frame::bulk_decimal))
+        };
+        Ok(match self {
+            Read::Get(name) => value(&name)?,
+            Read::MGet(names) => Frame::Array(
+                names
+                    .iter()
+                    .map(|n| value(n))
+                    .collect::<Result<Vec<_>, _>>()?,
+            ),
+            Read::Exists(names) => {
+                let mut found = 0;
+                for name in &names {
+                    if node.get(name)?.is_some() {
+                        found += 1;
+                    }
+                }
+                Frame::Integer(found)
+            }
+            Read::DbSize => Frame::Integer(node.counter_count() as i64),
+        })
+    }
+}
+
+pub fn parse_get(args: &mut Args) -> Result<Command, ReplyError> {
+    let name = args.next_name()?;
+    args.finish()?;
+    Ok(Command::Keyspace(Read::Get(name)))
+}
+
+pub fn parse_mget(args: &mut Args) -> Result<Command, ReplyError> {
+    Ok(Command::Keyspace(Read::MGet(args.rest_names()?)))
+}
+
+pub fn parse_exists(args: &mut Args) -> Result<Command, ReplyError> {
+    Ok(Command::Keyspace(Read::Exists(args.rest_names()?)))
+}
+
+pub fn parse_dbsize(args: &mut Args) -> Result<Command, ReplyError> {
+    args.finish()?;
+    Ok(Command::Keyspace(Read::DbSize))
+}

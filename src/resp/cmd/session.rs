@@ -1,0 +1,407 @@
+//! The connection's own state and the commands that read or change it
+//! (Redis's "connection" group): `PING`, `ECHO`, `SELECT`, `HELLO`, `AUTH`,
+//! `CLIENT ID|GETNAME|SETNAME|SETINFO|INFO`, `QUIT`, `RESET`.
+//!
+//! tally has one keyspace, no users and speaks RESP2 only, and answers
+//! these the way a Redis server in that situation answers them: `SELECT 0`
+//! works and no other database exists; `AUTH` behaves as with no password
+//! configured; `HELLO 3` is refused with `NOPROTO`, which clients take as
+//! the cue to stay on RESP2. None of these touches the node.
+
+use std::net::SocketAddr;
+use std::time::Instant;
+
+use bytes::Bytes;
+
+use super::super::frame::{Frame, parse_i64};
+use super::super::parse::Args;
+use super::super::reply::{NAME_ECHO_BYTES_MAX, ReplyError, printable};
+use super::info::REDIS_COMPAT_VERSION;
+use super::{Command, Context};
+
+/// What the server remembers about one connection.
+#[derive(Debug)]
+pub struct Session {
+    /// Unique among the server's connections, from 1 (`CLIENT ID`).
+    pub id: u64,
+    pub peer: SocketAddr,
+    pub local: SocketAddr,
+    pub connected_at: Instant,
+    name: Option<Bytes>,
+    lib_name: Option<Bytes>,
+    lib_ver: Option<Bytes>,
+}
+
+impl Session {
+    pub fn new(id: u64, peer: SocketAddr, local: SocketAddr) -> Self {
+        Session {
+            id,
+            peer,
+            local,
+            connected_at: Instant::now(),
+            name: None,
+            lib_name: None,
+            lib_ver: None,
+        }
+    }
+
+    /// The name set with `CLIENT SETNAME` or `HELLO ... SETNAME`.
+    pub fn name(&self) -> Option<&Bytes> {
+        self.name.as_ref()
+    }
+
+    fn set_name(&mut self, name: Bytes) {
+        // An empty name removes the name, as in Redis.
+        self.name = (!name.is_empty()).then_some(name);
+    }
+}
+
+/// A command about the connection itself.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub enum SessionCommand {
+    Ping(Option<Bytes>),
+    Echo(Bytes),
+    /// `SELECT 0`; other indexes are refused while parsing.
+    Select,
+    /// `HELLO [2] [AUTH user pass] [SETNAME name]`
+    Hello {
+        set_name: Option<Bytes>,
+    },
+    /// `AUTH default <anything>`
+    Auth,
+    Client(ClientCommand),
+    Quit,
+    Reset,
+}
+
+/// A `CLIENT` subcommand.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub enum ClientCommand {
+    Id,
+    GetName,
+    SetName(Bytes),
+    SetInfo { lib_version: bool, value: Bytes },
+    Info,
+}
+
+impl SessionCommand {
+    pub fn apply(self, cx: &mut Context<'_>) -> Result<Frame, ReplyError> {
+        let session = &mut *cx.session;
+        Ok(match self {
+            SessionCommand::Ping(None) => Frame::Simple("PONG".into()),
+            SessionCommand::Ping(Some(message)) | SessionCommand::Echo(message) => {
+                Frame::Bulk(message)
+            }
+            SessionCommand::Select | SessionCommand::Auth | SessionCommand::Quit => Frame::ok(),
+            SessionCommand::Hello { set_name } => {
+                if let Some(name) = set_name {
+                    session.set_name(name);
+                }
+                hello_reply(session.id)
+            }
+            SessionCommand::Reset => {
+                session.name = None;
+                session.lib_name = None;
+                session.lib_ver = None;
+                Frame::Simple("RESET".into())
+            }
+            SessionCommand::Client(ClientCommand::Id) => Frame::Integer(session.id as i64),
+            SessionCommand::Client(ClientCommand::GetName) => {
+                session.name.clone().map_or(Frame::Null, Frame::Bulk)
+            }
+            SessionCommand::Client(ClientCommand::SetName(name)) => {
+                session.set_name(name);
+                Frame::ok()
+            }
+            SessionCommand::Client(ClientCommand::SetInfo { lib_version, value }) => {
+                let slot = if lib_version {
+                    &mut session.lib_ver
+                } else {
+                    &mut session.lib_name
+                };
+                *slot = (!value.is_empty()).then_some(value);
+                Frame::ok()
+            }
+            SessionCommand::Client(ClientCommand::Info) => Frame::bulk(client_info(session)),
+        })
+    }
+}
+
+/// `HELLO`'s reply: Redis's RESP2 form of its map, a flat array of
+/// field/value pairs.
+fn hello_reply(id: u64) -> Frame {
+    let field = |s: &'static str| Frame::bulk(s);
+    Frame::Array(vec![
+        field("server"),
+        field("tally"),
+        field("version"),
+        field(REDIS_COMPAT_VERSION),
+        field("proto"),
+        Frame::Integer(2),
+        field("id"),
+        Frame::Integer(id as i64),
+        field("mode"),
+        field("standalone"),
+        field("role"),
+        field("master"),
+        field("modules"),
+        Frame::Array(vec![]),
+    ])
+}
+
+/// `CLIENT INFO`'s line: the fields of Redis's that mean something here.
+fn client_info(session: &Session) -> String {
+    let text = |b: &Option<Bytes>| {
+        b.as_deref()
+            .map(|b| String::from_utf8_lossy(b).into_owned())
+            .unwrap_or_default()
+    };
+    format!(
+        "id={} addr={} laddr={} name={} age={} db=0 lib-name={} lib-ver={} resp=2\n",
+        session.id,
+        session.peer,
+        session.local,
+        text(&session.name),
+        session.connected_at.elapsed().as_secs(),
+        text(&session.lib_name),
+        text(&session.lib_ver),
+    )
+}
+
+/// Redis accepts only printable ASCII without spaces in client names, so
+/// that `CLIENT LIST` stays one line per client.
+fn valid_client_attr(value: &[u8]) -> bool {
+    value.iter().all(|&b| (b'!'..=b'~').contains(&b))
+}
+
+fn client_name(name: Bytes) -> Result<Bytes, ReplyError> {
+    if valid_client_attr(&name) {
+        Ok(name)
+    } else {
+        Err(ReplyError::err(
+            "Client names cannot contain spaces, newlines or special characters.",
+        ))
+    }
+}
+
+pub fn parse_ping(args: &mut Args) -> Result<Command, ReplyError> {
+    let message = if args.remaining() > 0 {
+        Some(args.next_bytes()?)
+    } else {
+        None
+    };
+    args.finish()?;
+    Ok(Command::Session(SessionCommand::Ping(message)))
+}
+
+pub fn parse_echo(args: &mut Args) -> Result<Command, ReplyError> {
+    let message = args.next_bytes()?;
+    args.finish()?;
+    Ok(Command::Session(SessionCommand::Echo(message)))
+}
+
+pub fn parse_select(args: &mut Args) -> Result<Command, ReplyError> {
+    let index = args.next_i64()?;
+    args.finish()?;
+    if index != 0 {
+        return Err(ReplyError::err("DB index is out of range"));
+    }
+    Ok(Command::Session(SessionCommand::Select))
+}
+
+pub fn parse_hello(args: &mut Args) -> Result<Command, ReplyError> {
+    if args.remaining() > 0 {
+        let version = parse_i64(&args.next_bytes()?)
+            .ok_or_else(|| ReplyError::err("Protocol version is not an integer or out of range"))?;
+        if version != 2 {
+            return Err(ReplyError::raw("NOPROTO unsupported protocol version"));
+        }
+    }
+    let mut set_name = None;
+    while args.remaining() > 0 {
+        let option = args.next_bytes()?;
+        if option.eq_ignore_ascii_case(b"AUTH") && args.remaining() >= 2 {
+            let user = args.next_bytes()?;
+            let _password = args.next_bytes()?;
+            check_user(&user)?;
+        } else if option.eq_ignore_ascii_case(b"SETNAME") && args.remaining() >= 1 {
+            set_name = Some(client_name(args.next_bytes()?)?);
+        } else {
+            return Err(ReplyError::err(format_args!(
+                "Syntax error in HELLO option '{}'",
+                printable(&option, NAME_ECHO_BYTES_MAX)
+            )));
+        }
+    }
+    Ok(Command::Session(SessionCommand::Hello { set_name }))
+}
+
+pub fn parse_auth(args: &mut Args) -> Result<Command, ReplyError> {
+    match args.remaining() {
+        1 => Err(ReplyError::err(
+            "AUTH <password> called without any password configured for the default user. Are you sure your configuration is correct?",
+        )),
+        2 => {
+            let user = args.next_bytes()?;
+            check_user(&user)?;
+            Ok(Command::Session(SessionCommand::Auth))
+        }
+        _ => Err(ReplyError::syntax()),
+    }
+}
+
+/// With no password configured only Redis's `default` user exists, and it
+/// takes any password.
+fn check_user(user: &[u8]) -> Result<(), ReplyError> {
+    if user == b"default" {
+        Ok(())
+    } else {
+        Err(ReplyError::raw(
+            "WRONGPASS invalid username-password pair or user is disabled.",
+        ))
+    }
+}
+
+pub fn parse_client(args: &mut Args) -> Result<Command, ReplyError> {
+    let sub = args.next_bytes()?;
+    let is = |name: &str| sub.eq_ignore_ascii_case(name.as_bytes());
+    let command = if is("ID") {
+        args.enter("client|id");
+        ClientCommand::Id
+    } else if is("GETNAME") {
+        args.enter("client|getname");
+        ClientCommand::GetName
+    } else if is("INFO") {
+        args.enter("client|info");
+        ClientCommand::Info
+    } else if is("SETNAME") {
+        args.enter("client|setname");
+        ClientCommand::SetName(client_name(args.next_bytes()?)?)
+    } else if is("SETINFO") {
+        args.enter("client|setinfo");
+        let attr = args.next_bytes()?;
+        let value = args.next_bytes()?;
+        let lib_version = if attr.eq_ignore_ascii_case(b"LIB-VER") {
+            true
+        } else if attr.eq_ignore_ascii_case(b"LIB-NAME") {
+            false
+        } else {
+            return Err(ReplyError::err(format_args!(
+                "Unrecognized option '{}'",
+                printable(&attr, NAME_ECHO_BYTES_MAX)
+            )));
+        };
+        if !valid_client_attr(&value) {
+            return Err(ReplyError::err(format_args!(
+                "{} cannot contain spaces, newlines or special characters.",
+                printable(&attr, NAME_ECHO_BYTES_MAX)
+            )));
+        }
+        ClientCommand::SetInfo { lib_version, value }
+    } else {
+        return Err(ReplyError::unknown_subcommand("CLIENT", &sub));
+    };
+    args.finish()?;
+    Ok(Command::Session(SessionCommand::Client(command)))
+}
+
+pub fn parse_quit(_args: &mut Args) -> Result<Command, ReplyError> {
+    // Redis ignores anything after QUIT.
+    Ok(Command::Session(SessionCommand::Quit))
+}
+
+pub fn parse_reset(args: &mut Args) -> Result<Command, ReplyError> {
+    args.finish()?;
+    Ok(Command::Session(SessionCommand::Reset))
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    fn parse(args: &[&str]) -> Result<SessionCommand, String> {
+        let frame = Frame::Array(
+            args.iter()
+                .map(|a| Frame::Bulk(Bytes::copy_from_slice(a.as_bytes())))
+                .collect(),
+        );
+        match Command::from_frame(frame) {
+            Ok(Command::Session(cmd)) => Ok(cmd),
+            Ok(other) => panic!("not a session command: {other:?}"),
+            Err(e) => Err(e.line().to_string()),
+        }
+    }
+
+    #[test]
+    fn only_database_zero_exists() {
+        // Proves SELECT accepts 0 and refuses every other index as Redis words it.
+        assert_eq!(parse(&["SELECT", "0"]), Ok(SessionCommand::Select));
+        assert_eq!(
+            parse(&["SELECT", "1"]).unwrap_err(),
+            "ERR DB index is out of range"
+        );
+        assert_eq!(
+            parse(&["SELECT", "x"]).unwrap_err(),
+            "ERR value is not an integer or out of range"
+        );
+    }
+
+    #[test]
+    fn hello_accepts_resp2_only() {
+        // Proves HELLO negotiates RESP2 and refuses other versions with NOPROTO.
+        assert_eq!(
+            parse(&["HELLO"]),
+            Ok(SessionCommand::Hello { set_name: None })
+        );
+        assert_eq!(
+            parse(&["HELLO", "2", "AUTH", "default", "pw", "SETNAME", "app"]),
+            Ok(SessionCommand::Hello {
+                set_name: Some(Bytes::from_static(b"app"))
+            })
+        );
+        assert_eq!(
+            parse(&["HELLO", "3"]).unwrap_err(),
+            "NOPROTO unsupported protocol version"
+        );
+        assert_eq!(
+            parse(&["HELLO", "x"]).unwrap_err(),
+            "ERR Protocol version is not an integer or out of range"
+        );
+        assert_eq!(
+            parse(&["HELLO", "2", "foo"]).unwrap_err(),
+            "ERR Syntax error in HELLO option 'foo'"
+        );
+        assert_eq!(
+            parse(&["HELLO", "2", "AUTH", "bob", "pw"]).unwrap_err(),
+            "WRONGPASS invalid username-password pair or user is disabled."
+        );
+    }
+
+    #[test]
+    fn client_subcommands_check_their_own_arity_and_names() {
+        // Proves CLIENT subcommands report arity and bad names as Redis does.
+        assert_eq!(
+            parse(&["CLIENT", "SETNAME"]).unwrap_err(),
+            "ERR wrong number of arguments for 'client|setname' command"
+        );
+        assert_eq!(
+            parse(&["CLIENT", "SETNAME", "a b"]).unwrap_err(),
+            "ERR Client names cannot contain spaces, newlines or special characters."
+        );
+        assert_eq!(
+            parse(&["CLIENT", "foo"]).unwrap_err(),
+            "ERR unknown subcommand 'foo'. Try CLIENT HELP."
+        );
+        assert_eq!(
+            parse(&["client", "setinfo", "LIB-NAME", "redis-rs"]),
+            Ok(SessionCommand::Client(ClientCommand::SetInfo {
+                lib_version: false,
+                value: Bytes::from_static(b"redis-rs")
+            }))
+        );
+        assert_eq!(
+            parse(&["CLIENT", "SETINFO", "color", "x"]).unwrap_err(),
+            "ERR Unrecognized option 'color'"
+        );
+    }
+}

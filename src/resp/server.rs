@@ -1,0 +1,291 @@
+//! The listener and the per-connection loop: accepting within the
+//! connection limit, one task per connection, and graceful shutdown.
+//!
+//! Each connection task repeats one round: take the complete requests
+//! buffered (at most `resp_pipeline_depth_max`), run them through the
+//! pipeline, write their replies with one flush, then read more bytes. On
+//! shutdown the listener closes, each connection finishes the requests it
+//! has already received, flushes their replies and closes, and [`serve`]
+//! returns once every connection task has ended, or after
+//! [`SHUTDOWN_DRAIN_TIMEOUT`] at the latest.
+//!
+//! A connection's failure (a reset, a protocol error, a stalled request)
+//! ends that connection only, and is logged at debug level: it is the
+//! client's business, not the operator's.
+
+use std::io;
+use std::net::SocketAddr;
+use std::sync::Arc;
+use std::sync::atomic::{AtomicU64, Ordering};
+use std::time::Duration;
+
+use tokio::net::{TcpListener, TcpStream};
+use tokio::sync::{OwnedSemaphorePermit, Semaphore};
+use tokio::task::JoinSet;
+
+use crate::shutdown::Shutdown;
+use crate::{Node, ServerConfig};
+
+use super::cmd::{Context, Session};
+use super::connection::{Connection, ReadError, linger_close};
+use super::frame::{Frame, Limits};
+use super::pipeline::{self, Flow};
+
+/// Longest wait, at shutdown, for connections to finish what they have
+/// received; connections still open after it are dropped.
+pub const SHUTDOWN_DRAIN_TIMEOUT: Duration = Duration::from_secs(10);
+
+/// Most connections being turned away at once (each gets its error reply
+/// and a short linger). Beyond it, a connection over the limit is closed
+/// without a reply, so a flood of connections cannot grow this number.
+pub const REJECTING_CONNECTIONS_MAX: usize = 64;
+
+/// First pause after a failed `accept` (out of file descriptors, say);
+/// it doubles on each further failure up to [`ACCEPT_BACKOFF_MAX`].
+const ACCEPT_BACKOFF_MIN: Duration = Duration::from_millis(10);
+const ACCEPT_BACKOFF_MAX: Duration = Duration::from_secs(1);
+
+/// State shared by the listener and every connection.
+pub struct Shared {
+    pub node: Node,
+    pub config: Arc<ServerConfig>,
+    pub limits: Limits,
+    /// The listening address (`INFO`'s `tcp_port`).
+    pub local_addr: SocketAddr,
+    /// One permit per open connection: the semaphore is the connection
+    /// limit, and its free permits say how many more may open.
+    connections: Arc<Semaphore>,
+    connections_max: usize,
+    next_client_id: AtomicU64,
+    pub stats: ServerStats,
+}
+
+impl Shared {
+    /// Connections open now.
+    pub fn connected_clients(&self) -> usize {
+        self.connections_max - self.connections.available_permits()
+    }
+}
+
+/// Counts for `INFO stats`. Relaxed atomics: they are statistics, and
+/// nothing is decided by them.
+#[derive(Debug, Default)]
+pub struct ServerStats {
+    connections_received: AtomicU64,
+    connections_rejected: AtomicU64,
+    commands_processed: AtomicU64,
+}
+
+impl ServerStats {
+    pub fn connections_received(&self) -> u64 {
+        self.connections_received.load(Ordering::Relaxed)
+    }
+
+    pub fn connections_rejected(&self) -> u64 {
+        self.connections_rejected.load(Ordering::Relaxed)
+    }
+
+    pub fn commands_processed(&self) -> u64 {
+        self.commands_processed.load(Ordering::Relaxed)
+    }
+
+    /// Counted once per round rather than per command, to keep shared
+    /// cache lines out of the per-command path.
+    pub fn count_commands(&self, n: usize) {
+        self.commands_processed
+            .fetch_add(n as u64, Ordering::Relaxed);
+    }
+}
+
+/// Serves RESP on `listener` until `shutdown` fires, then waits (at most
+/// [`SHUTDOWN_DRAIN_TIMEOUT`]) for connections to answer what they have
+/// received, and returns. The node is left running: the caller shuts it
+/// down afterwards, so that every reply sent was for a node still up.
+pub async fn serve(
+    listener: TcpListener,
+    node: Node,
+    config: Arc<ServerConfig>,
+    mut shutdown: Shutdown,
+) -> io::Result<()> {
+    // A limit of zero would refuse everyone; tokio's semaphore caps the
+    // other end.
+    let connections_max = config.resp_connections_max.clamp(1, Semaphore::MAX_PERMITS);
+    let shared = Arc::new(Shared {
+        node,
+        limits: Limits::from_config(&config),
+        local_addr: listener.local_addr()?,
+        connections: Arc::new(Semaphore::new(connections_max)),
+        connections_max,
+        next_client_id: AtomicU64::new(1),
+        stats: ServerStats::default(),
+        config,
+    });
+    let rejecting = Arc::new(Semaphore::new(REJECTING_CONNECTIONS_MAX));
+    let mut tasks = JoinSet::new();
+    let mut backoff = ACCEPT_BACKOFF_MIN;
+    tracing::info!(addr = %shared.local_addr, "RESP front end listening");
+
+    loop {
+        tokio::select! {
+            biased;
+            _ = shutdown.fired() => break,
+            Some(ended) = tasks.join_next(), if !tasks.is_empty() => log_task_end(ended),
+            accepted = listener.accept() => match accepted {
+                Ok((stream, peer)) => {
+                    backoff = ACCEPT_BACKOFF_MIN;
+                    shared.stats.connections_received.fetch_add(1, Ordering::Relaxed);
+                    match shared.connections.clone().try_acquire_owned() {
+                        Ok(permit) => {
+                            let task = handle(stream, peer, shared.clone(), shutdown.clone(), permit);
+                            tasks.spawn(task);
+                        }
+                        Err(_) => {
+                            shared.stats.connections_rejected.fetch_add(1, Ordering::Relaxed);
+                            tracing::debug!(%peer, "connection refused: resp_connections_max reached");
+                            if let Ok(permit) = rejecting.clone().try_acquire_owned() {
+                                tasks.spawn(reject(stream, permit));
+                            }
+                        }
+                    }
+                }
+                Err(e) => {
+                    // Usually a transient lack of resources; the listener
+                    // itself is fine, so wait and go on.
+                    tracing::warn!(error = %e, pause_ms = backoff.as_millis() as u64, "accept failed");
+                    tokio::select! {
+                        _ = tokio::time::sleep(backoff) => {}
+                        _ = shutdown.fired() => break,
+                    }
+                    backoff = (backoff * 2).min(ACCEPT_BACKOFF_MAX);
+                }
+            },
+        }
+    }
+
+    drop(listener);
+    tracing::info!(
+        connections = tasks.len(),
+        "RESP front end stopping; waiting for connections to finish"
+    );
+    let drained = tokio::time::timeout(SHUTDOWN_DRAIN_TIMEOUT, async {
+        while let Some(ended) = tasks.join_next().await {
+            log_task_end(ended);
+        }
+    })
+    .await;
+    if drained.is_err() {
+        tracing::warn!(
+            connections = tasks.len(),
+            timeout_s = SHUTDOWN_DRAIN_TIMEOUT.as_secs(),
+            "connections still open after the shutdown drain timeout; closing them"
+        );
+        tasks.shutdown().await;
+    }
+    tracing::info!("RESP front end stopped");
+    Ok(())
+}
+
+fn log_task_end(ended: Result<(), tokio::task::JoinError>) {
+    match ended {
+        Err(e) if e.is_panic() => tracing::error!(error = %e, "RESP connection task panicked"),
+        _ => {}
+    }
+}
+
+/// Answers a connection over the limit as Redis does, then closes it.
+async fn reject(stream: TcpStream, _slot: OwnedSemaphorePermit) {
+    let reply = Frame::Error("ERR max number of clients reached".into());
+    let mut bytes = bytes::BytesMut::new();
+    reply.encode(&mut bytes);
+    // A new socket's send buffer is empty: this write does not block.
+    if stream.try_write(&bytes).is_ok() {
+        linger_close(stream).await;
+    }
+}
+
+/// One connection, from accept to close.
+async fn handle(
+    stream: TcpStream,
+    peer: SocketAddr,
+    shared: Arc<Shared>,
+    mut shutdown: Shutdown,
+    _slot: OwnedSemaphorePermit,
+) {
+    // Replies are written once per round; Nagle's delay would only add
+    // latency to each round trip.
+    if let Err(e) = stream.set_nodelay(true) {
+        tracing::debug!(%peer, error = %e, "could not set TCP_NODELAY");
+    }
+    let id = shared.next_client_id.fetch_add(1, Ordering::Relaxed);
+    let mut session = Session::new(id, peer, shared.local_addr);
+    let mut conn = Connection::new(stream, shared.limits, shared.config.frame_timeout);
+    let depth = shared.config.resp_pipeline_depth_max.max(1);
+    let mut frames = Vec::new();
+    let mut replies = Vec::new();
+    tracing::debug!(%peer, id, "connection opened");
+
+    loop {
+        let parsed = conn.read_frames(depth, &mut frames);
+        let ran = !frames.is_empty();
+        if ran {
+            let mut cx = Context {
+                session: &mut session,
+                shared: &shared,
+            };
+            let flow = pipeline::run(&mut frames, &mut cx, &mut replies).await;
+            for reply in replies.drain(..) {
+                conn.queue(&reply);
+            }
+            if flow == Flow::Quit {
+                conn.close_with(None).await;
+                break;
+            }
+            if let Err(e) = conn.flush().await {
+                tracing::debug!(%peer, id, error = %e, "write failed; closing");
+                break;
+            }
+        }
+        if let Err(e) = parsed {
+            tracing::debug!(%peer, id, error = %e, "protocol error; closing");
+            conn.close_with(Some(&Frame::Error(format!("ERR {e}"))))
+                .await;
+            break;
+        }
+        if ran {
+            // More complete requests may be buffered beyond this round.
+            continue;
+        }
+        if shutdown.is_fired() {
+            conn.close_with(None).await;
+            break;
+        }
+        let read = tokio::select! {
+            read = conn.read_more() => read,
+            _ = shutdown.fired() => {
+                // Every received request is answered; close without
+                // letting unread input turn the close into a reset.
+                conn.close_with(None).await;
+                break;
+            }
+        };
+        match read {
+            Ok(true) => {}
+            Ok(false) => {
+                if conn.has_partial_request() {
+                    tracing::debug!(%peer, id, "client closed in the middle of a request");
+                }
+                break;
+            }
+            Err(e @ ReadError::FrameTimeout(_)) => {
+                tracing::debug!(%peer, id, "request not completed in time; closing");
+                conn.close_with(e.reply().as_ref()).await;
+                break;
+            }
+            Err(ReadError::Io(e)) => {
+                tracing::debug!(%peer, id, error = %e, "read failed; closing");
+                break;
+            }
+        }
+    }
+    tracing::debug!(%peer, id, "connection closed");
+}
