@@ -220,10 +220,17 @@ fn sizes(dir: &Path) -> Result<(u64, u64)> {
     Ok((sum(dir, ".snap")?, sum(&dir.join("journal"), ".jnl")?))
 }
 
-/// 1000000 -> "1M", 100000 -> "100k".
+/// 1000000 -> "1M", 1100000 -> "1.1M", 100000 -> "100k".
 fn short(n: u64) -> String {
     match n {
-        n if n >= 1_000_000 && n % 1_000_000 == 0 => format!("{}M", n / 1_000_000),
+        n if n >= 1_000_000 && n % 100_000 == 0 => {
+            let tenths = n / 100_000;
+            if tenths % 10 == 0 {
+                format!("{}M", tenths / 10)
+            } else {
+                format!("{}.{}M", tenths / 10, tenths % 10)
+            }
+        }
         n if n >= 1_000 && n % 1_000 == 0 => format!("{}k", n / 1_000),
         n => thousands(n),
     }
@@ -302,4 +309,17 @@ fn report(cases: &[Case], s: &Settings) -> (String, bool) {
 fn replay_rate(r: &Recovered) -> Option<f64> {
     (r.records_replayed > 0)
         .then(|| r.records_replayed as f64 * 1000.0 / r.recovery_ms.max(1) as f64)
+}
+
+#[cfg(test)]
+mod tests {
+    // Case labels give sizes the short way people say them.
+    #[test]
+    fn sizes_are_shortened_for_labels() {
+        assert_eq!(super::short(1_000_000), "1M");
+        assert_eq!(super::short(11_000_000), "11M");
+        assert_eq!(super::short(1_100_000), "1.1M");
+        assert_eq!(super::short(100_000), "100k");
+        assert_eq!(super::short(1_234), "1,234");
+    }
 }
