@@ -77,6 +77,9 @@ struct RunArgs {
     /// Pipeline depth of the pipelined redis-benchmark run
     #[arg(long, default_value_t = 16)]
     pipeline: u32,
+    /// Rounds of throughput runs (median reported) [default: 3, --quick 1]
+    #[arg(long)]
+    rounds: Option<u32>,
     /// Counters in the recovery part [default: 1000000, --quick 100000]
     #[arg(long)]
     counters: Option<u64>,
@@ -169,6 +172,7 @@ fn run(args: RunArgs) -> Result<bool> {
                     requests: size(args.requests, args.quick, 200_000, 20_000),
                     clients: args.clients,
                     pipelines: vec![1, args.pipeline],
+                    rounds: size(args.rounds, args.quick, 3, 1).max(1),
                 },
             ),
             Part::Recovery => recovery::run(

@@ -7,6 +7,7 @@
 //! the counter is read back and must equal the number of requests sent, so
 //! a server that dropped or refused increments cannot post a good figure.
 
+use std::net::SocketAddr;
 use std::path::Path;
 use std::process::Command;
 use std::time::Duration;
@@ -28,6 +29,10 @@ const BENCHMARK_KEY: &str = "counter:__rand_int__";
 /// "Far beyond Redis with appendfsync always" is read as at least this
 /// many times its throughput.
 const FAR_BEYOND_RATIO: f64 = 3.0;
+/// Appends timed to measure what one fdatasync costs in the work directory.
+const FSYNC_SAMPLES: usize = 200;
+/// Bytes per timed append: about one group-committed batch of INCRs.
+const FSYNC_APPEND_BYTES: usize = 4096;
 
 pub struct Settings {
     /// Requests per redis-benchmark run (`-n`).
@@ -36,6 +41,8 @@ pub struct Settings {
     pub clients: u32,
     /// Pipeline depths to run (`-P`), 1 meaning no pipelining.
     pub pipelines: Vec<u32>,
+    /// Times every server is run at every depth; the median is reported.
+    pub rounds: u32,
 }
 
 #[derive(Clone, Copy, PartialEq, Eq)]
@@ -73,42 +80,130 @@ impl Server {
     }
 }
 
+/// Every run of one server at one pipeline depth.
 struct Measured {
     server: Server,
     pipeline: u32,
-    result: Result<BenchmarkRow>,
+    runs: Vec<BenchmarkRow>,
+    error: Option<String>,
 }
 
-/// Runs every server at every pipeline depth and returns the table and the
-/// verdicts, or an error if any run failed (the table still shows the rest).
+impl Measured {
+    /// The run with the median requests/s, so that its latencies belong
+    /// to the same run as its rate.
+    fn median(&self) -> Option<&BenchmarkRow> {
+        let mut runs: Vec<&BenchmarkRow> = self.runs.iter().collect();
+        runs.sort_by(|a, b| a.requests_per_s.total_cmp(&b.requests_per_s));
+        runs.get(runs.len() / 2).copied()
+    }
+}
+
+/// A server under test, running for the whole part.
+struct Running {
+    server: Server,
+    guard: Guard,
+    addr: SocketAddr,
+    /// redis-benchmark runs that completed, each adding `requests`.
+    runs_done: u64,
+}
+
+/// Runs every server at every pipeline depth, `rounds` times, and returns
+/// the table with the verdicts and whether every run succeeded.
+///
+/// All servers run side by side for the whole part and each round visits
+/// them in turn (starting one further along each round), so that a change
+/// in background load over the part touches every server alike instead of
+/// whichever happened to run at that moment.
 pub fn run(tally_bin: &Path, work: &Path, s: &Settings) -> (String, bool) {
-    let mut measured = Vec::new();
+    let mut measured: Vec<Measured> = Server::ALL
+        .iter()
+        .flat_map(|&server| {
+            s.pipelines.iter().map(move |&pipeline| Measured {
+                server,
+                pipeline,
+                runs: Vec::new(),
+                error: None,
+            })
+        })
+        .collect();
+    // Both durable servers wait for fdatasync, so its cost bounds them and
+    // explains the ratios: on a disk that syncs in microseconds, always and
+    // everysec differ little, and nothing can be far beyond always.
+    let fsync = fsync_latency(work).map_err(|e| format!("{e:#}"));
+    let mut running = Vec::new();
     for server in Server::ALL {
-        eprintln!("throughput: {} ...", server.label());
-        match run_server(tally_bin, work, server, s) {
-            Ok(rows) => measured.extend(rows),
-            Err(e) => {
-                for &pipeline in &s.pipelines {
-                    measured.push(Measured {
-                        server,
-                        pipeline,
-                        result: Err(anyhow::anyhow!("{e:#}")),
-                    });
+        match start(tally_bin, work, server) {
+            Ok(r) => running.push(r),
+            Err(e) => fail(&mut measured, server, format!("{e:#}")),
+        }
+    }
+    let servers = running.len();
+    for round in 0..s.rounds as usize {
+        for i in 0..servers {
+            let r = &mut running[(i + round) % servers];
+            for m in measured.iter_mut().filter(|m| m.server == r.server) {
+                if m.error.is_some() {
+                    continue;
+                }
+                eprintln!(
+                    "throughput: round {}/{}, {} -P {} ...",
+                    round + 1,
+                    s.rounds,
+                    r.server.label(),
+                    m.pipeline
+                );
+                match redis_benchmark(r.addr, s, m.pipeline) {
+                    Ok(row) => {
+                        m.runs.push(row);
+                        r.runs_done += 1;
+                    }
+                    Err(e) => m.error = Some(format!("{e:#}")),
                 }
             }
         }
     }
-    report(&measured, s)
+    for r in running {
+        let server = r.server;
+        if let Err(e) = verify_and_stop(r, s) {
+            fail(&mut measured, server, format!("{e:#}"));
+        }
+    }
+    report(&measured, s, fsync)
 }
 
-fn run_server(
-    tally_bin: &Path,
-    work: &Path,
-    server: Server,
-    s: &Settings,
-) -> Result<Vec<Measured>> {
+/// p50 and p99 of appending [`FSYNC_APPEND_BYTES`] to a file in `dir` and
+/// calling fdatasync, over [`FSYNC_SAMPLES`] appends.
+fn fsync_latency(dir: &Path) -> Result<(Duration, Duration)> {
+    use std::io::Write as _;
+    let path = dir.join("fsync-probe");
+    let mut file = std::fs::File::create(&path)?;
+    let block = vec![0x5a; FSYNC_APPEND_BYTES];
+    let mut samples = Vec::with_capacity(FSYNC_SAMPLES);
+    for _ in 0..FSYNC_SAMPLES {
+        let started = std::time::Instant::now();
+        file.write_all(&block)?;
+        file.sync_data()?;
+        samples.push(started.elapsed());
+    }
+    drop(file);
+    std::fs::remove_file(&path)?;
+    samples.sort_unstable();
+    Ok((
+        samples[samples.len() / 2],
+        samples[samples.len() * 99 / 100],
+    ))
+}
+
+/// Marks every depth of `server` as failed with `e`, keeping an earlier error.
+fn fail(measured: &mut [Measured], server: Server, e: String) {
+    for m in measured.iter_mut().filter(|m| m.server == server) {
+        m.error.get_or_insert_with(|| e.clone());
+    }
+}
+
+fn start(tally_bin: &Path, work: &Path, server: Server) -> Result<Running> {
     let dir = work.join(format!("throughput-{}", server.slug()));
-    let (guard, addr): (Guard, _) = match server {
+    let (guard, addr) = match server {
         Server::TallyLocal | Server::TallyMemory => {
             let durability = if server == Server::TallyLocal {
                 "local"
@@ -133,45 +228,38 @@ fn run_server(
             (r.guard, r.addr)
         }
     };
-    let mut rows = Vec::new();
-    for &pipeline in &s.pipelines {
-        let result = redis_benchmark(addr, s, pipeline);
-        let failed = result.is_err();
-        rows.push(Measured {
-            server,
-            pipeline,
-            result,
-        });
-        if failed {
-            break;
-        }
+    Ok(Running {
+        server,
+        guard,
+        addr,
+        runs_done: 0,
+    })
+}
+
+/// Checks that every INCR sent was applied exactly once, then stops the
+/// server gracefully.
+fn verify_and_stop(r: Running, s: &Settings) -> Result<()> {
+    let expected = s.requests * r.runs_done;
+    let value = Client::connect(r.addr)?
+        .command(&["GET", BENCHMARK_KEY])?
+        .text()
+        .unwrap_or_else(|_| "nil".into());
+    if r.runs_done > 0 && value != expected.to_string() {
+        bail!(
+            "{BENCHMARK_KEY} is {value} after {} runs, expected {expected}: \
+             increments were lost or refused",
+            r.runs_done
+        );
     }
-    if rows.iter().all(|m| m.result.is_ok()) {
-        // Every INCR must have been applied exactly once.
-        let expected = s.requests * rows.len() as u64;
-        let value = Client::connect(addr)?
-            .command(&["GET", BENCHMARK_KEY])?
-            .text()?;
-        if value != expected.to_string() {
-            bail!(
-                "{BENCHMARK_KEY} is {value} after the runs, expected {expected}: \
-                 increments were lost or refused"
-            );
-        }
-    }
-    let name = guard.name().to_string();
-    let status = guard.stop()?;
+    let name = r.guard.name().to_string();
+    let status = r.guard.stop()?;
     if !status.success() {
         bail!("{name} exited with {status} at shutdown");
     }
-    Ok(rows)
+    Ok(())
 }
 
-fn redis_benchmark(
-    addr: std::net::SocketAddr,
-    s: &Settings,
-    pipeline: u32,
-) -> Result<BenchmarkRow> {
+fn redis_benchmark(addr: SocketAddr, s: &Settings, pipeline: u32) -> Result<BenchmarkRow> {
     let output = run_with_timeout(
         Command::new("redis-benchmark")
             .args(["-h", &addr.ip().to_string(), "-p", &addr.port().to_string()])
@@ -196,19 +284,27 @@ fn redis_benchmark(
         .context("redis-benchmark printed no INCR row")
 }
 
+/// Median requests/s of a server at a depth, if all its runs succeeded.
 fn rps(measured: &[Measured], server: Server, pipeline: u32) -> Option<f64> {
     measured
         .iter()
         .find(|m| m.server == server && m.pipeline == pipeline)
-        .and_then(|m| m.result.as_ref().ok())
+        .filter(|m| m.error.is_none())
+        .and_then(Measured::median)
         .map(|r| r.requests_per_s)
 }
 
-fn report(measured: &[Measured], s: &Settings) -> (String, bool) {
+fn report(
+    measured: &[Measured],
+    s: &Settings,
+    fsync: std::result::Result<(Duration, Duration), String>,
+) -> (String, bool) {
     let mut out = format!(
-        "### Throughput: redis-benchmark -t incr -c {} -n {}, one hot counter\n\n",
+        "### Throughput: redis-benchmark -t incr -c {} -n {}, one hot counter \
+         (median of {} rounds, servers interleaved)\n\n",
         s.clients,
-        thousands(s.requests)
+        thousands(s.requests),
+        s.rounds
     );
     let mut table = Table::new(&[
         "server",
@@ -221,8 +317,8 @@ fn report(measured: &[Measured], s: &Settings) -> (String, bool) {
     ]);
     let mut errors = Vec::new();
     for m in measured {
-        match &m.result {
-            Ok(r) => table.row(vec![
+        match (&m.error, m.median()) {
+            (None, Some(r)) => table.row(vec![
                 m.server.label().into(),
                 m.pipeline.to_string(),
                 thousands(r.requests_per_s.round() as u64),
@@ -233,7 +329,7 @@ fn report(measured: &[Measured], s: &Settings) -> (String, bool) {
                 rps(measured, Server::RedisAlways, m.pipeline)
                     .map_or("n/a".into(), |b| ratio(r.requests_per_s, b)),
             ]),
-            Err(e) => {
+            (error, _) => {
                 table.row(vec![
                     m.server.label().into(),
                     m.pipeline.to_string(),
@@ -243,12 +339,22 @@ fn report(measured: &[Measured], s: &Settings) -> (String, bool) {
                     "".into(),
                     "".into(),
                 ]);
-                errors.push(format!("{} (-P {}): {e:#}", m.server.label(), m.pipeline));
+                let e = error.as_deref().unwrap_or("no run completed");
+                errors.push(format!("{} (-P {}): {e}", m.server.label(), m.pipeline));
             }
         }
     }
     out.push_str(&table.render());
     out.push('\n');
+    match fsync {
+        Ok((p50, p99)) => out.push_str(&format!(
+            "- fdatasync of a {} KiB append in the servers' directory: p50 {:.3} ms, p99 {:.3} ms\n",
+            FSYNC_APPEND_BYTES / 1024,
+            p50.as_secs_f64() * 1e3,
+            p99.as_secs_f64() * 1e3
+        )),
+        Err(e) => out.push_str(&format!("- fdatasync could not be timed: {e}\n")),
+    }
     for &p in &s.pipelines {
         let tally = rps(measured, Server::TallyLocal, p);
         let everysec = rps(measured, Server::RedisEverysec, p);
