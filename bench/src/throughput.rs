@@ -210,7 +210,9 @@ fn start(tally_bin: &Path, work: &Path, server: Server) -> Result<Running> {
             } else {
                 "memory"
             };
-            let t = process::start_tally(tally_bin, &dir, true, durability, &[], READY_TIMEOUT)?;
+            // Given explicitly so the label "fsync within 100 ms" stays true.
+            let delay = ["--memory-sync-delay-ms", "100"];
+            let t = process::start_tally(tally_bin, &dir, true, durability, &delay, READY_TIMEOUT)?;
             let addr = t.resp_addr.context("tally started without RESP")?;
             (t.guard, addr)
         }
