@@ -174,6 +174,14 @@ impl Node {
         storage: Arc<dyn Storage>,
         lock: Option<std::fs::File>,
     ) -> Result<Node> {
+        if config.durability == Durability::Replicated {
+            return Err(Error::DurabilityUnavailable {
+                level: "replicated",
+                reason: "it cannot be the default of a node without a shared store; \
+                         use --durability local or memory"
+                    .into(),
+            });
+        }
         let dir = config.data_dir.clone();
         storage
             .create_dir_all(&dir)
