@@ -374,6 +374,19 @@ impl Node {
         Ok(outcome)
     }
 
+    /// Waits until every increment applied so far is durable: a barrier.
+    /// Callers that apply many increments at `memory` durability and then
+    /// call `sync` get `local` durability for all of them with one wait
+    /// (the RESP front end does this for each pipelined round). An error
+    /// means the journal failed: the increments are applied in memory but
+    /// their durability is unknown.
+    pub async fn sync(&self) -> Result<()> {
+        let journal = &self.inner.journal;
+        let pos = journal.end_pos();
+        journal.request_sync();
+        journal.wait_durable(pos).await
+    }
+
     /// Current value of a counter, `None` if it was never incremented.
     pub fn get(&self, name: &str) -> Result<Option<i64>> {
         table::validate_name(name)?;
