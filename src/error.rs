@@ -55,11 +55,12 @@ pub enum Error {
     },
 
     /// An I/O operation failed; `context` says which one and on what.
-    #[error("{context}: {source}")]
+    /// (The cause is part of the message, not a `source()`, so that error
+    /// chains do not print it twice.)
+    #[error("{context}: {cause}")]
     Io {
         context: String,
-        #[source]
-        source: Arc<std::io::Error>,
+        cause: Arc<std::io::Error>,
     },
 }
 
@@ -67,7 +68,7 @@ impl Error {
     pub(crate) fn io(context: impl Into<String>, source: std::io::Error) -> Self {
         Error::Io {
             context: context.into(),
-            source: Arc::new(source),
+            cause: Arc::new(source),
         }
     }
 

@@ -174,6 +174,14 @@ impl Node {
         storage: Arc<dyn Storage>,
         lock: Option<std::fs::File>,
     ) -> Result<Node> {
+        if config.durability == Durability::Replicated {
+            return Err(Error::DurabilityUnavailable {
+                level: "replicated",
+                reason: "it cannot be the default of a node without a shared store; \
+                         use --durability local or memory"
+                    .into(),
+            });
+        }
         let dir = config.data_dir.clone();
         storage
             .create_dir_all(&dir)
@@ -364,6 +372,19 @@ impl Node {
             inner.journal.wait_durable(pos).await?;
         }
         Ok(outcome)
+    }
+
+    /// Waits until every increment applied so far is durable: a barrier.
+    /// Callers that apply many increments at `memory` durability and then
+    /// call `sync` get `local` durability for all of them with one wait
+    /// (the RESP front end does this for each pipelined round). An error
+    /// means the journal failed: the increments are applied in memory but
+    /// their durability is unknown.
+    pub async fn sync(&self) -> Result<()> {
+        let journal = &self.inner.journal;
+        let pos = journal.end_pos();
+        journal.request_sync();
+        journal.wait_durable(pos).await
     }
 
     /// Current value of a counter, `None` if it was never incremented.
