@@ -35,7 +35,8 @@ pub const SEGMENT_MAGIC: &[u8; 8] = b"TALLYJNL";
 pub const SEGMENT_VERSION: u32 = 1;
 /// Segment header length; records start at this offset.
 pub const SEGMENT_HEADER_BYTES: usize = 32;
-/// Record frame: payload length (u32) and CRC-32C (u32).
+/// Record frame: CRC-32C (u32) of the rest of the record, then the payload
+/// length (u32).
 pub const RECORD_FRAME_BYTES: usize = 8;
 /// Record kind: an increment.
 pub const KIND_INCREMENT: u8 = 1;
@@ -64,8 +65,8 @@ impl Record<'_> {
         let payload_len =
             PAYLOAD_BYTES_MIN + self.name.len() + key_len + if self.key.is_some() { 8 } else { 0 };
         let start = out.len();
-        out.extend_from_slice(&(payload_len as u32).to_le_bytes());
         out.extend_from_slice(&[0; 4]);
+        out.extend_from_slice(&(payload_len as u32).to_le_bytes());
         out.push(KIND_INCREMENT);
         out.extend_from_slice(&self.lsn.to_le_bytes());
         out.extend_from_slice(&self.delta.to_le_bytes());
@@ -76,11 +77,8 @@ impl Record<'_> {
             out.extend_from_slice(key.as_bytes());
             out.extend_from_slice(&expiry_ms.to_le_bytes());
         }
-        let crc = crc32c::crc32c_append(
-            crc32c::crc32c(&out[start..start + 4]),
-            &out[start + RECORD_FRAME_BYTES..],
-        );
-        out[start + 4..start + 8].copy_from_slice(&crc.to_le_bytes());
+        let crc = crc32c::crc32c(&out[start + 4..]);
+        out[start..start + 4].copy_from_slice(&crc.to_le_bytes());
         debug_assert_eq!(out.len() - start, RECORD_FRAME_BYTES + payload_len);
     }
 }
@@ -108,14 +106,10 @@ fn le_u64(b: &[u8]) -> u64 {
 
 /// Decodes the record at the start of `buf`, verifying its checksum.
 pub fn decode(buf: &[u8]) -> Decoded<'_> {
-    decode_inner(buf, true)
-}
-
-fn decode_inner(buf: &[u8], verify_crc: bool) -> Decoded<'_> {
     if buf.len() < RECORD_FRAME_BYTES {
         return Decoded::Incomplete;
     }
-    let len = le_u32(buf) as usize;
+    let len = le_u32(&buf[4..]) as usize;
     if !(PAYLOAD_BYTES_MIN..=PAYLOAD_BYTES_MAX).contains(&len) {
         return Decoded::Corrupt(format!("record length {len} is out of range"));
     }
@@ -123,8 +117,7 @@ fn decode_inner(buf: &[u8], verify_crc: bool) -> Decoded<'_> {
         return Decoded::Incomplete;
     }
     let payload = &buf[RECORD_FRAME_BYTES..RECORD_FRAME_BYTES + len];
-    if verify_crc && crc32c::crc32c_append(crc32c::crc32c(&buf[..4]), payload) != le_u32(&buf[4..])
-    {
+    if crc32c::crc32c(&buf[4..RECORD_FRAME_BYTES + len]) != le_u32(buf) {
         return Decoded::Corrupt("record checksum mismatch".into());
     }
     if payload[0] != KIND_INCREMENT {
@@ -167,39 +160,21 @@ fn decode_inner(buf: &[u8], verify_crc: bool) -> Decoded<'_> {
     )
 }
 
-/// Iterates over records already verified by [`decode`] (recovery's
-/// second pass, which does not check the CRCs again): stops at the first
-/// bytes that are not a valid record.
-pub struct RecordIter<'a> {
-    buf: &'a [u8],
-    off: usize,
-}
-
-impl<'a> RecordIter<'a> {
-    pub fn new(buf: &'a [u8]) -> Self {
-        RecordIter { buf, off: 0 }
+/// Length of the record framed at the start of `buf`, checking only its
+/// length field (recovery frames a segment first, then verifies the records
+/// in parallel with [`decode`]).
+pub fn frame_len(buf: &[u8]) -> std::result::Result<usize, String> {
+    if buf.len() < RECORD_FRAME_BYTES {
+        return Err("record is cut short".into());
     }
-
-    /// Byte offsets (in `buf`) of the records, in order.
-    pub fn offsets(mut self) -> impl Iterator<Item = usize> + 'a {
-        std::iter::from_fn(move || {
-            let at = self.off;
-            self.next().map(|_| at)
-        })
+    let len = le_u32(&buf[4..]) as usize;
+    if !(PAYLOAD_BYTES_MIN..=PAYLOAD_BYTES_MAX).contains(&len) {
+        return Err(format!("record length {len} is out of range"));
     }
-}
-
-impl<'a> Iterator for RecordIter<'a> {
-    type Item = Record<'a>;
-    fn next(&mut self) -> Option<Record<'a>> {
-        match decode_inner(&self.buf[self.off..], false) {
-            Decoded::Record(r, used) => {
-                self.off += used;
-                Some(r)
-            }
-            _ => None,
-        }
+    if buf.len() < RECORD_FRAME_BYTES + len {
+        return Err("record is cut short".into());
     }
+    Ok(RECORD_FRAME_BYTES + len)
 }
 
 /// Encodes a segment header for a segment starting at journal position
@@ -366,7 +341,7 @@ impl Journal {
         let writer_shared = shared.clone();
         let writer = std::thread::Builder::new()
             .name("tally-journal".into())
-            .spawn(move || writer_main(writer_shared, file, end_pos))
+            .spawn(move || writer_main(writer_shared, file))
             .map_err(|e| Error::io("starting the journal writer thread", e))?;
         Ok(Journal {
             shared,
@@ -539,10 +514,9 @@ impl Drop for Journal {
     }
 }
 
-fn writer_main(shared: Arc<Shared>, mut file: Box<dyn AppendFile>, start_pos: u64) {
+fn writer_main(shared: Arc<Shared>, mut file: Box<dyn AppendFile>) {
     let mut segment_bytes: u64 = 0;
     let mut batch: Vec<u8> = Vec::with_capacity(1 << 16);
-    let _ = start_pos;
     loop {
         let (end_pos, records) = {
             let mut q = shared.queue.lock();
@@ -668,7 +642,7 @@ mod tests {
     // A huge length prefix is rejected as corruption without allocating.
     #[test]
     fn huge_length_prefix_is_corrupt() {
-        let mut buf = vec![0xff, 0xff, 0xff, 0x7f];
+        let mut buf = vec![0, 0, 0, 0, 0xff, 0xff, 0xff, 0x7f];
         buf.extend_from_slice(&[0; 16]);
         assert!(matches!(decode(&buf), Decoded::Corrupt(_)));
     }

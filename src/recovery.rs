@@ -22,7 +22,8 @@ use crate::idempotency::IdempotencyKeys;
 use crate::journal::{self, Decoded, SEGMENT_HEADER_BYTES};
 use crate::snapshot::{self, Item, SnapshotMeta};
 use crate::storage::Storage;
-use crate::table::CounterTable;
+use crate::table::{CounterTable, SHARDS};
+use compact_str::CompactString;
 
 /// Name of the journal directory inside the data directory.
 pub const JOURNAL_DIR: &str = "journal";
@@ -63,42 +64,196 @@ fn io_err(what: &str, path: &Path) -> impl FnOnce(std::io::Error) -> Error {
 
 /// Most threads replaying one segment.
 const REPLAY_THREADS_MAX: usize = 8;
+/// Below this many records a segment is replayed on the calling thread:
+/// starting threads would cost more than they save.
+const REPLAY_PARALLEL_RECORDS_MIN: usize = 16_384;
 
-/// Applies every record of `segment` (already verified, header included)
-/// to `table`, one thread per table partition. Returns how many applied.
-fn replay_parallel(table: &CounterTable, segment: &[u8], path: &Path) -> Result<u64> {
-    let parts = std::thread::available_parallelism()
-        .map_or(1, |n| n.get())
-        .clamp(1, REPLAY_THREADS_MAX);
-    let replay_part = |part: usize| -> Result<u64> {
-        let mut partition = table.partition(part, parts);
-        let records = journal::RecordIter::new(&segment[SEGMENT_HEADER_BYTES..]);
-        partition
-            .replay_batch(records.map(|r| (r.name, r.delta, r.lsn)))
-            .map_err(|index| {
-                let offset = journal::RecordIter::new(&segment[SEGMENT_HEADER_BYTES..])
-                    .offsets()
-                    .nth(index)
-                    .map_or(0, |o| o + SEGMENT_HEADER_BYTES);
-                Error::Corrupt {
-                    path: path.to_path_buf(),
-                    offset: offset as u64,
-                    reason: "replaying this record overflows its counter".into(),
-                }
-            })
-    };
-    if parts == 1 {
-        return replay_part(0);
+/// A record sorted into its shard's bucket: name, delta, lsn.
+type Bucketed = (CompactString, i64, u64);
+
+/// What one thread found in its run of a segment's records. Kept from
+/// segment to segment so that the buckets' memory is reused.
+#[derive(Default)]
+struct Chunk {
+    /// One bucket per table shard, in journal order.
+    buckets: Vec<Vec<Bucketed>>,
+    keys: Vec<(CompactString, u64)>,
+    max_lsn: u64,
+    read: u64,
+    /// Index (in the segment's record list) and reason of the first record
+    /// that failed verification; the chunk stops there.
+    bad: Option<(usize, String)>,
+}
+
+/// What replaying one segment found.
+struct SegmentReplay {
+    /// File offset just past the last valid record.
+    end: usize,
+    /// File offset and reason of the first bad record, if any.
+    bad: Option<(usize, String)>,
+    read: u64,
+    applied: u64,
+    max_lsn: u64,
+}
+
+/// Verifies and replays one segment (`bytes`, header included, starting at
+/// journal position `start`). Records before `covers` are verified but not
+/// applied: the snapshot holds them.
+///
+/// Three steps. Framing walks the length fields alone, which is cheap and
+/// inherently sequential. Then each thread verifies the checksums of a
+/// contiguous run of records, decodes them, and sorts them into one bucket
+/// per table shard. Then each thread applies the buckets of its own
+/// partition of the table, taking the runs in journal order, so that a
+/// counter's records are applied in the order they were written. Keys and
+/// records after the first bad record are dropped before anything is
+/// applied.
+#[allow(clippy::too_many_arguments)]
+fn replay_segment(
+    scratch: &mut Vec<Chunk>,
+    table: &CounterTable,
+    keys: &IdempotencyKeys,
+    bytes: &[u8],
+    start: u64,
+    covers: u64,
+    path: &Path,
+    now_ms: u64,
+) -> Result<SegmentReplay> {
+    let mut offsets: Vec<usize> = Vec::with_capacity(bytes.len() / 48);
+    let mut off = SEGMENT_HEADER_BYTES;
+    let mut frame_bad = None;
+    while off < bytes.len() {
+        match journal::frame_len(&bytes[off..]) {
+            Ok(len) => {
+                offsets.push(off);
+                off += len;
+            }
+            Err(reason) => {
+                frame_bad = Some((off, reason));
+                break;
+            }
+        }
     }
-    std::thread::scope(|s| {
-        let handles: Vec<_> = (0..parts)
-            .map(|p| s.spawn(move || replay_part(p)))
-            .collect();
-        handles
-            .into_iter()
-            .map(|h| h.join().expect("replay thread panicked"))
-            .sum()
-    })
+    let framed_end = off;
+    // Records at file offsets below this are in the snapshot.
+    let first_applied_off = covers
+        .saturating_sub(start)
+        .saturating_add(SEGMENT_HEADER_BYTES as u64);
+
+    let threads = if offsets.len() < REPLAY_PARALLEL_RECORDS_MIN {
+        1
+    } else {
+        std::thread::available_parallelism()
+            .map_or(1, |n| n.get())
+            .clamp(1, REPLAY_THREADS_MAX)
+    };
+    scratch.resize_with(threads, Chunk::default);
+    let run = |t: usize, chunk: &mut Chunk| {
+        let lo = offsets.len() * t / threads;
+        let hi = offsets.len() * (t + 1) / threads;
+        chunk.buckets.resize_with(SHARDS, Vec::new);
+        chunk.buckets.iter_mut().for_each(Vec::clear);
+        chunk.keys.clear();
+        chunk.max_lsn = 0;
+        chunk.read = 0;
+        chunk.bad = None;
+        for (i, &o) in offsets.iter().enumerate().take(hi).skip(lo) {
+            match journal::decode(&bytes[o..]) {
+                Decoded::Record(r, _) => {
+                    chunk.read += 1;
+                    chunk.max_lsn = chunk.max_lsn.max(r.lsn);
+                    if let Some((key, expiry)) = r.key {
+                        chunk.keys.push((CompactString::from(key), expiry));
+                    }
+                    if o as u64 >= first_applied_off {
+                        chunk.buckets[table.shard_of(r.name)].push((
+                            CompactString::from(r.name),
+                            r.delta,
+                            r.lsn,
+                        ));
+                    }
+                }
+                Decoded::Incomplete => unreachable!("framing saw the whole record"),
+                Decoded::Corrupt(reason) => {
+                    chunk.bad = Some((i, reason));
+                    break;
+                }
+            }
+        }
+    };
+    if threads == 1 {
+        run(0, &mut scratch[0]);
+    } else {
+        std::thread::scope(|s| {
+            for (t, chunk) in scratch.iter_mut().enumerate() {
+                s.spawn(move || run(t, chunk));
+            }
+        });
+    }
+    let mut chunks: &mut [Chunk] = &mut scratch[..];
+    // Everything after the first bad record is dropped.
+    let mut bad = frame_bad;
+    if let Some(t) = chunks.iter().position(|c| c.bad.is_some()) {
+        let (i, reason) = chunks[t].bad.take().expect("chunk t is bad");
+        bad = Some((offsets[i], reason));
+        chunks = &mut chunks[..t + 1];
+    }
+    let chunks: &[Chunk] = chunks;
+    let end = bad.as_ref().map_or(framed_end, |(o, _)| *o);
+    let mut result = SegmentReplay {
+        end,
+        bad,
+        read: chunks.iter().map(|c| c.read).sum(),
+        applied: 0,
+        max_lsn: chunks.iter().map(|c| c.max_lsn).max().unwrap_or(0),
+    };
+    for chunk in chunks {
+        for (key, expiry) in &chunk.keys {
+            keys.restore(key, *expiry, now_ms);
+        }
+    }
+
+    let apply = |part: usize| -> std::result::Result<u64, (String, u64)> {
+        let mut partition = table.partition(part, threads);
+        let mut applied = 0;
+        for shard in partition.shards() {
+            for chunk in chunks {
+                applied += partition.replay_shard(shard, &chunk.buckets[shard])?;
+            }
+        }
+        Ok(applied)
+    };
+    let applied: std::result::Result<u64, (String, u64)> = if threads == 1 {
+        apply(0)
+    } else {
+        std::thread::scope(|s| {
+            let handles: Vec<_> = (0..threads).map(|p| s.spawn(move || apply(p))).collect();
+            handles
+                .into_iter()
+                .map(|h| h.join().expect("replay thread panicked"))
+                .sum()
+        })
+    };
+    match applied {
+        Ok(n) => result.applied = n,
+        Err((name, lsn)) => {
+            // Rare: find the offending record's offset for the message.
+            let offset = offsets
+                .iter()
+                .find(|&&o| {
+                    matches!(journal::decode(&bytes[o..]),
+                        Decoded::Record(r, _) if r.name == name && r.lsn == lsn)
+                })
+                .copied()
+                .unwrap_or(0);
+            return Err(Error::Corrupt {
+                path: path.to_path_buf(),
+                offset: offset as u64,
+                reason: format!("replaying this record overflows counter '{name}'"),
+            });
+        }
+    }
+    Ok(result)
 }
 
 /// Recovers `table` and `keys` (both empty) from `data_dir`.
@@ -144,6 +299,10 @@ pub fn recover(
     if let Some(&newest) = snapshots.last() {
         let path = data_dir.join(snapshot::file_name(newest));
         let bytes = storage.read(&path).map_err(io_err("reading", &path))?;
+        if let Some(n) = snapshot::counter_count_hint(&bytes) {
+            // A hint only: capped, since the trailer is not verified yet.
+            table.reserve((n as usize).min(bytes.len() / 19));
+        }
         let meta = snapshot::read(&bytes, &path, |item| {
             match item {
                 Item::Counter(name, entry) => table.restore(name, entry),
@@ -188,11 +347,16 @@ pub fn recover(
     let segments = &segments[first..];
 
     let mut expected = covers;
+    let mut buf = Vec::new();
+    let mut scratch = Vec::new();
     for (i, &start) in segments.iter().enumerate() {
         let path = journal_dir.join(journal::segment_file_name(start));
         let last = i + 1 == segments.len();
-        let bytes = storage.read(&path).map_err(io_err("reading", &path))?;
-        let header_start = match journal::parse_segment_header(&bytes) {
+        storage
+            .read_into(&path, &mut buf)
+            .map_err(io_err("reading", &path))?;
+        let bytes = &buf[..];
+        let header_start = match journal::parse_segment_header(bytes) {
             Ok(s) => s,
             // A segment is created and its header synced before any record
             // is written to it; a last segment with a bad header and nothing
@@ -232,34 +396,21 @@ pub fn recover(
                 ),
             });
         }
-        // Pass 1, sequential: verify every record up to the first bad one,
-        // restore idempotency keys, and raise next_lsn.
-        let mut off = SEGMENT_HEADER_BYTES;
-        let mut bad: Option<String> = None;
-        while off < bytes.len() {
-            match journal::decode(&bytes[off..]) {
-                Decoded::Record(r, used) => {
-                    report.records_read += 1;
-                    if let Some((key, expiry)) = r.key {
-                        keys.restore(key, expiry, now_ms);
-                    }
-                    report.next_lsn = report.next_lsn.max(r.lsn + 1);
-                    off += used;
-                }
-                Decoded::Incomplete => {
-                    bad = Some("record is cut short".into());
-                    break;
-                }
-                Decoded::Corrupt(reason) => {
-                    bad = Some(reason);
-                    break;
-                }
-            }
-        }
-        // Pass 2, one thread per partition of the table: apply the verified
-        // records. Records already in the snapshot carry an lsn at or below
-        // their entry's and are skipped by the replay rule.
-        report.records_applied += replay_parallel(table, &bytes[..off], &path)?;
+        let replayed = replay_segment(
+            &mut scratch,
+            table,
+            keys,
+            bytes,
+            start,
+            covers,
+            &path,
+            now_ms,
+        )?;
+        report.records_read += replayed.read;
+        report.records_applied += replayed.applied;
+        report.next_lsn = report.next_lsn.max(replayed.max_lsn + 1);
+        let off = replayed.end;
+        let bad = replayed.bad.map(|(_, reason)| reason);
         expected = start + (off - SEGMENT_HEADER_BYTES) as u64;
         report.segments.push((start, path.clone()));
         if let Some(reason) = bad {

@@ -153,6 +153,13 @@ pub fn write(
     Ok((path, meta))
 }
 
+/// The counter count a snapshot's trailer claims, unverified: a sizing
+/// hint read before [`read`] verifies the file.
+pub fn counter_count_hint(bytes: &[u8]) -> Option<u64> {
+    let at = bytes.len().checked_sub(8 + 4 + 24)? + 8;
+    Some(u64::from_le_bytes(bytes.get(at..at + 8)?.try_into().ok()?))
+}
+
 /// Verifies a snapshot's checksum and structure, then calls `visit` with
 /// every item. Errors name `path` and the byte offset of the problem.
 pub fn read(

@@ -33,6 +33,12 @@ pub trait Storage: Send + Sync + 'static {
     fn open_append(&self, path: &Path) -> io::Result<Box<dyn AppendFile>>;
     /// Reads a whole file.
     fn read(&self, path: &Path) -> io::Result<Vec<u8>>;
+    /// Reads a whole file into `buf`, replacing its contents and reusing
+    /// its allocation (recovery reads segment after segment into one buffer).
+    fn read_into(&self, path: &Path, buf: &mut Vec<u8>) -> io::Result<()> {
+        *buf = self.read(path)?;
+        Ok(())
+    }
     /// Names of the files directly in `dir` (not paths), in no order.
     fn list(&self, dir: &Path) -> io::Result<Vec<String>>;
     /// Atomically replaces `to` with `from`.
@@ -75,6 +81,12 @@ impl Storage for FsStorage {
     }
     fn read(&self, path: &Path) -> io::Result<Vec<u8>> {
         std::fs::read(path)
+    }
+    fn read_into(&self, path: &Path, buf: &mut Vec<u8>) -> io::Result<()> {
+        use std::io::Read;
+        buf.clear();
+        std::fs::File::open(path)?.read_to_end(buf)?;
+        Ok(())
     }
     fn list(&self, dir: &Path) -> io::Result<Vec<String>> {
         let mut names = Vec::new();
