@@ -49,7 +49,7 @@ struct Op {
 fn op_plan(i: u64) -> (String, i64, Option<String>) {
     let counter = format!("c{}", i % COUNTERS);
     let delta = 1i64 << (i / COUNTERS);
-    let key = (i % 2 == 0).then(|| format!("key-{i}"));
+    let key = i.is_multiple_of(2).then(|| format!("key-{i}"));
     (counter, delta, key)
 }
 
@@ -452,7 +452,7 @@ fn parallel_replay_matches_a_sequential_model_up_to_the_cut() {
             if i == RECORDS / 3 {
                 node.snapshot().unwrap();
             }
-            let key = (i % 10 == 0).then(|| format!("pk-{i}"));
+            let key = i.is_multiple_of(10).then(|| format!("pk-{i}"));
             let opts = IncrementOptions {
                 durability: Some(Durability::Memory),
                 idempotency_key: key.as_deref(),
