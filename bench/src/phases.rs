@@ -13,7 +13,7 @@ use std::time::{Duration, Instant};
 use anyhow::{Context as _, Result, bail};
 use tally::RecoveryMode;
 use tally::idempotency::{IdempotencyKeys, now_ms};
-use tally::journal::{self, Decoded, RECORD_FRAME_BYTES, SEGMENT_HEADER_BYTES};
+use tally::journal::{self, Decoded, SEGMENT_HEADER_BYTES};
 use tally::snapshot::{self, Item};
 use tally::storage::FsStorage;
 use tally::table::CounterTable;
@@ -141,23 +141,16 @@ fn list(dir: &Path) -> Result<Vec<String>> {
     Ok(names)
 }
 
-/// Verifies every record's CRC-32C the way `journal::decode` does (length
-/// prefix and payload, skipping the stored checksum) and nothing else.
+/// Verifies every record's CRC-32C the way `journal::decode` does (the
+/// stored checksum first, then the length and payload it covers) and
+/// nothing else.
 fn checksum_walk(body: &[u8]) -> Result<u64> {
     let mut off = 0;
     let mut records = 0;
-    while off + RECORD_FRAME_BYTES <= body.len() {
-        let len = u32::from_le_bytes(body[off..off + 4].try_into()?) as usize;
-        let end = off + RECORD_FRAME_BYTES + len;
-        if end > body.len() {
-            break;
-        }
-        let stored = u32::from_le_bytes(body[off + 4..off + 8].try_into()?);
-        let crc = crc32c::crc32c_append(
-            crc32c::crc32c(&body[off..off + 4]),
-            &body[off + RECORD_FRAME_BYTES..end],
-        );
-        if crc != stored {
+    while let Ok(used) = journal::frame_len(&body[off..]) {
+        let end = off + used;
+        let stored = u32::from_le_bytes(body[off..off + 4].try_into()?);
+        if crc32c::crc32c(&body[off + 4..end]) != stored {
             bail!("checksum mismatch at offset {off}");
         }
         records += 1;
