@@ -17,6 +17,8 @@ pub struct TallyProcess {
     pub http: Option<SocketAddr>,
     pub node_id: String,
     pub stderr_path: PathBuf,
+    /// Holds the stderr log; removed with the process handle.
+    _log_dir: tempfile::TempDir,
 }
 
 fn parse_addr(line: &str, key: &str) -> Option<SocketAddr> {
@@ -29,18 +31,36 @@ impl TallyProcess {
     /// Starts `tally serve` on `data_dir` with both front ends on free
     /// loopback ports, plus `extra` flags, and waits for its ready line.
     pub fn start(data_dir: &Path, extra: &[&str]) -> TallyProcess {
-        let stderr_path = data_dir.with_extension("stderr.log");
+        let mut args: Vec<&str> = vec!["--data-dir", data_dir.to_str().unwrap()];
+        args.extend_from_slice(extra);
+        Self::start_with(&args, &[])
+    }
+
+    /// Starts `tally serve` with exactly `args` (plus free loopback ports
+    /// unless the args or environment set them) and extra environment.
+    pub fn start_with(args: &[&str], env: &[(&str, &str)]) -> TallyProcess {
+        let log_dir = tempfile::Builder::new()
+            .prefix("tally-log")
+            .tempdir()
+            .unwrap();
+        let stderr_path = log_dir.path().join("stderr.log");
         let stderr = std::fs::OpenOptions::new()
             .create(true)
             .append(true)
             .open(&stderr_path)
             .unwrap();
-        let mut child = Command::new(env!("CARGO_BIN_EXE_tally"))
-            .arg("serve")
-            .arg("--data-dir")
-            .arg(data_dir)
-            .args(["--resp-addr", "127.0.0.1:0", "--http-addr", "127.0.0.1:0"])
-            .args(extra)
+        let mut cmd = Command::new(env!("CARGO_BIN_EXE_tally"));
+        cmd.arg("serve").args(args);
+        if !args.contains(&"--resp-addr") {
+            cmd.env("TALLY_RESP_ADDR", "127.0.0.1:0");
+        }
+        if !args.contains(&"--http-addr") && !args.contains(&"--config") {
+            cmd.env("TALLY_HTTP_ADDR", "127.0.0.1:0");
+        }
+        for (k, v) in env {
+            cmd.env(k, v);
+        }
+        let mut child = cmd
             .stdin(Stdio::null())
             .stdout(Stdio::piped())
             .stderr(Stdio::from(stderr))
@@ -82,6 +102,7 @@ impl TallyProcess {
             node_id,
             child,
             stderr_path,
+            _log_dir: log_dir,
         }
     }
 
