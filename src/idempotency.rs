@@ -131,6 +131,13 @@ impl IdempotencyKeys {
         }
     }
 
+    /// Forgets a key (its increment was taken back).
+    pub fn remove(&self, key: &str) {
+        if self.shard(key).lock().remove(key).is_some() {
+            self.len.fetch_sub(1, Relaxed);
+        }
+    }
+
     /// Drops expired keys; returns how many.
     pub fn purge_expired(&self, now_ms: u64) -> usize {
         let mut removed = 0;

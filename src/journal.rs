@@ -38,17 +38,60 @@ pub const SEGMENT_HEADER_BYTES: usize = 32;
 /// Record frame: CRC-32C (u32) of the rest of the record, then the payload
 /// length (u32).
 pub const RECORD_FRAME_BYTES: usize = 8;
-/// Record kind: an increment.
+/// Record kind byte: an increment.
 pub const KIND_INCREMENT: u8 = 1;
-/// Smallest increment payload: kind, lsn, delta, name length, key length.
+/// Record kind byte: the counter's shard set to a value taken from the
+/// shared store (a lost or stale disk).
+pub const KIND_ADOPT: u8 = 2;
+/// Record kind byte: an increment at `replicated` durability, applied
+/// inside a store transaction whose outcome recovery must check.
+pub const KIND_REPLICATED: u8 = 3;
+/// Record kind byte: a replicated increment whose store transaction did
+/// not commit, taken back.
+pub const KIND_REVERT: u8 = 4;
+/// Smallest payload: kind, lsn, delta, name length, key length.
 const PAYLOAD_BYTES_MIN: usize = 1 + 8 + 8 + 2 + 2;
-/// Largest valid payload. A length prefix above it is corruption, never an
-/// allocation request.
-pub const PAYLOAD_BYTES_MAX: usize = PAYLOAD_BYTES_MIN + NAME_BYTES_MAX + KEY_BYTES_MAX + 8;
+/// Largest valid payload (name, key with its expiry, and the kind's extra
+/// u64). A length prefix above it is corruption, never an allocation.
+pub const PAYLOAD_BYTES_MAX: usize = PAYLOAD_BYTES_MIN + NAME_BYTES_MAX + KEY_BYTES_MAX + 8 + 8;
 
-/// One journaled increment.
+/// What a record does.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum Kind {
+    /// Adds `delta`.
+    Increment,
+    /// Sets the value to `delta` (the store's value for this node's shard).
+    Adopt,
+    /// Adds `delta`; made at `replicated` durability in store epoch `epoch`.
+    Replicated { epoch: u64 },
+    /// Adds `delta` (the negation of the reverted increment's) and forgets
+    /// the key; takes back the replicated increment with lsn `of_lsn`.
+    Revert { of_lsn: u64 },
+}
+
+impl Kind {
+    fn byte(self) -> u8 {
+        match self {
+            Kind::Increment => KIND_INCREMENT,
+            Kind::Adopt => KIND_ADOPT,
+            Kind::Replicated { .. } => KIND_REPLICATED,
+            Kind::Revert { .. } => KIND_REVERT,
+        }
+    }
+
+    fn extra(self) -> Option<u64> {
+        match self {
+            Kind::Increment | Kind::Adopt => None,
+            Kind::Replicated { epoch } => Some(epoch),
+            Kind::Revert { of_lsn } => Some(of_lsn),
+        }
+    }
+}
+
+/// One journal record.
 #[derive(Debug, Clone, Copy, PartialEq, Eq)]
 pub struct Record<'a> {
+    pub kind: Kind,
     pub lsn: u64,
     pub delta: i64,
     pub name: &'a str,
@@ -62,12 +105,16 @@ impl Record<'_> {
         debug_assert!(self.name.len() <= NAME_BYTES_MAX);
         let key_len = self.key.map_or(0, |(k, _)| k.len());
         debug_assert!(key_len <= KEY_BYTES_MAX);
-        let payload_len =
-            PAYLOAD_BYTES_MIN + self.name.len() + key_len + if self.key.is_some() { 8 } else { 0 };
+        let extra = self.kind.extra();
+        let payload_len = PAYLOAD_BYTES_MIN
+            + self.name.len()
+            + key_len
+            + if self.key.is_some() { 8 } else { 0 }
+            + if extra.is_some() { 8 } else { 0 };
         let start = out.len();
         out.extend_from_slice(&[0; 4]);
         out.extend_from_slice(&(payload_len as u32).to_le_bytes());
-        out.push(KIND_INCREMENT);
+        out.push(self.kind.byte());
         out.extend_from_slice(&self.lsn.to_le_bytes());
         out.extend_from_slice(&self.delta.to_le_bytes());
         out.extend_from_slice(&(self.name.len() as u16).to_le_bytes());
@@ -76,6 +123,9 @@ impl Record<'_> {
         if let Some((key, expiry_ms)) = self.key {
             out.extend_from_slice(key.as_bytes());
             out.extend_from_slice(&expiry_ms.to_le_bytes());
+        }
+        if let Some(x) = extra {
+            out.extend_from_slice(&x.to_le_bytes());
         }
         let crc = crc32c::crc32c(&out[start + 4..]);
         out[start..start + 4].copy_from_slice(&crc.to_le_bytes());
@@ -120,8 +170,9 @@ pub fn decode(buf: &[u8]) -> Decoded<'_> {
     if crc32c::crc32c(&buf[4..RECORD_FRAME_BYTES + len]) != le_u32(buf) {
         return Decoded::Corrupt("record checksum mismatch".into());
     }
-    if payload[0] != KIND_INCREMENT {
-        return Decoded::Corrupt(format!("unknown record kind {}", payload[0]));
+    let kind_byte = payload[0];
+    if !(KIND_INCREMENT..=KIND_REVERT).contains(&kind_byte) {
+        return Decoded::Corrupt(format!("unknown record kind {kind_byte}"));
     }
     let lsn = le_u64(&payload[1..]);
     let delta = le_u64(&payload[9..]) as i64;
@@ -135,22 +186,34 @@ pub fn decode(buf: &[u8]) -> Decoded<'_> {
     };
     let key_len = le_u16(&rest[name_len..]);
     let rest = &rest[name_len + 2..];
+    let extra_len = if matches!(kind_byte, KIND_REPLICATED | KIND_REVERT) {
+        8
+    } else {
+        0
+    };
+    let key_bytes = if key_len == 0 { 0 } else { key_len + 8 };
+    if key_len > KEY_BYTES_MAX || rest.len() != key_bytes + extra_len {
+        return Decoded::Corrupt(format!("key length {key_len} does not fit the record"));
+    }
     let key = if key_len == 0 {
-        if !rest.is_empty() {
-            return Decoded::Corrupt("trailing bytes after record".into());
-        }
         None
     } else {
-        if key_len > KEY_BYTES_MAX || rest.len() != key_len + 8 {
-            return Decoded::Corrupt(format!("key length {key_len} does not fit the record"));
-        }
         let Ok(key) = std::str::from_utf8(&rest[..key_len]) else {
             return Decoded::Corrupt("idempotency key is not UTF-8".into());
         };
         Some((key, le_u64(&rest[key_len..])))
     };
+    let extra = (extra_len > 0).then(|| le_u64(&rest[key_bytes..]));
+    let kind = match (kind_byte, extra) {
+        (KIND_INCREMENT, _) => Kind::Increment,
+        (KIND_ADOPT, _) => Kind::Adopt,
+        (KIND_REPLICATED, Some(epoch)) => Kind::Replicated { epoch },
+        (_, Some(of_lsn)) => Kind::Revert { of_lsn },
+        _ => unreachable!("kind checked above"),
+    };
     Decoded::Record(
         Record {
+            kind,
             lsn,
             delta,
             name,
@@ -595,6 +658,7 @@ mod tests {
 
     fn rec(name: &'static str, key: Option<(&'static str, u64)>) -> Record<'static> {
         Record {
+            kind: Kind::Increment,
             lsn: 42,
             delta: -7,
             name,
@@ -605,7 +669,24 @@ mod tests {
     // Encoding then decoding gives back the record, with and without a key.
     #[test]
     fn records_round_trip() {
-        for r in [rec("hits", None), rec("héllo", Some(("k-1", 99)))] {
+        let kinds = [
+            Kind::Increment,
+            Kind::Adopt,
+            Kind::Replicated { epoch: 7 },
+            Kind::Revert { of_lsn: 41 },
+        ];
+        let mut all = Vec::new();
+        for kind in kinds {
+            all.push(Record {
+                kind,
+                ..rec("hits", None)
+            });
+            all.push(Record {
+                kind,
+                ..rec("héllo", Some(("k-1", 99)))
+            });
+        }
+        for r in all {
             let mut buf = Vec::new();
             r.encode(&mut buf);
             assert_eq!(decode(&buf), Decoded::Record(r, buf.len()));
@@ -665,7 +746,7 @@ mod tests {
              proptest::option::of(("[a-z0-9-]{1,36}", any::<u64>()))), 0..50)) {
             let mut buf = Vec::new();
             for (name, delta, lsn, key) in &items {
-                Record { lsn: *lsn, delta: *delta, name, key: key.as_ref().map(|(k, e)| (k.as_str(), *e)) }
+                Record { kind: Kind::Increment, lsn: *lsn, delta: *delta, name, key: key.as_ref().map(|(k, e)| (k.as_str(), *e)) }
                     .encode(&mut buf);
             }
             let mut at = 0;

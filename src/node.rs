@@ -20,7 +20,7 @@ use parking_lot::{Condvar, Mutex};
 use crate::config::{Config, Durability};
 use crate::error::{Error, Result};
 use crate::idempotency::{self, IdempotencyKeys, now_ms};
-use crate::journal::{Journal, JournalConfig, Record};
+use crate::journal::{Journal, JournalConfig, Kind, Record};
 use crate::metrics::Metrics;
 use crate::recovery::{self, JOURNAL_DIR, RecoveryReport};
 use crate::snapshot;
@@ -323,6 +323,7 @@ impl Node {
             let lsn = inner.next_lsn.fetch_add(1, Ordering::SeqCst);
             pos = inner.journal.append(
                 &Record {
+                    kind: Kind::Increment,
                     lsn,
                     delta,
                     name,

@@ -19,10 +19,11 @@ use std::time::{Duration, Instant};
 use crate::config::RecoveryMode;
 use crate::error::{Error, Result};
 use crate::idempotency::IdempotencyKeys;
+use crate::journal::Kind;
 use crate::journal::{self, Decoded, SEGMENT_HEADER_BYTES};
 use crate::snapshot::{self, Item, SnapshotMeta};
 use crate::storage::Storage;
-use crate::table::{CounterTable, SHARDS};
+use crate::table::{CounterTable, ReplayOp, SHARDS};
 use compact_str::CompactString;
 
 /// Name of the journal directory inside the data directory.
@@ -36,6 +37,17 @@ pub struct Cut {
     pub offset: u64,
     pub bytes_dropped: u64,
     pub reason: String,
+}
+
+/// A replicated increment found in the journal.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct PendingReplicated {
+    pub name: String,
+    pub delta: i64,
+    pub lsn: u64,
+    /// Store epoch of the node when it made the increment.
+    pub epoch: u64,
+    pub key: Option<(String, u64)>,
 }
 
 /// What recovery found and did.
@@ -54,6 +66,10 @@ pub struct RecoveryReport {
     pub torn_tail: Option<Cut>,
     /// Corruption accepted under `TruncateAtCorruption`, if any.
     pub accepted_corruption: Option<Cut>,
+    /// Replicated increments in the journal that no revert takes back: a
+    /// node with a store checks each against the store before it serves
+    /// (was its transaction committed?).
+    pub replicated: Vec<PendingReplicated>,
     pub duration: Duration,
 }
 
@@ -68,16 +84,22 @@ const REPLAY_THREADS_MAX: usize = 8;
 /// starting threads would cost more than they save.
 const REPLAY_PARALLEL_RECORDS_MIN: usize = 16_384;
 
-/// A record sorted into its shard's bucket: name, delta, lsn.
-type Bucketed = (CompactString, i64, u64);
+/// A key operation found in the journal, in journal order.
+struct KeyOp {
+    key: CompactString,
+    /// Expiry to restore, or `None` to forget the key (a revert).
+    expiry: Option<u64>,
+}
 
 /// What one thread found in its run of a segment's records. Kept from
 /// segment to segment so that the buckets' memory is reused.
 #[derive(Default)]
 struct Chunk {
     /// One bucket per table shard, in journal order.
-    buckets: Vec<Vec<Bucketed>>,
-    keys: Vec<(CompactString, u64)>,
+    buckets: Vec<Vec<ReplayOp>>,
+    keys: Vec<KeyOp>,
+    replicated: Vec<PendingReplicated>,
+    reverted: Vec<u64>,
     max_lsn: u64,
     read: u64,
     /// Index (in the segment's record list) and reason of the first record
@@ -111,6 +133,8 @@ struct SegmentReplay {
 #[allow(clippy::too_many_arguments)]
 fn replay_segment(
     scratch: &mut Vec<Chunk>,
+    pending: &mut Vec<PendingReplicated>,
+    reverted: &mut Vec<u64>,
     table: &CounterTable,
     keys: &IdempotencyKeys,
     bytes: &[u8],
@@ -154,6 +178,8 @@ fn replay_segment(
         chunk.buckets.resize_with(SHARDS, Vec::new);
         chunk.buckets.iter_mut().for_each(Vec::clear);
         chunk.keys.clear();
+        chunk.replicated.clear();
+        chunk.reverted.clear();
         chunk.max_lsn = 0;
         chunk.read = 0;
         chunk.bad = None;
@@ -162,15 +188,31 @@ fn replay_segment(
                 Decoded::Record(r, _) => {
                     chunk.read += 1;
                     chunk.max_lsn = chunk.max_lsn.max(r.lsn);
+                    match r.kind {
+                        Kind::Replicated { epoch } => chunk.replicated.push(PendingReplicated {
+                            name: r.name.to_string(),
+                            delta: r.delta,
+                            lsn: r.lsn,
+                            epoch,
+                            key: r.key.map(|(k, e)| (k.to_string(), e)),
+                        }),
+                        Kind::Revert { of_lsn } => chunk.reverted.push(of_lsn),
+                        Kind::Increment | Kind::Adopt => {}
+                    }
                     if let Some((key, expiry)) = r.key {
-                        chunk.keys.push((CompactString::from(key), expiry));
+                        let forget = matches!(r.kind, Kind::Revert { .. });
+                        chunk.keys.push(KeyOp {
+                            key: CompactString::from(key),
+                            expiry: (!forget).then_some(expiry),
+                        });
                     }
                     if o as u64 >= first_applied_off {
-                        chunk.buckets[table.shard_of(r.name)].push((
-                            CompactString::from(r.name),
-                            r.delta,
-                            r.lsn,
-                        ));
+                        chunk.buckets[table.shard_of(r.name)].push(ReplayOp {
+                            name: CompactString::from(r.name),
+                            delta: r.delta,
+                            lsn: r.lsn,
+                            set: r.kind == Kind::Adopt,
+                        });
                     }
                 }
                 Decoded::Incomplete => unreachable!("framing saw the whole record"),
@@ -208,9 +250,14 @@ fn replay_segment(
         max_lsn: chunks.iter().map(|c| c.max_lsn).max().unwrap_or(0),
     };
     for chunk in chunks {
-        for (key, expiry) in &chunk.keys {
-            keys.restore(key, *expiry, now_ms);
+        for op in &chunk.keys {
+            match op.expiry {
+                Some(expiry) => keys.restore(&op.key, expiry, now_ms),
+                None => keys.remove(&op.key),
+            }
         }
+        pending.extend(chunk.replicated.iter().cloned());
+        reverted.extend(chunk.reverted.iter().copied());
     }
 
     let apply = |part: usize| -> std::result::Result<u64, (String, u64)> {
@@ -294,6 +341,7 @@ pub fn recover(
         records_applied: 0,
         torn_tail: None,
         accepted_corruption: None,
+        replicated: Vec::new(),
         duration: Duration::ZERO,
     };
     if let Some(&newest) = snapshots.last() {
@@ -349,6 +397,7 @@ pub fn recover(
     let mut expected = covers;
     let mut buf = Vec::new();
     let mut scratch = Vec::new();
+    let mut reverted: Vec<u64> = Vec::new();
     for (i, &start) in segments.iter().enumerate() {
         let path = journal_dir.join(journal::segment_file_name(start));
         let last = i + 1 == segments.len();
@@ -398,6 +447,8 @@ pub fn recover(
         }
         let replayed = replay_segment(
             &mut scratch,
+            &mut report.replicated,
+            &mut reverted,
             table,
             keys,
             bytes,
@@ -456,6 +507,10 @@ pub fn recover(
         }
     }
     report.end_pos = expected;
+    if !reverted.is_empty() {
+        let reverted: std::collections::HashSet<u64> = reverted.into_iter().collect();
+        report.replicated.retain(|p| !reverted.contains(&p.lsn));
+    }
     report.duration = started.elapsed();
     Ok(report)
 }

@@ -222,8 +222,13 @@ impl CounterTable {
     /// than the entry's, so that a record already folded into the snapshot
     /// is not counted twice. Returns whether it was applied.
     pub fn replay(&self, name: &str, delta: i64, lsn: u64) -> Result<bool> {
+        self.replay_op(name, delta, lsn, false)
+    }
+
+    /// [`CounterTable::replay`] of an add (`set == false`) or a set.
+    pub fn replay_op(&self, name: &str, delta: i64, lsn: u64, set: bool) -> Result<bool> {
         let mut shard = self.shards[self.shard_of(name)].lock();
-        let (applied, inserted) = replay_into(&mut shard, name, delta, lsn)?;
+        let (applied, inserted) = replay_into(&mut shard, name, delta, lsn, set)?;
         if inserted {
             self.len.fetch_add(1, Relaxed);
         }
@@ -312,13 +317,28 @@ impl CounterTable {
     }
 }
 
+/// A journal record as the table replays it.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct ReplayOp {
+    pub name: CompactString,
+    /// The delta to add, or with `set`, the value to set.
+    pub delta: i64,
+    pub lsn: u64,
+    /// Set the value (a shard adopted from the store) instead of adding.
+    pub set: bool,
+}
+
 /// The replay rule shared by [`CounterTable::replay`] and [`Partition`]:
 /// returns (applied, inserted).
-fn replay_into(map: &mut Map, name: &str, delta: i64, lsn: u64) -> Result<(bool, bool)> {
+fn replay_into(map: &mut Map, name: &str, delta: i64, lsn: u64, set: bool) -> Result<(bool, bool)> {
     match map.get_mut(name) {
         Some(entry) if entry.lsn >= lsn => Ok((false, false)),
         Some(entry) => {
-            entry.value = entry.value.checked_add(delta).ok_or(Error::Overflow)?;
+            entry.value = if set {
+                delta
+            } else {
+                entry.value.checked_add(delta).ok_or(Error::Overflow)?
+            };
             entry.lsn = lsn;
             Ok((true, false))
         }
@@ -347,8 +367,13 @@ impl Partition<'_> {
         if shard % self.parts != self.part {
             return Ok(None);
         }
-        let (applied, inserted) =
-            replay_into(&mut self.guards[shard / self.parts], name, delta, lsn)?;
+        let (applied, inserted) = replay_into(
+            &mut self.guards[shard / self.parts],
+            name,
+            delta,
+            lsn,
+            false,
+        )?;
         self.inserted += usize::from(inserted);
         Ok(Some(applied))
     }
@@ -363,15 +388,15 @@ impl Partition<'_> {
     pub fn replay_shard(
         &mut self,
         shard: usize,
-        records: &[(CompactString, i64, u64)],
+        records: &[ReplayOp],
     ) -> std::result::Result<u64, (String, u64)> {
         assert_eq!(shard % self.parts, self.part, "shard outside the partition");
         let map = &mut self.guards[shard / self.parts];
         let mut applied = 0;
-        for (name, delta, lsn) in records {
-            debug_assert_eq!(self.table.shard_of(name), shard);
-            let (a, inserted) =
-                replay_into(map, name, *delta, *lsn).map_err(|_| (name.to_string(), *lsn))?;
+        for op in records {
+            debug_assert_eq!(self.table.shard_of(&op.name), shard);
+            let (a, inserted) = replay_into(map, &op.name, op.delta, op.lsn, op.set)
+                .map_err(|_| (op.name.to_string(), op.lsn))?;
             applied += u64::from(a);
             self.inserted += usize::from(inserted);
         }
@@ -449,9 +474,14 @@ mod tests {
         for (n, d, l) in &records {
             one.replay(n, *d, *l).unwrap();
         }
-        let mut buckets: Vec<Vec<(CompactString, i64, u64)>> = vec![Vec::new(); SHARDS];
+        let mut buckets: Vec<Vec<ReplayOp>> = vec![Vec::new(); SHARDS];
         for (n, d, l) in &records {
-            buckets[split.shard_of(n)].push((CompactString::from(n.as_str()), *d, *l));
+            buckets[split.shard_of(n)].push(ReplayOp {
+                name: CompactString::from(n.as_str()),
+                delta: *d,
+                lsn: *l,
+                set: false,
+            });
         }
         let parts = 3;
         let mut applied = 0;
