@@ -331,7 +331,9 @@ pub(crate) fn check_key_rows(node_id: &str, epoch: u64, keys: &[KeyRow]) -> Resu
 /// first of equal ones), in order of first appearance. PostgreSQL refuses to
 /// update one row twice in one statement, so a batch is deduplicated before
 /// it is sent.
-pub(crate) fn dedupe_shard_rows<'a>(rows: &[(&'a str, i64, Version)]) -> Vec<(&'a str, i64, Version)> {
+pub(crate) fn dedupe_shard_rows<'a>(
+    rows: &[(&'a str, i64, Version)],
+) -> Vec<(&'a str, i64, Version)> {
     let mut index: HashMap<&str, usize> = HashMap::with_capacity(rows.len());
     let mut out: Vec<(&str, i64, Version)> = Vec::with_capacity(rows.len());
     for &row in rows {

@@ -297,8 +297,7 @@ const INSERT_KEYS: &str = "INSERT INTO tally_keys (key, node_id, epoch, counter,
      SELECT k, $1::text, $2::int8, c, x \
      FROM UNNEST($3::text[], $4::text[], $5::int8[]) AS t(k, c, x) \
      ON CONFLICT (key) DO NOTHING RETURNING key";
-const DELETE_KEYS: &str =
-    "DELETE FROM tally_keys WHERE node_id = $1 AND key = ANY($2::text[])";
+const DELETE_KEYS: &str = "DELETE FROM tally_keys WHERE node_id = $1 AND key = ANY($2::text[])";
 // Every SET expression reads the row as it was, so the comparison is made
 // once against the old flushed version.
 const SET_FLUSHED: &str = "UPDATE tally_nodes SET \
@@ -587,11 +586,7 @@ impl Store for PostgresStore {
         let now = to_stored(now_ms, "time")?;
         let applied = to_stored(applied_lsn, "applied lsn")?;
         self.call(|c| {
-            let changed = c.execute(
-                HEARTBEAT,
-                &[&node_id, &ours, &now, &applied],
-                "heartbeat",
-            )?;
+            let changed = c.execute(HEARTBEAT, &[&node_id, &ours, &now, &applied], "heartbeat")?;
             if changed == 1 {
                 return Ok(());
             }

@@ -128,12 +128,12 @@ fn migrate(conn: &Connection) -> Result<(), StoreError> {
 /// Maps an error of a statement that did not commit anything.
 fn unavailable(context: &str, e: rusqlite::Error) -> StoreError {
     match e.sqlite_error_code() {
-        Some(ErrorCode::DatabaseBusy | ErrorCode::DatabaseLocked) => StoreError::Unavailable(
-            format!(
+        Some(ErrorCode::DatabaseBusy | ErrorCode::DatabaseLocked) => {
+            StoreError::Unavailable(format!(
                 "{context}: the SQLite store stayed locked by another process for more than \
                  {BUSY_TIMEOUT:?}"
-            ),
-        ),
+            ))
+        }
         _ => StoreError::Unavailable(format!("{context}: {e}")),
     }
 }
@@ -275,9 +275,7 @@ impl Store for SqliteStore {
                         "UPDATE tally_nodes SET epoch = ?2, address = ?3, started_at_ms = ?4, \
                          heartbeat_at_ms = ?4 WHERE node_id = ?1",
                     )
-                    .and_then(|mut s| {
-                        s.execute(params![node_id, stored, address, now])
-                    })
+                    .and_then(|mut s| s.execute(params![node_id, stored, address, now]))
                     .map_err(|e| unavailable("taking the next epoch", e))?;
                     epoch
                 }
@@ -483,9 +481,7 @@ impl Store for SqliteStore {
                 "DELETE FROM tally_keys WHERE key IN (SELECT key FROM tally_keys \
                  WHERE expires_at_ms <= ?1 ORDER BY expires_at_ms LIMIT ?2)",
             )
-            .and_then(|mut s| {
-s.execute(params![now, limit])
-            })
+            .and_then(|mut s| s.execute(params![now, limit]))
             .map_err(|e| unavailable("purging expired keys", e))?;
         Ok(deleted as u64)
     }
@@ -603,9 +599,7 @@ impl StoreTx for SqliteTx<'_> {
                  heartbeat_at_ms = MAX(heartbeat_at_ms, ?4) \
                  WHERE node_id = ?1",
             )
-            .and_then(|mut s| {
-s.execute(params![node_id, epoch, lsn, now])
-            })
+            .and_then(|mut s| s.execute(params![node_id, epoch, lsn, now]))
             .map_err(|e| unavailable("recording the flushed version", e))?;
             Ok(())
         })
