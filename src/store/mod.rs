@@ -15,7 +15,8 @@
 //! Two backends implement [`Store`]: [`sqlite`] (one file shared by the node
 //! processes of one machine, the default) and [`postgres`] (across
 //! machines). [`open`] picks one from a URL; [`schema`] owns the tables and
-//! their versioned migrations. `docs/design.md`, "Shared store", gives the
+//! their versioned migrations; [`faulty`] wraps a store to fail on demand in
+//! tests; [`bench`] times a flush. `docs/design.md`, "Shared store", gives the
 //! schema and the fencing argument.
 //!
 //! This module must never decide *what* to flush or when: that belongs to
@@ -25,6 +26,7 @@
 //! dedicated thread or `tokio::task::spawn_blocking`.
 
 pub mod bench;
+pub mod faulty;
 pub mod postgres;
 pub mod schema;
 pub mod sqlite;
