@@ -26,6 +26,7 @@ pub mod server;
 pub mod shutdown;
 pub mod snapshot;
 pub mod storage;
+pub mod store;
 pub mod table;
 
 pub use config::{Config, Durability, RecoveryMode, ServerConfig};

@@ -1,0 +1,234 @@
+//! A store that fails on demand, for tests of what the node does when the
+//! store is down or a commit's outcome is unknown.
+//!
+//! [`FaultyStore`] wraps any [`Store`] and passes every call through until
+//! a [`Fault`] is set; the fault is read at each call, so a test can switch
+//! it in the middle of a transaction. It must never be used outside tests:
+//! it exists to make the failure cases of the contract happen at will.
+
+use std::sync::Arc;
+
+use parking_lot::Mutex;
+
+use super::{KeyRow, NodeRow, Registration, ShardRow, Store, StoreError, StoreTx, Version};
+
+/// What the wrapped store does wrong.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+#[non_exhaustive]
+pub enum Fault {
+    /// Every call fails with [`StoreError::Unavailable`] and does nothing;
+    /// an open transaction is rolled back at commit.
+    Outage,
+    /// Commits are not carried out, and report
+    /// [`StoreError::Indeterminate`]: the connection died before the
+    /// server got the commit.
+    CommitLost,
+    /// Commits are carried out, and report [`StoreError::Indeterminate`]:
+    /// the connection died before the acknowledgement came back.
+    CommitUnacknowledged,
+}
+
+/// A [`Store`] with a switchable [`Fault`].
+pub struct FaultyStore {
+    inner: Arc<dyn Store>,
+    fault: Mutex<Option<Fault>>,
+}
+
+impl FaultyStore {
+    pub fn new(inner: Arc<dyn Store>) -> FaultyStore {
+        FaultyStore {
+            inner,
+            fault: Mutex::new(None),
+        }
+    }
+
+    /// Sets (or with `None`, clears) the fault for every later call.
+    pub fn set_fault(&self, fault: Option<Fault>) {
+        *self.fault.lock() = fault;
+    }
+
+    fn fault(&self) -> Option<Fault> {
+        *self.fault.lock()
+    }
+
+    fn check(&self) -> Result<(), StoreError> {
+        match self.fault() {
+            Some(Fault::Outage) => Err(outage()),
+            _ => Ok(()),
+        }
+    }
+}
+
+fn outage() -> StoreError {
+    StoreError::Unavailable("injected fault: the store is down".into())
+}
+
+impl Store for FaultyStore {
+    fn backend(&self) -> &'static str {
+        self.inner.backend()
+    }
+
+    fn register(
+        &self,
+        node_id: &str,
+        address: &str,
+        now_ms: u64,
+    ) -> Result<Registration, StoreError> {
+        self.check()?;
+        self.inner.register(node_id, address, now_ms)
+    }
+
+    fn begin(&self, node_id: &str, epoch: u64) -> Result<Box<dyn StoreTx + '_>, StoreError> {
+        self.check()?;
+        Ok(Box::new(FaultyTx {
+            inner: self.inner.begin(node_id, epoch)?,
+            store: self,
+        }))
+    }
+
+    fn heartbeat(
+        &self,
+        node_id: &str,
+        epoch: u64,
+        now_ms: u64,
+        applied_lsn: u64,
+    ) -> Result<(), StoreError> {
+        self.check()?;
+        self.inner.heartbeat(node_id, epoch, now_ms, applied_lsn)
+    }
+
+    fn load_shard(&self, node_id: &str) -> Result<Vec<ShardRow>, StoreError> {
+        self.check()?;
+        self.inner.load_shard(node_id)
+    }
+
+    fn changes_since(
+        &self,
+        node_id: &str,
+        after: Version,
+        limit: usize,
+    ) -> Result<Vec<ShardRow>, StoreError> {
+        self.check()?;
+        self.inner.changes_since(node_id, after, limit)
+    }
+
+    fn read_counter(&self, counter: &str) -> Result<Vec<ShardRow>, StoreError> {
+        self.check()?;
+        self.inner.read_counter(counter)
+    }
+
+    fn nodes(&self) -> Result<Vec<NodeRow>, StoreError> {
+        self.check()?;
+        self.inner.nodes()
+    }
+
+    fn key(&self, key: &str) -> Result<Option<KeyRow>, StoreError> {
+        self.check()?;
+        self.inner.key(key)
+    }
+
+    fn purge_expired_keys(&self, now_ms: u64, limit: usize) -> Result<u64, StoreError> {
+        self.check()?;
+        self.inner.purge_expired_keys(now_ms, limit)
+    }
+}
+
+struct FaultyTx<'a> {
+    inner: Box<dyn StoreTx + 'a>,
+    store: &'a FaultyStore,
+}
+
+impl StoreTx for FaultyTx<'_> {
+    fn insert_keys(&mut self, keys: &[KeyRow]) -> Result<Vec<bool>, StoreError> {
+        self.store.check()?;
+        self.inner.insert_keys(keys)
+    }
+
+    fn delete_keys(&mut self, keys: &[&str]) -> Result<(), StoreError> {
+        self.store.check()?;
+        self.inner.delete_keys(keys)
+    }
+
+    fn upsert_shards(&mut self, rows: &[(&str, i64, Version)]) -> Result<(), StoreError> {
+        self.store.check()?;
+        self.inner.upsert_shards(rows)
+    }
+
+    fn set_flushed(&mut self, flushed: Version, now_ms: u64) -> Result<(), StoreError> {
+        self.store.check()?;
+        self.inner.set_flushed(flushed, now_ms)
+    }
+
+    fn commit(self: Box<Self>) -> Result<(), StoreError> {
+        // Dropping the inner transaction rolls it back.
+        match self.store.fault() {
+            Some(Fault::Outage) => Err(outage()),
+            Some(Fault::CommitLost) => Err(StoreError::Indeterminate(
+                "injected fault: the commit was lost on the way".into(),
+            )),
+            Some(Fault::CommitUnacknowledged) => {
+                self.inner.commit()?;
+                Err(StoreError::Indeterminate(
+                    "injected fault: the commit's acknowledgement was lost".into(),
+                ))
+            }
+            None => self.inner.commit(),
+        }
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use crate::store::sqlite::SqliteStore;
+
+    fn store() -> (tempfile::TempDir, FaultyStore) {
+        let dir = tempfile::tempdir().unwrap();
+        let inner = SqliteStore::open(&dir.path().join("store.db")).unwrap();
+        (dir, FaultyStore::new(Arc::new(inner)))
+    }
+
+    fn value(s: &FaultyStore) -> Option<i64> {
+        s.load_shard("n").unwrap().first().map(|r| r.value)
+    }
+
+    // Each fault has the effect its name promises: an outage writes nothing
+    // and fails every call, a lost commit writes nothing, an
+    // unacknowledged commit writes; both commit faults report Indeterminate.
+    #[test]
+    fn injected_faults_do_what_they_say() {
+        let (_dir, s) = store();
+        let e = s.register("n", "addr", 1).unwrap().epoch;
+        let write = |value: i64, lsn: u64| {
+            let mut tx = s.begin("n", e)?;
+            tx.upsert_shards(&[("c", value, Version::new(e, lsn))])?;
+            tx.commit()
+        };
+
+        s.set_fault(Some(Fault::Outage));
+        assert!(matches!(write(1, 1), Err(StoreError::Unavailable(_))));
+        assert!(matches!(s.nodes(), Err(StoreError::Unavailable(_))));
+        s.set_fault(None);
+        assert_eq!(value(&s), None);
+
+        s.set_fault(Some(Fault::CommitLost));
+        assert!(matches!(write(2, 2), Err(StoreError::Indeterminate(_))));
+        s.set_fault(None);
+        assert_eq!(value(&s), None);
+
+        s.set_fault(Some(Fault::CommitUnacknowledged));
+        assert!(matches!(write(3, 3), Err(StoreError::Indeterminate(_))));
+        s.set_fault(None);
+        assert_eq!(value(&s), Some(3));
+
+        // An outage that starts inside a transaction rolls it back.
+        let mut tx = s.begin("n", e).unwrap();
+        tx.upsert_shards(&[("c", 4, Version::new(e, 4))]).unwrap();
+        s.set_fault(Some(Fault::Outage));
+        assert!(matches!(tx.commit(), Err(StoreError::Unavailable(_))));
+        s.set_fault(None);
+        assert_eq!(value(&s), Some(3));
+        write(5, 5).unwrap();
+        assert_eq!(value(&s), Some(5));
+    }
+}

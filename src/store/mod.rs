@@ -1,0 +1,407 @@
+//! The shared store: where every node flushes its shard of every counter,
+//! takes its epoch, heartbeats, and records idempotency keys that must hold
+//! across nodes.
+//!
+//! The store keeps one row per (counter, node): the node's absolute
+//! contribution and the [`Version`] `(epoch, lsn)` that wrote it. A node only
+//! ever writes its own rows, so nodes never contend on a row. A stored row is
+//! replaced only by a strictly higher version, which makes a repeated or
+//! reordered flush harmless. A node takes a new epoch every time it starts
+//! ([`Store::register`]); every write transaction checks, and keeps valid
+//! until commit, that the epoch is still the node's current one
+//! ([`Store::begin`]), so a zombie or a second process with the same node id
+//! can never write after a newer process has registered.
+//!
+//! Two backends implement [`Store`]: [`sqlite`] (one file shared by the node
+//! processes of one machine, the default) and [`postgres`] (across
+//! machines). [`open`] picks one from a URL; [`schema`] owns the tables and
+//! their versioned migrations; [`faulty`] wraps a store to fail on demand in
+//! tests; [`bench`] times a flush. `docs/design.md`, "Shared store", gives the
+//! schema and the fencing argument.
+//!
+//! This module must never decide *what* to flush or when: that belongs to
+//! the node. It must never be called from an async task either: both
+//! backends block the calling thread on I/O (and the `postgres` crate runs
+//! its own small runtime, which panics inside another one). Call it from a
+//! dedicated thread or `tokio::task::spawn_blocking`.
+
+pub mod bench;
+pub mod faulty;
+pub mod postgres;
+pub mod schema;
+pub mod sqlite;
+pub mod url;
+
+use std::collections::HashMap;
+use std::sync::Arc;
+
+pub use self::url::StoreUrl;
+
+/// Largest epoch, lsn or time the store can hold: both backends keep them
+/// in signed 64-bit columns. A value above it is refused with
+/// [`StoreError::Invalid`], never wrapped.
+pub const STORED_INT_MAX: u64 = i64::MAX as u64;
+
+/// Who wrote a shard row: the writer's epoch, then its log sequence number.
+/// Ordered lexicographically, so any write of a newer epoch outranks every
+/// write of an older one.
+#[derive(Debug, Clone, Copy, PartialEq, Eq, PartialOrd, Ord, Hash, Default)]
+pub struct Version {
+    pub epoch: u64,
+    pub lsn: u64,
+}
+
+impl Version {
+    pub const fn new(epoch: u64, lsn: u64) -> Version {
+        Version { epoch, lsn }
+    }
+}
+
+impl std::fmt::Display for Version {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        write!(f, "({}, {})", self.epoch, self.lsn)
+    }
+}
+
+/// One node's shard of one counter, as stored.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct ShardRow {
+    pub counter: String,
+    pub node_id: String,
+    /// The node's absolute contribution to the counter.
+    pub value: i64,
+    pub version: Version,
+}
+
+/// What the store knows about one node.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct NodeRow {
+    pub node_id: String,
+    /// The node's current epoch; only a process holding it may write.
+    pub epoch: u64,
+    /// Where the node serves clients, as it said when it registered.
+    pub address: String,
+    pub started_at_ms: u64,
+    pub heartbeat_at_ms: u64,
+    /// How far the node's flushes have reached ([`StoreTx::set_flushed`]).
+    pub flushed: Version,
+    /// The node's applied lsn as of its last heartbeat.
+    pub applied_lsn: u64,
+}
+
+/// An idempotency key recorded in the store, and who recorded it.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct KeyRow {
+    pub key: String,
+    pub node_id: String,
+    pub epoch: u64,
+    pub counter: String,
+    /// Unix milliseconds; the key may be purged at or after this time.
+    pub expires_at_ms: u64,
+}
+
+/// Result of [`Store::register`].
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct Registration {
+    /// The epoch this process now holds; every earlier one is fenced.
+    pub epoch: u64,
+    /// The node's row as it was before this registration (`None` on the
+    /// node id's first start): its last flushed version, applied lsn and
+    /// heartbeat, which restore compares with the local state.
+    pub previous: Option<NodeRow>,
+}
+
+/// Errors of the shared store. Each variant tells the caller what it may
+/// assume about the operation that failed.
+#[derive(Debug, Clone, PartialEq, Eq, thiserror::Error)]
+#[non_exhaustive]
+pub enum StoreError {
+    /// This node's epoch has been superseded: stop writing, for good.
+    #[error(
+        "node '{node_id}' is fenced: its epoch {ours} was superseded by epoch {current} \
+         (another process registered the same node id); this process must stop writing"
+    )]
+    Fenced {
+        node_id: String,
+        ours: u64,
+        current: u64,
+    },
+
+    /// The operation definitely did not take effect (connection refused,
+    /// statement error before commit, rollback, busy timeout...). Retrying
+    /// later is safe.
+    #[error("store unavailable, nothing was written: {0}")]
+    Unavailable(String),
+
+    /// A commit was sent but its outcome is unknown (the connection broke
+    /// while committing). The writes may or may not be in the store; a
+    /// retry must be harmless either way (versions and keys make it so).
+    #[error("store commit outcome unknown: {0}")]
+    Indeterminate(String),
+
+    /// Bad configuration, URL or schema (e.g. a newer schema version than
+    /// this build knows), or a value the store cannot hold. Retrying does
+    /// not help; the message says what to change.
+    #[error("store misconfigured: {0}")]
+    Invalid(String),
+}
+
+/// The shared store, blocking. One transaction at a time per `Store` value:
+/// while a [`StoreTx`] is open, other calls on the same value wait for it,
+/// so never call the store from the thread that holds an open transaction.
+/// Open a second `Store` for reads that must not wait behind flushes.
+///
+/// Call only from blocking threads, never from an async task (see the
+/// module documentation).
+pub trait Store: Send + Sync {
+    /// `"sqlite"` or `"postgres"`.
+    fn backend(&self) -> &'static str;
+
+    /// Registers the node (inserting its row on first start) and atomically
+    /// takes epoch = previous + 1. Two processes registering one node id at
+    /// once get two different epochs; the higher one wins every later
+    /// [`Store::begin`].
+    fn register(
+        &self,
+        node_id: &str,
+        address: &str,
+        now_ms: u64,
+    ) -> Result<Registration, StoreError>;
+
+    /// Starts a write transaction for this node. Fails with
+    /// [`StoreError::Fenced`] unless `epoch` is the node's current epoch, and
+    /// keeps that check valid until commit: a registration that would bump
+    /// the epoch waits until the transaction ends (PostgreSQL: the node row
+    /// is locked `FOR UPDATE`; SQLite: `BEGIN IMMEDIATE` takes the write
+    /// lock). Dropping the transaction without committing rolls it back.
+    fn begin(&self, node_id: &str, epoch: u64) -> Result<Box<dyn StoreTx + '_>, StoreError>;
+
+    /// Records that the node is alive and how far it has applied; fails with
+    /// [`StoreError::Fenced`] if `epoch` has been superseded.
+    fn heartbeat(
+        &self,
+        node_id: &str,
+        epoch: u64,
+        now_ms: u64,
+        applied_lsn: u64,
+    ) -> Result<(), StoreError>;
+
+    /// Every stored row of `node_id`, in no particular order.
+    fn load_shard(&self, node_id: &str) -> Result<Vec<ShardRow>, StoreError>;
+
+    /// Rows of `node_id` whose version is greater than `after`, ordered by
+    /// version (then counter name), at most `limit` of them, except that a
+    /// page never ends between rows sharing one version: pass the last
+    /// row's version as the next `after` and every row is visited once.
+    fn changes_since(
+        &self,
+        node_id: &str,
+        after: Version,
+        limit: usize,
+    ) -> Result<Vec<ShardRow>, StoreError>;
+
+    /// Every node's shard of `counter`, in no particular order; the
+    /// counter's global value is the sum of their values.
+    fn read_counter(&self, counter: &str) -> Result<Vec<ShardRow>, StoreError>;
+
+    /// Every registered node, ordered by node id.
+    fn nodes(&self) -> Result<Vec<NodeRow>, StoreError>;
+
+    /// The recorded idempotency key, if any (expired or not).
+    fn key(&self, key: &str) -> Result<Option<KeyRow>, StoreError>;
+
+    /// Deletes at most `limit` keys whose expiry is at or before `now_ms`,
+    /// oldest first; returns how many were deleted.
+    fn purge_expired_keys(&self, now_ms: u64, limit: usize) -> Result<u64, StoreError>;
+}
+
+/// A write transaction of one node, fenced by its epoch (see
+/// [`Store::begin`]). After any method fails, the transaction can only be
+/// dropped: [`StoreTx::commit`] refuses it, so that a batch is never
+/// committed in part.
+pub trait StoreTx {
+    /// Inserts each key that is not present; returns, per key in order,
+    /// whether it was inserted (false: it already existed, possibly from
+    /// another node). Duplicate keys inside one call: the first wins, later
+    /// ones report false. Every key must carry this transaction's node id
+    /// and epoch. A key that has expired but is not yet purged still counts
+    /// as present.
+    fn insert_keys(&mut self, keys: &[KeyRow]) -> Result<Vec<bool>, StoreError>;
+
+    /// Deletes the named keys that this node recorded; keys recorded by
+    /// other nodes are left alone.
+    fn delete_keys(&mut self, keys: &[&str]) -> Result<(), StoreError>;
+
+    /// Upserts this node's rows `(counter, value, version)`; a stored row is
+    /// replaced only by a strictly higher version. Repeating or reordering a
+    /// batch changes nothing. A batch that names one counter twice keeps the
+    /// higher version. A version whose epoch is above the transaction's is
+    /// refused ([`StoreError::Invalid`]): it would outrank every later write.
+    fn upsert_shards(&mut self, rows: &[(&str, i64, Version)]) -> Result<(), StoreError>;
+
+    /// Records how far this node's flushes have reached; never lowers it.
+    /// Also counts as a heartbeat at `now_ms` (a flush is proof of life);
+    /// the heartbeat time never goes back either.
+    fn set_flushed(&mut self, flushed: Version, now_ms: u64) -> Result<(), StoreError>;
+
+    /// Commits. [`StoreError::Indeterminate`] means the commit was sent and
+    /// its outcome is unknown.
+    fn commit(self: Box<Self>) -> Result<(), StoreError>;
+}
+
+/// Opens a store from a URL: `sqlite://PATH` (relative or absolute path;
+/// `sqlite:///abs/path` too) or `postgres://...` / `postgresql://...`, and
+/// brings its schema up to date (see [`schema`]).
+pub fn open(url: &str) -> Result<Arc<dyn Store>, StoreError> {
+    match StoreUrl::parse(url)? {
+        StoreUrl::Sqlite(path) => Ok(Arc::new(sqlite::SqliteStore::open(&path)?)),
+        StoreUrl::Postgres(url) => Ok(Arc::new(postgres::PostgresStore::open(&url)?)),
+    }
+}
+
+/// Converts an epoch, lsn or time to the store's signed column type.
+pub(crate) fn to_stored(value: u64, what: &str) -> Result<i64, StoreError> {
+    i64::try_from(value).map_err(|_| {
+        StoreError::Invalid(format!(
+            "{what} {value} is above {STORED_INT_MAX}, the largest the store can hold"
+        ))
+    })
+}
+
+/// Converts a stored column back; a negative value can only come from a
+/// write outside tally.
+pub(crate) fn from_stored(value: i64, what: &str) -> Result<u64, StoreError> {
+    u64::try_from(value).map_err(|_| {
+        StoreError::Invalid(format!(
+            "the store holds a negative {what} ({value}); the tally tables were changed outside tally"
+        ))
+    })
+}
+
+pub(crate) fn not_registered(node_id: &str) -> StoreError {
+    StoreError::Invalid(format!(
+        "node '{node_id}' is not registered in the store; register it before writing"
+    ))
+}
+
+/// What every call on a transaction returns after one of its steps failed.
+pub(crate) fn poisoned() -> StoreError {
+    StoreError::Unavailable(
+        "an earlier step of this transaction failed, so it was not committed; \
+         drop it and start a new one"
+            .into(),
+    )
+}
+
+/// Checks rows bound for [`StoreTx::upsert_shards`] against the
+/// transaction's epoch.
+pub(crate) fn check_shard_rows(
+    node_id: &str,
+    epoch: u64,
+    rows: &[(&str, i64, Version)],
+) -> Result<(), StoreError> {
+    for &(counter, _, version) in rows {
+        if version.epoch > epoch {
+            return Err(StoreError::Invalid(format!(
+                "node '{node_id}' at epoch {epoch} tried to write counter '{counter}' \
+                 at version {version}, from a later epoch"
+            )));
+        }
+        to_stored(version.epoch, "epoch")?;
+        to_stored(version.lsn, "lsn")?;
+    }
+    Ok(())
+}
+
+/// Checks keys bound for [`StoreTx::insert_keys`]: each must be this
+/// transaction's, so a key's recorded owner is always the writer.
+pub(crate) fn check_key_rows(node_id: &str, epoch: u64, keys: &[KeyRow]) -> Result<(), StoreError> {
+    for k in keys {
+        if k.node_id != node_id || k.epoch != epoch {
+            return Err(StoreError::Invalid(format!(
+                "key '{}' names node '{}' epoch {}, but the transaction belongs to node \
+                 '{node_id}' epoch {epoch}",
+                k.key, k.node_id, k.epoch
+            )));
+        }
+        to_stored(k.expires_at_ms, "key expiry")?;
+    }
+    Ok(())
+}
+
+/// Keeps, for each counter named in `rows`, only its highest version (the
+/// first of equal ones), in order of first appearance. PostgreSQL refuses to
+/// update one row twice in one statement, so a batch is deduplicated before
+/// it is sent.
+pub(crate) fn dedupe_shard_rows<'a>(
+    rows: &[(&'a str, i64, Version)],
+) -> Vec<(&'a str, i64, Version)> {
+    let mut index: HashMap<&str, usize> = HashMap::with_capacity(rows.len());
+    let mut out: Vec<(&str, i64, Version)> = Vec::with_capacity(rows.len());
+    for &row in rows {
+        match index.get(row.0) {
+            Some(&i) => {
+                if row.2 > out[i].2 {
+                    out[i] = row;
+                }
+            }
+            None => {
+                index.insert(row.0, out.len());
+                out.push(row);
+            }
+        }
+    }
+    out
+}
+
+/// For each key, whether it is the first occurrence of that key in `keys`.
+pub(crate) fn first_occurrences(keys: &[KeyRow]) -> Vec<bool> {
+    let mut seen = std::collections::HashSet::with_capacity(keys.len());
+    keys.iter().map(|k| seen.insert(k.key.as_str())).collect()
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    // A batch naming one counter several times keeps its highest version
+    // wherever it appears, and keeps the other counters in order.
+    #[test]
+    fn dedupe_keeps_the_highest_version_per_counter() {
+        let rows = [
+            ("a", 1, Version::new(1, 5)),
+            ("b", 2, Version::new(1, 6)),
+            ("a", 3, Version::new(1, 9)),
+            ("a", 4, Version::new(1, 7)),
+            ("b", 5, Version::new(1, 6)),
+        ];
+        let out = dedupe_shard_rows(&rows);
+        assert_eq!(
+            out,
+            vec![("a", 3, Version::new(1, 9)), ("b", 2, Version::new(1, 6))]
+        );
+    }
+
+    // Versions order by epoch first: any write of a newer epoch outranks
+    // every write of an older one, whatever the lsns.
+    #[test]
+    fn versions_order_by_epoch_then_lsn() {
+        assert!(Version::new(2, 0) > Version::new(1, u64::MAX));
+        assert!(Version::new(1, 2) > Version::new(1, 1));
+        assert_eq!(Version::default(), Version::new(0, 0));
+    }
+
+    // Values the signed columns cannot hold are refused, not wrapped.
+    #[test]
+    fn values_above_the_stored_limit_are_refused() {
+        assert_eq!(to_stored(STORED_INT_MAX, "lsn"), Ok(i64::MAX));
+        assert!(matches!(
+            to_stored(STORED_INT_MAX + 1, "lsn"),
+            Err(StoreError::Invalid(_))
+        ));
+        assert!(matches!(
+            from_stored(-1, "lsn"),
+            Err(StoreError::Invalid(_))
+        ));
+    }
+}

@@ -1,0 +1,852 @@
+//! The PostgreSQL backend: a store shared by nodes on several machines.
+//!
+//! Each [`PostgresStore`] holds one connection behind a mutex; a
+//! transaction keeps the mutex until it ends. After a failure that breaks
+//! the connection, it is dropped and the next call connects again (within
+//! [`CONNECT_TIMEOUT`]), so a store outage ends by itself once the server
+//! is back.
+//!
+//! Fencing: a write transaction starts by locking the node's row with
+//! `SELECT ... FOR UPDATE` and comparing its epoch. A registration locks the
+//! same row before bumping the epoch, so it waits until the transaction
+//! ends: no write of an old epoch can commit after a newer epoch exists.
+//!
+//! A flush is one statement whatever its size (up to
+//! [`STATEMENT_ROWS_MAX`] rows): the rows travel as arrays and are spread
+//! by `UNNEST`, so there is no parameter-count limit and one round trip.
+//!
+//! Errors: an error before `COMMIT` is sent means nothing was written
+//! ([`StoreError::Unavailable`]); a failure while committing leaves the
+//! outcome unknown ([`StoreError::Indeterminate`]) unless the server said
+//! it rolled back. The SQL stays within what the PostgreSQL-wire
+//! distributed engines (CockroachDB, YugabyteDB) accept: no advisory locks,
+//! no PL/pgSQL, no `LISTEN`.
+//!
+//! This module must never be called from inside a Tokio runtime: the
+//! `postgres` crate blocks on a runtime of its own, which panics there.
+
+use std::collections::{HashMap, HashSet};
+use std::time::Duration;
+
+use ::postgres::config::SslMode;
+use ::postgres::error::SqlState;
+use ::postgres::types::ToSql;
+use ::postgres::{Client, Config, NoTls, Row, Statement};
+use parking_lot::{Mutex, MutexGuard};
+
+use super::{
+    KeyRow, NodeRow, Registration, ShardRow, Store, StoreError, StoreTx, Version, from_stored,
+    not_registered, poisoned, schema, to_stored,
+};
+
+/// Longest wait for a connection to the server, unless the URL sets
+/// `connect_timeout`. A store outage then fails a call in bounded time.
+pub const CONNECT_TIMEOUT: Duration = Duration::from_secs(5);
+
+/// Longest time sent data may stay unacknowledged by the server's host
+/// before the connection is declared broken (`TCP_USER_TIMEOUT`), unless
+/// the URL sets `tcp_user_timeout`. Without it, a call to a server whose
+/// host vanished would hang for the kernel's default of many minutes.
+pub const TCP_USER_TIMEOUT: Duration = Duration::from_secs(30);
+
+/// Most rows sent in one statement by [`StoreTx::upsert_shards`] or
+/// [`StoreTx::insert_keys`]. A larger batch is sent as several statements
+/// in the same transaction (still atomic). It bounds one message to a few
+/// tens of megabytes, far below the server's 1 GB limit.
+pub const STATEMENT_ROWS_MAX: usize = 100_000;
+
+/// First pause before a migrator that lost a race tries again; doubled
+/// at each attempt.
+const MIGRATION_RETRY_DELAY: Duration = Duration::from_millis(20);
+
+/// A store in a PostgreSQL database.
+pub struct PostgresStore {
+    config: Config,
+    /// `None` until the first call, and again after a failure broke the
+    /// connection. A blocking mutex: every holder blocks on the server.
+    conn: Mutex<Option<Conn>>,
+}
+
+/// A connection and the statements prepared on it (they die with it).
+struct Conn {
+    client: Client,
+    statements: HashMap<&'static str, Statement>,
+    /// The connection's transaction state is unknown (a `ROLLBACK`
+    /// failed): it must not be used again.
+    broken: bool,
+}
+
+/// Why a step failed: a driver error (with what was being done) or a
+/// decision of ours (fenced, invalid value).
+enum Fail {
+    Pg(&'static str, ::postgres::Error),
+    Store(StoreError),
+}
+
+impl From<StoreError> for Fail {
+    fn from(e: StoreError) -> Fail {
+        Fail::Store(e)
+    }
+}
+
+/// Attaches what was being done to a driver error.
+trait Context<T> {
+    fn ctx(self, what: &'static str) -> Result<T, Fail>;
+}
+
+impl<T> Context<T> for Result<T, ::postgres::Error> {
+    fn ctx(self, what: &'static str) -> Result<T, Fail> {
+        self.map_err(|e| Fail::Pg(what, e))
+    }
+}
+
+/// A driver error in words: the server's code and message when it sent
+/// one, else the whole cause chain (the driver's own text is terse).
+fn describe(e: &::postgres::Error) -> String {
+    if let Some(db) = e.as_db_error() {
+        let mut s = format!("{} {}: {}", db.severity(), db.code().code(), db.message());
+        if let Some(detail) = db.detail() {
+            s.push_str(" (");
+            s.push_str(detail);
+            s.push(')');
+        }
+        return s;
+    }
+    let mut s = e.to_string();
+    let mut source = std::error::Error::source(e);
+    while let Some(cause) = source {
+        s.push_str(": ");
+        s.push_str(&cause.to_string());
+        source = cause.source();
+    }
+    s
+}
+
+impl Conn {
+    fn statement(&mut self, sql: &'static str) -> Result<Statement, ::postgres::Error> {
+        if let Some(s) = self.statements.get(sql) {
+            return Ok(s.clone());
+        }
+        let s = self.client.prepare(sql)?;
+        self.statements.insert(sql, s.clone());
+        Ok(s)
+    }
+
+    fn query(
+        &mut self,
+        sql: &'static str,
+        params: &[&(dyn ToSql + Sync)],
+        what: &'static str,
+    ) -> Result<Vec<Row>, Fail> {
+        let stmt = self.statement(sql).ctx(what)?;
+        self.client.query(&stmt, params).ctx(what)
+    }
+
+    fn execute(
+        &mut self,
+        sql: &'static str,
+        params: &[&(dyn ToSql + Sync)],
+        what: &'static str,
+    ) -> Result<u64, Fail> {
+        let stmt = self.statement(sql).ctx(what)?;
+        self.client.execute(&stmt, params).ctx(what)
+    }
+
+    fn batch(&mut self, sql: &str, what: &'static str) -> Result<(), Fail> {
+        self.client.batch_execute(sql).ctx(what)
+    }
+
+    /// Ends a transaction that must not commit. If even that fails, the
+    /// connection's state is unknown and it is marked broken.
+    fn rollback(&mut self) {
+        if self.client.batch_execute("ROLLBACK").is_err() {
+            self.broken = true;
+        }
+    }
+
+    /// Sends `COMMIT` and says what a failure means.
+    fn commit(&mut self, what: &str) -> Result<(), StoreError> {
+        // A connection already known to be closed never carried the
+        // COMMIT: the server rolls back a transaction whose session ends.
+        if self.client.is_closed() {
+            return Err(StoreError::Unavailable(format!(
+                "{what}: the connection to PostgreSQL was lost before commit; \
+                 the transaction was rolled back"
+            )));
+        }
+        match self.client.batch_execute("COMMIT") {
+            Ok(()) => Ok(()),
+            Err(e) => {
+                let rolled_back = e.as_db_error().is_some_and(|db| {
+                    let class = &db.code().code()[..2];
+                    // 40: transaction rollback (serialization failure,
+                    // deadlock); 23: a deferred constraint failed. The
+                    // server reports these instead of committing.
+                    class == "40" || class == "23"
+                });
+                if rolled_back {
+                    Err(StoreError::Unavailable(format!(
+                        "{what}: the server rolled back the commit: {}",
+                        describe(&e)
+                    )))
+                } else {
+                    // Whatever state the session is in, it is not one to
+                    // build on.
+                    self.broken = true;
+                    Err(StoreError::Indeterminate(format!(
+                        "{what}: the connection failed while committing: {}",
+                        describe(&e)
+                    )))
+                }
+            }
+        }
+    }
+}
+
+/// Whether a failure leaves the connection unusable.
+fn breaks(fail: &Fail, conn: &Conn) -> bool {
+    conn.broken
+        || conn.client.is_closed()
+        || matches!(fail, Fail::Pg(_, e) if e.as_db_error().is_none())
+}
+
+fn into_store_error(fail: Fail) -> StoreError {
+    match fail {
+        Fail::Store(e) => e,
+        Fail::Pg(what, e) => StoreError::Unavailable(format!("{what}: {}", describe(&e))),
+    }
+}
+
+fn col<T: for<'a> ::postgres::types::FromSql<'a>>(
+    row: &Row,
+    i: usize,
+    what: &'static str,
+) -> Result<T, Fail> {
+    row.try_get(i).ctx(what)
+}
+
+fn stored(row: &Row, i: usize, what: &'static str) -> Result<u64, Fail> {
+    Ok(from_stored(col::<i64>(row, i, what)?, what)?)
+}
+
+fn decode_shard(row: &Row) -> Result<ShardRow, Fail> {
+    Ok(ShardRow {
+        counter: col(row, 0, "counter")?,
+        node_id: col(row, 1, "node id")?,
+        value: col(row, 2, "value")?,
+        version: Version {
+            epoch: stored(row, 3, "epoch")?,
+            lsn: stored(row, 4, "lsn")?,
+        },
+    })
+}
+
+fn decode_node(row: &Row) -> Result<NodeRow, Fail> {
+    Ok(NodeRow {
+        node_id: col(row, 0, "node id")?,
+        epoch: stored(row, 1, "epoch")?,
+        address: col(row, 2, "address")?,
+        started_at_ms: stored(row, 3, "start time")?,
+        heartbeat_at_ms: stored(row, 4, "heartbeat time")?,
+        flushed: Version {
+            epoch: stored(row, 5, "flushed epoch")?,
+            lsn: stored(row, 6, "flushed lsn")?,
+        },
+        applied_lsn: stored(row, 7, "applied lsn")?,
+    })
+}
+
+fn limit_param(limit: usize) -> i64 {
+    i64::try_from(limit).unwrap_or(i64::MAX)
+}
+
+const INSERT_NODE: &str = "INSERT INTO tally_nodes (node_id, epoch, address, started_at_ms, \
+     heartbeat_at_ms, flushed_epoch, flushed_lsn, applied_lsn) \
+     VALUES ($1, 1, $2, $3, $3, 0, 0, 0) ON CONFLICT (node_id) DO NOTHING";
+const SELECT_NODE_FOR_UPDATE: &str = "SELECT node_id, epoch, address, started_at_ms, \
+     heartbeat_at_ms, flushed_epoch, flushed_lsn, applied_lsn FROM tally_nodes \
+     WHERE node_id = $1 FOR UPDATE";
+const BUMP_EPOCH: &str = "UPDATE tally_nodes SET epoch = epoch + 1, address = $2, \
+     started_at_ms = $3, heartbeat_at_ms = $3 WHERE node_id = $1 RETURNING epoch";
+const LOCK_NODE: &str = "SELECT epoch FROM tally_nodes WHERE node_id = $1 FOR UPDATE";
+const SELECT_EPOCH: &str = "SELECT epoch FROM tally_nodes WHERE node_id = $1";
+const HEARTBEAT: &str = "UPDATE tally_nodes SET heartbeat_at_ms = $3, applied_lsn = $4 \
+     WHERE node_id = $1 AND epoch = $2";
+const LOAD_SHARD: &str =
+    "SELECT counter, node_id, value, epoch, lsn FROM tally_shards WHERE node_id = $1";
+const CHANGES: &str = "SELECT counter, node_id, value, epoch, lsn FROM tally_shards \
+     WHERE node_id = $1 AND (epoch, lsn) > ($2::int8, $3::int8) \
+     ORDER BY epoch, lsn, counter LIMIT $4";
+const CHANGES_TIES: &str = "SELECT counter, node_id, value, epoch, lsn FROM tally_shards \
+     WHERE node_id = $1 AND epoch = $2 AND lsn = $3 AND counter > $4 ORDER BY counter";
+const READ_COUNTER: &str =
+    "SELECT counter, node_id, value, epoch, lsn FROM tally_shards WHERE counter = $1";
+const NODES: &str = "SELECT node_id, epoch, address, started_at_ms, heartbeat_at_ms, \
+     flushed_epoch, flushed_lsn, applied_lsn FROM tally_nodes ORDER BY node_id";
+const KEY: &str =
+    "SELECT key, node_id, epoch, counter, expires_at_ms FROM tally_keys WHERE key = $1";
+const PURGE_KEYS: &str = "DELETE FROM tally_keys WHERE key IN (SELECT key FROM tally_keys \
+     WHERE expires_at_ms <= $1 ORDER BY expires_at_ms LIMIT $2)";
+const UPSERT_SHARDS: &str = "INSERT INTO tally_shards (counter, node_id, value, epoch, lsn) \
+     SELECT c, $1::text, v, e, l \
+     FROM UNNEST($2::text[], $3::int8[], $4::int8[], $5::int8[]) AS t(c, v, e, l) \
+     ON CONFLICT (counter, node_id) DO UPDATE \
+     SET value = EXCLUDED.value, epoch = EXCLUDED.epoch, lsn = EXCLUDED.lsn \
+     WHERE (tally_shards.epoch, tally_shards.lsn) < (EXCLUDED.epoch, EXCLUDED.lsn)";
+const INSERT_KEYS: &str = "INSERT INTO tally_keys (key, node_id, epoch, counter, expires_at_ms) \
+     SELECT k, $1::text, $2::int8, c, x \
+     FROM UNNEST($3::text[], $4::text[], $5::int8[]) AS t(k, c, x) \
+     ON CONFLICT (key) DO NOTHING RETURNING key";
+const DELETE_KEYS: &str = "DELETE FROM tally_keys WHERE node_id = $1 AND key = ANY($2::text[])";
+// Every SET expression reads the row as it was, so the comparison is made
+// once against the old flushed version.
+const SET_FLUSHED: &str = "UPDATE tally_nodes SET \
+     flushed_epoch = CASE WHEN (flushed_epoch, flushed_lsn) < ($2::int8, $3::int8) \
+         THEN $2::int8 ELSE flushed_epoch END, \
+     flushed_lsn = CASE WHEN (flushed_epoch, flushed_lsn) < ($2::int8, $3::int8) \
+         THEN $3::int8 ELSE flushed_lsn END, \
+     heartbeat_at_ms = GREATEST(heartbeat_at_ms, $4::int8) \
+     WHERE node_id = $1";
+
+impl PostgresStore {
+    /// Parses a `postgres://` URL, connects, and brings the schema up to
+    /// date. The URL accepts libpq's parameters (`connect_timeout`,
+    /// `application_name`, ...). TLS is not supported by this build.
+    pub fn open(url: &str) -> Result<PostgresStore, StoreError> {
+        // The parser's message never includes the URL, which may hold a
+        // password.
+        let mut config: Config = url
+            .parse()
+            .map_err(|e| StoreError::Invalid(format!("PostgreSQL URL is invalid: {e}")))?;
+        if config.get_ssl_mode() == SslMode::Require {
+            return Err(StoreError::Invalid(
+                "PostgreSQL URL asks for TLS (sslmode=require), which this build does not \
+                 support; reach the server over a private network or a TLS tunnel"
+                    .into(),
+            ));
+        }
+        if config.get_connect_timeout().is_none() {
+            config.connect_timeout(CONNECT_TIMEOUT);
+        }
+        if config.get_tcp_user_timeout().is_none() {
+            config.tcp_user_timeout(TCP_USER_TIMEOUT);
+        }
+        if config.get_application_name().is_none() {
+            config.application_name("tally");
+        }
+        let store = PostgresStore {
+            config,
+            conn: Mutex::new(None),
+        };
+        {
+            let mut guard = store.conn.lock();
+            let conn = store.connected(&mut guard)?;
+            if let Err(e) = migrate(conn) {
+                *guard = None;
+                return Err(e);
+            }
+        }
+        Ok(store)
+    }
+
+    /// The open connection, connecting first if there is none (or the
+    /// last one broke).
+    fn connected<'g>(
+        &self,
+        guard: &'g mut MutexGuard<'_, Option<Conn>>,
+    ) -> Result<&'g mut Conn, StoreError> {
+        if guard
+            .as_ref()
+            .is_some_and(|c| c.broken || c.client.is_closed())
+        {
+            **guard = None;
+        }
+        if guard.is_none() {
+            let client = self.config.connect(NoTls).map_err(|e| {
+                StoreError::Unavailable(format!("connecting to PostgreSQL: {}", describe(&e)))
+            })?;
+            **guard = Some(Conn {
+                client,
+                statements: HashMap::new(),
+                broken: false,
+            });
+        }
+        Ok(guard.as_mut().expect("connected above"))
+    }
+
+    /// Runs `f` on the connection, outside any transaction (each statement
+    /// commits on its own), and drops the connection if `f` broke it.
+    fn call<T>(&self, f: impl FnOnce(&mut Conn) -> Result<T, Fail>) -> Result<T, StoreError> {
+        let mut guard = self.conn.lock();
+        let conn = self.connected(&mut guard)?;
+        match f(conn) {
+            Ok(v) => Ok(v),
+            Err(fail) => {
+                if breaks(&fail, conn) {
+                    *guard = None;
+                }
+                Err(into_store_error(fail))
+            }
+        }
+    }
+
+    /// Runs `f` in a transaction and commits it.
+    fn call_in_tx<T>(
+        &self,
+        what: &'static str,
+        f: impl FnOnce(&mut Conn) -> Result<T, Fail>,
+    ) -> Result<T, StoreError> {
+        self.call(|c| {
+            c.batch("BEGIN", what)?;
+            match f(c) {
+                Ok(v) => {
+                    c.commit(what)?;
+                    Ok(v)
+                }
+                Err(fail) => {
+                    c.rollback();
+                    Err(fail)
+                }
+            }
+        })
+    }
+}
+
+/// Whether a migration failed only because another migrator got there
+/// first (or the engine asks for a retry): try again and find it done.
+fn lost_race(fail: &Fail) -> bool {
+    let Fail::Pg(_, e) = fail else { return false };
+    let Some(code) = e.code() else { return false };
+    [
+        SqlState::UNIQUE_VIOLATION,
+        SqlState::DUPLICATE_TABLE,
+        SqlState::DUPLICATE_OBJECT,
+        SqlState::T_R_SERIALIZATION_FAILURE,
+        SqlState::T_R_DEADLOCK_DETECTED,
+        // "tuple concurrently updated", from racing catalog changes.
+        SqlState::INTERNAL_ERROR,
+    ]
+    .contains(code)
+}
+
+fn migrate(conn: &mut Conn) -> Result<(), StoreError> {
+    let mut delay = MIGRATION_RETRY_DELAY;
+    for attempt in 1..=schema::MIGRATION_ATTEMPTS_MAX {
+        let result = migrate_once(conn);
+        match result {
+            Ok(()) => return Ok(()),
+            Err(fail) => {
+                conn.rollback();
+                if conn.broken || conn.client.is_closed() {
+                    return Err(into_store_error(fail));
+                }
+                if !(lost_race(&fail) && attempt < schema::MIGRATION_ATTEMPTS_MAX) {
+                    return Err(match into_store_error(fail) {
+                        StoreError::Unavailable(m) => {
+                            StoreError::Unavailable(format!("migrating the schema: {m}"))
+                        }
+                        other => other,
+                    });
+                }
+                std::thread::sleep(delay);
+                delay *= 2;
+            }
+        }
+    }
+    unreachable!("the last attempt returns")
+}
+
+fn migrate_once(c: &mut Conn) -> Result<(), Fail> {
+    c.batch("BEGIN", "starting the migration")?;
+    c.batch(schema::VERSION_TABLE, "creating the schema version table")?;
+    let found: Option<i64> = col(
+        &c.client
+            .query_one(schema::SELECT_VERSION, &[])
+            .ctx("reading the schema version")?,
+        0,
+        "schema version",
+    )?;
+    let found = from_stored(found.unwrap_or(0), "schema version")?;
+    schema::check_known(found)?;
+    for m in schema::pending(found) {
+        c.batch(m.postgres, "applying a migration")?;
+        let version = to_stored(m.version, "schema version")?;
+        let now = to_stored(crate::idempotency::now_ms(), "time")?;
+        c.client
+            .execute(schema::INSERT_VERSION_POSTGRES, &[&version, &now])
+            .ctx("recording a migration")?;
+    }
+    c.batch("COMMIT", "committing the migration")
+}
+
+fn fenced_or_unknown(c: &mut Conn, node_id: &str, ours: u64) -> Result<StoreError, Fail> {
+    let rows = c.query(SELECT_EPOCH, &[&node_id], "reading the node's epoch")?;
+    match rows.first() {
+        Some(row) => Ok(StoreError::Fenced {
+            node_id: node_id.to_string(),
+            ours,
+            current: stored(row, 0, "epoch")?,
+        }),
+        None => Ok(not_registered(node_id)),
+    }
+}
+
+impl Store for PostgresStore {
+    fn backend(&self) -> &'static str {
+        "postgres"
+    }
+
+    fn register(
+        &self,
+        node_id: &str,
+        address: &str,
+        now_ms: u64,
+    ) -> Result<Registration, StoreError> {
+        let now = to_stored(now_ms, "time")?;
+        self.call_in_tx("registering the node", |c| {
+            // First start: the insert creates the row at epoch 1. A
+            // concurrent first start waits for this insert's transaction,
+            // then finds the row and bumps it below.
+            let inserted = c.execute(INSERT_NODE, &[&node_id, &address, &now], "registering")?;
+            if inserted == 1 {
+                return Ok(Registration {
+                    epoch: 1,
+                    previous: None,
+                });
+            }
+            // The lock makes the read and the bump one step, and waits for
+            // any write transaction of the old epoch to end.
+            let rows = c.query(SELECT_NODE_FOR_UPDATE, &[&node_id], "registering")?;
+            let previous = decode_node(rows.first().ok_or_else(|| {
+                Fail::Store(StoreError::Unavailable(
+                    "the node row vanished during registration".into(),
+                ))
+            })?)?;
+            let rows = c.query(BUMP_EPOCH, &[&node_id, &address, &now], "taking an epoch")?;
+            let epoch = stored(
+                rows.first().ok_or_else(|| {
+                    Fail::Store(StoreError::Unavailable(
+                        "the node row vanished during registration".into(),
+                    ))
+                })?,
+                0,
+                "epoch",
+            )?;
+            Ok(Registration {
+                epoch,
+                previous: Some(previous),
+            })
+        })
+    }
+
+    fn begin(&self, node_id: &str, epoch: u64) -> Result<Box<dyn StoreTx + '_>, StoreError> {
+        let ours = to_stored(epoch, "epoch")?;
+        let mut guard = self.conn.lock();
+        let conn = self.connected(&mut guard)?;
+        let checked = (|| {
+            conn.batch("BEGIN", "starting a write transaction")?;
+            let rows = conn.query(LOCK_NODE, &[&node_id], "locking the node row")?;
+            let Some(row) = rows.first() else {
+                return Err(Fail::Store(not_registered(node_id)));
+            };
+            let current: i64 = col(row, 0, "epoch")?;
+            if current != ours {
+                return Err(Fail::Store(StoreError::Fenced {
+                    node_id: node_id.to_string(),
+                    ours: epoch,
+                    current: from_stored(current, "epoch")?,
+                }));
+            }
+            Ok(())
+        })();
+        if let Err(fail) = checked {
+            conn.rollback();
+            if breaks(&fail, conn) {
+                *guard = None;
+            }
+            return Err(into_store_error(fail));
+        }
+        Ok(Box::new(PgTx {
+            guard,
+            node_id: node_id.to_string(),
+            epoch,
+            failed: false,
+            finished: false,
+        }))
+    }
+
+    fn heartbeat(
+        &self,
+        node_id: &str,
+        epoch: u64,
+        now_ms: u64,
+        applied_lsn: u64,
+    ) -> Result<(), StoreError> {
+        let ours = to_stored(epoch, "epoch")?;
+        let now = to_stored(now_ms, "time")?;
+        let applied = to_stored(applied_lsn, "applied lsn")?;
+        self.call(|c| {
+            let changed = c.execute(HEARTBEAT, &[&node_id, &ours, &now, &applied], "heartbeat")?;
+            if changed == 1 {
+                return Ok(());
+            }
+            Err(Fail::Store(fenced_or_unknown(c, node_id, epoch)?))
+        })
+    }
+
+    fn load_shard(&self, node_id: &str) -> Result<Vec<ShardRow>, StoreError> {
+        self.call(|c| {
+            c.query(LOAD_SHARD, &[&node_id], "loading the shard")?
+                .iter()
+                .map(decode_shard)
+                .collect()
+        })
+    }
+
+    fn changes_since(
+        &self,
+        node_id: &str,
+        after: Version,
+        limit: usize,
+    ) -> Result<Vec<ShardRow>, StoreError> {
+        if limit == 0 {
+            return Ok(Vec::new());
+        }
+        let epoch = to_stored(after.epoch, "epoch")?;
+        let lsn = to_stored(after.lsn, "lsn")?;
+        self.call(|c| {
+            let mut rows = c
+                .query(
+                    CHANGES,
+                    &[&node_id, &epoch, &lsn, &limit_param(limit)],
+                    "reading changes",
+                )?
+                .iter()
+                .map(decode_shard)
+                .collect::<Result<Vec<_>, _>>()?;
+            // A page must not end between rows sharing one version, or the
+            // next page (which starts above that version) would skip the
+            // rest of them.
+            if rows.len() == limit
+                && let Some(last) = rows.last()
+            {
+                let (e, l) = (last.version.epoch as i64, last.version.lsn as i64);
+                let counter = last.counter.clone();
+                let ties = c.query(
+                    CHANGES_TIES,
+                    &[&node_id, &e, &l, &counter],
+                    "reading changes",
+                )?;
+                for row in &ties {
+                    rows.push(decode_shard(row)?);
+                }
+            }
+            Ok(rows)
+        })
+    }
+
+    fn read_counter(&self, counter: &str) -> Result<Vec<ShardRow>, StoreError> {
+        self.call(|c| {
+            c.query(READ_COUNTER, &[&counter], "reading a counter")?
+                .iter()
+                .map(decode_shard)
+                .collect()
+        })
+    }
+
+    fn nodes(&self) -> Result<Vec<NodeRow>, StoreError> {
+        self.call(|c| {
+            c.query(NODES, &[], "listing nodes")?
+                .iter()
+                .map(decode_node)
+                .collect()
+        })
+    }
+
+    fn key(&self, key: &str) -> Result<Option<KeyRow>, StoreError> {
+        self.call(|c| {
+            let rows = c.query(KEY, &[&key], "reading a key")?;
+            rows.first()
+                .map(|row| {
+                    Ok(KeyRow {
+                        key: col(row, 0, "key")?,
+                        node_id: col(row, 1, "node id")?,
+                        epoch: stored(row, 2, "epoch")?,
+                        counter: col(row, 3, "counter")?,
+                        expires_at_ms: stored(row, 4, "key expiry")?,
+                    })
+                })
+                .transpose()
+        })
+    }
+
+    fn purge_expired_keys(&self, now_ms: u64, limit: usize) -> Result<u64, StoreError> {
+        if limit == 0 {
+            return Ok(0);
+        }
+        let now = to_stored(now_ms, "time")?;
+        self.call(|c| {
+            c.execute(
+                PURGE_KEYS,
+                &[&now, &limit_param(limit)],
+                "purging expired keys",
+            )
+        })
+    }
+}
+
+/// An open transaction whose node row is locked `FOR UPDATE`; holds the
+/// store's connection until it ends.
+struct PgTx<'a> {
+    guard: MutexGuard<'a, Option<Conn>>,
+    node_id: String,
+    epoch: u64,
+    /// A statement failed: the transaction must never commit.
+    failed: bool,
+    finished: bool,
+}
+
+impl PgTx<'_> {
+    /// Runs one step; any failure poisons the transaction, and a failure
+    /// that broke the connection drops it (the server then rolls back).
+    fn step<T>(
+        &mut self,
+        f: impl FnOnce(&mut Conn, &str, u64) -> Result<T, Fail>,
+    ) -> Result<T, StoreError> {
+        if self.failed {
+            return Err(poisoned());
+        }
+        let Some(conn) = self.guard.as_mut() else {
+            self.failed = true;
+            return Err(poisoned());
+        };
+        match f(conn, &self.node_id, self.epoch) {
+            Ok(v) => Ok(v),
+            Err(fail) => {
+                self.failed = true;
+                if breaks(&fail, conn) {
+                    *self.guard = None;
+                }
+                Err(into_store_error(fail))
+            }
+        }
+    }
+}
+
+impl StoreTx for PgTx<'_> {
+    fn insert_keys(&mut self, keys: &[KeyRow]) -> Result<Vec<bool>, StoreError> {
+        self.step(|c, node_id, epoch| {
+            super::check_key_rows(node_id, epoch, keys)?;
+            let epoch = to_stored(epoch, "epoch")?;
+            let first = super::first_occurrences(keys);
+            let mut inserted: HashSet<String> = HashSet::with_capacity(keys.len());
+            // Only first occurrences are sent: a key repeated in one
+            // statement is not a conflict PostgreSQL reports the same way
+            // on every engine, and the first one wins anyway.
+            let unique: Vec<&KeyRow> = keys
+                .iter()
+                .zip(&first)
+                .filter_map(|(k, &f)| f.then_some(k))
+                .collect();
+            for chunk in unique.chunks(STATEMENT_ROWS_MAX) {
+                let names: Vec<&str> = chunk.iter().map(|k| k.key.as_str()).collect();
+                let counters: Vec<&str> = chunk.iter().map(|k| k.counter.as_str()).collect();
+                let expiries: Vec<i64> = chunk
+                    .iter()
+                    .map(|k| k.expires_at_ms as i64) // checked above
+                    .collect();
+                let rows = c.query(
+                    INSERT_KEYS,
+                    &[&node_id, &epoch, &names, &counters, &expiries],
+                    "inserting keys",
+                )?;
+                for row in &rows {
+                    inserted.insert(col(row, 0, "key")?);
+                }
+            }
+            Ok(keys
+                .iter()
+                .zip(first)
+                .map(|(k, f)| f && inserted.contains(&k.key))
+                .collect())
+        })
+    }
+
+    fn delete_keys(&mut self, keys: &[&str]) -> Result<(), StoreError> {
+        self.step(|c, node_id, _| {
+            for chunk in keys.chunks(STATEMENT_ROWS_MAX) {
+                c.execute(DELETE_KEYS, &[&node_id, &chunk], "deleting keys")?;
+            }
+            Ok(())
+        })
+    }
+
+    fn upsert_shards(&mut self, rows: &[(&str, i64, Version)]) -> Result<(), StoreError> {
+        self.step(|c, node_id, epoch| {
+            super::check_shard_rows(node_id, epoch, rows)?;
+            // PostgreSQL refuses to update one row twice in a statement.
+            let rows = super::dedupe_shard_rows(rows);
+            for chunk in rows.chunks(STATEMENT_ROWS_MAX) {
+                let counters: Vec<&str> = chunk.iter().map(|r| r.0).collect();
+                let values: Vec<i64> = chunk.iter().map(|r| r.1).collect();
+                // Checked above: both fit.
+                let epochs: Vec<i64> = chunk.iter().map(|r| r.2.epoch as i64).collect();
+                let lsns: Vec<i64> = chunk.iter().map(|r| r.2.lsn as i64).collect();
+                c.execute(
+                    UPSERT_SHARDS,
+                    &[&node_id, &counters, &values, &epochs, &lsns],
+                    "upserting shards",
+                )?;
+            }
+            Ok(())
+        })
+    }
+
+    fn set_flushed(&mut self, flushed: Version, now_ms: u64) -> Result<(), StoreError> {
+        let epoch = to_stored(flushed.epoch, "epoch")?;
+        let lsn = to_stored(flushed.lsn, "lsn")?;
+        let now = to_stored(now_ms, "time")?;
+        self.step(|c, node_id, _| {
+            c.execute(
+                SET_FLUSHED,
+                &[&node_id, &epoch, &lsn, &now],
+                "recording the flushed version",
+            )?;
+            Ok(())
+        })
+    }
+
+    fn commit(mut self: Box<Self>) -> Result<(), StoreError> {
+        self.finished = true;
+        let failed = self.failed;
+        let Some(conn) = self.guard.as_mut() else {
+            return Err(poisoned());
+        };
+        if failed {
+            conn.rollback();
+            if conn.broken {
+                *self.guard = None;
+            }
+            return Err(poisoned());
+        }
+        let result = conn.commit("committing");
+        if result.is_err() && (conn.broken || conn.client.is_closed()) {
+            *self.guard = None;
+        }
+        result
+    }
+}
+
+impl Drop for PgTx<'_> {
+    fn drop(&mut self) {
+        if self.finished {
+            return;
+        }
+        if let Some(conn) = self.guard.as_mut() {
+            conn.rollback();
+            if conn.broken || conn.client.is_closed() {
+                *self.guard = None;
+            }
+        }
+    }
+}
