@@ -51,6 +51,11 @@ struct Map {
     index: hashbrown::HashTable<u32>,
     entries: Vec<(CompactString, Entry)>,
     hasher: foldhash::fast::RandomState,
+    /// Positions of entries changed since the shared store last took them
+    /// (only while dirty tracking is on), each once: `dirty_bits` says
+    /// which positions are listed.
+    dirty: Vec<u32>,
+    dirty_bits: Vec<u64>,
 }
 
 impl Map {
@@ -71,6 +76,23 @@ impl Map {
 
     fn get_mut(&mut self, name: &str) -> Option<&mut Entry> {
         self.position(name).map(|i| &mut self.entries[i].1)
+    }
+
+    /// Lists entry `i` as dirty (once).
+    fn mark(&mut self, i: usize) {
+        let (word, bit) = (i / 64, 1u64 << (i % 64));
+        if self.dirty_bits.len() <= word {
+            self.dirty_bits.resize(word + 1, 0);
+        }
+        if self.dirty_bits[word] & bit == 0 {
+            self.dirty_bits[word] |= bit;
+            self.dirty.push(i as u32);
+        }
+    }
+
+    fn clear_dirty(&mut self) {
+        self.dirty.clear();
+        self.dirty_bits.clear();
     }
 
     /// Inserts a counter that must not be present yet.
@@ -127,6 +149,8 @@ impl Map {
             .sum();
         self.entries.capacity() * std::mem::size_of::<(CompactString, Entry)>()
             + self.index.capacity() * (std::mem::size_of::<u32>() + 1)
+            + self.dirty.capacity() * 4
+            + self.dirty_bits.capacity() * 8
             + spilled
     }
 }
@@ -134,6 +158,9 @@ impl Map {
 /// Counter name to value, sharded by name.
 pub struct CounterTable {
     shards: Box<[Mutex<Map>]>,
+    /// Whether changes are listed for the shared store (see
+    /// [`CounterTable::take_dirty`]); off for a node without a store.
+    track_dirty: std::sync::atomic::AtomicBool,
     /// Picks the shard. A hasher of its own, with its own seed, so that the
     /// shard index is not correlated with the bucket bits inside a shard.
     shard_hasher: foldhash::fast::FixedState,
@@ -176,6 +203,7 @@ impl CounterTable {
     pub fn with_limit(counters_max: usize) -> Self {
         CounterTable {
             shards: (0..SHARDS).map(|_| Mutex::new(Map::default())).collect(),
+            track_dirty: std::sync::atomic::AtomicBool::new(false),
             shard_hasher: foldhash::fast::FixedState::with_seed(0x7a11_7a11),
             len: AtomicUsize::new(0),
             counters_max,
@@ -205,15 +233,21 @@ impl CounterTable {
         let current = existing.unwrap_or(0);
         let value = current.checked_add(delta).ok_or(Error::Overflow)?;
         let lsn = commit(value)?;
-        match shard.get_mut(name) {
-            Some(entry) => {
+        let at = match shard.position(name) {
+            Some(i) => {
+                let entry = &mut shard.entries[i].1;
                 debug_assert!(lsn > entry.lsn, "lsns of one counter must increase");
                 *entry = Entry { value, lsn };
+                i
             }
             None => {
                 shard.insert_new(name, Entry { value, lsn });
                 self.len.fetch_add(1, Relaxed);
+                shard.len() - 1
             }
+        };
+        if self.track_dirty.load(Relaxed) {
+            shard.mark(at);
         }
         Ok(value)
     }
@@ -229,6 +263,10 @@ impl CounterTable {
     pub fn replay_op(&self, name: &str, delta: i64, lsn: u64, set: bool) -> Result<bool> {
         let mut shard = self.shards[self.shard_of(name)].lock();
         let (applied, inserted) = replay_into(&mut shard, name, delta, lsn, set)?;
+        if applied && self.track_dirty.load(Relaxed) {
+            let at = shard.position(name).expect("just replayed");
+            shard.mark(at);
+        }
         if inserted {
             self.len.fetch_add(1, Relaxed);
         }
@@ -309,6 +347,49 @@ impl CounterTable {
         found.sort_unstable_by(|a, b| a.0.cmp(&b.0));
         found.truncate(limit);
         found
+    }
+
+    /// Turns listing of changed counters on (for a node with a shared
+    /// store) and lists exactly the counters for which `dirty` is true.
+    pub fn track_dirty_from(&self, dirty: impl Fn(&str, Entry) -> bool) {
+        self.track_dirty.store(true, Relaxed);
+        for shard in self.shards.iter() {
+            let mut map = shard.lock();
+            map.clear_dirty();
+            for i in 0..map.len() {
+                let (name, entry) = &map.entries[i];
+                if dirty(name, *entry) {
+                    map.mark(i);
+                }
+            }
+        }
+    }
+
+    /// Moves up to `max` changed counters (name, value, lsn) into `out`
+    /// and unlists them; the rest stay listed for the next call. Each
+    /// shard is read under its lock, so a taken entry is exactly the state
+    /// of that counter at the moment it was taken.
+    pub fn take_dirty(&self, max: usize, out: &mut Vec<(CompactString, i64, u64)>) {
+        for shard in self.shards.iter() {
+            if out.len() >= max {
+                return;
+            }
+            let mut map = shard.lock();
+            let n = map.dirty.len().min(max - out.len());
+            let from = map.dirty.len() - n;
+            let taken: Vec<u32> = map.dirty.drain(from..).collect();
+            for i in taken {
+                let i = i as usize;
+                map.dirty_bits[i / 64] &= !(1u64 << (i % 64));
+                let (name, entry) = &map.entries[i];
+                out.push((name.clone(), entry.value, entry.lsn));
+            }
+        }
+    }
+
+    /// Number of counters listed as changed.
+    pub fn dirty_count(&self) -> usize {
+        self.shards.iter().map(|s| s.lock().dirty.len()).sum()
     }
 
     /// Bytes of heap the table holds, from its capacities.
@@ -513,6 +594,36 @@ mod tests {
         }
         // 40-byte entries at up to 25% vector slack, plus the index.
         assert!(worst < 64.0, "worst heap bytes per counter {worst:.1}");
+    }
+
+    // With tracking on, every change lists its counter once; taking the
+    // list in pieces yields each changed counter exactly once, at its
+    // latest value.
+    #[test]
+    fn changed_counters_are_listed_once_until_taken() {
+        let t = CounterTable::new();
+        t.replay("old", 1, 1).unwrap();
+        t.track_dirty_from(|name, _| name == "old");
+        let mut lsn = 1;
+        for i in 0..1000 {
+            lsn += 1;
+            t.increment(&format!("c{}", i % 100), 1, |_| Ok(lsn)).unwrap();
+        }
+        assert_eq!(t.dirty_count(), 101);
+        let mut out = Vec::new();
+        t.take_dirty(60, &mut out);
+        assert_eq!(out.len(), 60);
+        t.take_dirty(usize::MAX, &mut out);
+        assert_eq!(out.len(), 101);
+        let names: std::collections::BTreeSet<_> = out.iter().map(|r| r.0.to_string()).collect();
+        assert_eq!(names.len(), 101, "a counter was taken twice");
+        assert!(out.iter().all(|r| r.0 == "old" || r.1 == 10));
+        assert_eq!(t.dirty_count(), 0);
+        lsn += 1;
+        t.increment("c5", 1, |_| Ok(lsn)).unwrap();
+        out.clear();
+        t.take_dirty(usize::MAX, &mut out);
+        assert_eq!(out, vec![(CompactString::from("c5"), 11, lsn)]);
     }
 
     // The counter limit refuses new counters only, never existing ones.
