@@ -852,6 +852,19 @@ fn sqlite_write_lock_held_too_long_is_unavailable() {
     waiter.begin("b", eb).unwrap().commit().unwrap();
 }
 
+#[test]
+fn sqlite_file_that_is_not_a_database_is_invalid() {
+    // Pointing the store at some other file is a configuration mistake
+    // (Invalid), not an outage to wait out, and the file is left alone.
+    let dir = tempfile::tempdir().unwrap();
+    let path = dir.path().join("notes.txt");
+    let text = "not a database, but some notes that matter to someone\n".repeat(100);
+    std::fs::write(&path, &text).unwrap();
+    let msg = invalid_message(&format!("sqlite://{}", path.display()));
+    assert!(msg.contains("not an SQLite database"), "{msg}");
+    assert_eq!(std::fs::read_to_string(&path).unwrap(), text);
+}
+
 // ---------------------------------------------------------------------
 // PostgreSQL only.
 

@@ -58,7 +58,7 @@ impl SqliteStore {
         // writes, and makes a commit one append to the log.
         let mode: String = conn
             .pragma_update_and_check(None, "journal_mode", "WAL", |row| row.get(0))
-            .map_err(|e| unavailable(&format!("setting WAL mode on {shown}"), e))?;
+            .map_err(|e| setup_error(&format!("setting WAL mode on {shown}"), e))?;
         if !mode.eq_ignore_ascii_case("wal") {
             return Err(StoreError::Invalid(format!(
                 "SQLite store {shown} cannot use write-ahead logging (journal mode is '{mode}'); \
@@ -122,6 +122,17 @@ fn migrate(conn: &Connection) -> Result<(), StoreError> {
             rollback(conn);
             Err(e)
         }
+    }
+}
+
+/// Maps an error met while opening: a file that is not an SQLite database
+/// is a configuration mistake, not an outage.
+fn setup_error(context: &str, e: rusqlite::Error) -> StoreError {
+    match e.sqlite_error_code() {
+        Some(ErrorCode::NotADatabase) => StoreError::Invalid(format!(
+            "{context}: the file is not an SQLite database; check the store URL"
+        )),
+        _ => unavailable(context, e),
     }
 }
 
