@@ -85,6 +85,24 @@ pub struct ServeArgs {
     /// Most open HTTP connections [default: 10000]
     #[arg(long, env = "TALLY_HTTP_CONNECTIONS_MAX")]
     pub http_connections_max: Option<usize>,
+    /// Shared store: sqlite://PATH (nodes on one machine) or
+    /// postgres://... (across machines). Without it the node runs alone.
+    #[arg(long, env = "TALLY_STORE")]
+    pub store: Option<String>,
+    /// Address shown for this node in the cluster view [default: the HTTP
+    /// address]
+    #[arg(long, env = "TALLY_ADVERTISE_ADDR")]
+    pub advertise_addr: Option<String>,
+    /// Longest wait before a changed counter is flushed to the store
+    /// [default: 100]
+    #[arg(long, env = "TALLY_FLUSH_INTERVAL_MS")]
+    pub flush_interval_ms: Option<u64>,
+    /// How often other nodes' shards are read from the store [default: 100]
+    #[arg(long, env = "TALLY_REFRESH_INTERVAL_MS")]
+    pub refresh_interval_ms: Option<u64>,
+    /// How often an idle node heartbeats into the store [default: 1000]
+    #[arg(long, env = "TALLY_HEARTBEAT_INTERVAL_MS")]
+    pub heartbeat_interval_ms: Option<u64>,
     /// Log format: text or json [default: text]
     #[arg(long, env = "TALLY_LOG_FORMAT")]
     pub log_format: Option<String>,
@@ -151,6 +169,24 @@ impl ServeArgs {
         }
         if let Some(n) = self.http_connections_max.or(file.http_connections_max) {
             server.http_connections_max = n;
+        }
+        if let Some(url) = self.store.or(file.store) {
+            let mut c = crate::cluster::ClusterConfig::new(url);
+            c.address = self
+                .advertise_addr
+                .or(file.advertise_addr)
+                .or_else(|| server.http_addr.map(|a| a.to_string()))
+                .unwrap_or_default();
+            if let Some(ms) = self.flush_interval_ms.or(file.flush_interval_ms) {
+                c.flush_interval = Duration::from_millis(ms);
+            }
+            if let Some(ms) = self.refresh_interval_ms.or(file.refresh_interval_ms) {
+                c.refresh_interval = Duration::from_millis(ms);
+            }
+            if let Some(ms) = self.heartbeat_interval_ms.or(file.heartbeat_interval_ms) {
+                c.heartbeat_interval = Duration::from_millis(ms);
+            }
+            node.cluster = Some(c);
         }
         let log_format = self
             .log_format

@@ -115,6 +115,8 @@ pub struct Config {
     pub counters_max: usize,
     /// What recovery does with corruption that is not a torn tail.
     pub recovery_mode: RecoveryMode,
+    /// The shared store and how this node uses it; `None` runs alone.
+    pub cluster: Option<crate::cluster::ClusterConfig>,
 }
 
 impl Config {
@@ -132,6 +134,7 @@ impl Config {
             idempotency_keys_max: 10_000_000,
             counters_max: 50_000_000,
             recovery_mode: RecoveryMode::Strict,
+            cluster: None,
         }
     }
 }
@@ -205,6 +208,11 @@ pub struct FileConfig {
     pub http_connections_max: Option<usize>,
     pub log_format: Option<String>,
     pub log_level: Option<String>,
+    pub store: Option<String>,
+    pub advertise_addr: Option<String>,
+    pub flush_interval_ms: Option<u64>,
+    pub refresh_interval_ms: Option<u64>,
+    pub heartbeat_interval_ms: Option<u64>,
 }
 
 impl FileConfig {

@@ -38,6 +38,16 @@ pub enum Error {
     )]
     Indeterminate(Arc<str>),
 
+    /// Another process registered this node id in the shared store: this
+    /// process's epoch is superseded and it takes no more writes.
+    #[error("fenced: {0}")]
+    Fenced(String),
+
+    /// A `replicated` increment was refused because the shared store could
+    /// not commit it; nothing was applied. Safe to retry.
+    #[error("shared store unavailable: {0}")]
+    StoreUnavailable(String),
+
     /// The node is shutting down and takes no new writes.
     #[error("node is shutting down")]
     ShuttingDown,

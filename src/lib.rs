@@ -12,6 +12,7 @@
 //! ends), [`metrics`], [`config`].
 
 pub mod cli;
+pub mod cluster;
 pub mod config;
 pub mod error;
 pub mod http;
@@ -31,4 +32,4 @@ pub mod table;
 
 pub use config::{Config, Durability, RecoveryMode, ServerConfig};
 pub use error::{Error, Result};
-pub use node::{IncrementOptions, IncrementOutcome, Node, NodeStats, Readiness};
+pub use node::{CounterDetail, IncrementOptions, IncrementOutcome, Node, NodeStats, Readiness};

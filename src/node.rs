@@ -17,6 +17,7 @@ use std::time::{Duration, Instant};
 
 use parking_lot::{Condvar, Mutex};
 
+use crate::cluster::{Cluster, ClusterView};
 use crate::config::{Config, Durability};
 use crate::error::{Error, Result};
 use crate::idempotency::{self, IdempotencyKeys, now_ms};
@@ -58,6 +59,13 @@ pub struct IncrementOutcome {
     pub duplicate: bool,
 }
 
+/// A counter's global value and its shards, by node id.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct CounterDetail {
+    pub value: i64,
+    pub shards: Vec<(String, i64)>,
+}
+
 /// Whether the node can make writes durable, and if not, why.
 #[derive(Debug, Clone, PartialEq, Eq)]
 pub struct Readiness {
@@ -92,29 +100,31 @@ pub struct NodeStats {
     pub default_durability: Durability,
 }
 
-struct Inner {
-    config: Config,
-    node_id: String,
-    storage: Arc<dyn Storage>,
-    table: CounterTable,
-    keys: IdempotencyKeys,
-    journal: Journal,
+pub(crate) struct Inner {
+    pub(crate) config: Config,
+    pub(crate) node_id: String,
+    pub(crate) storage: Arc<dyn Storage>,
+    pub(crate) table: CounterTable,
+    pub(crate) keys: IdempotencyKeys,
+    pub(crate) journal: Journal,
     /// Next lsn to assign; an atomic, not a lock, because it is bumped on
     /// every increment from every connection.
-    next_lsn: AtomicU64,
-    metrics: Arc<Metrics>,
-    shutting_down: AtomicBool,
+    pub(crate) next_lsn: AtomicU64,
+    pub(crate) metrics: Arc<Metrics>,
+    pub(crate) shutting_down: AtomicBool,
     /// Journal position the newest snapshot covers.
-    last_snapshot_pos: AtomicU64,
+    pub(crate) last_snapshot_pos: AtomicU64,
     /// One snapshot at a time.
-    snapshot_lock: Mutex<()>,
+    pub(crate) snapshot_lock: Mutex<()>,
     /// Stops the housekeeping thread.
-    stop: (Mutex<bool>, Condvar),
-    housekeeping: Mutex<Option<std::thread::JoinHandle<()>>>,
-    recovery: RecoveryReport,
-    started: Instant,
+    pub(crate) stop: (Mutex<bool>, Condvar),
+    pub(crate) housekeeping: Mutex<Option<std::thread::JoinHandle<()>>>,
+    pub(crate) recovery: RecoveryReport,
+    pub(crate) started: Instant,
     /// The data directory's exclusive lock, held until shutdown completes.
-    lock: Mutex<Option<std::fs::File>>,
+    pub(crate) lock: Mutex<Option<std::fs::File>>,
+    /// The link to the shared store, set once at open for a node with one.
+    pub(crate) cluster: std::sync::OnceLock<Cluster>,
 }
 
 /// A running node. Cheap to clone; all clones share one node.
@@ -174,7 +184,7 @@ impl Node {
         storage: Arc<dyn Storage>,
         lock: Option<std::fs::File>,
     ) -> Result<Node> {
-        if config.durability == Durability::Replicated {
+        if config.durability == Durability::Replicated && config.cluster.is_none() {
             return Err(Error::DurabilityUnavailable {
                 level: "replicated",
                 reason: "it cannot be the default of a node without a shared store; \
@@ -246,7 +256,17 @@ impl Node {
             recovery: report,
             started: Instant::now(),
             lock: Mutex::new(lock),
+            cluster: std::sync::OnceLock::new(),
         });
+        if let Some(cluster_config) = inner.config.cluster.clone() {
+            let cluster = Cluster::start(&inner, cluster_config, &inner.recovery)?;
+            let _ = inner.cluster.set(cluster);
+            inner
+                .cluster
+                .get()
+                .expect("just set")
+                .spawn_threads(&inner)?;
+        }
         let weak = Arc::downgrade(&inner);
         let handle = std::thread::Builder::new()
             .name("tally-housekeeping".into())
@@ -307,14 +327,42 @@ impl Node {
             idempotency::validate_key(key)?;
         }
         let durability = options.durability.unwrap_or(inner.config.durability);
-        if durability == Durability::Replicated {
-            return Err(Error::DurabilityUnavailable {
-                level: "replicated",
-                reason: "this node runs without a shared store".into(),
-            });
-        }
         if inner.shutting_down.load(Ordering::Acquire) {
             return Err(Error::ShuttingDown);
+        }
+        let cluster = inner.cluster.get();
+        if let Some(c) = cluster {
+            if let Some(reason) = c.fenced_reason() {
+                return Err(Error::Fenced(reason));
+            }
+            if let Some(key) = options.idempotency_key
+                && c.key_unresolved(key)
+            {
+                return Err(Error::Indeterminate(
+                    "an earlier attempt with this idempotency key has an unknown outcome \
+                     that the node is still settling with the store; retry shortly"
+                        .into(),
+                ));
+            }
+        }
+        if durability == Durability::Replicated {
+            let Some(c) = cluster else {
+                return Err(Error::DurabilityUnavailable {
+                    level: "replicated",
+                    reason: "this node runs without a shared store".into(),
+                });
+            };
+            if let Some(key) = options.idempotency_key
+                && inner.keys.with_key(key, now_ms(), |slot| slot.seen())
+            {
+                return Ok(IncrementOutcome {
+                    value: self.global_value(name).unwrap_or(0),
+                    duplicate: true,
+                });
+            }
+            let mut outcome = c.replicated(name, delta, options.idempotency_key).await?;
+            outcome.value = self.global_value(name).unwrap_or(outcome.value);
+            return Ok(outcome);
         }
         inner.journal.reserve().await?;
         let urgent = durability == Durability::Local;
@@ -372,7 +420,21 @@ impl Node {
             }
             inner.journal.wait_durable(pos).await?;
         }
+        let mut outcome = outcome;
+        if let Some(others) = cluster.and_then(|c| c.cache.others(name)) {
+            outcome.value = outcome.value.wrapping_add(others);
+        }
         Ok(outcome)
+    }
+
+    /// This node's shard plus the other nodes' (from the cache).
+    fn global_value(&self, name: &str) -> Option<i64> {
+        let local = self.inner.table.get(name).map(|e| e.value);
+        let others = self.inner.cluster.get().and_then(|c| c.cache.others(name));
+        match (local, others) {
+            (None, None) => None,
+            (l, o) => Some(l.unwrap_or(0).wrapping_add(o.unwrap_or(0))),
+        }
     }
 
     /// Waits until every increment applied so far is durable: a barrier.
@@ -388,10 +450,61 @@ impl Node {
         journal.wait_durable(pos).await
     }
 
-    /// Current value of a counter, `None` if it was never incremented.
+    /// Current value of a counter, `None` if it was never incremented. On
+    /// a node with a store, the global value: this node's shard plus the
+    /// other nodes' as last read from the store (at most the flush interval
+    /// plus the refresh interval old).
     pub fn get(&self, name: &str) -> Result<Option<i64>> {
         table::validate_name(name)?;
-        Ok(self.inner.table.get(name).map(|e| e.value))
+        Ok(self.global_value(name))
+    }
+
+    /// A counter's global value and every node's shard of it; with
+    /// `from_store`, the other nodes' shards are read straight from the
+    /// store (blocking: call from a blocking thread).
+    pub fn get_detail(&self, name: &str, from_store: bool) -> Result<Option<CounterDetail>> {
+        table::validate_name(name)?;
+        let local = self.inner.table.get(name).map(|e| e.value);
+        let mut shards: Vec<(String, i64)> = Vec::new();
+        if let Some(v) = local {
+            shards.push((self.inner.node_id.clone(), v));
+        }
+        if let Some(c) = self.inner.cluster.get() {
+            let others = if from_store {
+                c.read_from_store(name)?
+            } else {
+                c.cache.breakdown(name)
+            };
+            shards.extend(others.into_iter().filter(|(n, _)| *n != self.inner.node_id));
+        }
+        if shards.is_empty() {
+            return Ok(None);
+        }
+        shards.sort();
+        let value = shards.iter().fold(0i64, |a, (_, v)| a.wrapping_add(*v));
+        Ok(Some(CounterDetail { value, shards }))
+    }
+
+    /// The cluster view (blocking: it reads the store). `None` without a
+    /// store.
+    pub fn cluster_view(&self) -> Option<Result<ClusterView>> {
+        let applied = self.inner.next_lsn.load(Ordering::SeqCst).saturating_sub(1);
+        self.inner.cluster.get().map(|c| c.view(applied))
+    }
+
+    /// Completes with the reason when this node is fenced (never, for a
+    /// node without a store).
+    pub fn fenced_signal(&self) -> Option<tokio::sync::watch::Receiver<Option<String>>> {
+        self.inner.cluster.get().map(|c| c.fenced_signal())
+    }
+
+    /// Why `replicated` increments cannot be made durable now (`None`
+    /// when they can, or on a node without a store).
+    pub fn replicated_unavailable(&self) -> Option<String> {
+        self.inner
+            .cluster
+            .get()
+            .and_then(|c| c.replicated_unavailable())
     }
 
     /// Up to `limit` counters with names starting with `prefix` and sorting
@@ -417,6 +530,12 @@ impl Node {
     /// Ready when the journal can make writes durable and the node is not
     /// shutting down.
     pub fn readiness(&self) -> Readiness {
+        if let Some(reason) = self.inner.cluster.get().and_then(|c| c.fenced_reason()) {
+            return Readiness {
+                ready: false,
+                reason: Some(reason),
+            };
+        }
         if let Some(reason) = self.inner.journal.failure() {
             return Readiness {
                 ready: false,
@@ -493,6 +612,10 @@ impl Node {
         if let Some(h) = inner.housekeeping.lock().take() {
             let _ = h.join();
         }
+        // The committer makes a last flush while the journal still runs.
+        if let Some(c) = inner.cluster.get() {
+            c.stop();
+        }
         inner.journal.close();
         if let Some(reason) = inner.journal.failure() {
             return Err(Error::JournalFailed(reason));
@@ -516,6 +639,14 @@ impl Drop for Inner {
 
 fn take_snapshot(inner: &Inner) -> Result<PathBuf> {
     let _one_at_a_time = inner.snapshot_lock.lock();
+    // Never while a replicated transaction's outcome is open (see
+    // `Cluster::replication_open`); held for the whole snapshot.
+    let gate = inner.cluster.get().map(|c| c.replication_open.lock());
+    if gate.as_ref().is_some_and(|open| **open) {
+        return Err(Error::LimitExceeded(
+            "snapshot postponed: a replicated transaction's outcome is not settled yet".into(),
+        ));
+    }
     let started = Instant::now();
     let covers = inner.journal.end_pos();
     let dir = &inner.config.data_dir;

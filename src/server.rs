@@ -102,9 +102,23 @@ pub async fn run(settings: ServeSettings, mut stop: Option<Shutdown>) -> anyhow:
             None => std::future::pending().await,
         }
     };
+    let mut fenced = node.fenced_signal();
+    let fenced_fired = async {
+        match fenced.as_mut() {
+            Some(rx) => {
+                let _ = rx.wait_for(|r| r.is_some()).await;
+            }
+            None => std::future::pending().await,
+        }
+    };
+    let mut was_fenced = false;
     tokio::select! {
         _ = termination_signal() => {}
         _ = stop_fired => {}
+        _ = fenced_fired => {
+            tracing::error!("this process was fenced by a newer one with the same node id; exiting");
+            was_fenced = true;
+        }
     }
     trigger.fire();
     while let Some(r) = tasks.join_next().await {
@@ -114,9 +128,12 @@ pub async fn run(settings: ServeSettings, mut stop: Option<Shutdown>) -> anyhow:
             Ok(Ok(())) => {}
         }
     }
-    tokio::task::spawn_blocking(move || node.shutdown())
+    let shutdown = tokio::task::spawn_blocking(move || node.shutdown())
         .await
-        .context("shutdown task panicked")?
-        .context("final sync failed")?;
+        .context("shutdown task panicked")?;
+    if was_fenced {
+        anyhow::bail!("fenced: another process registered this node id in the shared store");
+    }
+    shutdown.context("final sync failed")?;
     Ok(())
 }

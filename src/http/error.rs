@@ -65,7 +65,10 @@ fn status_of(error: &Error) -> StatusCode {
         // The request is well formed; this node lacks a shared store.
         Error::DurabilityUnavailable { .. } => StatusCode::NOT_IMPLEMENTED,
         // Nothing was applied and another node may take the write.
-        Error::JournalFailed(_) | Error::ShuttingDown => StatusCode::SERVICE_UNAVAILABLE,
+        Error::JournalFailed(_)
+        | Error::ShuttingDown
+        | Error::Fenced(_)
+        | Error::StoreUnavailable(_) => StatusCode::SERVICE_UNAVAILABLE,
         // Distinct from every other status here: retry with the same key.
         Error::Indeterminate(_) => StatusCode::GATEWAY_TIMEOUT,
         // A capacity limit of the node, which waiting will not lift.

@@ -89,9 +89,11 @@ impl From<Error> for ReplyError {
             | Error::LimitExceeded(_)
             | Error::Corrupt { .. }
             | Error::Io { .. } => "ERR",
-            Error::JournalFailed(_) | Error::ShuttingDown | Error::DurabilityUnavailable { .. } => {
-                "UNAVAILABLE"
-            }
+            Error::JournalFailed(_)
+            | Error::ShuttingDown
+            | Error::DurabilityUnavailable { .. }
+            | Error::Fenced(_)
+            | Error::StoreUnavailable(_) => "UNAVAILABLE",
             Error::Indeterminate(_) => "INDETERMINATE",
         };
         ReplyError(format!("{prefix} {e}"))

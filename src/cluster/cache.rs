@@ -1,0 +1,146 @@
+//! The other nodes' shards, kept in memory for global reads.
+//!
+//! Refreshed incrementally: for each other node the cache keeps the highest
+//! version it has read, and asks the store only for that node's rows above
+//! it. This is exact because each node's rows are written by one thread in
+//! version order (see the parent module), so no row can appear later below a
+//! version already read.
+
+use std::collections::HashMap;
+use std::sync::Weak;
+use std::time::{Duration, Instant};
+
+use compact_str::CompactString;
+use parking_lot::RwLock;
+
+use crate::node::Inner;
+use crate::store::{Store, StoreError, Version};
+
+/// Rows read per store call while catching up on one node.
+const PAGE_ROWS: usize = 10_000;
+/// A failed refresh is logged at most this often.
+const ERROR_LOG_INTERVAL: Duration = Duration::from_secs(10);
+
+#[derive(Default)]
+struct Inner2 {
+    /// Node ids, indexed by the small numbers stored per counter.
+    nodes: Vec<String>,
+    cursors: Vec<Version>,
+    /// Counter name to (node index, that node's shard value).
+    values: HashMap<CompactString, Vec<(u16, i64)>>,
+    refreshed: Option<Instant>,
+}
+
+/// See the module docs.
+pub struct Cache {
+    own: String,
+    inner: RwLock<Inner2>,
+}
+
+impl Cache {
+    pub fn new(own_node_id: &str) -> Cache {
+        Cache {
+            own: own_node_id.to_string(),
+            inner: RwLock::new(Inner2::default()),
+        }
+    }
+
+    /// Sum of the other nodes' shards of `name`, if any holds one.
+    pub fn others(&self, name: &str) -> Option<i64> {
+        let inner = self.inner.read();
+        inner
+            .values
+            .get(name)
+            .map(|v| v.iter().fold(0i64, |acc, (_, x)| acc.wrapping_add(*x)))
+    }
+
+    /// The other nodes' shards of `name`, by node id.
+    pub fn breakdown(&self, name: &str) -> Vec<(String, i64)> {
+        let inner = self.inner.read();
+        inner.values.get(name).map_or_else(Vec::new, |v| {
+            v.iter()
+                .map(|(i, x)| (inner.nodes[*i as usize].clone(), *x))
+                .collect()
+        })
+    }
+
+    /// Names of counters some other node holds a shard of, with a prefix.
+    pub fn names_with_prefix(&self, prefix: &str) -> Vec<String> {
+        self.inner
+            .read()
+            .values
+            .keys()
+            .filter(|k| k.starts_with(prefix))
+            .map(|k| k.to_string())
+            .collect()
+    }
+
+    pub fn last_refresh_age(&self) -> Option<Duration> {
+        self.inner.read().refreshed.map(|t| t.elapsed())
+    }
+
+    /// Reads every other node's rows changed since the last refresh.
+    pub fn refresh(&self, store: &dyn Store) -> Result<(), StoreError> {
+        let nodes = store.nodes()?;
+        for node in nodes.iter().filter(|n| n.node_id != self.own) {
+            let (index, mut cursor) = {
+                let mut inner = self.inner.write();
+                let index = match inner.nodes.iter().position(|n| *n == node.node_id) {
+                    Some(i) => i,
+                    None => {
+                        inner.nodes.push(node.node_id.clone());
+                        inner.cursors.push(Version::default());
+                        inner.nodes.len() - 1
+                    }
+                };
+                (index, inner.cursors[index])
+            };
+            loop {
+                let rows = store.changes_since(&node.node_id, cursor, PAGE_ROWS)?;
+                let Some(last) = rows.last() else { break };
+                cursor = last.version;
+                let full = rows.len() >= PAGE_ROWS;
+                let mut inner = self.inner.write();
+                for row in rows {
+                    let slot = inner
+                        .values
+                        .entry(CompactString::from(row.counter.as_str()))
+                        .or_default();
+                    match slot.iter_mut().find(|(i, _)| *i as usize == index) {
+                        Some(entry) => entry.1 = row.value,
+                        None => slot.push((index as u16, row.value)),
+                    }
+                }
+                inner.cursors[index] = cursor;
+                if !full {
+                    break;
+                }
+            }
+        }
+        self.inner.write().refreshed = Some(Instant::now());
+        Ok(())
+    }
+}
+
+/// The cache thread: refreshes every `refresh_interval` until stopped.
+pub(crate) fn run(node: Weak<Inner>) {
+    let mut last_error_log: Option<Instant> = None;
+    loop {
+        let Some(inner) = node.upgrade() else { return };
+        let Some(cluster) = inner.cluster.get() else {
+            return;
+        };
+        if cluster.stop.load(std::sync::atomic::Ordering::SeqCst) {
+            return;
+        }
+        if let Err(e) = cluster.cache.refresh(cluster.reader.as_ref())
+            && last_error_log.is_none_or(|t| t.elapsed() >= ERROR_LOG_INTERVAL)
+        {
+            tracing::warn!(error = %e, "refreshing other nodes' shards failed; reads use the last values");
+            last_error_log = Some(Instant::now());
+        }
+        let interval = cluster.config.refresh_interval;
+        drop(inner);
+        std::thread::sleep(interval);
+    }
+}

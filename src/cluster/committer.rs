@@ -1,0 +1,413 @@
+//! The committer: the one thread that writes this node's rows to the store.
+//!
+//! Each round it takes the waiting `replicated` increments (a group commit:
+//! one transaction carries every increment that arrived while the previous
+//! one ran) and the counters changed since the last flush, and writes them
+//! in one fenced transaction:
+//!
+//! 1. `begin` checks the epoch and keeps it valid until commit;
+//! 2. the increments' idempotency keys are inserted; a key the store
+//!    already holds (this node's or another's) makes its increment a
+//!    duplicate, not applied;
+//! 3. the other increments are applied locally and journaled as
+//!    `replicated` records;
+//! 4. the shard rows of every changed counter, including those just
+//!    applied, are upserted with version `(epoch, lsn)`, and the node's
+//!    flushed version is raised past every lsn written;
+//! 5. commit. Success: every applied increment is acknowledged.
+//!    `Unavailable` (nothing was written): the applied increments are
+//!    reverted (journaled) and answered "not applied". `Indeterminate`:
+//!    they are answered "outcome unknown", their keys are held as
+//!    unresolved, and before anything else the next round asks the store
+//!    whether the transaction committed (did the node's flushed version
+//!    reach the one it set?) and reverts them if not. `Fenced`: reverted,
+//!    and the node stops for good.
+//!
+//! A replicated increment's effect therefore reaches the store only in the
+//! transaction that also records its key, which is what lets a retry on any
+//! other node be recognised.
+
+use std::collections::HashMap;
+use std::sync::Weak;
+use std::sync::atomic::Ordering;
+use std::time::{Duration, Instant};
+
+use compact_str::CompactString;
+
+use super::{ReplicatedRequest, store_err};
+use crate::error::Error;
+use crate::idempotency::now_ms;
+use crate::node::{IncrementOutcome, Inner};
+use crate::store::{KeyRow, StoreError, StoreTx, Version};
+
+/// First wait after a failed store call; doubles up to the maximum.
+const BACKOFF_MIN: Duration = Duration::from_millis(50);
+const BACKOFF_MAX: Duration = Duration::from_secs(1);
+
+/// A replicated increment applied inside a transaction.
+struct Applied {
+    name: String,
+    delta: i64,
+    lsn: u64,
+    key: Option<(String, u64)>,
+}
+
+/// A transaction whose commit outcome is unknown.
+struct Unresolved {
+    flushed: Version,
+    applied: Vec<Applied>,
+    rows: Vec<CompactString>,
+}
+
+/// What one round decided for each request of its batch.
+enum Answer {
+    Applied,
+    Duplicate,
+    Failed(Error),
+}
+
+pub(crate) fn run(node: Weak<Inner>) {
+    let mut backlog: HashMap<CompactString, (i64, u64)> = HashMap::new();
+    let mut unresolved: Option<Unresolved> = None;
+    let mut last_write = Instant::now();
+    let mut backoff = Duration::ZERO;
+    let mut taken: Vec<(CompactString, i64, u64)> = Vec::new();
+    loop {
+        let Some(inner) = node.upgrade() else { return };
+        let Some(cluster) = inner.cluster.get() else {
+            return;
+        };
+        let stopping = cluster.stop.load(Ordering::SeqCst);
+        if !stopping {
+            let mut queue = cluster.queue.lock();
+            if queue.is_empty() {
+                let wait = if backoff.is_zero() {
+                    cluster.config.flush_interval
+                } else {
+                    backoff
+                };
+                cluster.wake.wait_for(&mut queue, wait);
+            }
+        }
+        if let Some(reason) = cluster.fenced_reason() {
+            answer_all(cluster.queue.lock().drain(..), || Error::Fenced(reason.clone()));
+            return;
+        }
+
+        // An unknown outcome is settled before anything else is written.
+        if let Some(u) = unresolved.take() {
+            match resolve(&inner, u, &mut backlog) {
+                Ok(()) => backoff = Duration::ZERO,
+                Err((u, e)) => {
+                    unresolved = Some(u);
+                    store_failed(&inner, &e, &mut backoff);
+                    fail_queued(&inner, &e);
+                    if stopping {
+                        return;
+                    }
+                    continue;
+                }
+            }
+        }
+
+        let batch: Vec<ReplicatedRequest> = {
+            let mut queue = cluster.queue.lock();
+            let n = queue.len().min(cluster.config.replicated_batch_max);
+            queue.drain(..n).collect()
+        };
+        if stopping && !batch.is_empty() {
+            answer_all(batch.into_iter(), || Error::ShuttingDown);
+            continue;
+        }
+        taken.clear();
+        inner
+            .table
+            .take_dirty(cluster.config.flush_rows_max, &mut taken);
+        for (name, value, lsn) in taken.drain(..) {
+            merge(&mut backlog, name, value, lsn);
+        }
+        if batch.is_empty() && backlog.is_empty() {
+            if stopping {
+                return;
+            }
+            if last_write.elapsed() >= cluster.config.heartbeat_interval {
+                let applied = inner.next_lsn.load(Ordering::SeqCst).saturating_sub(1);
+                match cluster
+                    .store
+                    .heartbeat(&cluster.node_id, cluster.epoch, now_ms(), applied)
+                {
+                    Ok(()) => {
+                        last_write = Instant::now();
+                        cluster.state.lock().store_error = None;
+                        backoff = Duration::ZERO;
+                    }
+                    Err(e) => store_failed(&inner, &e, &mut backoff),
+                }
+            }
+            continue;
+        }
+        if !batch.is_empty() {
+            *cluster.replication_open.lock() = true;
+        }
+        match round(&inner, &batch, &mut backlog) {
+            Ok(answers) => {
+                last_write = Instant::now();
+                backoff = Duration::ZERO;
+                cluster.state.lock().store_error = None;
+                reply(&inner, batch, answers);
+            }
+            Err((e, applied, flushed, answers)) => {
+                match &e {
+                    StoreError::Indeterminate(_) if !applied.is_empty() => {
+                        {
+                            let mut state = cluster.state.lock();
+                            for a in &applied {
+                                if let Some((k, _)) = &a.key {
+                                    state.unresolved_keys.insert(k.clone());
+                                }
+                            }
+                        }
+                        unresolved = Some(Unresolved {
+                            flushed,
+                            rows: backlog.keys().cloned().collect(),
+                            applied,
+                        });
+                    }
+                    _ => revert_all(&inner, &applied),
+                }
+                if let StoreError::Fenced { .. } = e {
+                    let reason = e.to_string();
+                    tracing::error!(%reason, "fenced: another process holds this node id; no more writes");
+                    let _ = cluster.fenced.send(Some(reason));
+                } else {
+                    store_failed(&inner, &e, &mut backoff);
+                }
+                let outcome_err = store_err(e);
+                let answers = answers
+                    .into_iter()
+                    .map(|a| match a {
+                        Answer::Applied => Answer::Failed(outcome_err.clone()),
+                        other => other,
+                    })
+                    .collect();
+                reply(&inner, batch, answers);
+            }
+        }
+        if unresolved.is_none() {
+            *cluster.replication_open.lock() = false;
+        }
+        if stopping && unresolved.is_none() && backlog.is_empty() {
+            return;
+        }
+        if stopping && backoff > Duration::ZERO {
+            // The store is down: the journal keeps everything; stop.
+            return;
+        }
+    }
+}
+
+/// Keeps the newer of two rows for one counter.
+fn merge(backlog: &mut HashMap<CompactString, (i64, u64)>, name: CompactString, value: i64, lsn: u64) {
+    let slot = backlog.entry(name).or_insert((value, lsn));
+    if lsn >= slot.1 {
+        *slot = (value, lsn);
+    }
+}
+
+type RoundError = (StoreError, Vec<Applied>, Version, Vec<Answer>);
+
+/// One transaction: keys, local applies, rows, flushed version, commit.
+fn round(
+    inner: &Inner,
+    batch: &[ReplicatedRequest],
+    backlog: &mut HashMap<CompactString, (i64, u64)>,
+) -> Result<Vec<Answer>, RoundError> {
+    let cluster = inner.cluster.get().expect("the committer runs with a cluster");
+    let mut answers: Vec<Answer> = batch.iter().map(|_| Answer::Duplicate).collect();
+    let mut applied: Vec<Applied> = Vec::new();
+    let mut flushed = cluster.state.lock().flushed;
+    let fail = |e: StoreError, applied: Vec<Applied>, flushed, answers| Err((e, applied, flushed, answers));
+
+    let mut tx: Box<dyn StoreTx + '_> = match cluster.store.begin(&cluster.node_id, cluster.epoch) {
+        Ok(tx) => tx,
+        Err(e) => return fail(e, applied, flushed, answers),
+    };
+    let now = now_ms();
+    let expiry = now.saturating_add(inner.config.idempotency_retention.as_millis() as u64);
+    let keyed: Vec<(usize, KeyRow)> = batch
+        .iter()
+        .enumerate()
+        .filter_map(|(i, r)| {
+            r.key.as_ref().map(|k| {
+                (
+                    i,
+                    KeyRow {
+                        key: k.clone(),
+                        node_id: cluster.node_id.clone(),
+                        epoch: cluster.epoch,
+                        counter: r.name.clone(),
+                        expires_at_ms: expiry,
+                    },
+                )
+            })
+        })
+        .collect();
+    let mut fresh = vec![true; batch.len()];
+    if !keyed.is_empty() {
+        let rows: Vec<KeyRow> = keyed.iter().map(|(_, k)| k.clone()).collect();
+        match tx.insert_keys(&rows) {
+            Ok(inserted) => {
+                for ((i, _), ok) in keyed.iter().zip(inserted) {
+                    fresh[*i] = ok;
+                }
+            }
+            Err(e) => return fail(e, applied, flushed, answers),
+        }
+    }
+    let mut undo_keys: Vec<&str> = Vec::new();
+    for (i, r) in batch.iter().enumerate() {
+        if !fresh[i] {
+            continue;
+        }
+        let key = r.key.as_deref().map(|k| (k, expiry));
+        match inner.apply_replicated(&r.name, r.delta, key, cluster.epoch) {
+            Ok(Some((_, lsn))) => {
+                answers[i] = Answer::Applied;
+                applied.push(Applied {
+                    name: r.name.clone(),
+                    delta: r.delta,
+                    lsn,
+                    key: r.key.clone().map(|k| (k, expiry)),
+                });
+            }
+            // Seen on this node at another level: already counted here.
+            Ok(None) => answers[i] = Answer::Duplicate,
+            Err(e) => {
+                if let Some(k) = r.key.as_deref() {
+                    undo_keys.push(k);
+                }
+                answers[i] = Answer::Failed(e);
+            }
+        }
+    }
+    if !undo_keys.is_empty()
+        && let Err(e) = tx.delete_keys(&undo_keys)
+    {
+        return fail(e, applied, flushed, answers);
+    }
+    // The applied increments' rows go in this transaction whatever the
+    // dirty list holds, so that their keys never commit without them.
+    for a in &applied {
+        if let Some(e) = inner.table.get(&a.name) {
+            merge(backlog, CompactString::from(a.name.as_str()), e.value, e.lsn);
+        }
+    }
+    let rows: Vec<(&str, i64, Version)> = backlog
+        .iter()
+        .map(|(n, (v, lsn))| (n.as_str(), *v, Version::new(cluster.epoch, *lsn)))
+        .collect();
+    let top = rows.iter().map(|r| r.2).max().unwrap_or_default();
+    flushed = flushed.max(top);
+    if !rows.is_empty()
+        && let Err(e) = tx.upsert_shards(&rows)
+    {
+        return fail(e, applied, flushed, answers);
+    }
+    if let Err(e) = tx.set_flushed(flushed, now) {
+        return fail(e, applied, flushed, answers);
+    }
+    if let Err(e) = tx.commit() {
+        return fail(e, applied, flushed, answers);
+    }
+    backlog.clear();
+    cluster.state.lock().flushed = flushed;
+    Ok(answers)
+}
+
+/// Asks the store whether an unresolved transaction committed: it did if
+/// the node's flushed version reached the one that transaction set.
+fn resolve(
+    inner: &Inner,
+    u: Unresolved,
+    backlog: &mut HashMap<CompactString, (i64, u64)>,
+) -> Result<(), (Unresolved, StoreError)> {
+    let cluster = inner.cluster.get().expect("the committer runs with a cluster");
+    let nodes = match cluster.store.nodes() {
+        Ok(n) => n,
+        Err(e) => return Err((u, e)),
+    };
+    let stored = nodes
+        .iter()
+        .find(|n| n.node_id == cluster.node_id)
+        .map(|n| n.flushed);
+    let committed = stored.is_some_and(|f| f >= u.flushed);
+    if committed {
+        for name in &u.rows {
+            backlog.remove(name);
+        }
+        cluster.state.lock().flushed = u.flushed;
+        tracing::info!(applied = u.applied.len(), "unknown commit outcome resolved: committed");
+    } else {
+        revert_all(inner, &u.applied);
+        tracing::info!(applied = u.applied.len(), "unknown commit outcome resolved: not committed, reverted");
+    }
+    let mut state = cluster.state.lock();
+    for a in &u.applied {
+        if let Some((k, _)) = &a.key {
+            state.unresolved_keys.remove(k);
+        }
+    }
+    Ok(())
+}
+
+fn revert_all(inner: &Inner, applied: &[Applied]) {
+    for a in applied.iter().rev() {
+        let key = a.key.as_ref().map(|(k, e)| (k.as_str(), *e));
+        if let Err(e) = inner.apply_revert(&a.name, a.delta, a.lsn, key) {
+            tracing::error!(error = %e, counter = %a.name, "could not revert a replicated increment");
+        }
+    }
+}
+
+fn store_failed(inner: &Inner, e: &StoreError, backoff: &mut Duration) {
+    let cluster = inner.cluster.get().expect("the committer runs with a cluster");
+    let mut state = cluster.state.lock();
+    if state.store_error.is_none() {
+        tracing::warn!(error = %e, "shared store unreachable; local writes go on, replicated ones are refused");
+    }
+    state.store_error = Some((e.to_string(), Instant::now()));
+    *backoff = (*backoff * 2).clamp(BACKOFF_MIN, BACKOFF_MAX);
+}
+
+/// Refuses every queued replicated increment (nothing applied).
+fn fail_queued(inner: &Inner, e: &StoreError) {
+    let cluster = inner.cluster.get().expect("the committer runs with a cluster");
+    let reason = e.to_string();
+    answer_all(cluster.queue.lock().drain(..), || {
+        Error::StoreUnavailable(format!("{reason}; nothing was applied"))
+    });
+}
+
+fn answer_all(requests: impl Iterator<Item = ReplicatedRequest>, err: impl Fn() -> Error) {
+    for r in requests {
+        let _ = r.reply.send(Err(err()));
+    }
+}
+
+fn reply(inner: &Inner, batch: Vec<ReplicatedRequest>, answers: Vec<Answer>) {
+    for (r, a) in batch.into_iter().zip(answers) {
+        let local = inner.table.get(&r.name).map_or(0, |e| e.value);
+        let result = match a {
+            Answer::Applied => Ok(IncrementOutcome {
+                value: local,
+                duplicate: false,
+            }),
+            Answer::Duplicate => Ok(IncrementOutcome {
+                value: local,
+                duplicate: true,
+            }),
+            Answer::Failed(e) => Err(e),
+        };
+        let _ = r.reply.send(result);
+    }
+}

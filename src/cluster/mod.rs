@@ -1,0 +1,499 @@
+//! The cluster: this node's link to the shared store.
+//!
+//! A node with a store registers at start and takes a new epoch, restores
+//! what the store knows better than its disk (a lost or stale data
+//! directory), checks the replicated increments its journal holds against
+//! the store, and only then reports ready. While it runs, one thread (the
+//! committer, [`committer`]) owns every write to the store: it flushes the
+//! node's changed shard rows, commits `replicated` increments in group
+//! transactions, and heartbeats. Another ([`cache`]) keeps the other nodes'
+//! shards, refreshed incrementally, so that reads return global values.
+//!
+//! This module must never write the store from any other thread than the
+//! committer: per-node versions only grow because one thread writes them in
+//! order, and the cache's per-node cursors rely on that.
+//!
+//! See `docs/design.md`, "Cluster", for the protocol and its argument.
+
+pub mod cache;
+pub mod committer;
+
+use std::collections::{HashMap, HashSet, VecDeque};
+use std::sync::Arc;
+use std::sync::atomic::Ordering;
+use std::time::{Duration, Instant};
+
+use parking_lot::{Condvar, Mutex};
+use tokio::sync::{oneshot, watch};
+
+use crate::error::{Error, Result};
+use crate::idempotency::now_ms;
+use crate::journal::{Kind, Record};
+use crate::node::{IncrementOutcome, Inner};
+use crate::recovery::RecoveryReport;
+use crate::store::{self, NodeRow, Store, StoreError, Version};
+
+pub use cache::Cache;
+
+/// Settings of a node's link to the shared store.
+#[derive(Debug, Clone)]
+pub struct ClusterConfig {
+    /// `sqlite://PATH` or `postgres://...`.
+    pub store_url: String,
+    /// Where this node serves clients (shown in the cluster view).
+    pub address: String,
+    /// Longest time a changed counter waits before it is flushed.
+    pub flush_interval: Duration,
+    /// How often the other nodes' shards are read from the store.
+    pub refresh_interval: Duration,
+    /// How often the node proves it is alive when it has nothing to flush.
+    pub heartbeat_interval: Duration,
+    /// Most `replicated` increments waiting for the committer; beyond it
+    /// they are refused (nothing applied).
+    pub replicated_queue_max: usize,
+    /// Most `replicated` increments in one store transaction.
+    pub replicated_batch_max: usize,
+    /// Most shard rows in one store transaction; more wait for the next.
+    pub flush_rows_max: usize,
+    /// How long after a failed store call `replicated` increments are
+    /// refused at once rather than queued.
+    pub fail_fast_window: Duration,
+}
+
+impl ClusterConfig {
+    pub fn new(store_url: impl Into<String>) -> Self {
+        ClusterConfig {
+            store_url: store_url.into(),
+            address: String::new(),
+            flush_interval: Duration::from_millis(100),
+            refresh_interval: Duration::from_millis(100),
+            heartbeat_interval: Duration::from_secs(1),
+            replicated_queue_max: 100_000,
+            replicated_batch_max: 10_000,
+            flush_rows_max: 100_000,
+            fail_fast_window: Duration::from_secs(1),
+        }
+    }
+}
+
+/// A `replicated` increment waiting for the committer.
+pub(crate) struct ReplicatedRequest {
+    pub name: String,
+    pub delta: i64,
+    pub key: Option<String>,
+    pub reply: oneshot::Sender<Result<IncrementOutcome>>,
+}
+
+/// A node's liveness as the cluster view shows it, from heartbeat age.
+#[derive(Debug, Clone, Copy, PartialEq, Eq, serde::Serialize)]
+#[serde(rename_all = "lowercase")]
+pub enum Liveness {
+    Alive,
+    Suspect,
+    Down,
+}
+
+/// One node in the cluster view.
+#[derive(Debug, Clone, serde::Serialize)]
+pub struct NodeView {
+    pub node_id: String,
+    pub epoch: u64,
+    pub address: String,
+    pub state: Liveness,
+    pub heartbeat_age_ms: u64,
+    pub flushed_lsn: u64,
+    pub applied_lsn: u64,
+    /// Applied but not yet flushed, in lsns.
+    pub flush_lag: u64,
+}
+
+/// What `GET /v1/cluster` and `INFO cluster` show.
+#[derive(Debug, Clone, serde::Serialize)]
+pub struct ClusterView {
+    pub node_id: String,
+    pub epoch: u64,
+    pub store: &'static str,
+    /// Reads of other nodes' shards may be this old, in milliseconds.
+    pub staleness_bound_ms: u64,
+    pub last_refresh_age_ms: Option<u64>,
+    pub replicated_available: bool,
+    pub store_error: Option<String>,
+    pub nodes: Vec<NodeView>,
+}
+
+/// Mutable state shared by the committer and the request path.
+#[derive(Default)]
+pub(crate) struct State {
+    /// Set when the last store call failed; cleared by the next success.
+    pub store_error: Option<(String, Instant)>,
+    /// Keys of `replicated` increments whose transaction's outcome is not
+    /// known yet: a retry must not be told "duplicate" before it is.
+    pub unresolved_keys: HashSet<String>,
+    pub flushed: Version,
+}
+
+/// The node's link to the store. See the module docs.
+pub struct Cluster {
+    pub(crate) config: ClusterConfig,
+    pub(crate) node_id: String,
+    pub(crate) epoch: u64,
+    /// Written only by the committer thread.
+    pub(crate) store: Arc<dyn Store>,
+    /// A second connection for reads (cache refresh, cluster view,
+    /// `consistency=store`), so that reads never wait behind a flush.
+    pub(crate) reader: Arc<dyn Store>,
+    pub(crate) queue: Mutex<VecDeque<ReplicatedRequest>>,
+    /// Wakes the committer: a replicated request arrived, or stop.
+    pub(crate) wake: Condvar,
+    pub(crate) state: Mutex<State>,
+    /// True from the moment the committer applies replicated increments
+    /// until their transaction's outcome is known. A snapshot holds this
+    /// lock while it runs and is postponed while it is true, so that it
+    /// never captures a replicated increment whose fate is open (its
+    /// journal record, which recovery checks against the store, could be
+    /// dropped with the segments the snapshot covers).
+    pub(crate) replication_open: Mutex<bool>,
+    /// Fires with the reason once this node's epoch is superseded.
+    pub(crate) fenced: watch::Sender<Option<String>>,
+    pub(crate) cache: Cache,
+    pub(crate) stop: std::sync::atomic::AtomicBool,
+    pub(crate) threads: Mutex<Vec<std::thread::JoinHandle<()>>>,
+}
+
+fn store_err(e: StoreError) -> Error {
+    match e {
+        StoreError::Fenced { .. } => Error::Fenced(e.to_string()),
+        StoreError::Indeterminate(m) => Error::Indeterminate(m.into()),
+        other => Error::StoreUnavailable(other.to_string()),
+    }
+}
+
+impl Cluster {
+    /// Connects to the store, takes a new epoch, restores from the store
+    /// what it knows better than the local disk, settles the replicated
+    /// increments the journal holds, and starts the committer and cache
+    /// threads. The node is ready when this returns.
+    pub(crate) fn start(
+        inner: &Arc<Inner>,
+        config: ClusterConfig,
+        recovered: &RecoveryReport,
+    ) -> Result<Cluster> {
+        let store = store::open(&config.store_url).map_err(store_err)?;
+        let reader = store::open(&config.store_url).map_err(store_err)?;
+        let node_id = inner.node_id.clone();
+        let registration = store
+            .register(&node_id, &config.address, now_ms())
+            .map_err(store_err)?;
+        let epoch = registration.epoch;
+        let rows = store.load_shard(&node_id).map_err(store_err)?;
+        let stored: HashMap<&str, (i64, Version)> = rows
+            .iter()
+            .map(|r| (r.counter.as_str(), (r.value, r.version)))
+            .collect();
+
+        // Never reuse an lsn the store has seen: a stale or lost disk
+        // recovers a lower next lsn than the node had reached.
+        let store_max = rows
+            .iter()
+            .map(|r| r.version.lsn)
+            .chain(registration.previous.as_ref().map(|p| p.flushed.lsn))
+            .max()
+            .unwrap_or(0);
+        inner.next_lsn.fetch_max(store_max + 1, Ordering::SeqCst);
+
+        // Replicated increments whose transaction did not commit are taken
+        // back: their effect is not in the store's row for the counter.
+        let mut reverted = 0;
+        for p in &recovered.replicated {
+            let committed = stored
+                .get(p.name.as_str())
+                .is_some_and(|(_, v)| *v >= Version::new(p.epoch, p.lsn));
+            if !committed {
+                inner.apply_revert(&p.name, p.delta, p.lsn, p.key.as_ref().map(|(k, e)| (k.as_str(), *e)))?;
+                reverted += 1;
+            }
+        }
+
+        // Where the store knows a newer shard (lost or stale disk), the
+        // store wins: adopt it, journaled, with a new, higher lsn.
+        let mut adopted = 0;
+        for row in &rows {
+            let local_lsn = inner.table.get(&row.counter).map_or(0, |e| e.lsn);
+            if row.version.lsn > local_lsn {
+                inner.apply_adopt(&row.counter, row.value)?;
+                adopted += 1;
+            }
+        }
+        // Everything the store does not hold at its latest is to flush.
+        inner.table.track_dirty_from(|name, entry| {
+            stored.get(name).is_none_or(|(_, v)| entry.lsn > v.lsn)
+        });
+        // Adopted and reverted records must be durable before the node
+        // serves: the store is ahead of the disk until they are.
+        let end = inner.journal.end_pos();
+        inner.journal.wait_durable_blocking(end)?;
+        tracing::info!(
+            node_id = %node_id,
+            epoch,
+            store = store.backend(),
+            stored_rows = rows.len(),
+            adopted,
+            reverted,
+            "registered with the shared store"
+        );
+
+        let (fenced, _) = watch::channel(None);
+        let cluster = Cluster {
+            cache: Cache::new(&node_id),
+            config,
+            node_id,
+            epoch,
+            store,
+            reader,
+            queue: Mutex::new(VecDeque::new()),
+            wake: Condvar::new(),
+            state: Mutex::new(State {
+                flushed: registration.previous.map_or_else(Version::default, |p| p.flushed),
+                ..State::default()
+            }),
+            replication_open: Mutex::new(false),
+            fenced,
+            stop: std::sync::atomic::AtomicBool::new(false),
+            threads: Mutex::new(Vec::new()),
+        };
+        // Reads are global from the first request on.
+        cluster.cache.refresh(cluster.reader.as_ref()).map_err(store_err)?;
+        Ok(cluster)
+    }
+
+    /// Starts the committer and cache threads (after the node holds the
+    /// cluster, since they reach it through the node).
+    pub(crate) fn spawn_threads(&self, inner: &Arc<Inner>) -> Result<()> {
+        let weak = Arc::downgrade(inner);
+        let committer = std::thread::Builder::new()
+            .name("tally-committer".into())
+            .spawn(move || committer::run(weak))
+            .map_err(|e| Error::io("starting the committer thread", e))?;
+        let weak = Arc::downgrade(inner);
+        let refresher = std::thread::Builder::new()
+            .name("tally-cache".into())
+            .spawn(move || cache::run(weak))
+            .map_err(|e| Error::io("starting the cache thread", e))?;
+        self.threads.lock().extend([committer, refresher]);
+        Ok(())
+    }
+
+    /// Queues a `replicated` increment and waits for its transaction.
+    pub(crate) async fn replicated(
+        &self,
+        name: &str,
+        delta: i64,
+        key: Option<&str>,
+    ) -> Result<IncrementOutcome> {
+        if let Some(reason) = self.fenced.borrow().clone() {
+            return Err(Error::Fenced(reason));
+        }
+        {
+            let state = self.state.lock();
+            if let Some((reason, at)) = &state.store_error
+                && at.elapsed() < self.config.fail_fast_window
+            {
+                return Err(Error::StoreUnavailable(format!(
+                    "the shared store failed {} ms ago ({reason}); nothing was applied",
+                    at.elapsed().as_millis()
+                )));
+            }
+        }
+        let (tx, rx) = oneshot::channel();
+        {
+            let mut queue = self.queue.lock();
+            if queue.len() >= self.config.replicated_queue_max {
+                return Err(Error::LimitExceeded(format!(
+                    "{} replicated increments are already waiting for the store; nothing was applied",
+                    queue.len()
+                )));
+            }
+            queue.push_back(ReplicatedRequest {
+                name: name.to_string(),
+                delta,
+                key: key.map(str::to_string),
+                reply: tx,
+            });
+        }
+        self.wake.notify_one();
+        rx.await.unwrap_or(Err(Error::ShuttingDown))
+    }
+
+    /// Whether a key's earlier replicated attempt is still unresolved.
+    pub(crate) fn key_unresolved(&self, key: &str) -> bool {
+        self.state.lock().unresolved_keys.contains(key)
+    }
+
+    pub(crate) fn fenced_reason(&self) -> Option<String> {
+        self.fenced.borrow().clone()
+    }
+
+    /// Completes when the node is fenced, with the reason.
+    pub fn fenced_signal(&self) -> watch::Receiver<Option<String>> {
+        self.fenced.subscribe()
+    }
+
+    /// Why `replicated` increments cannot be made durable now, if so.
+    pub(crate) fn replicated_unavailable(&self) -> Option<String> {
+        if let Some(reason) = self.fenced_reason() {
+            return Some(reason);
+        }
+        self.state
+            .lock()
+            .store_error
+            .as_ref()
+            .map(|(reason, _)| format!("shared store unreachable: {reason}"))
+    }
+
+    /// The cluster view, read from the store.
+    pub(crate) fn view(&self, applied_lsn: u64) -> Result<ClusterView> {
+        let nodes = self.reader.nodes().map_err(store_err)?;
+        let now = now_ms();
+        let hb = self.config.heartbeat_interval.as_millis() as u64;
+        let view_of = |n: &NodeRow| {
+            let age = now.saturating_sub(n.heartbeat_at_ms);
+            let applied = if n.node_id == self.node_id {
+                applied_lsn
+            } else {
+                n.applied_lsn
+            };
+            NodeView {
+                node_id: n.node_id.clone(),
+                epoch: n.epoch,
+                address: n.address.clone(),
+                state: if age <= 3 * hb {
+                    Liveness::Alive
+                } else if age <= 10 * hb {
+                    Liveness::Suspect
+                } else {
+                    Liveness::Down
+                },
+                heartbeat_age_ms: age,
+                flushed_lsn: n.flushed.lsn,
+                applied_lsn: applied,
+                flush_lag: applied.saturating_sub(n.flushed.lsn),
+            }
+        };
+        Ok(ClusterView {
+            node_id: self.node_id.clone(),
+            epoch: self.epoch,
+            store: self.store.backend(),
+            staleness_bound_ms: (self.config.flush_interval + self.config.refresh_interval)
+                .as_millis() as u64,
+            last_refresh_age_ms: self.cache.last_refresh_age().map(|d| d.as_millis() as u64),
+            replicated_available: self.replicated_unavailable().is_none(),
+            store_error: self.replicated_unavailable(),
+            nodes: nodes.iter().map(view_of).collect(),
+        })
+    }
+
+    /// Every node's shard of `name`, read straight from the store.
+    pub(crate) fn read_from_store(&self, name: &str) -> Result<Vec<(String, i64)>> {
+        let rows = self.reader.read_counter(name).map_err(store_err)?;
+        Ok(rows.into_iter().map(|r| (r.node_id, r.value)).collect())
+    }
+
+    /// Stops the threads; the committer makes a last flush first.
+    pub(crate) fn stop(&self) {
+        self.stop.store(true, Ordering::SeqCst);
+        self.wake.notify_all();
+        for t in self.threads.lock().drain(..) {
+            let _ = t.join();
+        }
+    }
+}
+
+impl Inner {
+    /// Journals and applies a revert of replicated increment `of_lsn`.
+    pub(crate) fn apply_revert(
+        &self,
+        name: &str,
+        delta: i64,
+        of_lsn: u64,
+        key: Option<(&str, u64)>,
+    ) -> Result<()> {
+        let negated = delta.checked_neg().ok_or(Error::Overflow)?;
+        self.table.increment(name, negated, |_| {
+            let lsn = self.next_lsn.fetch_add(1, Ordering::SeqCst);
+            self.journal.append(
+                &Record {
+                    kind: Kind::Revert { of_lsn },
+                    lsn,
+                    delta: negated,
+                    name,
+                    key,
+                },
+                false,
+            )?;
+            Ok(lsn)
+        })?;
+        if let Some((k, _)) = key {
+            self.keys.remove(k);
+        }
+        Ok(())
+    }
+
+    /// Journals and applies the store's value for this node's shard.
+    pub(crate) fn apply_adopt(&self, name: &str, value: i64) -> Result<()> {
+        let lsn = self.next_lsn.fetch_add(1, Ordering::SeqCst);
+        self.journal.append(
+            &Record {
+                kind: Kind::Adopt,
+                lsn,
+                delta: value,
+                name,
+                key: None,
+            },
+            false,
+        )?;
+        self.table.replay_op(name, value, lsn, true)?;
+        Ok(())
+    }
+
+    /// Applies a replicated increment (in the committer, inside its store
+    /// transaction): journaled as such, with the key recorded locally.
+    /// Returns (value, lsn), or `None` if this node already applied the
+    /// key at another durability.
+    pub(crate) fn apply_replicated(
+        &self,
+        name: &str,
+        delta: i64,
+        key: Option<(&str, u64)>,
+        epoch: u64,
+    ) -> Result<Option<(i64, u64)>> {
+        let mut assigned = 0;
+        let mut commit = |_| -> Result<u64> {
+            let lsn = self.next_lsn.fetch_add(1, Ordering::SeqCst);
+            self.journal.append(
+                &Record {
+                    kind: Kind::Replicated { epoch },
+                    lsn,
+                    delta,
+                    name,
+                    key,
+                },
+                false,
+            )?;
+            assigned = lsn;
+            Ok(lsn)
+        };
+        let value = match key {
+            None => Some(self.table.increment(name, delta, &mut commit)?),
+            Some((k, expiry)) => self.keys.with_key(k, now_ms(), |slot| {
+                if slot.seen() {
+                    return Ok::<Option<i64>, Error>(None);
+                }
+                slot.check_room()?;
+                let v = self.table.increment(name, delta, &mut commit)?;
+                slot.insert(expiry);
+                Ok(Some(v))
+            })?,
+        };
+        Ok(value.map(|v| (v, assigned)))
+    }
+}
