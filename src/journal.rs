@@ -487,12 +487,20 @@ impl Journal {
     }
 
     /// Blocking form of [`Journal::wait_durable`] for threads outside a runtime.
+    /// It polls, so that it works inside or outside an async runtime; it
+    /// is for start-up, not for the increment path.
     pub fn wait_durable_blocking(&self, pos: u64) -> Result<()> {
         self.request_sync();
-        let rt = tokio::runtime::Builder::new_current_thread()
-            .build()
-            .map_err(|e| Error::io("starting a waiter runtime", e))?;
-        rt.block_on(self.wait_durable(pos))
+        loop {
+            let p = self.progress();
+            if p.durable_pos >= pos {
+                return Ok(());
+            }
+            if let Some(reason) = p.failed {
+                return Err(Error::Indeterminate(reason));
+            }
+            std::thread::sleep(Duration::from_micros(200));
+        }
     }
 
     /// Makes the writer sync what is queued now without waiting for the

@@ -124,7 +124,7 @@ pub(crate) struct Inner {
     /// The data directory's exclusive lock, held until shutdown completes.
     pub(crate) lock: Mutex<Option<std::fs::File>>,
     /// The link to the shared store, set once at open for a node with one.
-    pub(crate) cluster: std::sync::OnceLock<Cluster>,
+    pub(crate) cluster: std::sync::OnceLock<Arc<Cluster>>,
 }
 
 /// A running node. Cheap to clone; all clones share one node.
@@ -260,7 +260,7 @@ impl Node {
         });
         if let Some(cluster_config) = inner.config.cluster.clone() {
             let cluster = Cluster::start(&inner, cluster_config, &inner.recovery)?;
-            let _ = inner.cluster.set(cluster);
+            let _ = inner.cluster.set(Arc::new(cluster));
             inner
                 .cluster
                 .get()
@@ -632,7 +632,13 @@ impl Node {
 
 impl Drop for Inner {
     fn drop(&mut self) {
-        // Without an explicit shutdown, still sync what is queued.
+        // Without an explicit shutdown: the cluster's threads stop at their
+        // next look (they hold the cluster, not the node), and what is
+        // queued in the journal is still synced.
+        if let Some(c) = self.cluster.get() {
+            c.stop.store(true, Ordering::SeqCst);
+            c.wake.notify_all();
+        }
         self.journal.close();
     }
 }

@@ -7,13 +7,11 @@
 //! version already read.
 
 use std::collections::HashMap;
-use std::sync::Weak;
 use std::time::{Duration, Instant};
 
 use compact_str::CompactString;
 use parking_lot::RwLock;
 
-use crate::node::Inner;
 use crate::store::{Store, StoreError, Version};
 
 /// Rows read per store call while catching up on one node.
@@ -123,13 +121,9 @@ impl Cache {
 }
 
 /// The cache thread: refreshes every `refresh_interval` until stopped.
-pub(crate) fn run(node: Weak<Inner>) {
+pub(crate) fn run(cluster: std::sync::Arc<super::Cluster>) {
     let mut last_error_log: Option<Instant> = None;
     loop {
-        let Some(inner) = node.upgrade() else { return };
-        let Some(cluster) = inner.cluster.get() else {
-            return;
-        };
         if cluster.stop.load(std::sync::atomic::Ordering::SeqCst) {
             return;
         }
@@ -139,8 +133,6 @@ pub(crate) fn run(node: Weak<Inner>) {
             tracing::warn!(error = %e, "refreshing other nodes' shards failed; reads use the last values");
             last_error_log = Some(Instant::now());
         }
-        let interval = cluster.config.refresh_interval;
-        drop(inner);
-        std::thread::sleep(interval);
+        std::thread::sleep(cluster.config.refresh_interval);
     }
 }

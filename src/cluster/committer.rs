@@ -28,13 +28,13 @@
 //! other node be recognised.
 
 use std::collections::HashMap;
-use std::sync::Weak;
 use std::sync::atomic::Ordering;
+use std::sync::{Arc, Weak};
 use std::time::{Duration, Instant};
 
 use compact_str::CompactString;
 
-use super::{ReplicatedRequest, store_err};
+use super::{Cluster, ReplicatedRequest, store_err};
 use crate::error::Error;
 use crate::idempotency::now_ms;
 use crate::node::{IncrementOutcome, Inner};
@@ -61,24 +61,24 @@ struct Unresolved {
 
 /// What one round decided for each request of its batch.
 enum Answer {
+    /// Not decided when the round failed: not applied.
+    Undecided,
     Applied,
     Duplicate,
     Failed(Error),
 }
 
-pub(crate) fn run(node: Weak<Inner>) {
+pub(crate) fn run(cluster: Arc<Cluster>, node: Weak<Inner>) {
     let mut backlog: HashMap<CompactString, (i64, u64)> = HashMap::new();
     let mut unresolved: Option<Unresolved> = None;
     let mut last_write = Instant::now();
     let mut backoff = Duration::ZERO;
     let mut taken: Vec<(CompactString, i64, u64)> = Vec::new();
     loop {
-        let Some(inner) = node.upgrade() else { return };
-        let Some(cluster) = inner.cluster.get() else {
-            return;
-        };
-        let stopping = cluster.stop.load(Ordering::SeqCst);
-        if !stopping {
+        // Wait without holding the node, so that dropping the node (a
+        // crash in tests, or an embedder that never calls shutdown) frees
+        // it at once.
+        if !cluster.stop.load(Ordering::SeqCst) {
             let mut queue = cluster.queue.lock();
             if queue.is_empty() {
                 let wait = if backoff.is_zero() {
@@ -89,8 +89,16 @@ pub(crate) fn run(node: Weak<Inner>) {
                 cluster.wake.wait_for(&mut queue, wait);
             }
         }
+        let stopping = cluster.stop.load(Ordering::SeqCst);
+        let Some(inner) = node.upgrade() else {
+            answer_all(cluster.queue.lock().drain(..), || Error::ShuttingDown);
+            return;
+        };
+        let cluster = &*cluster;
         if let Some(reason) = cluster.fenced_reason() {
-            answer_all(cluster.queue.lock().drain(..), || Error::Fenced(reason.clone()));
+            answer_all(cluster.queue.lock().drain(..), || {
+                Error::Fenced(reason.clone())
+            });
             return;
         }
 
@@ -207,7 +215,12 @@ pub(crate) fn run(node: Weak<Inner>) {
 }
 
 /// Keeps the newer of two rows for one counter.
-fn merge(backlog: &mut HashMap<CompactString, (i64, u64)>, name: CompactString, value: i64, lsn: u64) {
+fn merge(
+    backlog: &mut HashMap<CompactString, (i64, u64)>,
+    name: CompactString,
+    value: i64,
+    lsn: u64,
+) {
     let slot = backlog.entry(name).or_insert((value, lsn));
     if lsn >= slot.1 {
         *slot = (value, lsn);
@@ -222,11 +235,16 @@ fn round(
     batch: &[ReplicatedRequest],
     backlog: &mut HashMap<CompactString, (i64, u64)>,
 ) -> Result<Vec<Answer>, RoundError> {
-    let cluster = inner.cluster.get().expect("the committer runs with a cluster");
-    let mut answers: Vec<Answer> = batch.iter().map(|_| Answer::Duplicate).collect();
+    let cluster = inner
+        .cluster
+        .get()
+        .expect("the committer runs with a cluster");
+    let mut answers: Vec<Answer> = batch.iter().map(|_| Answer::Undecided).collect();
     let mut applied: Vec<Applied> = Vec::new();
     let mut flushed = cluster.state.lock().flushed;
-    let fail = |e: StoreError, applied: Vec<Applied>, flushed, answers| Err((e, applied, flushed, answers));
+    let fail = |e: StoreError, applied: Vec<Applied>, flushed, answers| {
+        Err((e, applied, flushed, answers))
+    };
 
     let mut tx: Box<dyn StoreTx + '_> = match cluster.store.begin(&cluster.node_id, cluster.epoch) {
         Ok(tx) => tx,
@@ -267,6 +285,7 @@ fn round(
     let mut undo_keys: Vec<&str> = Vec::new();
     for (i, r) in batch.iter().enumerate() {
         if !fresh[i] {
+            answers[i] = Answer::Duplicate;
             continue;
         }
         let key = r.key.as_deref().map(|k| (k, expiry));
@@ -299,7 +318,12 @@ fn round(
     // dirty list holds, so that their keys never commit without them.
     for a in &applied {
         if let Some(e) = inner.table.get(&a.name) {
-            merge(backlog, CompactString::from(a.name.as_str()), e.value, e.lsn);
+            merge(
+                backlog,
+                CompactString::from(a.name.as_str()),
+                e.value,
+                e.lsn,
+            );
         }
     }
     let rows: Vec<(&str, i64, Version)> = backlog
@@ -331,7 +355,10 @@ fn resolve(
     u: Unresolved,
     backlog: &mut HashMap<CompactString, (i64, u64)>,
 ) -> Result<(), (Unresolved, StoreError)> {
-    let cluster = inner.cluster.get().expect("the committer runs with a cluster");
+    let cluster = inner
+        .cluster
+        .get()
+        .expect("the committer runs with a cluster");
     let nodes = match cluster.store.nodes() {
         Ok(n) => n,
         Err(e) => return Err((u, e)),
@@ -346,10 +373,16 @@ fn resolve(
             backlog.remove(name);
         }
         cluster.state.lock().flushed = u.flushed;
-        tracing::info!(applied = u.applied.len(), "unknown commit outcome resolved: committed");
+        tracing::info!(
+            applied = u.applied.len(),
+            "unknown commit outcome resolved: committed"
+        );
     } else {
         revert_all(inner, &u.applied);
-        tracing::info!(applied = u.applied.len(), "unknown commit outcome resolved: not committed, reverted");
+        tracing::info!(
+            applied = u.applied.len(),
+            "unknown commit outcome resolved: not committed, reverted"
+        );
     }
     let mut state = cluster.state.lock();
     for a in &u.applied {
@@ -370,7 +403,10 @@ fn revert_all(inner: &Inner, applied: &[Applied]) {
 }
 
 fn store_failed(inner: &Inner, e: &StoreError, backoff: &mut Duration) {
-    let cluster = inner.cluster.get().expect("the committer runs with a cluster");
+    let cluster = inner
+        .cluster
+        .get()
+        .expect("the committer runs with a cluster");
     let mut state = cluster.state.lock();
     if state.store_error.is_none() {
         tracing::warn!(error = %e, "shared store unreachable; local writes go on, replicated ones are refused");
@@ -381,7 +417,10 @@ fn store_failed(inner: &Inner, e: &StoreError, backoff: &mut Duration) {
 
 /// Refuses every queued replicated increment (nothing applied).
 fn fail_queued(inner: &Inner, e: &StoreError) {
-    let cluster = inner.cluster.get().expect("the committer runs with a cluster");
+    let cluster = inner
+        .cluster
+        .get()
+        .expect("the committer runs with a cluster");
     let reason = e.to_string();
     answer_all(cluster.queue.lock().drain(..), || {
         Error::StoreUnavailable(format!("{reason}; nothing was applied"))
@@ -407,6 +446,9 @@ fn reply(inner: &Inner, batch: Vec<ReplicatedRequest>, answers: Vec<Answer>) {
                 duplicate: true,
             }),
             Answer::Failed(e) => Err(e),
+            Answer::Undecided => Err(Error::StoreUnavailable(
+                "the store transaction did not run; nothing was applied".into(),
+            )),
         };
         let _ = r.reply.send(result);
     }

@@ -58,6 +58,22 @@ pub struct ClusterConfig {
     /// How long after a failed store call `replicated` increments are
     /// refused at once rather than queued.
     pub fail_fast_window: Duration,
+    /// Store connections to use instead of opening `store_url` (tests
+    /// wrap a real store in a fault-injecting one this way).
+    pub stores: Option<Stores>,
+}
+
+/// A writer and a reader connection to one store, built by the caller.
+#[derive(Clone)]
+pub struct Stores {
+    pub writer: Arc<dyn Store>,
+    pub reader: Arc<dyn Store>,
+}
+
+impl std::fmt::Debug for Stores {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        write!(f, "Stores({})", self.writer.backend())
+    }
 }
 
 impl ClusterConfig {
@@ -72,6 +88,7 @@ impl ClusterConfig {
             replicated_batch_max: 10_000,
             flush_rows_max: 100_000,
             fail_fast_window: Duration::from_secs(1),
+            stores: None,
         }
     }
 }
@@ -178,8 +195,13 @@ impl Cluster {
         config: ClusterConfig,
         recovered: &RecoveryReport,
     ) -> Result<Cluster> {
-        let store = store::open(&config.store_url).map_err(store_err)?;
-        let reader = store::open(&config.store_url).map_err(store_err)?;
+        let (store, reader) = match &config.stores {
+            Some(s) => (s.writer.clone(), s.reader.clone()),
+            None => (
+                store::open(&config.store_url).map_err(store_err)?,
+                store::open(&config.store_url).map_err(store_err)?,
+            ),
+        };
         let node_id = inner.node_id.clone();
         let registration = store
             .register(&node_id, &config.address, now_ms())
@@ -209,7 +231,12 @@ impl Cluster {
                 .get(p.name.as_str())
                 .is_some_and(|(_, v)| *v >= Version::new(p.epoch, p.lsn));
             if !committed {
-                inner.apply_revert(&p.name, p.delta, p.lsn, p.key.as_ref().map(|(k, e)| (k.as_str(), *e)))?;
+                inner.apply_revert(
+                    &p.name,
+                    p.delta,
+                    p.lsn,
+                    p.key.as_ref().map(|(k, e)| (k.as_str(), *e)),
+                )?;
                 reverted += 1;
             }
         }
@@ -253,7 +280,9 @@ impl Cluster {
             queue: Mutex::new(VecDeque::new()),
             wake: Condvar::new(),
             state: Mutex::new(State {
-                flushed: registration.previous.map_or_else(Version::default, |p| p.flushed),
+                flushed: registration
+                    .previous
+                    .map_or_else(Version::default, |p| p.flushed),
                 ..State::default()
             }),
             replication_open: Mutex::new(false),
@@ -262,22 +291,25 @@ impl Cluster {
             threads: Mutex::new(Vec::new()),
         };
         // Reads are global from the first request on.
-        cluster.cache.refresh(cluster.reader.as_ref()).map_err(store_err)?;
+        cluster
+            .cache
+            .refresh(cluster.reader.as_ref())
+            .map_err(store_err)?;
         Ok(cluster)
     }
 
     /// Starts the committer and cache threads (after the node holds the
     /// cluster, since they reach it through the node).
-    pub(crate) fn spawn_threads(&self, inner: &Arc<Inner>) -> Result<()> {
-        let weak = Arc::downgrade(inner);
+    pub(crate) fn spawn_threads(self: &Arc<Self>, inner: &Arc<Inner>) -> Result<()> {
+        let (weak, me) = (Arc::downgrade(inner), self.clone());
         let committer = std::thread::Builder::new()
             .name("tally-committer".into())
-            .spawn(move || committer::run(weak))
+            .spawn(move || committer::run(me, weak))
             .map_err(|e| Error::io("starting the committer thread", e))?;
-        let weak = Arc::downgrade(inner);
+        let me = self.clone();
         let refresher = std::thread::Builder::new()
             .name("tally-cache".into())
-            .spawn(move || cache::run(weak))
+            .spawn(move || cache::run(me))
             .map_err(|e| Error::io("starting the cache thread", e))?;
         self.threads.lock().extend([committer, refresher]);
         Ok(())
@@ -402,8 +434,11 @@ impl Cluster {
     pub(crate) fn stop(&self) {
         self.stop.store(true, Ordering::SeqCst);
         self.wake.notify_all();
-        for t in self.threads.lock().drain(..) {
-            let _ = t.join();
+        let threads: Vec<_> = self.threads.lock().drain(..).collect();
+        for t in threads {
+            if t.thread().id() != std::thread::current().id() {
+                let _ = t.join();
+            }
         }
     }
 }
