@@ -728,6 +728,26 @@ mod tests {
         }
     }
 
+    // The largest record the node can write (longest name and key, a kind
+    // with its extra field) is exactly the largest length decode accepts.
+    #[test]
+    fn largest_record_is_the_payload_limit() {
+        let name = "n".repeat(NAME_BYTES_MAX);
+        let key = "k".repeat(KEY_BYTES_MAX);
+        let r = Record {
+            kind: Kind::Replicated { epoch: u64::MAX },
+            lsn: u64::MAX,
+            delta: i64::MIN,
+            name: &name,
+            key: Some((&key, u64::MAX)),
+        };
+        let mut buf = Vec::new();
+        r.encode(&mut buf);
+        assert_eq!(buf.len(), RECORD_FRAME_BYTES + PAYLOAD_BYTES_MAX);
+        assert_eq!(PAYLOAD_BYTES_MAX, 421, "docs/design.md states this figure");
+        assert_eq!(decode(&buf), Decoded::Record(r, buf.len()));
+    }
+
     // A huge length prefix is rejected as corruption without allocating.
     #[test]
     fn huge_length_prefix_is_corrupt() {
