@@ -365,6 +365,11 @@ async fn values(nodes: &[&TallyProcess], expected: &Totals) -> BTreeMap<String, 
     out
 }
 
+/// Added to a failed wait for values once the store is known to hold them:
+/// a node then reads the other nodes' shards wrongly.
+const CACHE_MISSED_ROWS: &str = ", although the store's rows already hold them: the \
+     differing nodes' cache of the other nodes' shards missed rows";
+
 /// Differences shown when a wait fails.
 const DIFFERENCES_SHOWN_MAX: usize = 20;
 
@@ -387,6 +392,17 @@ fn differences(seen: &BTreeMap<String, Totals>, expected: &Totals) -> (Vec<Strin
 /// Polls every node until each reports `expected` for every counter; fails
 /// after [`SETTLE_TIMEOUT`], showing what differed.
 fn wait_for_values(rt: &tokio::runtime::Runtime, nodes: &[&TallyProcess], expected: &Totals) {
+    wait_for_values_or(rt, nodes, expected, "");
+}
+
+/// [`wait_for_values`], with `context` added to the failure message (what
+/// the scenario already established, which narrows the cause).
+fn wait_for_values_or(
+    rt: &tokio::runtime::Runtime,
+    nodes: &[&TallyProcess],
+    expected: &Totals,
+    context: &str,
+) {
     let deadline = Instant::now() + SETTLE_TIMEOUT;
     loop {
         let seen = rt.block_on(values(nodes, expected));
@@ -397,7 +413,7 @@ fn wait_for_values(rt: &tokio::runtime::Runtime, nodes: &[&TallyProcess], expect
         assert!(
             Instant::now() < deadline,
             "after {SETTLE_TIMEOUT:?} the nodes still do not report the acknowledged totals \
-             ({n} differences of {} counters on {} nodes):\n{}",
+             ({n} differences of {} counters on {} nodes){context}:\n{}",
             expected.len(),
             nodes.len(),
             shown.join("\n")
@@ -532,9 +548,9 @@ fn three_nodes_report_exact_global_totals(backend: Backend) {
     let by_node = load(&rt, plans);
     let expected = global(&by_node);
     assert_eq!(expected.len(), counters.len(), "every counter was written");
-    let refs: Vec<&TallyProcess> = nodes.iter().collect();
-    wait_for_values(&rt, &refs, &expected);
     wait_for_shares(&store, &by_node);
+    let refs: Vec<&TallyProcess> = nodes.iter().collect();
+    wait_for_values_or(&rt, &refs, &expected, CACHE_MISSED_ROWS);
 }
 
 /// Writers, and counters each creates with one increment, in the scenario
@@ -561,7 +577,32 @@ fn other_nodes_read_every_flushed_row(backend: Backend) {
     let by_node = load(&rt, plans);
     let expected = global(&by_node);
     assert_eq!(expected.len(), FRESH_WRITERS * FRESH_COUNTERS_PER_WRITER);
-    wait_for_values(&rt, &[&writer, &reader], &expected);
+    // The store first (one read of the writer's whole shard), then the
+    // other node's reads of it.
+    let deadline = Instant::now() + SETTLE_TIMEOUT;
+    loop {
+        let stored: Totals = store
+            .reader()
+            .load_shard("n1")
+            .unwrap_or_else(|e| panic!("reading n1's shard from the store: {e}"))
+            .into_iter()
+            .map(|r| (r.counter, r.value))
+            .collect();
+        if stored == expected {
+            break;
+        }
+        assert!(
+            Instant::now() < deadline,
+            "after {SETTLE_TIMEOUT:?} the store holds {} of n1's {} rows as acknowledged",
+            expected
+                .iter()
+                .filter(|(c, v)| stored.get(*c) == Some(*v))
+                .count(),
+            expected.len()
+        );
+        std::thread::sleep(POLL_INTERVAL);
+    }
+    wait_for_values_or(&rt, &[&writer, &reader], &expected, CACHE_MISSED_ROWS);
 }
 
 fn lost_disk_at_replicated_restores_before_ready(backend: Backend) {
@@ -1161,7 +1202,7 @@ fn store_outage_local_continues_replicated_fails_fast() {
         std::thread::sleep(POLL_INTERVAL);
     }
     let refs: Vec<&TallyProcess> = nodes.iter().collect();
-    wait_for_values(&rt, &refs, &expected);
+    wait_for_values_or(&rt, &refs, &expected, CACHE_MISSED_ROWS);
 }
 
 // ---------------------------------------------------------------------------
