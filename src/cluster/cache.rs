@@ -1,10 +1,13 @@
 //! The other nodes' shards, kept in memory for global reads.
 //!
-//! Refreshed incrementally: for each other node the cache keeps the highest
-//! version it has read, and asks the store only for that node's rows above
-//! it. This is exact because each node's rows are written by one thread in
-//! version order (see the parent module), so no row can appear later below a
-//! version already read.
+//! Refreshed incrementally. Rows of one node do NOT reach the store in
+//! version order: a flush sweeps the counter table shard by shard while
+//! increments go on, so a later flush can carry a lower lsn than an earlier
+//! one. What is ordered is the node's flushed version (its *mark*): a flush
+//! raises it only when every change below it is in the store. So for each
+//! other node the cache reads the node's mark first, then every row above
+//! the version it has read up to, and then moves its cursor to that mark,
+//! never past it. A row above the mark may be read twice; none is missed.
 
 use std::collections::HashMap;
 use std::time::{Duration, Instant};
@@ -79,6 +82,8 @@ impl Cache {
 
     /// Reads every other node's rows changed since the last refresh.
     pub fn refresh(&self, store: &dyn Store) -> Result<(), StoreError> {
+        // The marks are read before the rows: every row at or below a mark
+        // was committed with or before it, so the row queries see it.
         let nodes = store.nodes()?;
         for node in nodes.iter().filter(|n| n.node_id != self.own) {
             let (index, mut cursor) = {
@@ -93,9 +98,12 @@ impl Cache {
                 };
                 (index, inner.cursors[index])
             };
+            let start = cursor;
             loop {
                 let rows = store.changes_since(&node.node_id, cursor, PAGE_ROWS)?;
                 let Some(last) = rows.last() else { break };
+                // Paging within this refresh follows the rows; the cursor
+                // kept for the next one is the mark (below).
                 cursor = last.version;
                 let full = rows.len() >= PAGE_ROWS;
                 let mut inner = self.inner.write();
@@ -109,11 +117,11 @@ impl Cache {
                         None => slot.push((index as u16, row.value)),
                     }
                 }
-                inner.cursors[index] = cursor;
                 if !full {
                     break;
                 }
             }
+            self.inner.write().cursors[index] = start.max(node.flushed);
         }
         self.inner.write().refreshed = Some(Instant::now());
         Ok(())

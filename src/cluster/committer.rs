@@ -19,9 +19,9 @@
 //!    reverted (journaled) and answered "not applied". `Indeterminate`:
 //!    they are answered "outcome unknown", their keys are held as
 //!    unresolved, and before anything else the next round asks the store
-//!    whether the transaction committed (did the node's flushed version
-//!    reach the one it set?) and reverts them if not. `Fenced`: reverted,
-//!    and the node stops for good.
+//!    whether the transaction committed (does the row of a counter it
+//!    changed carry the version it wrote?) and reverts them if not.
+//!    `Fenced`: reverted, and the node stops for good.
 //!
 //! A replicated increment's effect therefore reaches the store only in the
 //! transaction that also records its key, which is what lets a retry on any
@@ -127,10 +127,17 @@ pub(crate) fn run(cluster: Arc<Cluster>, node: Weak<Inner>) {
             answer_all(batch.into_iter(), || Error::ShuttingDown);
             continue;
         }
+        // Every change with an lsn below `mark` is applied before the
+        // sweep reaches its shard: lsns are assigned under the shard lock
+        // the sweep takes. So once a complete sweep commits, the store
+        // holds every change below the mark (see `round`).
+        let mark = inner.next_lsn.load(Ordering::SeqCst);
         taken.clear();
         inner
             .table
             .take_dirty(cluster.config.flush_rows_max, &mut taken);
+        let complete = Some(Version::new(cluster.epoch, mark.saturating_sub(1)))
+            .filter(|_| taken.len() < cluster.config.flush_rows_max);
         for (name, value, lsn) in taken.drain(..) {
             merge(&mut backlog, name, value, lsn);
         }
@@ -157,7 +164,7 @@ pub(crate) fn run(cluster: Arc<Cluster>, node: Weak<Inner>) {
         if !batch.is_empty() {
             *cluster.replication_open.lock() = true;
         }
-        match round(&inner, &batch, &mut backlog) {
+        match round(&inner, &batch, &mut backlog, complete) {
             Ok(answers) => {
                 last_write = Instant::now();
                 backoff = Duration::ZERO;
@@ -230,10 +237,16 @@ fn merge(
 type RoundError = (StoreError, Vec<Applied>, Version, Vec<Answer>);
 
 /// One transaction: keys, local applies, rows, flushed version, commit.
+///
+/// `complete` is the version below which every change is in `backlog` or
+/// already stored, when this round's sweep of changed counters was
+/// complete; the round raises the node's flushed version to it, which is
+/// what the other nodes' caches page from (see `cache`).
 fn round(
     inner: &Inner,
     batch: &[ReplicatedRequest],
     backlog: &mut HashMap<CompactString, (i64, u64)>,
+    complete: Option<Version>,
 ) -> Result<Vec<Answer>, RoundError> {
     let cluster = inner
         .cluster
@@ -330,8 +343,9 @@ fn round(
         .iter()
         .map(|(n, (v, lsn))| (n.as_str(), *v, Version::new(cluster.epoch, *lsn)))
         .collect();
-    let top = rows.iter().map(|r| r.2).max().unwrap_or_default();
-    flushed = flushed.max(top);
+    if let Some(mark) = complete {
+        flushed = flushed.max(mark);
+    }
     if !rows.is_empty()
         && let Err(e) = tx.upsert_shards(&rows)
     {
@@ -349,7 +363,9 @@ fn round(
 }
 
 /// Asks the store whether an unresolved transaction committed: it did if
-/// the node's flushed version reached the one that transaction set.
+/// the row of a counter it changed carries a version at least that of the
+/// increment applied in it (no other transaction writes this node's rows
+/// until the outcome is settled, so nothing else can have raised it).
 fn resolve(
     inner: &Inner,
     u: Unresolved,
@@ -359,20 +375,24 @@ fn resolve(
         .cluster
         .get()
         .expect("the committer runs with a cluster");
-    let nodes = match cluster.store.nodes() {
-        Ok(n) => n,
+    let probe = u
+        .applied
+        .first()
+        .expect("only transactions that applied are unresolved");
+    let rows = match cluster.store.read_counter(&probe.name) {
+        Ok(r) => r,
         Err(e) => return Err((u, e)),
     };
-    let stored = nodes
-        .iter()
-        .find(|n| n.node_id == cluster.node_id)
-        .map(|n| n.flushed);
-    let committed = stored.is_some_and(|f| f >= u.flushed);
+    let committed = rows.iter().any(|r| {
+        r.node_id == cluster.node_id && r.version >= Version::new(cluster.epoch, probe.lsn)
+    });
     if committed {
         for name in &u.rows {
             backlog.remove(name);
         }
-        cluster.state.lock().flushed = u.flushed;
+        let mut state = cluster.state.lock();
+        state.flushed = state.flushed.max(u.flushed);
+        drop(state);
         tracing::info!(
             applied = u.applied.len(),
             "unknown commit outcome resolved: committed"
