@@ -409,4 +409,17 @@ mod tests {
         drop(Guard::new(child, "sleep"));
         assert!(!Path::new(&format!("/proc/{pid}")).exists());
     }
+
+    // A guard given another stop signal (PostgreSQL's SIGINT, its fast
+    // shutdown) sends that one.
+    #[test]
+    fn guards_send_their_stop_signal() {
+        let child = Command::new("sleep").arg("600").spawn().unwrap();
+        let guard = Guard::new(child, "sleep").with_stop_signal(libc::SIGINT);
+        let status = guard.stop().unwrap();
+        assert_eq!(
+            std::os::unix::process::ExitStatusExt::signal(&status),
+            Some(libc::SIGINT)
+        );
+    }
 }
