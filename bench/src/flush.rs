@@ -65,7 +65,7 @@ pub fn run(work: &Path, s: &Settings) -> (String, bool) {
         Err(e) => errors.push(format!("sqlite: {e:#}")),
     }
 
-    let pg = PgServer::start(&dir.join("postgres")).and_then(|pg| {
+    let pg = PgServer::start(work, &dir.join("postgres")).and_then(|pg| {
         pg.create_database(DATABASE)?;
         let store = store::open(&pg.url(DATABASE)).context("opening the PostgreSQL store")?;
         Ok((pg, store))

@@ -71,9 +71,11 @@ struct RunAs {
 }
 
 impl PgServer {
-    /// Creates a cluster in `dir` (which must not exist) and starts it.
-    pub fn start(dir: &Path) -> Result<PgServer> {
+    /// Creates a cluster in `dir` (which must not exist), somewhere under
+    /// the benchmark's own directory `work`, and starts it.
+    pub fn start(work: &Path, dir: &Path) -> Result<PgServer> {
         let bin_dir = find_bin_dir()?;
+        // SAFETY: geteuid has no preconditions and cannot fail.
         let run_as = if unsafe { libc::geteuid() } == 0 {
             Some(unprivileged_user()?)
         } else {
@@ -81,17 +83,7 @@ impl PgServer {
         };
         std::fs::create_dir_all(dir).with_context(|| format!("creating {}", dir.display()))?;
         if let Some(u) = run_as {
-            // The server's user must reach its directory through ours.
-            if let Some(parent) = dir.parent() {
-                let mut mode = std::fs::metadata(parent)?.permissions().mode();
-                if mode & 0o001 == 0 {
-                    mode |= 0o011;
-                    std::fs::set_permissions(parent, std::fs::Permissions::from_mode(mode))
-                        .with_context(|| {
-                            format!("letting the server reach {}", parent.display())
-                        })?;
-                }
-            }
+            let_others_reach(work, dir)?;
             std::os::unix::fs::chown(dir, Some(u.uid), Some(u.gid))
                 .context("handing the server directory to the unprivileged user")?;
         }
@@ -246,6 +238,30 @@ impl PgServer {
         }
         Ok(())
     }
+}
+
+/// Makes every directory from `work` down to `dir`'s parent searchable by
+/// other users (the server's user must pass through them), and checks that
+/// the directories above `work`, which are not the benchmark's to change,
+/// already are.
+fn let_others_reach(work: &Path, dir: &Path) -> Result<()> {
+    for ancestor in dir.ancestors().skip(1) {
+        let mode = std::fs::metadata(ancestor)?.permissions().mode();
+        if mode & 0o001 != 0 {
+            continue;
+        }
+        if !ancestor.starts_with(work) {
+            bail!(
+                "PostgreSQL runs as an unprivileged user, who cannot pass through {} \
+                 (mode {:o}); give --work-dir a directory other users can reach",
+                ancestor.display(),
+                mode & 0o7777
+            );
+        }
+        std::fs::set_permissions(ancestor, std::fs::Permissions::from_mode(mode | 0o011))
+            .with_context(|| format!("letting the server reach {}", ancestor.display()))?;
+    }
+    Ok(())
 }
 
 /// A command that runs `program` from the server's binaries, as the

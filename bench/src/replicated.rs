@@ -171,7 +171,7 @@ pub fn run(tally_bin: &Path, work: &Path, s: &Settings) -> (String, bool) {
             .push(format!("fdatasync could not be timed: {e:#}")),
     }
 
-    let pg = PgServer::start(&dir.join("postgres"));
+    let pg = PgServer::start(work, &dir.join("postgres"));
     let pg = match pg {
         Ok(pg) => {
             match pg.settings() {
