@@ -1,10 +1,15 @@
-//! tally-bench: measures tally against Redis on this machine, in one run
-//! and one process tree, and prints one markdown table per part:
+//! tally-bench: measures tally against Redis and PostgreSQL on this
+//! machine, in one run and one process tree, and prints one markdown table
+//! per part:
 //!
 //! 1. throughput: `redis-benchmark -t incr` against tally (`local`,
 //!    `memory`) and Redis (`appendfsync always`, `everysec`);
 //! 2. recovery: time to ready with a million counters and a long journal;
-//! 3. memory: bytes per counter against Redis.
+//! 3. memory: bytes per counter against Redis;
+//! 4. flush: shard rows per second a node's flush writes to the shared
+//!    store, SQLite and PostgreSQL;
+//! 5. replicated: `replicated` increments per second from 50 clients
+//!    against PostgreSQL's own upsert of a row per counter.
 //!
 //! Run it with `cargo run --release -p tally-bench`; it builds the release
 //! `tally` binary itself. Every server is a private child process on a
@@ -14,11 +19,14 @@
 //! The exit status is non-zero when a part could not be measured; a target
 //! that is not met is reported in the output, not as a failure.
 
+mod flush;
 mod memory;
 mod parse;
 mod phases;
+mod postgres;
 mod process;
 mod recovery;
+mod replicated;
 mod resp;
 mod table;
 mod throughput;
@@ -34,7 +42,7 @@ use clap::{Parser, Subcommand, ValueEnum};
 #[derive(Debug, Parser)]
 #[command(
     name = "tally-bench",
-    about = "Benchmarks tally against Redis on this machine and prints markdown tables",
+    about = "Benchmarks tally against Redis and PostgreSQL on this machine and prints markdown tables",
     args_conflicts_with_subcommands = true
 )]
 struct Cli {
@@ -57,6 +65,18 @@ enum Part {
     Throughput,
     Recovery,
     Memory,
+    Flush,
+    Replicated,
+}
+
+impl Part {
+    const ALL: [Part; 5] = [
+        Part::Throughput,
+        Part::Recovery,
+        Part::Memory,
+        Part::Flush,
+        Part::Replicated,
+    ];
 }
 
 #[derive(Debug, clap::Args)]
@@ -71,7 +91,8 @@ struct RunArgs {
     /// Requests per redis-benchmark run [default: 200000, --quick 20000]
     #[arg(long)]
     requests: Option<u64>,
-    /// Parallel redis-benchmark connections
+    /// Parallel client connections (redis-benchmark, and pgbench in the
+    /// replicated part)
     #[arg(long, default_value_t = 50)]
     clients: u32,
     /// Pipeline depth of the pipelined redis-benchmark run
@@ -97,6 +118,20 @@ struct RunArgs {
     /// Counters in the memory part [default: 1000000, --quick 100000]
     #[arg(long)]
     memory_counters: Option<u64>,
+    /// Shard rows written per measurement in the flush part
+    /// [default: 1000000, --quick 100000]
+    #[arg(long)]
+    flush_rows: Option<usize>,
+    /// INCRs per redis-benchmark run in the replicated part
+    /// [default: 200000, --quick 20000]
+    #[arg(long)]
+    replicated_requests: Option<u64>,
+    /// Seconds per pgbench run in the replicated part [default: 10, --quick 3]
+    #[arg(long)]
+    pgbench_seconds: Option<u32>,
+    /// Rounds of the replicated part (median reported) [default: 3, --quick 1]
+    #[arg(long)]
+    replicated_rounds: Option<u32>,
     /// Use this tally binary instead of building one
     #[arg(long)]
     tally_bin: Option<PathBuf>,
@@ -122,6 +157,9 @@ fn main() -> ExitCode {
     }
 }
 
+/// Counters the spread runs of the replicated part use (`-r`).
+const SPREAD_COUNTERS: u32 = 1_000;
+
 /// Picks the full-size or the `--quick` default.
 fn size<T>(given: Option<T>, quick: bool, full: T, small: T) -> T {
     given.unwrap_or(if quick { small } else { full })
@@ -130,7 +168,7 @@ fn size<T>(given: Option<T>, quick: bool, full: T, small: T) -> T {
 /// Runs the chosen parts; `Ok(false)` if any of them failed.
 fn run(args: RunArgs) -> Result<bool> {
     let parts = if args.part.is_empty() {
-        vec![Part::Throughput, Part::Recovery, Part::Memory]
+        Part::ALL.to_vec()
     } else {
         args.part.clone()
     };
@@ -140,8 +178,14 @@ fn run(args: RunArgs) -> Result<bool> {
              will be slow. Use cargo run --release -p tally-bench"
         );
     }
-    let redis_version = tools::require("redis-server")?;
-    if parts.contains(&Part::Throughput) {
+    // Only the parts that start Redis need it; the others name its
+    // version in the machine line when it is there.
+    let redis_version = if parts.contains(&Part::Throughput) || parts.contains(&Part::Memory) {
+        tools::require("redis-server")?
+    } else {
+        tools::version(std::path::Path::new("redis-server")).unwrap_or_else(|_| "none".into())
+    };
+    if parts.contains(&Part::Throughput) || parts.contains(&Part::Replicated) {
         tools::require("redis-benchmark")?;
     }
     let tally_bin = match &args.tally_bin {
@@ -189,6 +233,24 @@ fn run(args: RunArgs) -> Result<bool> {
                 &tally_bin,
                 work.path(),
                 size(args.memory_counters, args.quick, 1_000_000, 100_000),
+            ),
+            Part::Flush => flush::run(
+                work.path(),
+                &flush::Settings {
+                    rows: size(args.flush_rows, args.quick, 1_000_000, 100_000).max(1),
+                    batch_rows: vec![1_000, 100_000],
+                },
+            ),
+            Part::Replicated => replicated::run(
+                &tally_bin,
+                work.path(),
+                &replicated::Settings {
+                    requests: size(args.replicated_requests, args.quick, 200_000, 20_000),
+                    clients: args.clients,
+                    pgbench_seconds: size(args.pgbench_seconds, args.quick, 10, 3).max(1),
+                    counters: SPREAD_COUNTERS,
+                    rounds: size(args.replicated_rounds, args.quick, 3, 1).max(1),
+                },
             ),
         };
         println!("{text}");

@@ -1,6 +1,6 @@
 //! Parsers for what the benchmark reads from other programs: the CSV that
-//! `redis-benchmark --csv` prints, Redis `INFO` text, tally's JSON log lines
-//! and `/proc/<pid>/status`.
+//! `redis-benchmark --csv` prints, pgbench's summary and per-transaction
+//! log, Redis `INFO` text, tally's JSON log lines and `/proc/<pid>/status`.
 //!
 //! Pure functions over text, so the unit tests below can feed them output
 //! captured from the real programs.
@@ -75,6 +75,91 @@ pub fn redis_benchmark_csv(text: &str) -> Result<Vec<BenchmarkRow>> {
         bail!("redis-benchmark printed a CSV header but no result row; output was: {text:?}");
     }
     Ok(rows)
+}
+
+/// What pgbench's summary says about a run.
+#[derive(Debug, Clone, PartialEq)]
+pub struct PgbenchSummary {
+    /// "number of transactions actually processed".
+    pub processed: u64,
+    /// "number of failed transactions" (0 when the version does not print
+    /// it: before PostgreSQL 15 a failure ended the client instead).
+    pub failed: u64,
+    /// "tps = ... (without initial connection time)".
+    pub tps: f64,
+}
+
+/// Parses pgbench's summary (its standard output after a run).
+pub fn pgbench_summary(text: &str) -> Result<PgbenchSummary> {
+    let after = |prefix: &str| {
+        text.lines()
+            .find_map(|l| l.trim().strip_prefix(prefix))
+            .map(str::trim)
+    };
+    let processed = after("number of transactions actually processed:")
+        .ok_or_else(|| anyhow!("pgbench printed no transaction count; output was: {text:?}"))?;
+    // "12504", or "12504/20000" when a count of transactions was asked for.
+    let processed = processed
+        .split('/')
+        .next()
+        .unwrap_or_default()
+        .parse()
+        .with_context(|| format!("pgbench transaction count '{processed}' is not a number"))?;
+    let failed = match after("number of failed transactions:") {
+        Some(f) => {
+            let n = f.split_whitespace().next().unwrap_or_default();
+            n.parse()
+                .with_context(|| format!("pgbench failure count '{f}' is not a number"))?
+        }
+        None => 0,
+    };
+    let tps = text
+        .lines()
+        .filter_map(|l| l.trim().strip_prefix("tps = "))
+        // Older versions print an "including connections establishing"
+        // line too; the figure without connection time is the one wanted.
+        .find(|l| l.contains("without initial connection time") || l.contains("excluding"))
+        .ok_or_else(|| anyhow!("pgbench printed no tps line; output was: {text:?}"))?;
+    let tps = tps.split_whitespace().next().unwrap_or_default();
+    let tps = tps
+        .parse()
+        .with_context(|| format!("pgbench tps '{tps}' is not a number"))?;
+    Ok(PgbenchSummary {
+        processed,
+        failed,
+        tps,
+    })
+}
+
+/// Transaction latencies, in microseconds, from a pgbench per-transaction
+/// log (`-l`): lines `client_id transaction_no time script_no time_epoch
+/// time_us ...`, where `time` is the latency. A failed transaction has
+/// `failed` (or `skipped`) in that field and is left out.
+pub fn pgbench_log_latencies_us(text: &str, out: &mut Vec<u64>) -> Result<()> {
+    for line in text.lines().filter(|l| !l.trim().is_empty()) {
+        let field = line
+            .split_whitespace()
+            .nth(2)
+            .ok_or_else(|| anyhow!("pgbench log line has no latency field: {line}"))?;
+        if field == "failed" || field == "skipped" {
+            continue;
+        }
+        out.push(
+            field
+                .parse()
+                .with_context(|| format!("pgbench log latency '{field}' is not a number"))?,
+        );
+    }
+    Ok(())
+}
+
+/// The `q`-quantile (0 to 1) of sorted `values`, nearest rank.
+pub fn quantile(sorted: &[u64], q: f64) -> Option<u64> {
+    if sorted.is_empty() {
+        return None;
+    }
+    let rank = (q * sorted.len() as f64).ceil() as usize;
+    Some(sorted[rank.clamp(1, sorted.len()) - 1])
 }
 
 /// Value of `field` in Redis `INFO` text (`field:value` lines, CRLF or LF).
@@ -154,6 +239,48 @@ mod tests {
     const PROC_STATUS: &str = include_str!("../tests/data/proc-status.txt");
     /// stderr of `tally serve --log-format json` up to its ready line.
     const TALLY_LOG: &str = include_str!("../tests/data/tally-serve-log.jsonl");
+    /// Standard output of `pgbench -n -M prepared -c 50 -j 2 -T 5 -f
+    /// hot-row.sql` from pgbench 15.18 (the script's path shortened).
+    const PGBENCH_OUTPUT: &str = include_str!("../tests/data/pgbench-15-hot-row.txt");
+    /// Lines from the per-transaction logs (`-l`) of that run.
+    const PGBENCH_LOG: &str = include_str!("../tests/data/pgbench-15-log.txt");
+
+    // pgbench 15's summary gives the count, the failures and the rate.
+    #[test]
+    fn pgbench_summary_is_parsed() {
+        assert_eq!(
+            pgbench_summary(PGBENCH_OUTPUT).unwrap(),
+            PgbenchSummary {
+                processed: 12504,
+                failed: 0,
+                tps: 2505.686088,
+            }
+        );
+        // Before version 15 there is no failure line and tps comes twice.
+        let old = "number of transactions actually processed: 100/100\n\
+                   tps = 90.5 (including connections establishing)\n\
+                   tps = 95.25 (excluding connections establishing)\n";
+        let s = pgbench_summary(old).unwrap();
+        assert_eq!((s.processed, s.failed, s.tps), (100, 0, 95.25));
+        assert!(pgbench_summary("pgbench: error: connection refused").is_err());
+    }
+
+    // Latencies are the third field of each log line; failed ones are
+    // skipped, and quantiles are taken by nearest rank.
+    #[test]
+    fn pgbench_log_latencies_are_parsed() {
+        let mut us = Vec::new();
+        pgbench_log_latencies_us(PGBENCH_LOG, &mut us).unwrap();
+        assert_eq!(us, vec![23901, 23269, 22793, 21609, 20939]);
+        pgbench_log_latencies_us("3 7 failed 0 1795230080 420201\n", &mut us).unwrap();
+        assert_eq!(us.len(), 5);
+        assert!(pgbench_log_latencies_us("3 7\n", &mut us).is_err());
+        us.sort_unstable();
+        assert_eq!(quantile(&us, 0.5), Some(22793));
+        assert_eq!(quantile(&us, 0.99), Some(23901));
+        assert_eq!(quantile(&us, 0.0), Some(20939));
+        assert_eq!(quantile(&[], 0.5), None);
+    }
 
     // Real redis-benchmark 7 CSV gives requests/s and latency percentiles.
     #[test]

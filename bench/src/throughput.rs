@@ -25,7 +25,7 @@ const BENCHMARK_TIMEOUT: Duration = Duration::from_secs(600);
 /// How long tally may take to become ready on an empty data directory.
 const READY_TIMEOUT: Duration = Duration::from_secs(60);
 /// The key redis-benchmark's INCR test increments when `-r` is not given.
-const BENCHMARK_KEY: &str = "counter:__rand_int__";
+pub const BENCHMARK_KEY: &str = "counter:__rand_int__";
 /// "Far beyond Redis with appendfsync always" is read as at least this
 /// many times its throughput.
 const FAR_BEYOND_RATIO: f64 = 3.0;
@@ -152,7 +152,7 @@ pub fn run(tally_bin: &Path, work: &Path, s: &Settings) -> (String, bool) {
                     r.server.label(),
                     m.pipeline
                 );
-                match redis_benchmark(r.addr, s, m.pipeline) {
+                match redis_benchmark(r.addr, s.clients, s.requests, m.pipeline, None) {
                     Ok(row) => {
                         m.runs.push(row);
                         r.runs_done += 1;
@@ -173,7 +173,7 @@ pub fn run(tally_bin: &Path, work: &Path, s: &Settings) -> (String, bool) {
 
 /// p50 and p99 of appending [`FSYNC_APPEND_BYTES`] to a file in `dir` and
 /// calling fdatasync, over [`FSYNC_SAMPLES`] appends.
-fn fsync_latency(dir: &Path) -> Result<(Duration, Duration)> {
+pub fn fsync_latency(dir: &Path) -> Result<(Duration, Duration)> {
     use std::io::Write as _;
     let path = dir.join("fsync-probe");
     let mut file = std::fs::File::create(&path)?;
@@ -261,17 +261,28 @@ fn verify_and_stop(r: Running, s: &Settings) -> Result<()> {
     Ok(())
 }
 
-fn redis_benchmark(addr: SocketAddr, s: &Settings, pipeline: u32) -> Result<BenchmarkRow> {
-    let output = run_with_timeout(
-        Command::new("redis-benchmark")
-            .args(["-h", &addr.ip().to_string(), "-p", &addr.port().to_string()])
-            .args(["-t", "incr", "--csv"])
-            .args(["-c", &s.clients.to_string()])
-            .args(["-n", &s.requests.to_string()])
-            .args(["-P", &pipeline.to_string()]),
-        "redis-benchmark",
-        BENCHMARK_TIMEOUT,
-    )?;
+/// One `redis-benchmark -t incr` run: `requests` INCRs from `clients`
+/// connections, `pipeline` deep, on the one key `counter:__rand_int__` or,
+/// with `key_space`, spread at random over `counter:000000000000` up to
+/// that many keys (`-r`).
+pub fn redis_benchmark(
+    addr: SocketAddr,
+    clients: u32,
+    requests: u64,
+    pipeline: u32,
+    key_space: Option<u32>,
+) -> Result<BenchmarkRow> {
+    let mut command = Command::new("redis-benchmark");
+    command
+        .args(["-h", &addr.ip().to_string(), "-p", &addr.port().to_string()])
+        .args(["-t", "incr", "--csv"])
+        .args(["-c", &clients.to_string()])
+        .args(["-n", &requests.to_string()])
+        .args(["-P", &pipeline.to_string()]);
+    if let Some(keys) = key_space {
+        command.args(["-r", &keys.to_string()]);
+    }
+    let output = run_with_timeout(&mut command, "redis-benchmark", BENCHMARK_TIMEOUT)?;
     let stdout = String::from_utf8_lossy(&output.stdout);
     if !output.status.success() {
         bail!(
