@@ -25,8 +25,8 @@ rustup component list --installed 2>/dev/null | grep -q '^clippy' || rustup comp
 
 cargo fmt --all -- --check
 cargo clippy --workspace --all-targets -- -D warnings
-cargo test --workspace
 # The benchmark program at its smallest sizes (about a minute once built),
 # so that a change that breaks it is caught here, not when someone needs
 # the figures.
 cargo run --release -p tally-bench -- --quick > /dev/null
+cargo test --workspace
