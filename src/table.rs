@@ -607,7 +607,8 @@ mod tests {
         let mut lsn = 1;
         for i in 0..1000 {
             lsn += 1;
-            t.increment(&format!("c{}", i % 100), 1, |_| Ok(lsn)).unwrap();
+            t.increment(&format!("c{}", i % 100), 1, |_| Ok(lsn))
+                .unwrap();
         }
         assert_eq!(t.dirty_count(), 101);
         let mut out = Vec::new();

@@ -90,7 +90,9 @@ pub(crate) fn run(node: Weak<Inner>) {
             }
         }
         if let Some(reason) = cluster.fenced_reason() {
-            answer_all(cluster.queue.lock().drain(..), || Error::Fenced(reason.clone()));
+            answer_all(cluster.queue.lock().drain(..), || {
+                Error::Fenced(reason.clone())
+            });
             return;
         }
 
@@ -207,7 +209,12 @@ pub(crate) fn run(node: Weak<Inner>) {
 }
 
 /// Keeps the newer of two rows for one counter.
-fn merge(backlog: &mut HashMap<CompactString, (i64, u64)>, name: CompactString, value: i64, lsn: u64) {
+fn merge(
+    backlog: &mut HashMap<CompactString, (i64, u64)>,
+    name: CompactString,
+    value: i64,
+    lsn: u64,
+) {
     let slot = backlog.entry(name).or_insert((value, lsn));
     if lsn >= slot.1 {
         *slot = (value, lsn);
@@ -222,11 +229,16 @@ fn round(
     batch: &[ReplicatedRequest],
     backlog: &mut HashMap<CompactString, (i64, u64)>,
 ) -> Result<Vec<Answer>, RoundError> {
-    let cluster = inner.cluster.get().expect("the committer runs with a cluster");
+    let cluster = inner
+        .cluster
+        .get()
+        .expect("the committer runs with a cluster");
     let mut answers: Vec<Answer> = batch.iter().map(|_| Answer::Duplicate).collect();
     let mut applied: Vec<Applied> = Vec::new();
     let mut flushed = cluster.state.lock().flushed;
-    let fail = |e: StoreError, applied: Vec<Applied>, flushed, answers| Err((e, applied, flushed, answers));
+    let fail = |e: StoreError, applied: Vec<Applied>, flushed, answers| {
+        Err((e, applied, flushed, answers))
+    };
 
     let mut tx: Box<dyn StoreTx + '_> = match cluster.store.begin(&cluster.node_id, cluster.epoch) {
         Ok(tx) => tx,
@@ -299,7 +311,12 @@ fn round(
     // dirty list holds, so that their keys never commit without them.
     for a in &applied {
         if let Some(e) = inner.table.get(&a.name) {
-            merge(backlog, CompactString::from(a.name.as_str()), e.value, e.lsn);
+            merge(
+                backlog,
+                CompactString::from(a.name.as_str()),
+                e.value,
+                e.lsn,
+            );
         }
     }
     let rows: Vec<(&str, i64, Version)> = backlog
@@ -331,7 +348,10 @@ fn resolve(
     u: Unresolved,
     backlog: &mut HashMap<CompactString, (i64, u64)>,
 ) -> Result<(), (Unresolved, StoreError)> {
-    let cluster = inner.cluster.get().expect("the committer runs with a cluster");
+    let cluster = inner
+        .cluster
+        .get()
+        .expect("the committer runs with a cluster");
     let nodes = match cluster.store.nodes() {
         Ok(n) => n,
         Err(e) => return Err((u, e)),
@@ -346,10 +366,16 @@ fn resolve(
             backlog.remove(name);
         }
         cluster.state.lock().flushed = u.flushed;
-        tracing::info!(applied = u.applied.len(), "unknown commit outcome resolved: committed");
+        tracing::info!(
+            applied = u.applied.len(),
+            "unknown commit outcome resolved: committed"
+        );
     } else {
         revert_all(inner, &u.applied);
-        tracing::info!(applied = u.applied.len(), "unknown commit outcome resolved: not committed, reverted");
+        tracing::info!(
+            applied = u.applied.len(),
+            "unknown commit outcome resolved: not committed, reverted"
+        );
     }
     let mut state = cluster.state.lock();
     for a in &u.applied {
@@ -370,7 +396,10 @@ fn revert_all(inner: &Inner, applied: &[Applied]) {
 }
 
 fn store_failed(inner: &Inner, e: &StoreError, backoff: &mut Duration) {
-    let cluster = inner.cluster.get().expect("the committer runs with a cluster");
+    let cluster = inner
+        .cluster
+        .get()
+        .expect("the committer runs with a cluster");
     let mut state = cluster.state.lock();
     if state.store_error.is_none() {
         tracing::warn!(error = %e, "shared store unreachable; local writes go on, replicated ones are refused");
@@ -381,7 +410,10 @@ fn store_failed(inner: &Inner, e: &StoreError, backoff: &mut Duration) {
 
 /// Refuses every queued replicated increment (nothing applied).
 fn fail_queued(inner: &Inner, e: &StoreError) {
-    let cluster = inner.cluster.get().expect("the committer runs with a cluster");
+    let cluster = inner
+        .cluster
+        .get()
+        .expect("the committer runs with a cluster");
     let reason = e.to_string();
     answer_all(cluster.queue.lock().drain(..), || {
         Error::StoreUnavailable(format!("{reason}; nothing was applied"))

@@ -209,7 +209,12 @@ impl Cluster {
                 .get(p.name.as_str())
                 .is_some_and(|(_, v)| *v >= Version::new(p.epoch, p.lsn));
             if !committed {
-                inner.apply_revert(&p.name, p.delta, p.lsn, p.key.as_ref().map(|(k, e)| (k.as_str(), *e)))?;
+                inner.apply_revert(
+                    &p.name,
+                    p.delta,
+                    p.lsn,
+                    p.key.as_ref().map(|(k, e)| (k.as_str(), *e)),
+                )?;
                 reverted += 1;
             }
         }
@@ -253,7 +258,9 @@ impl Cluster {
             queue: Mutex::new(VecDeque::new()),
             wake: Condvar::new(),
             state: Mutex::new(State {
-                flushed: registration.previous.map_or_else(Version::default, |p| p.flushed),
+                flushed: registration
+                    .previous
+                    .map_or_else(Version::default, |p| p.flushed),
                 ..State::default()
             }),
             replication_open: Mutex::new(false),
@@ -262,7 +269,10 @@ impl Cluster {
             threads: Mutex::new(Vec::new()),
         };
         // Reads are global from the first request on.
-        cluster.cache.refresh(cluster.reader.as_ref()).map_err(store_err)?;
+        cluster
+            .cache
+            .refresh(cluster.reader.as_ref())
+            .map_err(store_err)?;
         Ok(cluster)
     }
 
