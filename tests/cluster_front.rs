@@ -615,3 +615,65 @@ async fn replicated_retry_on_another_node_is_applied_once() {
     a.stop().await;
     b.stop().await;
 }
+
+// After concurrent increments on one node stop, every other node settles
+// to exactly that node's shards. Fails in most runs today: the cache reads
+// each node's rows above the highest version it has seen, but a flush
+// transaction can write a counter whose lsn is below a version an earlier
+// transaction already wrote (an increment that took its lsn while the
+// committer was collecting changed counters past its table shard), so the
+// cache skips that row until the counter changes again, while the store
+// holds it.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+#[ignore = "the cache's per-node cursor skips rows flushed below it; run with --ignored once fixed"]
+async fn every_node_settles_to_the_exact_shards_under_concurrent_writes() {
+    const COUNTERS: u64 = 5000;
+    const WRITERS: u64 = 8;
+    const LOAD: Duration = Duration::from_secs(3);
+    let store = tempfile::tempdir().unwrap();
+    let a = Member::start(Some(store.path()), "a").await;
+    let b = Member::start(Some(store.path()), "b").await;
+    let until = Instant::now() + LOAD;
+    let writers: Vec<_> = (0..WRITERS)
+        .map(|w| {
+            let node = a.node.clone();
+            tokio::spawn(async move {
+                // A xorshift sequence per writer spreads the increments
+                // over every counter and every table shard.
+                let mut x = (w + 1).wrapping_mul(0x9e37_79b9_7f4a_7c15);
+                let options = tally::IncrementOptions {
+                    durability: Some(tally::Durability::Memory),
+                    ..Default::default()
+                };
+                while Instant::now() < until {
+                    x ^= x << 13;
+                    x ^= x >> 7;
+                    x ^= x << 17;
+                    let name = format!("c{}", x % COUNTERS);
+                    node.increment(&name, 1, options).await.unwrap();
+                }
+            })
+        })
+        .collect();
+    for w in writers {
+        w.await.unwrap();
+    }
+    settle("b's values equal a's shards", async || {
+        let differing: Vec<String> = (0..COUNTERS)
+            .map(|i| format!("c{i}"))
+            .filter(|name| a.node.get(name).unwrap() != b.node.get(name).unwrap())
+            .collect();
+        if differing.is_empty() {
+            Ok(())
+        } else {
+            Err(format!(
+                "{} counters differ, e.g. {:?}",
+                differing.len(),
+                &differing[..1]
+            ))
+        }
+    })
+    .await;
+    a.stop().await;
+    b.stop().await;
+}
