@@ -508,14 +508,56 @@ impl Node {
     }
 
     /// Up to `limit` counters with names starting with `prefix` and sorting
-    /// after `after`, in name order.
+    /// after `after`, in name order, with their values. On a node with a
+    /// store, every counter any node holds a shard of (this node's table
+    /// plus the cache of the others'), with global values.
+    ///
+    /// Costs a scan of the table and, with a store, of the cache: call it
+    /// from a blocking thread when the node holds many counters.
     pub fn list(&self, prefix: &str, after: Option<&str>, limit: usize) -> Vec<(String, i64)> {
-        self.inner.table.list(prefix, after, limit)
+        let Some(cluster) = self.inner.cluster.get() else {
+            return self.inner.table.list(prefix, after, limit);
+        };
+        // The first `limit` names of the union are among the first `limit`
+        // of each side, so the table's own page is enough from it.
+        let mut names: Vec<String> = self
+            .inner
+            .table
+            .list(prefix, after, limit)
+            .into_iter()
+            .map(|(name, _)| name)
+            .collect();
+        names.extend(
+            cluster
+                .cache
+                .names_with_prefix(prefix)
+                .into_iter()
+                .filter(|n| after.is_none_or(|a| n.as_str() > a)),
+        );
+        names.sort_unstable();
+        names.dedup();
+        names.truncate(limit);
+        names
+            .into_iter()
+            .filter_map(|name| self.global_value(&name).map(|v| (name, v)))
+            .collect()
     }
 
-    /// Number of counters.
+    /// Number of counters: on a node with a store, counters any node holds
+    /// a shard of (as far as the cache knows), which costs a scan of the
+    /// cache; without one, this node's, at no cost.
     pub fn counter_count(&self) -> usize {
-        self.inner.table.len()
+        let own = self.inner.table.len();
+        let Some(cluster) = self.inner.cluster.get() else {
+            return own;
+        };
+        let others_only = cluster
+            .cache
+            .names_with_prefix("")
+            .iter()
+            .filter(|name| self.inner.table.get(name).is_none())
+            .count();
+        own + others_only
     }
 
     /// Calls `f` with every counter, shard by shard (for `/metrics`).

@@ -40,13 +40,30 @@ async fn bind(addr: Option<SocketAddr>, what: &str) -> anyhow::Result<Option<Tcp
     }
 }
 
-/// Waits for SIGTERM or SIGINT.
-async fn termination_signal() {
-    use tokio::signal::unix::{SignalKind, signal};
-    let mut term = signal(SignalKind::terminate()).expect("installing a SIGTERM handler");
-    tokio::select! {
-        _ = term.recv() => tracing::info!("SIGTERM received, shutting down"),
-        _ = tokio::signal::ctrl_c() => tracing::info!("SIGINT received, shutting down"),
+/// SIGTERM and SIGINT, caught from the moment this is built. Built before
+/// the ready line is printed: a signal sent as soon as that line is read
+/// must start a graceful shutdown, not kill the process by the default
+/// action because no handler is installed yet.
+struct TerminationSignals {
+    term: tokio::signal::unix::Signal,
+    int: tokio::signal::unix::Signal,
+}
+
+impl TerminationSignals {
+    fn install() -> anyhow::Result<Self> {
+        use tokio::signal::unix::{SignalKind, signal};
+        Ok(TerminationSignals {
+            term: signal(SignalKind::terminate()).context("installing a SIGTERM handler")?,
+            int: signal(SignalKind::interrupt()).context("installing a SIGINT handler")?,
+        })
+    }
+
+    /// Waits for SIGTERM or SIGINT.
+    async fn received(&mut self) {
+        tokio::select! {
+            _ = self.term.recv() => tracing::info!("SIGTERM received, shutting down"),
+            _ = self.int.recv() => tracing::info!("SIGINT received, shutting down"),
+        }
     }
 }
 
@@ -86,6 +103,7 @@ pub async fn run(settings: ServeSettings, mut stop: Option<Shutdown>) -> anyhow:
             listener.clone(),
         ));
     }
+    let mut signals = TerminationSignals::install()?;
     let show = |a: Option<SocketAddr>| a.map_or("off".to_string(), |a| a.to_string());
     tracing::info!(node_id = node.node_id(), resp = %show(resp_addr), http = %show(http_addr), "ready");
     // One line on stdout for scripts and tests that start the binary.
@@ -113,7 +131,7 @@ pub async fn run(settings: ServeSettings, mut stop: Option<Shutdown>) -> anyhow:
     };
     let mut was_fenced = false;
     tokio::select! {
-        _ = termination_signal() => {}
+        _ = signals.received() => {}
         _ = stop_fired => {}
         _ = fenced_fired => {
             tracing::error!("this process was fenced by a newer one with the same node id; exiting");

@@ -12,6 +12,7 @@ pub enum Endpoint {
     IncrementBatch,
     GetCounter,
     ListCounters,
+    Cluster,
     Metrics,
     Health,
     Readiness,
@@ -20,11 +21,12 @@ pub enum Endpoint {
 
 impl Endpoint {
     /// Every endpoint, in the order the API documentation lists them.
-    pub const ALL: [Endpoint; 8] = [
+    pub const ALL: [Endpoint; 9] = [
         Endpoint::Increment,
         Endpoint::IncrementBatch,
         Endpoint::GetCounter,
         Endpoint::ListCounters,
+        Endpoint::Cluster,
         Endpoint::Metrics,
         Endpoint::Health,
         Endpoint::Readiness,
@@ -36,6 +38,7 @@ impl Endpoint {
             Endpoint::Increment | Endpoint::IncrementBatch => Method::POST,
             Endpoint::GetCounter
             | Endpoint::ListCounters
+            | Endpoint::Cluster
             | Endpoint::Metrics
             | Endpoint::Health
             | Endpoint::Readiness
@@ -51,6 +54,7 @@ impl Endpoint {
             Endpoint::IncrementBatch => "/v1/increments",
             Endpoint::GetCounter => "/v1/counters/{name}",
             Endpoint::ListCounters => "/v1/counters",
+            Endpoint::Cluster => "/v1/cluster",
             Endpoint::Metrics => "/metrics",
             Endpoint::Health => "/healthz",
             Endpoint::Readiness => "/readyz",

@@ -12,12 +12,33 @@
 //! | --- | --- | --- |
 //! | POST | `/v1/counters/{name}/increment` | `{"name", "value", "duplicate"}` |
 //! | POST | `/v1/increments` | one result per item, in order |
-//! | GET | `/v1/counters/{name}` | `{"name", "value"}`, 404 if never incremented |
+//! | GET | `/v1/counters/{name}?consistency=cache\|store` | `{"name", "value", "nodes": {"<node id>": <shard>}}`, 404 if no node holds it |
 //! | GET | `/v1/counters?prefix=&after=&limit=` | `{"counters": [...], "next_after"}` |
+//! | GET | `/v1/cluster` | the cluster view: every node, its epoch, liveness and flush lag |
 //! | GET | `/metrics` | OpenMetrics text |
 //! | GET | `/healthz` | `{"status": "alive"}` |
-//! | GET | `/readyz` | 200 `{"ready": true, ...}` or 503 `{"ready": false, "reason"}` |
+//! | GET | `/readyz` | 200 `{"ready": true, "replicated", ...}` or 503 `{"ready": false, "reason", ...}` |
 //! | GET | `/openapi.json` | the OpenAPI 3.0 description of all of the above |
+//!
+//! # Global values
+//!
+//! On a node with a shared store, values are global: the node's own shard
+//! plus the other nodes' shards from its cache, which is at most the flush
+//! interval plus the refresh interval old (`staleness_bound_ms` in the
+//! cluster view). `GET /v1/counters/{name}?consistency=store` reads the
+//! other nodes' shards from the store for that request instead, which
+//! removes the refresh interval from the staleness but not the other
+//! nodes' flush interval; a store that cannot be read is a 503. The
+//! counter listing holds every counter any node holds. On a node without a
+//! store, `nodes` holds the node's own shard and `consistency` changes
+//! nothing.
+//!
+//! `/readyz` answers 200 while the node can make `local` writes durable:
+//! a node whose store is unreachable still serves them, and says
+//! `"replicated": false` with a `"replicated_reason"`. A node without a
+//! store says `"replicated": false, "replicated_reason": "no shared
+//! store"`. `/v1/cluster` on a node without a store answers 200 with
+//! `"store": null` and the node alone.
 //!
 //! A counter name is one path segment, percent-decoded: a name holding `/`
 //! must send it as `%2F`. The request body of an increment is optional and
@@ -48,16 +69,16 @@
 //!
 //! | cause | status |
 //! | --- | --- |
-//! | invalid JSON, a wrong type, an unknown field, a bad `durability` or query parameter, a bad counter name or key ([`Error::InvalidInput`]) | 400 |
+//! | invalid JSON, a wrong type, an unknown field, a bad `durability`, `consistency` or other query parameter, a bad counter name or key ([`Error::InvalidInput`]) | 400 |
 //! | no such route | 404 |
-//! | counter never incremented (`GET /v1/counters/{name}`) | 404 |
+//! | counter held by no node (`GET /v1/counters/{name}`) | 404 |
 //! | method not allowed on the route (with an `Allow` header) | 405 |
 //! | the body did not arrive within [`ServerConfig::frame_timeout`] | 408 |
 //! | [`Error::Overflow`]: the counter would leave the signed 64-bit range | 409 |
 //! | body over [`ServerConfig::http_body_bytes_max`], batch over [`ServerConfig::http_batch_len_max`] | 413 |
 //! | [`Error::Corrupt`], [`Error::Io`] | 500 |
 //! | [`Error::DurabilityUnavailable`]: `replicated` asked of a node without a shared store; the request is fine, this node lacks the capability | 501 |
-//! | [`Error::JournalFailed`], [`Error::ShuttingDown`]: nothing was applied, retry on another node | 503 |
+//! | [`Error::JournalFailed`], [`Error::ShuttingDown`], [`Error::Fenced`], [`Error::StoreUnavailable`] (for `replicated`, or a read of the store): nothing was applied, retry on another node | 503 |
 //! | [`Error::Indeterminate`]: the outcome is unknown, retry with the same idempotency key; the body also carries `"outcome": "unknown"` | 504 |
 //! | [`Error::LimitExceeded`]: the node holds as many counters or keys as it may | 507 |
 //!
@@ -86,6 +107,8 @@
 //! [`Error::DurabilityUnavailable`]: crate::Error::DurabilityUnavailable
 //! [`Error::JournalFailed`]: crate::Error::JournalFailed
 //! [`Error::ShuttingDown`]: crate::Error::ShuttingDown
+//! [`Error::Fenced`]: crate::Error::Fenced
+//! [`Error::StoreUnavailable`]: crate::Error::StoreUnavailable
 //! [`Error::Indeterminate`]: crate::Error::Indeterminate
 //! [`Error::LimitExceeded`]: crate::Error::LimitExceeded
 

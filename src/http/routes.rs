@@ -2,6 +2,7 @@
 //! outcome into a JSON reply. Extractor rejections are caught here and
 //! answered as JSON errors, never with axum's plain-text bodies.
 
+use std::collections::BTreeMap;
 use std::sync::Arc;
 
 use axum::Json;
@@ -43,6 +44,7 @@ pub(crate) fn method_router(endpoint: Endpoint) -> MethodRouter<AppState> {
         Endpoint::IncrementBatch => on(filter, increment_batch),
         Endpoint::GetCounter => on(filter, get_counter),
         Endpoint::ListCounters => on(filter, list_counters),
+        Endpoint::Cluster => on(filter, cluster),
         Endpoint::Metrics => on(filter, metrics),
         Endpoint::Health => on(filter, health),
         Endpoint::Readiness => on(filter, readiness),
@@ -61,6 +63,48 @@ struct IncrementReply<'a> {
 struct CounterReply {
     name: String,
     value: i64,
+}
+
+/// `GET /v1/counters/{name}`: the global value and every node's shard.
+#[derive(Serialize)]
+struct CounterDetailReply {
+    name: String,
+    value: i64,
+    /// Node id to that node's shard, in node-id order.
+    nodes: BTreeMap<String, i64>,
+}
+
+/// Where `GET /v1/counters/{name}` reads the other nodes' shards.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+enum Consistency {
+    /// The node's cache, refreshed every refresh interval: no store call.
+    Cache,
+    /// The store, read for this request (on a blocking thread).
+    Store,
+}
+
+#[derive(Deserialize)]
+#[serde(deny_unknown_fields)]
+struct GetQuery {
+    consistency: Option<String>,
+}
+
+impl GetQuery {
+    fn consistency(&self) -> Result<Consistency, ApiError> {
+        match self.consistency.as_deref() {
+            None | Some("cache") => Ok(Consistency::Cache),
+            Some("store") => Ok(Consistency::Store),
+            Some(other) => Err(ApiError::bad_request(format!(
+                "query parameter 'consistency' must be cache or store, not '{other}'"
+            ))),
+        }
+    }
+}
+
+/// A blocking task that did not complete (it panicked, or the runtime is
+/// shutting down).
+fn blocking_failed(what: &str, e: tokio::task::JoinError) -> ApiError {
+    ApiError::new(StatusCode::INTERNAL_SERVER_ERROR, format!("{what}: {e}"))
 }
 
 /// The counter name from the path, percent-decoded.
@@ -145,10 +189,27 @@ async fn increment_batch(
 async fn get_counter(
     State(state): State<AppState>,
     path: Result<Path<String>, PathRejection>,
-) -> Result<Json<CounterReply>, ApiError> {
+    query: Result<Query<GetQuery>, QueryRejection>,
+) -> Result<Json<CounterDetailReply>, ApiError> {
     let name = name_from(path)?;
-    match state.node.get(&name)? {
-        Some(value) => Ok(Json(CounterReply { name, value })),
+    let Query(query) = query.map_err(|e| ApiError::bad_request(e.body_text()))?;
+    let detail = match query.consistency()? {
+        // Reads memory only (the table and the cache): no blocking call.
+        Consistency::Cache => state.node.get_detail(&name, false)?,
+        Consistency::Store => {
+            let node = state.node.clone();
+            let wanted = name.clone();
+            tokio::task::spawn_blocking(move || node.get_detail(&wanted, true))
+                .await
+                .map_err(|e| blocking_failed("reading the counter from the store", e))??
+        }
+    };
+    match detail {
+        Some(detail) => Ok(Json(CounterDetailReply {
+            name,
+            value: detail.value,
+            nodes: detail.shards.into_iter().collect(),
+        })),
         None => Err(ApiError::new(
             StatusCode::NOT_FOUND,
             format!("counter '{name}' not found"),
@@ -191,12 +252,7 @@ async fn list_counters(
         node.list(&query.prefix, query.after.as_deref(), limit + 1)
     })
     .await
-    .map_err(|e| {
-        ApiError::new(
-            StatusCode::INTERNAL_SERVER_ERROR,
-            format!("listing counters: {e}"),
-        )
-    })?;
+    .map_err(|e| blocking_failed("listing counters", e))?;
     let next_after = if found.len() > limit {
         found.truncate(limit);
         found.last().map(|(name, _)| name.clone())
@@ -210,6 +266,30 @@ async fn list_counters(
             .collect(),
         next_after,
     }))
+}
+
+/// `GET /v1/cluster`. The view is read from the store, on a blocking
+/// thread; a store error is answered 503. A node without a store answers
+/// 200 with itself alone (`"store": null`), so that a tool polling every
+/// node gets the same shape from each.
+async fn cluster(State(state): State<AppState>) -> Result<Response, ApiError> {
+    let node = state.node.clone();
+    let view = tokio::task::spawn_blocking(move || node.cluster_view())
+        .await
+        .map_err(|e| blocking_failed("reading the cluster view", e))?;
+    match view {
+        Some(view) => Ok(Json(view?).into_response()),
+        None => {
+            let node_id = state.node.node_id();
+            Ok(Json(json!({
+                "node_id": node_id,
+                "store": null,
+                "replicated_available": false,
+                "nodes": [{ "node_id": node_id, "state": "alive" }],
+            }))
+            .into_response())
+        }
+    }
 }
 
 async fn metrics(State(state): State<AppState>) -> Result<Response, ApiError> {
@@ -237,17 +317,35 @@ async fn health() -> Json<Value> {
     Json(json!({ "status": "alive" }))
 }
 
+/// `GET /readyz`: 200 while the node can make `local` writes durable,
+/// which is all a load balancer needs to route to it. Whether `replicated`
+/// writes can be made durable too is said beside it (`replicated`, and
+/// `replicated_reason` when they cannot), without changing the status: a
+/// node that lost its store still serves `local` writes.
 async fn readiness(State(state): State<AppState>) -> Response {
-    let readiness = state.node.readiness();
-    let node_id = state.node.node_id();
-    if readiness.ready {
-        Json(json!({ "ready": true, "node_id": node_id })).into_response()
+    let node = &state.node;
+    let readiness = node.readiness();
+    let replicated_reason = if node.config().cluster.is_none() {
+        Some("no shared store".to_string())
+    } else if !readiness.ready {
+        // A node that takes no writes takes no replicated ones either.
+        readiness.reason.clone()
     } else {
-        (
-            StatusCode::SERVICE_UNAVAILABLE,
-            Json(json!({ "ready": false, "node_id": node_id, "reason": readiness.reason })),
-        )
-            .into_response()
+        node.replicated_unavailable()
+    };
+    let mut body = json!({
+        "ready": readiness.ready,
+        "node_id": node.node_id(),
+        "replicated": replicated_reason.is_none(),
+    });
+    if let Some(reason) = replicated_reason {
+        body["replicated_reason"] = Value::String(reason);
+    }
+    if readiness.ready {
+        Json(body).into_response()
+    } else {
+        body["reason"] = json!(readiness.reason);
+        (StatusCode::SERVICE_UNAVAILABLE, Json(body)).into_response()
     }
 }
 

@@ -85,7 +85,7 @@ pub async fn run(frames: &mut Vec<Frame>, cx: &mut Context<'_>, replies: &mut Ve
                     Err(e) => ReplyError::from(e).into_frame(),
                 }
             }
-            Ok(command) => command.apply(cx),
+            Ok(command) => command.apply(cx).await,
         };
         replies.push(reply);
     }

@@ -2,15 +2,42 @@
 //!
 //! Sections, in order: `server` (versions, node id, uptime), `clients`
 //! (connections), `stats` (connections and commands served by this front
-//! end), `tally` (counters, idempotency keys, journal positions and sync
-//! figures, snapshots, recovery, readiness) and `keyspace` (`db0:keys=N`,
-//! the line tools such as `redis-cli --stat` read). Each section starts
-//! with a `# Name` line and sections are separated by an empty line, lines
-//! end in CRLF, as in Redis. With no argument, or `all`, `everything` or
-//! `default`, every section is sent; an unknown section adds nothing.
+//! end), `tally` (this node's counters, idempotency keys, journal positions
+//! and sync figures, snapshots, recovery, readiness), `cluster` (the shared
+//! store and every node in it) and `keyspace` (`db0:keys=N`, the line tools
+//! such as `redis-cli --stat` read). Each section starts with a `# Name`
+//! line and sections are separated by an empty line, lines end in CRLF, as
+//! in Redis. With no argument, or `all`, `everything` or `default`, every
+//! section is sent; an unknown section adds nothing.
 //!
 //! Quantile lines (`journal_sync_p50_seconds` and the like) are left out
 //! until the node has a sample to compute them from.
+//!
+//! # The cluster section
+//!
+//! `cluster_enabled` is always `0`. In Redis it means "this server speaks
+//! the Redis Cluster protocol" (hash slots, `MOVED`, `CLUSTER SLOTS`), and
+//! client libraries read it to switch to a cluster client, whose first
+//! `CLUSTER` command tally would refuse. A tally node serves every key
+//! itself, so to such a client it is a standalone server, with or without a
+//! shared store. Whether the node runs with a store is
+//! `tally_cluster_enabled:0|1`; with one, the section goes on with
+//! `node_id`, `epoch`, `store`, `staleness_bound_ms`,
+//! `last_refresh_age_ms`, `replicated_available`, `store_error` (only when
+//! there is one) and one line per node of the cluster view:
+//!
+//! ```text
+//! node_<id>:epoch=3,state=alive,flushed_lsn=120,flush_lag=0,address=127.0.0.1:7070
+//! ```
+//!
+//! The view is read from the store on a blocking thread. If that read
+//! fails, the section still answers, with `replicated_available:0` and the
+//! error as `store_error`, and no node lines: `INFO` never fails because
+//! the store does.
+//!
+//! On a node with a store, `db0:keys` counts the counters any node holds
+//! (as `DBSIZE` does), while the `tally` section's `counters` counts this
+//! node's shards.
 
 use std::fmt::Write;
 
@@ -19,13 +46,16 @@ use super::super::parse::Args;
 use super::super::reply::ReplyError;
 use super::super::server::Shared;
 use super::Command;
+use crate::cluster::{ClusterView, Liveness};
 
 /// The Redis version whose RESP2 behaviour this front end follows,
 /// reported as `redis_version` and in `HELLO`: clients read it to decide
 /// which commands and reply forms to expect.
 pub const REDIS_COMPAT_VERSION: &str = "7.0.0";
 
-const SECTIONS: &[&str] = &["server", "clients", "stats", "tally", "keyspace"];
+/// Every section, in the order they are sent (Redis's order where Redis
+/// has the section: `cluster` before `keyspace`).
+const SECTIONS: &[&str] = &["server", "clients", "stats", "tally", "cluster", "keyspace"];
 
 /// An `INFO` request: the sections asked for, lowercase.
 #[derive(Debug, Clone, PartialEq, Eq)]
@@ -50,8 +80,55 @@ pub fn parse_info(args: &mut Args) -> Result<Command, ReplyError> {
     Ok(Command::Info(Info { sections }))
 }
 
+/// What the `cluster` and `keyspace` sections need that may block on the
+/// store, gathered before the text is written.
+struct Gathered {
+    /// `None` on a node without a store, or when `cluster` was not asked.
+    cluster: Option<Result<ClusterView, String>>,
+    /// Counters any node holds; `None` when `keyspace` was not asked.
+    keys: Option<usize>,
+}
+
 impl Info {
-    pub fn apply(self, shared: &Shared) -> Frame {
+    fn wants(&self, section: &str) -> bool {
+        self.sections.iter().any(|s| s == section)
+    }
+
+    /// Gathers what may block (off the async threads), then writes the
+    /// sections asked for.
+    pub async fn run(self, shared: &Shared) -> Frame {
+        let node = shared.node.clone();
+        let want_cluster = self.wants("cluster");
+        let want_keys = self.wants("keyspace");
+        let gathered = if node.config().cluster.is_none() {
+            // Nothing here touches a store: no need for a blocking thread.
+            Gathered {
+                cluster: None,
+                keys: want_keys.then(|| node.counter_count()),
+            }
+        } else if want_cluster || want_keys {
+            tokio::task::spawn_blocking(move || Gathered {
+                cluster: want_cluster
+                    .then(|| node.cluster_view())
+                    .flatten()
+                    .map(|view| view.map_err(|e| e.to_string())),
+                keys: want_keys.then(|| node.counter_count()),
+            })
+            .await
+            .unwrap_or_else(|e| Gathered {
+                cluster: want_cluster.then(|| Err(format!("reading the cluster view failed: {e}"))),
+                keys: None,
+            })
+        } else {
+            Gathered {
+                cluster: None,
+                keys: None,
+            }
+        };
+        self.render(shared, gathered)
+    }
+
+    fn render(self, shared: &Shared, gathered: Gathered) -> Frame {
         let stats = shared.node.stats();
         let mut text = String::new();
         for &section in SECTIONS {
@@ -112,20 +189,82 @@ impl Info {
                         lines.field("ready_reason", reason);
                     }
                 }
+                "cluster" => {
+                    lines.header("Cluster");
+                    // Never 1: see the module documentation.
+                    lines.field("cluster_enabled", 0);
+                    let store = shared.node.config().cluster.is_some();
+                    lines.field("tally_cluster_enabled", u8::from(store));
+                    if store {
+                        cluster_fields(&mut lines, &stats.node_id, gathered.cluster.as_ref());
+                    }
+                }
                 "keyspace" => {
                     lines.header("Keyspace");
+                    let keys = gathered.keys.unwrap_or(stats.counters);
                     // Redis lists only databases that hold keys.
-                    if stats.counters > 0 {
-                        lines.field(
-                            "db0",
-                            format_args!("keys={},expires=0,avg_ttl=0", stats.counters),
-                        );
+                    if keys > 0 {
+                        lines.field("db0", format_args!("keys={keys},expires=0,avg_ttl=0"));
                     }
                 }
                 _ => {}
             }
         }
         Frame::bulk(text)
+    }
+}
+
+/// The cluster section's lines after `tally_cluster_enabled:1`.
+fn cluster_fields(
+    lines: &mut Lines<'_>,
+    node_id: &str,
+    view: Option<&Result<ClusterView, String>>,
+) {
+    match view {
+        Some(Ok(view)) => {
+            lines.field("node_id", &view.node_id);
+            lines.field("epoch", view.epoch);
+            lines.field("store", view.store);
+            lines.field("staleness_bound_ms", view.staleness_bound_ms);
+            if let Some(age) = view.last_refresh_age_ms {
+                lines.field("last_refresh_age_ms", age);
+            }
+            lines.field("replicated_available", u8::from(view.replicated_available));
+            if let Some(error) = &view.store_error {
+                lines.field("store_error", error);
+            }
+            for n in &view.nodes {
+                // The value is a comma-separated list: the address, which
+                // the node chose, goes last so that nothing follows it.
+                lines.field(
+                    &format!("node_{}", n.node_id),
+                    format_args!(
+                        "epoch={},state={},flushed_lsn={},flush_lag={},address={}",
+                        n.epoch,
+                        liveness(n.state),
+                        n.flushed_lsn,
+                        n.flush_lag,
+                        n.address
+                    ),
+                );
+            }
+        }
+        Some(Err(error)) => {
+            lines.field("node_id", node_id);
+            lines.field("replicated_available", 0);
+            lines.field("store_error", error);
+        }
+        // Only when the section was not asked for.
+        None => {}
+    }
+}
+
+/// A node's state as the HTTP cluster view spells it.
+fn liveness(state: Liveness) -> &'static str {
+    match state {
+        Liveness::Alive => "alive",
+        Liveness::Suspect => "suspect",
+        Liveness::Down => "down",
     }
 }
 

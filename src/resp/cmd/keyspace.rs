@@ -2,8 +2,10 @@
 //!
 //! A counter's value is sent as Redis sends an integer stored in a string:
 //! a bulk string of its decimal form, or nil for a counter never
-//! incremented. These commands read the node's in-memory table and change
-//! nothing.
+//! incremented. These commands read the node's memory and change nothing.
+//! On a node with a shared store values are global (this node's shard plus
+//! the other nodes' from the cache), and `DBSIZE` counts the counters any
+//! node holds.
 
 use crate::Node;
 
@@ -23,6 +25,19 @@ pub enum Read {
 }
 
 impl Read {
+    /// Runs the read; `DBSIZE` on a node with a store scans the cache, so
+    /// it runs on a blocking thread rather than hold up other connections.
+    pub async fn run(self, node: &Node) -> Result<Frame, ReplyError> {
+        if self == Read::DbSize && node.config().cluster.is_some() {
+            let node = node.clone();
+            let count = tokio::task::spawn_blocking(move || node.counter_count())
+                .await
+                .map_err(|e| ReplyError::err(format_args!("counting counters failed: {e}")))?;
+            return Ok(Frame::Integer(count as i64));
+        }
+        self.apply(node)
+    }
+
     pub fn apply(self, node: &Node) -> Result<Frame, ReplyError> {
         let value = |name: &str| -> Result<Frame, ReplyError> {
             Ok(node.get(name)?.map_or(Frame::Null, Frame::bulk_decimal))

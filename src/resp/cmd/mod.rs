@@ -82,15 +82,17 @@ impl Command {
         matches!(self, Command::Session(session::SessionCommand::Quit))
     }
 
-    /// Runs a command that is not an increment.
-    pub fn apply(self, cx: &mut Context<'_>) -> Frame {
+    /// Runs a command that is not an increment. Async because a few
+    /// commands (`INFO cluster`, `DBSIZE` on a node with a store) read the
+    /// store or scan the cache, which they do on a blocking thread.
+    pub async fn apply(self, cx: &mut Context<'_>) -> Frame {
         let result = match self {
             Command::Increment(_) => Err(ReplyError::err(
                 "increments are run by the pipeline, not one by one",
             )),
-            Command::Keyspace(read) => read.apply(&cx.shared.node),
+            Command::Keyspace(read) => read.run(&cx.shared.node).await,
             Command::Session(cmd) => cmd.apply(cx),
-            Command::Info(info) => Ok(info.apply(cx.shared)),
+            Command::Info(info) => Ok(info.run(cx.shared).await),
             Command::Command(introspect) => introspect.apply(),
             Command::Config(config) => config.apply(cx.shared),
         };

@@ -1,0 +1,702 @@
+//! The HTTP and RESP front ends of nodes that share a store: global values
+//! and per-node shards, reads straight from the store, the cluster view,
+//! readiness, listing, and an idempotent `replicated` increment retried on
+//! another node. Every test runs two or three nodes in this process, each
+//! on its own temporary data directory with its own node id, sharing one
+//! SQLite store file, each served over HTTP and RESP on loopback ports.
+//!
+//! Nodes flush and refresh every 20 ms, so a change on one node reaches the
+//! others within about 40 ms; tests wait for it by polling with a deadline
+//! ([`SETTLE_TIMEOUT`]), never by sleeping a fixed time.
+
+use std::net::SocketAddr;
+use std::path::Path;
+use std::sync::Arc;
+use std::time::{Duration, Instant};
+
+use redis::aio::MultiplexedConnection;
+use reqwest::StatusCode;
+use serde_json::{Value, json};
+use tally::cluster::ClusterConfig;
+use tally::shutdown::{self, ShutdownTrigger};
+use tally::{Config, Node, ServerConfig};
+use tempfile::TempDir;
+use tokio::net::TcpListener;
+use tokio::task::JoinHandle;
+
+/// Longest wait for the nodes to agree after a change; far above the
+/// 40 ms flush-plus-refresh bound, so that only a real fault exceeds it.
+const SETTLE_TIMEOUT: Duration = Duration::from_secs(5);
+/// Pause between two polls of a condition.
+const POLL_INTERVAL: Duration = Duration::from_millis(10);
+/// Longest any single step (a server stopping) may take.
+const STEP_TIMEOUT: Duration = Duration::from_secs(10);
+const FLUSH_INTERVAL: Duration = Duration::from_millis(20);
+const REFRESH_INTERVAL: Duration = Duration::from_millis(20);
+const HEARTBEAT_INTERVAL: Duration = Duration::from_millis(200);
+
+/// One node, served over HTTP and RESP.
+struct Member {
+    node: Node,
+    http: SocketAddr,
+    resp: SocketAddr,
+    triggers: [ShutdownTrigger; 2],
+    servers: [JoinHandle<std::io::Result<()>>; 2],
+    dir: TempDir,
+}
+
+/// The store settings of the tests' nodes, with `refresh_interval`.
+fn cluster_config(store: &Path, refresh_interval: Duration) -> ClusterConfig {
+    let mut c = ClusterConfig::new(format!("sqlite://{}", store.join("store.db").display()));
+    c.flush_interval = FLUSH_INTERVAL;
+    c.refresh_interval = refresh_interval;
+    c.heartbeat_interval = HEARTBEAT_INTERVAL;
+    c
+}
+
+impl Member {
+    /// A node with id `id` on a new data directory, sharing the store in
+    /// `store` (none when `None`), served on fresh loopback ports.
+    async fn start(store: Option<&Path>, id: &str) -> Member {
+        let dir = tempfile::tempdir().unwrap();
+        Self::start_in(dir, store, id, REFRESH_INTERVAL).await
+    }
+
+    async fn start_in(
+        dir: TempDir,
+        store: Option<&Path>,
+        id: &str,
+        refresh_interval: Duration,
+    ) -> Member {
+        let http_listener = TcpListener::bind("127.0.0.1:0").await.unwrap();
+        let resp_listener = TcpListener::bind("127.0.0.1:0").await.unwrap();
+        let http = http_listener.local_addr().unwrap();
+        let resp = resp_listener.local_addr().unwrap();
+        let mut config = Config::new(dir.path());
+        config.node_id = Some(id.to_string());
+        config.cluster = store.map(|s| {
+            let mut c = cluster_config(s, refresh_interval);
+            c.address = http.to_string();
+            c
+        });
+        // Opening registers in the store, a blocking call.
+        let node = tokio::task::spawn_blocking(move || Node::open(config))
+            .await
+            .unwrap()
+            .unwrap();
+        let server = Arc::new(ServerConfig::default());
+        let (http_trigger, http_shutdown) = shutdown::channel();
+        let (resp_trigger, resp_shutdown) = shutdown::channel();
+        let servers = [
+            tokio::spawn(tally::http::serve(
+                http_listener,
+                node.clone(),
+                server.clone(),
+                http_shutdown,
+            )),
+            tokio::spawn(tally::resp::serve(
+                resp_listener,
+                node.clone(),
+                server,
+                resp_shutdown,
+            )),
+        ];
+        Member {
+            node,
+            http,
+            resp,
+            triggers: [http_trigger, resp_trigger],
+            servers,
+            dir,
+        }
+    }
+
+    fn id(&self) -> &str {
+        self.node.node_id()
+    }
+
+    async fn get(&self, path: &str) -> (StatusCode, Value) {
+        let response = reqwest::get(format!("http://{}{path}", self.http))
+            .await
+            .unwrap();
+        let status = response.status();
+        let text = response.text().await.unwrap();
+        let body = serde_json::from_str(&text)
+            .unwrap_or_else(|e| panic!("reply {status} to {path} is not JSON ({e}): {text}"));
+        (status, body)
+    }
+
+    async fn increment(&self, name: &str, by: i64) -> Value {
+        let response = reqwest::Client::new()
+            .post(format!("http://{}/v1/counters/{name}/increment", self.http))
+            .body(json!({ "by": by }).to_string())
+            .send()
+            .await
+            .unwrap();
+        assert_eq!(response.status(), StatusCode::OK);
+        response.json().await.unwrap()
+    }
+
+    async fn redis(&self) -> MultiplexedConnection {
+        redis::Client::open(format!("redis://{}/", self.resp))
+            .unwrap()
+            .get_multiplexed_async_connection()
+            .await
+            .unwrap()
+    }
+
+    /// Stops both servers and shuts the node down; hands back its data
+    /// directory.
+    async fn stop(self) -> TempDir {
+        let (node, dir) = self.stop_serving().await;
+        tokio::task::spawn_blocking(move || node.shutdown())
+            .await
+            .unwrap()
+            .unwrap();
+        dir
+    }
+
+    /// Stops both servers and drops the node without shutting it down.
+    /// For a node with a long refresh interval only: shutting down joins
+    /// the cache thread, which sleeps a whole refresh interval at a time.
+    async fn abandon(self) {
+        let (node, _dir) = self.stop_serving().await;
+        drop(node);
+    }
+
+    async fn stop_serving(self) -> (Node, TempDir) {
+        for trigger in &self.triggers {
+            trigger.fire();
+        }
+        for server in self.servers {
+            tokio::time::timeout(STEP_TIMEOUT, server)
+                .await
+                .expect("serve returns after shutdown")
+                .unwrap()
+                .unwrap();
+        }
+        (self.node, self.dir)
+    }
+}
+
+/// Polls `check` until it returns `Some`, failing after [`SETTLE_TIMEOUT`]
+/// with `what` and the last value seen.
+async fn settle<T>(what: &str, mut check: impl AsyncFnMut() -> Result<T, String>) -> T {
+    let deadline = Instant::now() + SETTLE_TIMEOUT;
+    loop {
+        match check().await {
+            Ok(v) => return v,
+            Err(last) if Instant::now() >= deadline => {
+                panic!("{what}: not reached within {SETTLE_TIMEOUT:?}; last seen: {last}")
+            }
+            Err(_) => tokio::time::sleep(POLL_INTERVAL).await,
+        }
+    }
+}
+
+/// Waits until `path` on `member` answers 200 with `expected`.
+async fn settle_on(member: &Member, path: &str, expected: &Value) {
+    settle(&format!("{path} on {}", member.id()), async || {
+        let (status, body) = member.get(path).await;
+        if status == StatusCode::OK && body == *expected {
+            Ok(())
+        } else {
+            Err(format!("{status} {body}"))
+        }
+    })
+    .await;
+}
+
+async fn query<T: redis::FromRedisValue>(con: &mut MultiplexedConnection, args: &[&str]) -> T {
+    let mut cmd = redis::cmd(args[0]);
+    for a in &args[1..] {
+        cmd.arg(*a);
+    }
+    cmd.query_async(con)
+        .await
+        .unwrap_or_else(|e| panic!("{args:?}: {e}"))
+}
+
+// After increments on each of three nodes, every node answers the global
+// value and each node's shard, from its cache.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn global_value_and_shards_reach_every_node() {
+    let store = tempfile::tempdir().unwrap();
+    let a = Member::start(Some(store.path()), "a").await;
+    let b = Member::start(Some(store.path()), "b").await;
+    let c = Member::start(Some(store.path()), "c").await;
+    assert_eq!(a.increment("hits", 1).await["value"], 1);
+    b.increment("hits", 10).await;
+    c.increment("hits", 100).await;
+    let expected = json!({
+        "name": "hits",
+        "value": 111,
+        "nodes": {"a": 1, "b": 10, "c": 100},
+    });
+    for m in [&a, &b, &c] {
+        settle_on(m, "/v1/counters/hits", &expected).await;
+    }
+    // The reply to an increment is global too, once the others are known.
+    assert_eq!(a.increment("hits", 1).await["value"], 112);
+    for m in [a, b, c] {
+        m.stop().await;
+    }
+}
+
+// `consistency=store` reads the other nodes' shards from the store: it
+// sees a shard the node's cache cannot have yet (its refresh interval is an
+// hour), while the default read does not; a bad value is refused.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn store_consistency_reads_past_the_cache() {
+    let store = tempfile::tempdir().unwrap();
+    let stale = Member::start_in(
+        tempfile::tempdir().unwrap(),
+        Some(store.path()),
+        "stale",
+        Duration::from_secs(3600),
+    )
+    .await;
+    // The cache thread refreshes once as it starts, then not for an hour:
+    // wait until that refresh is a second old, so that nothing written
+    // from now on can be in the cache.
+    settle("the stale node's cache goes quiet", async || {
+        let (_, view) = stale.get("/v1/cluster").await;
+        match view["last_refresh_age_ms"].as_u64() {
+            Some(age) if age >= 1000 => Ok(()),
+            _ => Err(view.to_string()),
+        }
+    })
+    .await;
+    let writer = Member::start(Some(store.path()), "writer").await;
+    writer.increment("fresh", 5).await;
+    stale
+        .node
+        .increment("fresh", 1, Default::default())
+        .await
+        .unwrap();
+
+    let expected = json!({"name": "fresh", "value": 6, "nodes": {"stale": 1, "writer": 5}});
+    settle_on(&stale, "/v1/counters/fresh?consistency=store", &expected).await;
+    let (status, cached) = stale.get("/v1/counters/fresh").await;
+    assert_eq!(status, StatusCode::OK);
+    assert_eq!(
+        cached,
+        json!({"name": "fresh", "value": 1, "nodes": {"stale": 1}})
+    );
+    let (status, explicit) = stale.get("/v1/counters/fresh?consistency=cache").await;
+    assert_eq!((status, explicit), (StatusCode::OK, cached));
+
+    // A counter only another node holds: 404 from the cache, found in the
+    // store.
+    writer.increment("elsewhere", 2).await;
+    settle_on(
+        &stale,
+        "/v1/counters/elsewhere?consistency=store",
+        &json!({"name": "elsewhere", "value": 2, "nodes": {"writer": 2}}),
+    )
+    .await;
+    assert_eq!(
+        stale.get("/v1/counters/elsewhere").await.0,
+        StatusCode::NOT_FOUND
+    );
+
+    let (status, body) = stale.get("/v1/counters/fresh?consistency=latest").await;
+    assert_eq!(status, StatusCode::BAD_REQUEST);
+    assert_eq!(
+        body["error"],
+        "query parameter 'consistency' must be cache or store, not 'latest'"
+    );
+    let (status, body) = stale.get("/v1/counters/fresh?consistncy=store").await;
+    assert_eq!(status, StatusCode::BAD_REQUEST);
+    assert!(
+        body["error"].as_str().unwrap().contains("consistncy"),
+        "{body}"
+    );
+    writer.stop().await;
+    stale.abandon().await;
+}
+
+// `/v1/cluster` lists every node alive with its epoch and address, from
+// any node; a node that restarts comes back with the next epoch.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn cluster_view_lists_every_node_alive() {
+    let store = tempfile::tempdir().unwrap();
+    let a = Member::start(Some(store.path()), "a").await;
+    let b = Member::start(Some(store.path()), "b").await;
+    let c = Member::start(Some(store.path()), "c").await;
+    let addresses = [
+        ("a", a.http.to_string()),
+        ("b", b.http.to_string()),
+        ("c", c.http.to_string()),
+    ];
+    let epochs_of = |view: &Value| -> Vec<(String, u64, String, String)> {
+        view["nodes"]
+            .as_array()
+            .unwrap()
+            .iter()
+            .map(|n| {
+                (
+                    n["node_id"].as_str().unwrap().to_string(),
+                    n["epoch"].as_u64().unwrap(),
+                    n["state"].as_str().unwrap().to_string(),
+                    n["address"].as_str().unwrap().to_string(),
+                )
+            })
+            .collect()
+    };
+    let expected: Vec<_> = addresses
+        .iter()
+        .map(|(id, addr)| (id.to_string(), 1, "alive".to_string(), addr.clone()))
+        .collect();
+    for m in [&a, &b, &c] {
+        // Alive means a heartbeat within three intervals: poll rather than
+        // fail on one slow heartbeat.
+        let view = settle("every node alive", async || {
+            let (status, view) = m.get("/v1/cluster").await;
+            if status == StatusCode::OK && epochs_of(&view) == expected {
+                Ok(view)
+            } else {
+                Err(format!("{status} {view}"))
+            }
+        })
+        .await;
+        assert_eq!(view["node_id"], m.id());
+        assert_eq!(view["epoch"], 1);
+        assert_eq!(view["store"], "sqlite");
+        assert_eq!(view["staleness_bound_ms"], 40);
+        assert_eq!(view["replicated_available"], true);
+        assert_eq!(view["store_error"], Value::Null);
+        for n in view["nodes"].as_array().unwrap() {
+            for field in [
+                "heartbeat_age_ms",
+                "flushed_lsn",
+                "applied_lsn",
+                "flush_lag",
+            ] {
+                assert!(n[field].is_u64(), "{field} missing in {n}");
+            }
+        }
+    }
+
+    // Restarted on the same data directory: a new epoch, still alive.
+    let dir = c.stop().await;
+    let c = Member::start_in(dir, Some(store.path()), "c", REFRESH_INTERVAL).await;
+    assert_eq!(c.get("/v1/cluster").await.1["epoch"], 2);
+    settle("c alive at epoch 2", async || {
+        let (_, view) = a.get("/v1/cluster").await;
+        let c_row = epochs_of(&view).into_iter().find(|n| n.0 == "c");
+        match c_row {
+            Some((_, 2, state, _)) if state == "alive" => Ok(()),
+            other => Err(format!("{other:?}")),
+        }
+    })
+    .await;
+    for m in [a, b, c] {
+        m.stop().await;
+    }
+}
+
+// `INFO cluster` names the store, this node's epoch and every node with its
+// state; `INFO` includes the section; `cluster_enabled` stays 0 so that
+// Redis clients never switch to the Redis Cluster protocol.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn info_cluster_reports_the_store_and_every_node() {
+    let store = tempfile::tempdir().unwrap();
+    let a = Member::start(Some(store.path()), "a").await;
+    let b = Member::start(Some(store.path()), "b").await;
+    let mut con = a.redis().await;
+    let info = settle("both nodes alive", async || {
+        let info: String = query(&mut con, &["INFO", "cluster"]).await;
+        let alive = ["a", "b"]
+            .iter()
+            .all(|id| info.contains(&format!("\r\nnode_{id}:epoch=1,state=alive,")));
+        if alive { Ok(info) } else { Err(info) }
+    })
+    .await;
+    assert!(info.starts_with("# Cluster\r\n"), "{info}");
+    for needle in [
+        "\r\ncluster_enabled:0\r\n",
+        "\r\ntally_cluster_enabled:1\r\n",
+        "\r\nnode_id:a\r\n",
+        "\r\nepoch:1\r\n",
+        "\r\nstore:sqlite\r\n",
+        "\r\nstaleness_bound_ms:40\r\n",
+        "\r\nreplicated_available:1\r\n",
+        &format!(
+            "\r\nnode_a:epoch=1,state=alive,flushed_lsn=0,flush_lag=0,address={}\r\n",
+            a.http
+        ),
+        "\r\nnode_b:epoch=1,state=alive,",
+        &format!(",address={}\r\n", b.http),
+    ] {
+        assert!(
+            info.contains(needle),
+            "INFO cluster lacks {needle:?}:\n{info}"
+        );
+    }
+    assert!(!info.contains("store_error"), "{info}");
+    assert!(!info.contains("# Server"), "{info}");
+    for all in [&["INFO"][..], &["INFO", "all"], &["INFO", "everything"]] {
+        let text: String = query(&mut con, all).await;
+        let cluster = text.find("# Cluster\r\n").expect("the cluster section");
+        let keyspace = text.find("# Keyspace\r\n").expect("the keyspace section");
+        assert!(cluster < keyspace, "{text}");
+        assert!(text.contains("\r\nnode_b:epoch=1,"), "{text}");
+    }
+    a.stop().await;
+    b.stop().await;
+}
+
+// GET, MGET, EXISTS, INCR and DBSIZE over RESP see every node's shards.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn resp_reads_and_increments_are_global() {
+    let store = tempfile::tempdir().unwrap();
+    let a = Member::start(Some(store.path()), "a").await;
+    let b = Member::start(Some(store.path()), "b").await;
+    let mut con_a = a.redis().await;
+    let mut con_b = b.redis().await;
+    let _: i64 = query(&mut con_a, &["INCRBY", "g", "5"]).await;
+    let _: i64 = query(&mut con_b, &["INCRBY", "g", "3"]).await;
+    let _: i64 = query(&mut con_a, &["INCR", "only-a"]).await;
+    for con in [&mut con_a, &mut con_b] {
+        settle("GET g is global", async || {
+            let got: Option<String> = query(con, &["GET", "g"]).await;
+            (got.as_deref() == Some("8"))
+                .then_some(())
+                .ok_or(format!("{got:?}"))
+        })
+        .await;
+    }
+    settle("only-a reaches b", async || {
+        let got: Vec<Option<String>> = query(&mut con_b, &["MGET", "g", "only-a", "none"]).await;
+        let want = vec![Some("8".to_string()), Some("1".to_string()), None];
+        (got == want).then_some(()).ok_or(format!("{got:?}"))
+    })
+    .await;
+    let exists: i64 = query(&mut con_b, &["EXISTS", "g", "only-a", "none"]).await;
+    assert_eq!(exists, 2);
+    // b holds a shard of `g` only, but counts every counter the cluster holds.
+    let dbsize: i64 = query(&mut con_b, &["DBSIZE"]).await;
+    assert_eq!(dbsize, 2);
+    let info: String = query(&mut con_b, &["INFO", "keyspace"]).await;
+    assert!(info.contains("db0:keys=2,"), "{info}");
+    let incr: i64 = query(&mut con_b, &["INCR", "g"]).await;
+    assert_eq!(incr, 9);
+    let incr: i64 = query(&mut con_b, &["INCR", "only-a"]).await;
+    assert_eq!(incr, 2);
+    a.stop().await;
+    b.stop().await;
+}
+
+// `/readyz` says whether `replicated` writes can be made durable: yes with
+// a reachable store, no (with the reason) without one; both are ready.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn readyz_reports_replicated_capability() {
+    let store = tempfile::tempdir().unwrap();
+    let clustered = Member::start(Some(store.path()), "clustered").await;
+    let alone = Member::start(None, "alone").await;
+    let (status, body) = clustered.get("/readyz").await;
+    assert_eq!(status, StatusCode::OK);
+    assert_eq!(
+        body,
+        json!({"ready": true, "node_id": "clustered", "replicated": true})
+    );
+    let (status, body) = alone.get("/readyz").await;
+    assert_eq!(status, StatusCode::OK);
+    assert_eq!(
+        body,
+        json!({
+            "ready": true,
+            "node_id": "alone",
+            "replicated": false,
+            "replicated_reason": "no shared store",
+        })
+    );
+    clustered.stop().await;
+    alone.stop().await;
+}
+
+// A node without a store answers the cluster routes about itself alone:
+// `/v1/cluster` with `"store": null`, its own shard under `nodes`, and
+// `tally_cluster_enabled:0` in `INFO cluster`.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn node_without_a_store_reports_itself_alone() {
+    let alone = Member::start(None, "alone").await;
+    let (status, view) = alone.get("/v1/cluster").await;
+    assert_eq!(status, StatusCode::OK);
+    assert_eq!(
+        view,
+        json!({
+            "node_id": "alone",
+            "store": null,
+            "replicated_available": false,
+            "nodes": [{"node_id": "alone", "state": "alive"}],
+        })
+    );
+    alone.increment("x", 4).await;
+    let expected = json!({"name": "x", "value": 4, "nodes": {"alone": 4}});
+    for path in ["/v1/counters/x", "/v1/counters/x?consistency=store"] {
+        assert_eq!(alone.get(path).await, (StatusCode::OK, expected.clone()));
+    }
+    let mut con = alone.redis().await;
+    let info: String = query(&mut con, &["INFO", "cluster"]).await;
+    assert_eq!(
+        info,
+        "# Cluster\r\ncluster_enabled:0\r\ntally_cluster_enabled:0\r\n"
+    );
+    alone.stop().await;
+}
+
+// Listing on one node includes counters only another node holds, with
+// global values, in name order, page by page.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn listing_includes_counters_only_another_node_holds() {
+    let store = tempfile::tempdir().unwrap();
+    let a = Member::start(Some(store.path()), "a").await;
+    let b = Member::start(Some(store.path()), "b").await;
+    a.increment("p:a-only", 3).await;
+    a.increment("p:both", 1).await;
+    a.increment("q:elsewhere", 1).await;
+    b.increment("p:b-only", 4).await;
+    b.increment("p:both", 1).await;
+    let all = json!([
+        {"name": "p:a-only", "value": 3},
+        {"name": "p:b-only", "value": 4},
+        {"name": "p:both", "value": 2},
+    ]);
+    settle_on(
+        &b,
+        "/v1/counters?prefix=p:",
+        &json!({"counters": all, "next_after": null}),
+    )
+    .await;
+    // One at a time: the same counters, in the same order.
+    let mut paged = Vec::new();
+    let mut path = "/v1/counters?prefix=p:&limit=1".to_string();
+    loop {
+        let (status, page) = b.get(&path).await;
+        assert_eq!(status, StatusCode::OK, "{page}");
+        paged.extend(page["counters"].as_array().unwrap().iter().cloned());
+        match page["next_after"].as_str() {
+            Some(after) => path = format!("/v1/counters?prefix=p:&limit=1&after={after}"),
+            None => break,
+        }
+        assert!(paged.len() <= 3, "paging does not end: {paged:?}");
+    }
+    assert_eq!(Value::Array(paged), all);
+    // Without a prefix, the counter only `a` holds outside `p:` is listed
+    // (once flushed: it may come in a later flush than the others).
+    settle_on(
+        &b,
+        "/v1/counters?after=p:both",
+        &json!({"counters": [{"name": "q:elsewhere", "value": 1}], "next_after": null}),
+    )
+    .await;
+    a.stop().await;
+    b.stop().await;
+}
+
+// A `replicated` increment retried with the same idempotency key on
+// another node is recognised from the store and not applied again: the
+// global value rises once and the second node holds no shard of it.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn replicated_retry_on_another_node_is_applied_once() {
+    let store = tempfile::tempdir().unwrap();
+    let a = Member::start(Some(store.path()), "a").await;
+    let b = Member::start(Some(store.path()), "b").await;
+    let mut con_a = a.redis().await;
+    let mut con_b = b.redis().await;
+    let request = [
+        "TALLY.INCRBY",
+        "billed",
+        "7",
+        "DURABILITY",
+        "replicated",
+        "IDEMPOTENCY",
+        "req-1",
+    ];
+    let first: (i64, i64) = query(&mut con_a, &request).await;
+    assert_eq!(first, (7, 0));
+    let retry: (i64, i64) = query(&mut con_b, &request).await;
+    assert_eq!(retry.1, 1, "the retry on b is a duplicate: {retry:?}");
+    // Nothing was applied on b, at once: it holds no shard of the counter.
+    let (_, detail) = b.get("/v1/counters/billed?consistency=store").await;
+    assert_eq!(
+        detail,
+        json!({"name": "billed", "value": 7, "nodes": {"a": 7}})
+    );
+    let once = json!({"name": "billed", "value": 7, "nodes": {"a": 7}});
+    for m in [&a, &b] {
+        settle_on(m, "/v1/counters/billed", &once).await;
+    }
+    // Retried on b again, and on a: still duplicates, still counted once.
+    let again: (i64, i64) = query(&mut con_b, &request).await;
+    assert_eq!(again, (7, 1));
+    let again: (i64, i64) = query(&mut con_a, &request).await;
+    assert_eq!(again, (7, 1));
+    assert_eq!(b.get("/v1/counters/billed").await.1, once);
+    a.stop().await;
+    b.stop().await;
+}
+
+// After concurrent increments on one node stop, every other node settles
+// to exactly that node's shards. Fails in most runs today: the cache reads
+// each node's rows above the highest version it has seen, but a flush
+// transaction can write a counter whose lsn is below a version an earlier
+// transaction already wrote (an increment that took its lsn while the
+// committer was collecting changed counters past its table shard), so the
+// cache skips that row until the counter changes again, while the store
+// holds it.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+#[ignore = "the cache's per-node cursor skips rows flushed below it; run with --ignored once fixed"]
+async fn every_node_settles_to_the_exact_shards_under_concurrent_writes() {
+    const COUNTERS: u64 = 5000;
+    const WRITERS: u64 = 8;
+    const LOAD: Duration = Duration::from_secs(3);
+    let store = tempfile::tempdir().unwrap();
+    let a = Member::start(Some(store.path()), "a").await;
+    let b = Member::start(Some(store.path()), "b").await;
+    let until = Instant::now() + LOAD;
+    let writers: Vec<_> = (0..WRITERS)
+        .map(|w| {
+            let node = a.node.clone();
+            tokio::spawn(async move {
+                // A xorshift sequence per writer spreads the increments
+                // over every counter and every table shard.
+                let mut x = (w + 1).wrapping_mul(0x9e37_79b9_7f4a_7c15);
+                let options = tally::IncrementOptions {
+                    durability: Some(tally::Durability::Memory),
+                    ..Default::default()
+                };
+                while Instant::now() < until {
+                    x ^= x << 13;
+                    x ^= x >> 7;
+                    x ^= x << 17;
+                    let name = format!("c{}", x % COUNTERS);
+                    node.increment(&name, 1, options).await.unwrap();
+                }
+            })
+        })
+        .collect();
+    for w in writers {
+        w.await.unwrap();
+    }
+    settle("b's values equal a's shards", async || {
+        let differing: Vec<String> = (0..COUNTERS)
+            .map(|i| format!("c{i}"))
+            .filter(|name| a.node.get(name).unwrap() != b.node.get(name).unwrap())
+            .collect();
+        if differing.is_empty() {
+            Ok(())
+        } else {
+            Err(format!(
+                "{} counters differ, e.g. {:?}",
+                differing.len(),
+                &differing[..1]
+            ))
+        }
+    })
+    .await;
+    a.stop().await;
+    b.stop().await;
+}
