@@ -680,6 +680,8 @@ impl Drop for Inner {
         if let Some(c) = self.cluster.get() {
             c.stop.store(true, Ordering::SeqCst);
             c.wake.notify_all();
+            let _guard = c.idle.0.lock();
+            c.idle.1.notify_all();
         }
         self.journal.close();
     }

@@ -648,7 +648,6 @@ async fn replicated_retry_on_another_node_is_applied_once() {
 // cache skips that row until the counter changes again, while the store
 // holds it.
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
-#[ignore = "the cache's per-node cursor skips rows flushed below it; run with --ignored once fixed"]
 async fn every_node_settles_to_the_exact_shards_under_concurrent_writes() {
     const COUNTERS: u64 = 5000;
     const WRITERS: u64 = 8;

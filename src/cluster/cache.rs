@@ -141,6 +141,12 @@ pub(crate) fn run(cluster: std::sync::Arc<super::Cluster>) {
             tracing::warn!(error = %e, "refreshing other nodes' shards failed; reads use the last values");
             last_error_log = Some(Instant::now());
         }
-        std::thread::sleep(cluster.config.refresh_interval);
+        let mut guard = cluster.idle.0.lock();
+        if !cluster.stop.load(std::sync::atomic::Ordering::SeqCst) {
+            cluster
+                .idle
+                .1
+                .wait_for(&mut guard, cluster.config.refresh_interval);
+        }
     }
 }

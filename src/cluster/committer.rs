@@ -71,7 +71,9 @@ enum Answer {
 pub(crate) fn run(cluster: Arc<Cluster>, node: Weak<Inner>) {
     let mut backlog: HashMap<CompactString, (i64, u64)> = HashMap::new();
     let mut unresolved: Option<Unresolved> = None;
-    let mut last_write = Instant::now();
+    // Heartbeats carry the applied lsn, which the cluster view's flush lag
+    // needs; they are sent every interval, busy or not.
+    let mut last_heartbeat = Instant::now();
     let mut backoff = Duration::ZERO;
     let mut taken: Vec<(CompactString, i64, u64)> = Vec::new();
     loop {
@@ -145,19 +147,9 @@ pub(crate) fn run(cluster: Arc<Cluster>, node: Weak<Inner>) {
             if stopping {
                 return;
             }
-            if last_write.elapsed() >= cluster.config.heartbeat_interval {
-                let applied = inner.next_lsn.load(Ordering::SeqCst).saturating_sub(1);
-                match cluster
-                    .store
-                    .heartbeat(&cluster.node_id, cluster.epoch, now_ms(), applied)
-                {
-                    Ok(()) => {
-                        last_write = Instant::now();
-                        cluster.state.lock().store_error = None;
-                        backoff = Duration::ZERO;
-                    }
-                    Err(e) => store_failed(&inner, &e, &mut backoff),
-                }
+            if last_heartbeat.elapsed() >= cluster.config.heartbeat_interval {
+                heartbeat(&inner, &mut backoff);
+                last_heartbeat = Instant::now();
             }
             continue;
         }
@@ -166,8 +158,11 @@ pub(crate) fn run(cluster: Arc<Cluster>, node: Weak<Inner>) {
         }
         match round(&inner, &batch, &mut backlog, complete) {
             Ok(answers) => {
-                last_write = Instant::now();
                 backoff = Duration::ZERO;
+                if last_heartbeat.elapsed() >= cluster.config.heartbeat_interval {
+                    heartbeat(&inner, &mut backoff);
+                    last_heartbeat = Instant::now();
+                }
                 cluster.state.lock().store_error = None;
                 reply(&inner, batch, answers);
             }
@@ -411,6 +406,31 @@ fn resolve(
         }
     }
     Ok(())
+}
+
+/// Proves the node alive and records its applied lsn; a superseded epoch
+/// fences the node.
+fn heartbeat(inner: &Inner, backoff: &mut Duration) {
+    let cluster = inner
+        .cluster
+        .get()
+        .expect("the committer runs with a cluster");
+    let applied = inner.next_lsn.load(Ordering::SeqCst).saturating_sub(1);
+    match cluster
+        .store
+        .heartbeat(&cluster.node_id, cluster.epoch, now_ms(), applied)
+    {
+        Ok(()) => {
+            cluster.state.lock().store_error = None;
+            *backoff = Duration::ZERO;
+        }
+        Err(e @ StoreError::Fenced { .. }) => {
+            let reason = e.to_string();
+            tracing::error!(%reason, "fenced: another process holds this node id; no more writes");
+            let _ = cluster.fenced.send(Some(reason));
+        }
+        Err(e) => store_failed(inner, &e, backoff),
+    }
 }
 
 fn revert_all(inner: &Inner, applied: &[Applied]) {

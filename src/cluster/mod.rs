@@ -174,6 +174,9 @@ pub struct Cluster {
     pub(crate) fenced: watch::Sender<Option<String>>,
     pub(crate) cache: Cache,
     pub(crate) stop: std::sync::atomic::AtomicBool,
+    /// The cache thread waits on this between refreshes, so that stop
+    /// wakes it at once.
+    pub(crate) idle: (Mutex<()>, Condvar),
     pub(crate) threads: Mutex<Vec<std::thread::JoinHandle<()>>>,
 }
 
@@ -288,6 +291,7 @@ impl Cluster {
             replication_open: Mutex::new(false),
             fenced,
             stop: std::sync::atomic::AtomicBool::new(false),
+            idle: (Mutex::new(()), Condvar::new()),
             threads: Mutex::new(Vec::new()),
         };
         // Reads are global from the first request on.
@@ -434,6 +438,10 @@ impl Cluster {
     pub(crate) fn stop(&self) {
         self.stop.store(true, Ordering::SeqCst);
         self.wake.notify_all();
+        {
+            let _guard = self.idle.0.lock();
+            self.idle.1.notify_all();
+        }
         let threads: Vec<_> = self.threads.lock().drain(..).collect();
         for t in threads {
             if t.thread().id() != std::thread::current().id() {
