@@ -387,6 +387,22 @@ impl CounterTable {
         }
     }
 
+    /// Unlists `name` if its entry still carries `lsn` (the version just
+    /// written to the store), so that the next flush does not write the
+    /// same row again. A change since then keeps it listed.
+    pub fn unlist_if_unchanged(&self, name: &str, lsn: u64) {
+        let mut map = self.shards[self.shard_of(name)].lock();
+        let Some(i) = map.position(name) else { return };
+        let (word, bit) = (i / 64, 1u64 << (i % 64));
+        let listed = map.dirty_bits.get(word).is_some_and(|w| w & bit != 0);
+        if listed && map.entries[i].1.lsn == lsn {
+            map.dirty_bits[word] &= !bit;
+            if let Some(at) = map.dirty.iter().position(|&d| d as usize == i) {
+                map.dirty.swap_remove(at);
+            }
+        }
+    }
+
     /// Number of counters listed as changed.
     pub fn dirty_count(&self) -> usize {
         self.shards.iter().map(|s| s.lock().dirty.len()).sum()
@@ -625,6 +641,12 @@ mod tests {
         out.clear();
         t.take_dirty(usize::MAX, &mut out);
         assert_eq!(out, vec![(CompactString::from("c5"), 11, lsn)]);
+        // Unlisting applies only while the entry is unchanged.
+        t.increment("c6", 1, |_| Ok(lsn + 1)).unwrap();
+        t.unlist_if_unchanged("c6", lsn);
+        assert_eq!(t.dirty_count(), 1, "a changed entry stays listed");
+        t.unlist_if_unchanged("c6", lsn + 1);
+        assert_eq!(t.dirty_count(), 0);
     }
 
     // The counter limit refuses new counters only, never existing ones.

@@ -352,6 +352,13 @@ fn round(
     if let Err(e) = tx.commit() {
         return fail(e, applied, flushed, answers);
     }
+    // The counters just applied were written above; unless they changed
+    // since, the next round need not write them again.
+    for a in &applied {
+        if let Some((_, lsn)) = backlog.get(a.name.as_str()) {
+            inner.table.unlist_if_unchanged(&a.name, *lsn);
+        }
+    }
     backlog.clear();
     cluster.state.lock().flushed = flushed;
     Ok(answers)
