@@ -224,6 +224,30 @@ fn killed_node_is_restarted_and_loses_nothing() {
     });
 }
 
+// Proves: a graceful restart (SIGTERM) is followed by the supervisor's
+// start of a new process that keeps every increment acknowledged before.
+#[test]
+fn gracefully_restarted_node_loses_nothing() {
+    let _one = ONE_AT_A_TIME.lock();
+    let dir = tempfile::tempdir().unwrap();
+    let cluster = start_cluster(dir.path());
+    let rt = runtime();
+    let c = http_client();
+    let lb_resp = cluster.lb_resp();
+    rt.block_on(async {
+        for _ in 0..15 {
+            resp_incr(lb_resp, "restarted").await.unwrap();
+        }
+    });
+    let victim = 0;
+    let old_pid = cluster.nodes()[victim].pid.unwrap();
+    cluster.restart(victim).unwrap();
+    assert!(!alive(old_pid));
+    wait_restarted(&cluster, victim, 0);
+    assert_ne!(cluster.nodes()[victim].pid.unwrap(), old_pid);
+    rt.block_on(settle(&c, &cluster, "restarted", 15));
+}
+
 // Proves: a paused (SIGSTOPped) node leaves HAProxy's rotation within about
 // a second, so every request through the load balancer succeeds, and it
 // rejoins the rotation once resumed.
