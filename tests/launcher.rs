@@ -351,3 +351,73 @@ fn shutdown_leaves_no_child_running() {
         assert!(!alive(p), "pid {p} still runs after shutdown");
     }
 }
+
+// Proves: the generated HAProxy configuration is accepted by HAProxy's own
+// checker and carries the health checks the rotation depends on.
+#[test]
+fn generated_haproxy_config_is_valid() {
+    let dir = tempfile::tempdir().unwrap();
+    let nodes: Vec<tally::launcher::NodeInfo> = (1..=3u16)
+        .map(|i| tally::launcher::NodeInfo {
+            node_id: format!("node{i}"),
+            resp: ([127, 0, 0, 1], 7380 + i).into(),
+            http: ([127, 0, 0, 1], 7070 + i).into(),
+            data_dir: dir.path().join(format!("node{i}")),
+            pid: None,
+        })
+        .collect();
+    let cfg = tally::launcher::haproxy_config(
+        ([127, 0, 0, 1], 7070).into(),
+        ([127, 0, 0, 1], 7379).into(),
+        &nodes,
+    );
+    for needle in [
+        "option httpchk GET /readyz",
+        "http-check expect status 200",
+        "option tcp-check",
+        "tcp-check send PING\\r\\n",
+        "tcp-check expect string +PONG",
+        "inter 200ms fall 2 rise 2",
+        "timeout check",
+        "option redispatch",
+        "server node3 127.0.0.1:7383 check",
+        "server node3 127.0.0.1:7073 check",
+    ] {
+        assert!(cfg.contains(needle), "missing `{needle}` in:\n{cfg}");
+    }
+    let path = dir.path().join("haproxy.cfg");
+    std::fs::write(&path, &cfg).unwrap();
+    let out = std::process::Command::new("haproxy")
+        .arg("-c")
+        .arg("-f")
+        .arg(&path)
+        .output()
+        .expect("running haproxy -c (is haproxy installed?)");
+    assert!(
+        out.status.success(),
+        "haproxy rejects the configuration: {}{}",
+        String::from_utf8_lossy(&out.stdout),
+        String::from_utf8_lossy(&out.stderr)
+    );
+}
+
+// Proves: without HAProxy on the PATH, `tally cluster` starts nothing and
+// tells the user how to install it.
+#[test]
+fn missing_haproxy_is_reported_plainly() {
+    let dir = tempfile::tempdir().unwrap();
+    let out = std::process::Command::new(env!("CARGO_BIN_EXE_tally"))
+        .arg("cluster")
+        .arg("--dir")
+        .arg(dir.path())
+        .env("PATH", dir.path())
+        .output()
+        .unwrap();
+    assert!(!out.status.success());
+    let stderr = String::from_utf8_lossy(&out.stderr);
+    assert!(
+        stderr.contains("HAProxy is not installed: on Debian/Ubuntu run `apt-get install haproxy`"),
+        "stderr: {stderr}"
+    );
+    assert!(!dir.path().join("node1").exists(), "a node was started");
+}
