@@ -57,16 +57,21 @@ pub enum LauncherError {
         "HAProxy is not installed: on Debian/Ubuntu run `apt-get install haproxy` (or pass --no-haproxy)"
     )]
     HaproxyMissing,
+    /// A file, directory or process could not be created; `what` names it.
     #[error("{what}: {source}")]
     Io {
         what: String,
         #[source]
         source: std::io::Error,
     },
+    /// A node or HAProxy did not become ready in time, or has no process;
+    /// the message names its log.
     #[error("{0}")]
     NotReady(String),
+    /// The index is not below the number of nodes.
     #[error("no node {0} in this cluster")]
     NoSuchNode(usize),
+    /// The configuration cannot describe a cluster.
     #[error("{0}")]
     Invalid(String),
 }
@@ -643,8 +648,9 @@ impl LocalCluster {
         self.signal_node(i, libc::SIGKILL)
     }
 
-    /// Stops node `i` gracefully (SIGTERM, bounded wait, then SIGKILL); the
-    /// supervisor starts it again after the smallest back-off.
+    /// Stops node `i` gracefully (SIGTERM, up to [`STOP_TIMEOUT`], then
+    /// SIGKILL) and returns once it has exited; the supervisor starts it
+    /// again at its next poll.
     pub fn restart(&self, i: usize) -> Result<()> {
         let slot = self.slot(i)?;
         let mut p = slot.process.lock();
