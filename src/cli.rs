@@ -26,6 +26,10 @@ pub struct Cli {
 pub enum Command {
     /// Run a node: recover, then serve RESP and HTTP until SIGTERM/SIGINT.
     Serve(Box<ServeArgs>),
+    /// Run a local cluster for development and tests: N nodes on one
+    /// store, HAProxy in front, and a supervisor that restarts a node that
+    /// dies. Runs until SIGINT/SIGTERM, then stops everything.
+    Cluster(Box<ClusterArgs>),
     /// Verify every checksum in a data directory and print what it holds.
     /// Changes nothing. Exits 1 if strict recovery would refuse it.
     Inspect {
@@ -35,6 +39,53 @@ pub enum Command {
         #[arg(long)]
         json: bool,
     },
+}
+
+/// Flags of `tally cluster`.
+#[derive(Debug, Args)]
+pub struct ClusterArgs {
+    /// How many nodes
+    #[arg(long, default_value_t = 3)]
+    pub nodes: usize,
+    /// Directory for every node's data, the SQLite store, the generated
+    /// HAProxy configuration and the logs
+    #[arg(long, default_value = "tally-cluster")]
+    pub dir: PathBuf,
+    /// Shared store [default: sqlite://DIR/store.db]
+    #[arg(long)]
+    pub store: Option<String>,
+    /// Load balancer's HTTP address
+    #[arg(long, default_value = "127.0.0.1:7070")]
+    pub http_addr: std::net::SocketAddr,
+    /// Load balancer's RESP address
+    #[arg(long, default_value = "127.0.0.1:7379")]
+    pub resp_addr: std::net::SocketAddr,
+    /// First node's RESP port; node i listens on this + i - 1
+    #[arg(long, default_value_t = 7381)]
+    pub node_resp_port: u16,
+    /// First node's HTTP port; node i listens on this + i - 1
+    #[arg(long, default_value_t = 7071)]
+    pub node_http_port: u16,
+    /// Run the nodes without HAProxy in front of them
+    #[arg(long)]
+    pub no_haproxy: bool,
+}
+
+impl ClusterArgs {
+    /// The launcher's configuration for these flags.
+    pub fn config(self) -> crate::launcher::LocalClusterConfig {
+        crate::launcher::LocalClusterConfig {
+            nodes: self.nodes,
+            base_dir: self.dir,
+            store: self.store,
+            resp_port_base: self.node_resp_port,
+            http_port_base: self.node_http_port,
+            lb_http: self.http_addr,
+            lb_resp: self.resp_addr,
+            haproxy: !self.no_haproxy,
+            ..Default::default()
+        }
+    }
 }
 
 /// Flags of `tally serve`.

@@ -19,6 +19,7 @@ pub mod http;
 pub mod idempotency;
 pub mod inspect;
 pub mod journal;
+pub mod launcher;
 pub mod metrics;
 pub mod node;
 pub mod recovery;

@@ -9,6 +9,7 @@ fn main() -> ExitCode {
     let cli = Cli::parse();
     let result = match cli.command {
         Command::Serve(args) => serve(*args),
+        Command::Cluster(args) => cluster(*args),
         Command::Inspect { data_dir, json } => inspect(&data_dir, json),
     };
     match result {
@@ -25,6 +26,59 @@ fn serve(args: tally::cli::ServeArgs) -> anyhow::Result<ExitCode> {
     tally::server::init_logging(settings.log_json, &settings.log_filter)?;
     let runtime = tokio::runtime::Runtime::new()?;
     runtime.block_on(tally::server::run(settings, None))?;
+    Ok(ExitCode::SUCCESS)
+}
+
+fn cluster(args: tally::cli::ClusterArgs) -> anyhow::Result<ExitCode> {
+    tally::server::init_logging(false, "info")?;
+    let haproxy = !args.no_haproxy;
+    // Signals are caught from before the first node starts: a Ctrl-C while
+    // starting must stop what has started, not leave it running.
+    let runtime = tokio::runtime::Builder::new_current_thread()
+        .enable_all()
+        .build()?;
+    let (mut term, mut int) = {
+        use tokio::signal::unix::{SignalKind, signal};
+        let _guard = runtime.enter();
+        (
+            signal(SignalKind::terminate())?,
+            signal(SignalKind::interrupt())?,
+        )
+    };
+    let mut cluster = tally::launcher::LocalCluster::start(args.config())?;
+    if haproxy {
+        println!("load balancer (HAProxy):");
+        println!("  HTTP  http://{}", cluster.lb_http());
+        println!("  RESP  redis://{}", cluster.lb_resp());
+        println!("  cluster view  http://{}/v1/cluster", cluster.lb_http());
+        if let Some(p) = cluster.haproxy_config_path() {
+            println!("  configuration {}", p.display());
+        }
+    }
+    println!("nodes:");
+    for n in cluster.nodes() {
+        println!(
+            "  {}  RESP redis://{}  HTTP http://{}  pid {}  data {}",
+            n.node_id,
+            n.resp,
+            n.http,
+            n.pid.map_or("-".into(), |p| p.to_string()),
+            n.data_dir.display()
+        );
+    }
+    if !haproxy {
+        let first = &cluster.nodes()[0];
+        println!("cluster view  http://{}/v1/cluster", first.http);
+    }
+    println!("Ctrl-C stops the cluster.");
+    runtime.block_on(async {
+        tokio::select! {
+            _ = term.recv() => {}
+            _ = int.recv() => {}
+        }
+    });
+    tracing::info!("stopping the cluster");
+    cluster.shutdown();
     Ok(ExitCode::SUCCESS)
 }
 

@@ -1,0 +1,740 @@
+//! The local-cluster launcher behind `tally cluster`: N node processes on
+//! one store, HAProxy in front of them, and a supervisor that restarts a
+//! node that dies.
+//!
+//! It owns the child processes it starts and signals them only by their
+//! pids; it never looks for processes by name. It must never restart a node
+//! whose data directory a caller is about to wipe before the wipe is done:
+//! every change to a node's process happens under that node's lock, and the
+//! supervisor only takes locks it can get without waiting.
+//!
+//! The library is what a fault tool drives (`kill9`, `pause`,
+//! `kill9_and_wipe`, ...); the binary's `tally cluster` only prints the
+//! endpoints and waits for a signal.
+
+use std::fmt::Write as _;
+use std::fs::{self, File, OpenOptions};
+use std::io::{BufRead, BufReader, Read, Write};
+use std::net::{SocketAddr, TcpStream};
+use std::os::unix::process::CommandExt;
+use std::path::{Path, PathBuf};
+use std::process::{Child, Command, Stdio};
+use std::sync::Arc;
+use std::sync::atomic::{AtomicBool, AtomicU64, Ordering};
+use std::thread::JoinHandle;
+use std::time::{Duration, Instant};
+
+use parking_lot::Mutex;
+
+/// How often the supervisor polls each node with `try_wait`.
+pub const SUPERVISE_INTERVAL: Duration = Duration::from_millis(100);
+/// First delay before restarting a node that died.
+pub const RESTART_BACKOFF_MIN: Duration = Duration::from_millis(100);
+/// The back-off doubles up to this.
+pub const RESTART_BACKOFF_MAX: Duration = Duration::from_secs(5);
+/// A node that stayed up this long starts again from the smallest back-off.
+pub const RESTART_BACKOFF_RESET: Duration = Duration::from_secs(10);
+/// How long `start` waits for a node's ready line.
+pub const READY_TIMEOUT: Duration = Duration::from_secs(30);
+/// How long a stopped process gets between SIGTERM and SIGKILL.
+pub const STOP_TIMEOUT: Duration = Duration::from_secs(10);
+/// How long `start` waits for HAProxy to listen.
+pub const HAPROXY_LISTEN_TIMEOUT: Duration = Duration::from_secs(10);
+/// Pause between two polls of any wait.
+const POLL_INTERVAL: Duration = Duration::from_millis(20);
+
+/// HAProxy health-check interval per server. With `fall 2` a dead or
+/// paused node leaves rotation within about 2 × (interval + check timeout).
+pub const HAPROXY_CHECK_INTERVAL_MS: u64 = 200;
+/// How long one HAProxy health check may take before it counts as failed.
+pub const HAPROXY_CHECK_TIMEOUT_MS: u64 = 200;
+
+/// What can go wrong while starting or driving a local cluster.
+#[derive(Debug, thiserror::Error)]
+#[non_exhaustive]
+pub enum LauncherError {
+    #[error(
+        "HAProxy is not installed: on Debian/Ubuntu run `apt-get install haproxy` (or pass --no-haproxy)"
+    )]
+    HaproxyMissing,
+    /// A file, directory or process could not be created; `what` names it.
+    #[error("{what}: {source}")]
+    Io {
+        what: String,
+        #[source]
+        source: std::io::Error,
+    },
+    /// A node or HAProxy did not become ready in time, or has no process;
+    /// the message names its log.
+    #[error("{0}")]
+    NotReady(String),
+    /// The index is not below the number of nodes.
+    #[error("no node {0} in this cluster")]
+    NoSuchNode(usize),
+    /// The configuration cannot describe a cluster.
+    #[error("{0}")]
+    Invalid(String),
+}
+
+type Result<T> = std::result::Result<T, LauncherError>;
+
+fn io_err(what: impl Into<String>) -> impl FnOnce(std::io::Error) -> LauncherError {
+    let what = what.into();
+    move |source| LauncherError::Io { what, source }
+}
+
+/// How to start a local cluster. `Default` is what `tally cluster` runs.
+#[derive(Debug, Clone)]
+pub struct LocalClusterConfig {
+    /// How many nodes (node1..nodeN).
+    pub nodes: usize,
+    /// Holds every node's data directory, the SQLite store, the HAProxy
+    /// configuration and the logs.
+    pub base_dir: PathBuf,
+    /// Store URL; `None` means `sqlite://<base_dir>/store.db`.
+    pub store: Option<String>,
+    /// The `tally` binary to run; `None` means the current executable.
+    pub exe: Option<PathBuf>,
+    /// RESP port of node1; node i gets base + i - 1.
+    pub resp_port_base: u16,
+    /// HTTP port of node1; node i gets base + i - 1.
+    pub http_port_base: u16,
+    /// Exact (RESP, HTTP) ports per node, overriding the bases (tests use
+    /// free ports). Its length must equal `nodes` when not empty.
+    pub node_ports: Vec<(u16, u16)>,
+    /// Load balancer's HTTP frontend.
+    pub lb_http: SocketAddr,
+    /// Load balancer's RESP frontend.
+    pub lb_resp: SocketAddr,
+    /// Start HAProxy (it must be installed).
+    pub haproxy: bool,
+    /// Extra flags for every `tally serve`.
+    pub node_args: Vec<String>,
+}
+
+impl Default for LocalClusterConfig {
+    fn default() -> Self {
+        LocalClusterConfig {
+            nodes: 3,
+            base_dir: PathBuf::from("tally-cluster"),
+            store: None,
+            exe: None,
+            resp_port_base: 7381,
+            http_port_base: 7071,
+            node_ports: Vec::new(),
+            lb_http: ([127, 0, 0, 1], 7070).into(),
+            lb_resp: ([127, 0, 0, 1], 7379).into(),
+            haproxy: true,
+            node_args: Vec::new(),
+        }
+    }
+}
+
+/// One node as seen from outside.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct NodeInfo {
+    pub node_id: String,
+    pub resp: SocketAddr,
+    pub http: SocketAddr,
+    pub data_dir: PathBuf,
+    /// The running process, if any (none while it waits to be restarted).
+    pub pid: Option<u32>,
+}
+
+/// A node's process and restart bookkeeping; guarded by the slot's lock.
+#[derive(Debug)]
+struct Process {
+    child: Option<Child>,
+    started_at: Instant,
+    /// When the supervisor may start the node again, once it has exited.
+    restart_at: Option<Instant>,
+    backoff: Duration,
+    restarts: u64,
+}
+
+#[derive(Debug)]
+struct Slot {
+    info: NodeInfo,
+    process: Mutex<Process>,
+    /// Set by the stdout reader when the current process printed its
+    /// ready line; cleared at every start.
+    ready: Arc<AtomicBool>,
+}
+
+#[derive(Debug)]
+struct Shared {
+    slots: Vec<Slot>,
+    exe: PathBuf,
+    store: String,
+    node_args: Vec<String>,
+    base_dir: PathBuf,
+    stop: AtomicBool,
+    /// Increments at every node start; names the stdout readers' threads.
+    starts: AtomicU64,
+}
+
+/// A running local cluster. Dropping it stops every process it started.
+#[derive(Debug)]
+pub struct LocalCluster {
+    shared: Arc<Shared>,
+    supervisor: Option<JoinHandle<()>>,
+    haproxy: Option<Child>,
+    haproxy_config: Option<PathBuf>,
+    lb_http: SocketAddr,
+    lb_resp: SocketAddr,
+    stopped: bool,
+}
+
+fn signal(pid: u32, sig: libc::c_int) {
+    // SAFETY: kill(2) with the pid of a child this launcher started and has
+    // not yet reaped, so the pid cannot have been reused.
+    unsafe { libc::kill(pid as libc::pid_t, sig) };
+}
+
+/// Waits for `child` to exit, up to `timeout`; SIGKILLs it after that.
+fn reap(child: &mut Child, timeout: Duration) {
+    let deadline = Instant::now() + timeout;
+    loop {
+        match child.try_wait() {
+            Ok(Some(_)) | Err(_) => return,
+            Ok(None) if Instant::now() >= deadline => {
+                let _ = child.kill();
+                let _ = child.wait();
+                return;
+            }
+            Ok(None) => std::thread::sleep(POLL_INTERVAL),
+        }
+    }
+}
+
+impl Shared {
+    /// Starts node `i`'s process; the caller holds its lock.
+    fn spawn(&self, i: usize, process: &mut Process) -> Result<()> {
+        let slot = &self.slots[i];
+        let info = &slot.info;
+        fs::create_dir_all(&info.data_dir)
+            .map_err(io_err(format!("creating {}", info.data_dir.display())))?;
+        let log_path = self.base_dir.join(format!("{}.log", info.node_id));
+        let log = OpenOptions::new()
+            .create(true)
+            .append(true)
+            .open(&log_path)
+            .map_err(io_err(format!("opening {}", log_path.display())))?;
+        slot.ready.store(false, Ordering::SeqCst);
+        let mut cmd = Command::new(&self.exe);
+        cmd.arg("serve")
+            .arg("--node-id")
+            .arg(&info.node_id)
+            .arg("--data-dir")
+            .arg(&info.data_dir)
+            .arg("--store")
+            .arg(&self.store)
+            .arg("--resp-addr")
+            .arg(info.resp.to_string())
+            .arg("--http-addr")
+            .arg(info.http.to_string())
+            .args(&self.node_args)
+            .stdin(Stdio::null())
+            .stdout(Stdio::piped())
+            .stderr(Stdio::from(log))
+            // A process group of its own: Ctrl-C in the terminal reaches
+            // only the launcher, which then stops the nodes in order.
+            .process_group(0);
+        let mut child = cmd
+            .spawn()
+            .map_err(io_err(format!("starting {}", self.exe.display())))?;
+        let stdout = child.stdout.take().expect("stdout is piped");
+        let ready = slot.ready.clone();
+        let n = self.starts.fetch_add(1, Ordering::Relaxed);
+        std::thread::Builder::new()
+            .name(format!("{}-stdout-{n}", info.node_id))
+            .spawn(move || {
+                // Reads until the process exits: a full pipe would block it.
+                for line in BufReader::new(stdout).lines() {
+                    let Ok(line) = line else { break };
+                    if line.starts_with("tally ready") {
+                        ready.store(true, Ordering::SeqCst);
+                    }
+                }
+            })
+            .map_err(io_err("starting a stdout reader thread"))?;
+        process.child = Some(child);
+        process.started_at = Instant::now();
+        process.restart_at = None;
+        Ok(())
+    }
+
+    /// One pass of the supervisor over every node it can lock at once.
+    fn supervise_once(&self) {
+        for (i, slot) in self.slots.iter().enumerate() {
+            // A caller that holds the lock is changing the process (kill,
+            // wipe, restart); look again at the next pass.
+            let Some(mut p) = slot.process.try_lock() else {
+                continue;
+            };
+            let now = Instant::now();
+            if let Some(child) = p.child.as_mut()
+                && let Ok(Some(status)) = child.try_wait()
+            {
+                let up = now.duration_since(p.started_at);
+                if up >= RESTART_BACKOFF_RESET {
+                    p.backoff = RESTART_BACKOFF_MIN;
+                }
+                tracing::warn!(node = %slot.info.node_id, %status, up_ms = up.as_millis() as u64,
+                    backoff_ms = p.backoff.as_millis() as u64, "node exited; restarting after back-off");
+                p.child = None;
+                p.restart_at = Some(now + p.backoff);
+                p.backoff = (p.backoff * 2).min(RESTART_BACKOFF_MAX);
+            }
+            if p.child.is_none()
+                && let Some(at) = p.restart_at
+                && now >= at
+            {
+                match self.spawn(i, &mut p) {
+                    Ok(()) => {
+                        p.restarts += 1;
+                        tracing::info!(node = %slot.info.node_id, restarts = p.restarts, "node restarted");
+                    }
+                    Err(e) => {
+                        tracing::error!(node = %slot.info.node_id, error = %e, "cannot restart node");
+                        p.restart_at = Some(now + p.backoff);
+                        p.backoff = (p.backoff * 2).min(RESTART_BACKOFF_MAX);
+                    }
+                }
+            }
+        }
+    }
+}
+
+/// Writes HAProxy's configuration for `nodes` behind the two frontends.
+pub fn haproxy_config(lb_http: SocketAddr, lb_resp: SocketAddr, nodes: &[NodeInfo]) -> String {
+    let inter = HAPROXY_CHECK_INTERVAL_MS;
+    let check = HAPROXY_CHECK_TIMEOUT_MS;
+    let mut s = String::new();
+    let _ = write!(
+        s,
+        "# Generated by `tally cluster`; rewritten at every start.
+global
+    maxconn 4096
+
+defaults
+    timeout connect 1s
+    timeout client 60s
+    timeout server 60s
+    timeout check {check}ms
+    # A node that fails {inter} ms checks twice leaves rotation; its open
+    # sessions are closed so that clients reconnect to a live node.
+    default-server inter {inter}ms fall 2 rise 2 on-marked-down shutdown-sessions
+
+frontend tally_http
+    mode http
+    bind {lb_http}
+    default_backend tally_http_nodes
+
+backend tally_http_nodes
+    mode http
+    balance roundrobin
+    option httpchk GET /readyz
+    http-check expect status 200
+    option redispatch
+    retries 2
+"
+    );
+    for n in nodes {
+        let _ = writeln!(s, "    server {} {} check", n.node_id, n.http);
+    }
+    let _ = write!(
+        s,
+        "
+frontend tally_resp
+    mode tcp
+    bind {lb_resp}
+    default_backend tally_resp_nodes
+
+backend tally_resp_nodes
+    mode tcp
+    balance roundrobin
+    option tcp-check
+    tcp-check send PING\\r\\n
+    tcp-check expect string +PONG
+"
+    );
+    for n in nodes {
+        let _ = writeln!(s, "    server {} {} check", n.node_id, n.resp);
+    }
+    s
+}
+
+/// Whether `haproxy` can be run.
+fn haproxy_installed() -> bool {
+    Command::new("haproxy")
+        .arg("-v")
+        .stdout(Stdio::null())
+        .stderr(Stdio::null())
+        .status()
+        .is_ok()
+}
+
+/// The status code of `GET path` on `addr`, or `None` if no answer came
+/// within `timeout`. Plain HTTP/1.0 so the launcher needs no client.
+pub fn http_status(addr: SocketAddr, path: &str, timeout: Duration) -> Option<u16> {
+    let mut s = TcpStream::connect_timeout(&addr, timeout).ok()?;
+    s.set_read_timeout(Some(timeout)).ok()?;
+    s.set_write_timeout(Some(timeout)).ok()?;
+    write!(s, "GET {path} HTTP/1.0\r\nHost: {addr}\r\n\r\n").ok()?;
+    let mut head = [0u8; 32];
+    let mut n = 0;
+    while n < 12 {
+        match s.read(&mut head[n..]) {
+            Ok(0) | Err(_) => return None,
+            Ok(k) => n += k,
+        }
+    }
+    std::str::from_utf8(&head[9..12]).ok()?.parse().ok()
+}
+
+impl LocalCluster {
+    /// Starts every node, waits for each ready line, then starts HAProxy.
+    pub fn start(config: LocalClusterConfig) -> Result<LocalCluster> {
+        if config.nodes == 0 {
+            return Err(LauncherError::Invalid(
+                "a cluster needs at least one node".into(),
+            ));
+        }
+        if !config.node_ports.is_empty() && config.node_ports.len() != config.nodes {
+            return Err(LauncherError::Invalid(format!(
+                "{} node ports given for {} nodes",
+                config.node_ports.len(),
+                config.nodes
+            )));
+        }
+        if config.haproxy && !haproxy_installed() {
+            return Err(LauncherError::HaproxyMissing);
+        }
+        fs::create_dir_all(&config.base_dir)
+            .map_err(io_err(format!("creating {}", config.base_dir.display())))?;
+        let base_dir = fs::canonicalize(&config.base_dir)
+            .map_err(io_err(format!("resolving {}", config.base_dir.display())))?;
+        let exe = match config.exe {
+            Some(e) => e,
+            None => std::env::current_exe().map_err(io_err("finding the tally executable"))?,
+        };
+        let store = config
+            .store
+            .unwrap_or_else(|| format!("sqlite://{}", base_dir.join("store.db").display()));
+        let mut slots = Vec::with_capacity(config.nodes);
+        for i in 0..config.nodes {
+            let (resp, http) = match config.node_ports.get(i) {
+                Some(&p) => p,
+                None => {
+                    let k = u16::try_from(i).unwrap_or(u16::MAX);
+                    (
+                        config.resp_port_base.saturating_add(k),
+                        config.http_port_base.saturating_add(k),
+                    )
+                }
+            };
+            let node_id = format!("node{}", i + 1);
+            slots.push(Slot {
+                info: NodeInfo {
+                    data_dir: base_dir.join(&node_id),
+                    node_id,
+                    resp: ([127, 0, 0, 1], resp).into(),
+                    http: ([127, 0, 0, 1], http).into(),
+                    pid: None,
+                },
+                process: Mutex::new(Process {
+                    child: None,
+                    started_at: Instant::now(),
+                    restart_at: None,
+                    backoff: RESTART_BACKOFF_MIN,
+                    restarts: 0,
+                }),
+                ready: Arc::new(AtomicBool::new(false)),
+            });
+        }
+        let shared = Arc::new(Shared {
+            slots,
+            exe,
+            store,
+            node_args: config.node_args,
+            base_dir: base_dir.clone(),
+            stop: AtomicBool::new(false),
+            starts: AtomicU64::new(0),
+        });
+        let mut cluster = LocalCluster {
+            shared: shared.clone(),
+            supervisor: None,
+            haproxy: None,
+            haproxy_config: None,
+            lb_http: config.lb_http,
+            lb_resp: config.lb_resp,
+            stopped: false,
+        };
+        // Nodes start one after another: each takes its epoch in the store
+        // at start, and SQLite serialises those writes anyway.
+        for i in 0..shared.slots.len() {
+            {
+                let mut p = shared.slots[i].process.lock();
+                shared.spawn(i, &mut p)?;
+            }
+            cluster.wait_ready(i, READY_TIMEOUT)?;
+        }
+        if config.haproxy {
+            let nodes = cluster.nodes();
+            let path = base_dir.join("haproxy.cfg");
+            fs::write(
+                &path,
+                haproxy_config(config.lb_http, config.lb_resp, &nodes),
+            )
+            .map_err(io_err(format!("writing {}", path.display())))?;
+            let log_path = base_dir.join("haproxy.log");
+            let log = File::create(&log_path)
+                .map_err(io_err(format!("creating {}", log_path.display())))?;
+            let log2 = log
+                .try_clone()
+                .map_err(io_err(format!("opening {}", log_path.display())))?;
+            let child = Command::new("haproxy")
+                .arg("-f")
+                .arg(&path)
+                .arg("-db")
+                .stdin(Stdio::null())
+                .stdout(Stdio::from(log))
+                .stderr(Stdio::from(log2))
+                .process_group(0)
+                .spawn()
+                .map_err(io_err("starting haproxy"))?;
+            cluster.haproxy = Some(child);
+            cluster.haproxy_config = Some(path);
+            cluster.wait_lb(HAPROXY_LISTEN_TIMEOUT, &log_path)?;
+        }
+        let sup = shared.clone();
+        cluster.supervisor = Some(
+            std::thread::Builder::new()
+                .name("tally-supervisor".into())
+                .spawn(move || {
+                    while !sup.stop.load(Ordering::SeqCst) {
+                        sup.supervise_once();
+                        std::thread::sleep(SUPERVISE_INTERVAL);
+                    }
+                })
+                .map_err(io_err("starting the supervisor thread"))?,
+        );
+        Ok(cluster)
+    }
+
+    /// Waits until HAProxy answers `/readyz` through the HTTP frontend and
+    /// accepts connections on the RESP frontend.
+    fn wait_lb(&mut self, timeout: Duration, log_path: &Path) -> Result<()> {
+        let deadline = Instant::now() + timeout;
+        loop {
+            if let Some(h) = self.haproxy.as_mut()
+                && let Ok(Some(status)) = h.try_wait()
+            {
+                return Err(LauncherError::NotReady(format!(
+                    "haproxy exited ({status}); its log:\n{}",
+                    fs::read_to_string(log_path).unwrap_or_default()
+                )));
+            }
+            if http_status(self.lb_http, "/readyz", Duration::from_millis(500)) == Some(200)
+                && TcpStream::connect_timeout(&self.lb_resp, Duration::from_millis(500)).is_ok()
+            {
+                return Ok(());
+            }
+            if Instant::now() >= deadline {
+                return Err(LauncherError::NotReady(format!(
+                    "haproxy did not answer on {} within {timeout:?}",
+                    self.lb_http
+                )));
+            }
+            std::thread::sleep(POLL_INTERVAL);
+        }
+    }
+
+    /// The load balancer's HTTP frontend.
+    pub fn lb_http(&self) -> SocketAddr {
+        self.lb_http
+    }
+
+    /// The load balancer's RESP frontend.
+    pub fn lb_resp(&self) -> SocketAddr {
+        self.lb_resp
+    }
+
+    /// The generated HAProxy configuration, when HAProxy runs.
+    pub fn haproxy_config_path(&self) -> Option<&Path> {
+        self.haproxy_config.as_deref()
+    }
+
+    /// HAProxy's pid, when it runs.
+    pub fn haproxy_pid(&self) -> Option<u32> {
+        self.haproxy.as_ref().map(Child::id)
+    }
+
+    /// Every node, with its current pid.
+    pub fn nodes(&self) -> Vec<NodeInfo> {
+        self.shared
+            .slots
+            .iter()
+            .map(|s| {
+                let mut info = s.info.clone();
+                info.pid = s.process.lock().child.as_ref().map(Child::id);
+                info
+            })
+            .collect()
+    }
+
+    fn slot(&self, i: usize) -> Result<&Slot> {
+        self.shared.slots.get(i).ok_or(LauncherError::NoSuchNode(i))
+    }
+
+    /// How many times the supervisor has restarted node `i`.
+    pub fn restarts(&self, i: usize) -> Result<u64> {
+        Ok(self.slot(i)?.process.lock().restarts)
+    }
+
+    /// Waits until node `i`'s current process has printed its ready line.
+    pub fn wait_ready(&self, i: usize, timeout: Duration) -> Result<()> {
+        let slot = self.slot(i)?;
+        let deadline = Instant::now() + timeout;
+        loop {
+            {
+                let mut p = slot.process.lock();
+                if slot.ready.load(Ordering::SeqCst) && p.child.is_some() {
+                    return Ok(());
+                }
+                // Exited before its ready line: say why, from its log.
+                if self.supervisor.is_none()
+                    && let Some(c) = p.child.as_mut()
+                    && let Ok(Some(status)) = c.try_wait()
+                {
+                    return Err(LauncherError::NotReady(format!(
+                        "{} exited before it was ready ({status}); see {}",
+                        slot.info.node_id,
+                        self.shared
+                            .base_dir
+                            .join(format!("{}.log", slot.info.node_id))
+                            .display()
+                    )));
+                }
+            }
+            if Instant::now() >= deadline {
+                return Err(LauncherError::NotReady(format!(
+                    "{} was not ready within {timeout:?}",
+                    slot.info.node_id
+                )));
+            }
+            std::thread::sleep(POLL_INTERVAL);
+        }
+    }
+
+    /// Sends `sig` to node `i`'s process; returns its pid.
+    fn signal_node(&self, i: usize, sig: libc::c_int) -> Result<u32> {
+        let slot = self.slot(i)?;
+        let p = slot.process.lock();
+        let pid = p.child.as_ref().map(Child::id).ok_or_else(|| {
+            LauncherError::NotReady(format!("node {} has no running process", i + 1))
+        })?;
+        if sig == libc::SIGKILL {
+            // Not ready until the restarted process says so.
+            slot.ready.store(false, Ordering::SeqCst);
+        }
+        signal(pid, sig);
+        Ok(pid)
+    }
+
+    /// `kill -9` node `i`; the supervisor restarts it. Returns the old pid.
+    pub fn kill9(&self, i: usize) -> Result<u32> {
+        self.signal_node(i, libc::SIGKILL)
+    }
+
+    /// Stops node `i` gracefully (SIGTERM, up to [`STOP_TIMEOUT`], then
+    /// SIGKILL) and returns once it has exited; the supervisor starts it
+    /// again at its next poll.
+    pub fn restart(&self, i: usize) -> Result<()> {
+        let slot = self.slot(i)?;
+        let mut p = slot.process.lock();
+        slot.ready.store(false, Ordering::SeqCst);
+        if let Some(mut child) = p.child.take() {
+            signal(child.id(), libc::SIGTERM);
+            signal(child.id(), libc::SIGCONT);
+            reap(&mut child, STOP_TIMEOUT);
+        }
+        p.restart_at = Some(Instant::now());
+        p.backoff = RESTART_BACKOFF_MIN;
+        Ok(())
+    }
+
+    /// SIGSTOP node `i`: it stops answering without closing anything.
+    pub fn pause(&self, i: usize) -> Result<u32> {
+        self.signal_node(i, libc::SIGSTOP)
+    }
+
+    /// SIGCONT node `i`.
+    pub fn resume(&self, i: usize) -> Result<u32> {
+        self.signal_node(i, libc::SIGCONT)
+    }
+
+    /// `kill -9` node `i` and delete its data directory (a lost disk)
+    /// before the supervisor starts it again: the node's lock is held from
+    /// the kill until the wipe is done.
+    pub fn kill9_and_wipe(&self, i: usize) -> Result<()> {
+        let slot = self.slot(i)?;
+        let mut p = slot.process.lock();
+        slot.ready.store(false, Ordering::SeqCst);
+        if let Some(mut child) = p.child.take() {
+            signal(child.id(), libc::SIGKILL);
+            let _ = child.wait();
+        }
+        match fs::remove_dir_all(&slot.info.data_dir) {
+            Ok(()) => {}
+            Err(e) if e.kind() == std::io::ErrorKind::NotFound => {}
+            Err(e) => {
+                return Err(io_err(format!("wiping {}", slot.info.data_dir.display()))(
+                    e,
+                ));
+            }
+        }
+        p.restart_at = Some(Instant::now() + p.backoff);
+        p.backoff = (p.backoff * 2).min(RESTART_BACKOFF_MAX);
+        Ok(())
+    }
+
+    /// Stops supervision, then SIGTERMs every node and HAProxy by pid,
+    /// waits up to [`STOP_TIMEOUT`] for each, and SIGKILLs what remains.
+    pub fn shutdown(&mut self) {
+        if self.stopped {
+            return;
+        }
+        self.stopped = true;
+        self.shared.stop.store(true, Ordering::SeqCst);
+        if let Some(h) = self.supervisor.take() {
+            let _ = h.join();
+        }
+        // HAProxy first, so that no client is sent to a stopping node.
+        if let Some(mut h) = self.haproxy.take() {
+            signal(h.id(), libc::SIGTERM);
+            reap(&mut h, STOP_TIMEOUT);
+        }
+        let mut children: Vec<Child> = self
+            .shared
+            .slots
+            .iter()
+            .filter_map(|s| s.process.lock().child.take())
+            .collect();
+        for c in &children {
+            signal(c.id(), libc::SIGTERM);
+            // A paused node handles SIGTERM only once it runs again.
+            signal(c.id(), libc::SIGCONT);
+        }
+        for c in &mut children {
+            reap(c, STOP_TIMEOUT);
+        }
+    }
+}
+
+impl Drop for LocalCluster {
+    fn drop(&mut self) {
+        self.shutdown();
+    }
+}
