@@ -30,6 +30,11 @@ pub enum Command {
     /// store, HAProxy in front, and a supervisor that restarts a node that
     /// dies. Runs until SIGINT/SIGTERM, then stops everything.
     Cluster(Box<ClusterArgs>),
+    /// Fault test: start a local cluster behind HAProxy, send increments
+    /// through it while killing, restarting, pausing and wiping nodes, then
+    /// check that no acknowledged increment was lost or counted twice.
+    /// Exits 1 on any violation.
+    Chaos(Box<ChaosArgs>),
     /// Verify every checksum in a data directory and print what it holds.
     /// Changes nothing. Exits 1 if strict recovery would refuse it.
     Inspect {
@@ -85,6 +90,43 @@ impl ClusterArgs {
             haproxy: !self.no_haproxy,
             ..Default::default()
         }
+    }
+}
+
+/// Flags of `tally chaos`.
+#[derive(Debug, Args)]
+pub struct ChaosArgs {
+    /// How long to send load and inject faults, e.g. 60s or 10m
+    #[arg(long, default_value = "60s", value_parser = parse_duration)]
+    pub duration: Duration,
+    /// Shared store [default: sqlite://DIR/store.db]
+    #[arg(long)]
+    pub store: Option<String>,
+    /// Seed of the fault and load schedule [default: from the clock]
+    #[arg(long)]
+    pub seed: Option<u64>,
+    /// Concurrent clients (even ones speak HTTP, odd ones RESP)
+    #[arg(long, default_value_t = 8)]
+    pub clients: usize,
+    /// Directory for the cluster's data and logs and a failing run's history
+    #[arg(long, default_value = "tally-chaos")]
+    pub dir: PathBuf,
+}
+
+/// Parses `500ms`, `20s`, `10m` or a bare number of seconds.
+pub fn parse_duration(s: &str) -> std::result::Result<Duration, String> {
+    let s = s.trim();
+    let (num, unit) = s
+        .find(|c: char| !c.is_ascii_digit())
+        .map_or((s, "s"), |i| (&s[..i], &s[i..]));
+    let n: u64 = num
+        .parse()
+        .map_err(|_| format!("'{s}' is not a duration"))?;
+    match unit {
+        "ms" => Ok(Duration::from_millis(n)),
+        "s" => Ok(Duration::from_secs(n)),
+        "m" => Ok(Duration::from_secs(n * 60)),
+        _ => Err(format!("'{s}': the unit must be ms, s or m")),
     }
 }
 

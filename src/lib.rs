@@ -11,6 +11,7 @@
 //! I/O seam), [`node`] (wiring and lifecycle), [`resp`] and [`http`] (front
 //! ends), [`metrics`], [`config`].
 
+pub mod chaos;
 pub mod cli;
 pub mod cluster;
 pub mod config;

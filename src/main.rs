@@ -10,6 +10,7 @@ fn main() -> ExitCode {
     let result = match cli.command {
         Command::Serve(args) => serve(*args),
         Command::Cluster(args) => cluster(*args),
+        Command::Chaos(args) => chaos(*args),
         Command::Inspect { data_dir, json } => inspect(&data_dir, json),
     };
     match result {
@@ -80,6 +81,28 @@ fn cluster(args: tally::cli::ClusterArgs) -> anyhow::Result<ExitCode> {
     tracing::info!("stopping the cluster");
     cluster.shutdown();
     Ok(ExitCode::SUCCESS)
+}
+
+fn chaos(args: tally::cli::ChaosArgs) -> anyhow::Result<ExitCode> {
+    let seed = args.seed.unwrap_or_else(|| {
+        std::time::SystemTime::now()
+            .duration_since(std::time::UNIX_EPOCH)
+            .map_or(0, |d| d.as_nanos() as u64)
+    });
+    let report = tally::chaos::run(tally::chaos::ChaosConfig {
+        duration: args.duration,
+        store: args.store,
+        seed,
+        clients: args.clients,
+        exe: None,
+        base_dir: args.dir,
+    })?;
+    print!("{}", report.render());
+    Ok(if report.passed() {
+        ExitCode::SUCCESS
+    } else {
+        ExitCode::FAILURE
+    })
 }
 
 fn inspect(data_dir: &std::path::Path, json: bool) -> anyhow::Result<ExitCode> {

@@ -1,0 +1,893 @@
+//! `tally chaos`: a fault test of a whole local cluster behind HAProxy.
+//!
+//! A run starts its own [`LocalCluster`], sends increments through the load
+//! balancer from many client tasks over HTTP and RESP while a seeded fault
+//! scheduler kills, restarts, pauses and wipes nodes, then checks every
+//! counter on every node against what the clients were told.
+//!
+//! The checker is a pure function of the request history ([`check`]), so it
+//! can be tested on a history made by hand. This module only talks to
+//! 127.0.0.1 and only signals the processes its own cluster started.
+
+use std::collections::BTreeMap;
+use std::fmt::Write as _;
+use std::net::SocketAddr;
+use std::path::PathBuf;
+use std::sync::Arc;
+use std::sync::atomic::{AtomicBool, AtomicU64, Ordering};
+use std::time::{Duration, Instant};
+
+use parking_lot::Mutex;
+use serde::{Deserialize, Serialize};
+use tokio::io::{AsyncReadExt, AsyncWriteExt};
+use tokio::net::TcpStream;
+
+use crate::launcher::{LocalCluster, LocalClusterConfig};
+
+/// How long one request through the load balancer may take.
+const REQUEST_TIMEOUT: Duration = Duration::from_secs(3);
+/// Most attempts of one logical increment (the first plus retries).
+const ATTEMPTS_MAX: u32 = 200;
+/// Pause before retrying an indeterminate request.
+const RETRY_DELAY: Duration = Duration::from_millis(100);
+/// After the load phase ends, how long clients may keep retrying
+/// unresolved increments with their keys.
+const RETRY_GRACE: Duration = Duration::from_secs(10);
+/// How long a restarted or wiped node may take to be ready again.
+const READY_TIMEOUT: Duration = Duration::from_secs(30);
+/// How long a paused node stays stopped: long enough for HAProxy to take
+/// it out of rotation (two failed checks of 200 ms plus their timeouts).
+const PAUSE: Duration = Duration::from_millis(1500);
+/// How long every node may take to agree on every counter at the end.
+const SETTLE_TIMEOUT: Duration = Duration::from_secs(30);
+/// Pause between two polls of the final read.
+const SETTLE_POLL: Duration = Duration::from_millis(300);
+/// Largest response read from a node or the load balancer.
+const RESPONSE_BYTES_MAX: usize = 64 * 1024;
+/// Largest delta of one increment.
+const DELTA_MAX: u64 = 5;
+
+/// Fault kinds, each injected at least once per run.
+#[derive(Debug, Clone, Copy, PartialEq, Eq, PartialOrd, Ord, Serialize, Deserialize)]
+pub enum Fault {
+    /// `kill -9`; the supervisor restarts the node from its disk.
+    Kill9,
+    /// SIGTERM, then the supervisor starts the node again.
+    Restart,
+    /// SIGSTOP long enough to leave rotation, then SIGCONT.
+    Pause,
+    /// `kill -9` and delete the data directory (lost disk), only while
+    /// every client writes at `replicated`.
+    Wipe,
+}
+
+impl Fault {
+    pub const ALL: [Fault; 4] = [Fault::Kill9, Fault::Restart, Fault::Pause, Fault::Wipe];
+}
+
+/// The two front ends.
+#[derive(Debug, Clone, Copy, PartialEq, Eq, PartialOrd, Ord, Serialize, Deserialize)]
+pub enum Protocol {
+    Http,
+    Resp,
+}
+
+/// Durability levels, as the wire names them.
+#[derive(Debug, Clone, Copy, PartialEq, Eq, PartialOrd, Ord, Serialize, Deserialize)]
+pub enum Level {
+    Memory,
+    Local,
+    Replicated,
+}
+
+impl Level {
+    fn wire(self) -> &'static str {
+        match self {
+            Level::Memory => "memory",
+            Level::Local => "local",
+            Level::Replicated => "replicated",
+        }
+    }
+}
+
+/// What a client finally knows about one logical increment.
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Serialize, Deserialize)]
+pub enum Outcome {
+    /// Applied (possibly as a duplicate of an earlier attempt): counted.
+    Acked,
+    /// Definitely not applied.
+    Failed,
+    /// Still unknown when the run ended: may or may not be counted.
+    Indeterminate,
+}
+
+/// One logical increment: every attempt shared one idempotency key.
+#[derive(Debug, Clone, Serialize, Deserialize)]
+pub struct Request {
+    pub client: usize,
+    pub counter: String,
+    pub protocol: Protocol,
+    pub level: Level,
+    pub key: String,
+    pub delta: u64,
+    pub attempts: u32,
+    /// Attempts answered "outcome unknown" (or not answered): each may have
+    /// been applied by the node that took it.
+    pub unknown_attempts: u32,
+    /// Milliseconds since the run started, at the first send and at the
+    /// final answer.
+    pub sent_ms: u64,
+    pub done_ms: u64,
+    pub outcome: Outcome,
+    /// The last error or indeterminate answer seen, for analysis.
+    pub last_error: Option<String>,
+}
+
+/// One injected fault.
+#[derive(Debug, Clone, Serialize, Deserialize)]
+pub struct FaultEvent {
+    pub at_ms: u64,
+    pub fault: Fault,
+    pub node: usize,
+    pub error: Option<String>,
+}
+
+/// How to run.
+#[derive(Debug, Clone)]
+pub struct ChaosConfig {
+    /// Length of the load phase (faults included).
+    pub duration: Duration,
+    /// Store URL; `None` means SQLite in `base_dir`.
+    pub store: Option<String>,
+    pub seed: u64,
+    pub clients: usize,
+    /// The `tally` binary the nodes run; `None` means the current one.
+    pub exe: Option<PathBuf>,
+    /// Holds the cluster's data, logs and a failing run's history.
+    pub base_dir: PathBuf,
+}
+
+/// Per-counter verdict.
+#[derive(Debug, Clone, PartialEq, Eq, Serialize)]
+pub struct CounterCheck {
+    pub counter: String,
+    pub level: Level,
+    pub acked: u64,
+    pub unresolved: u64,
+    pub attempted: u64,
+    /// The value each node reported, in node order.
+    pub values: Vec<u64>,
+}
+
+/// What the checker found.
+#[derive(Debug, Clone, Default, Serialize)]
+pub struct Verdict {
+    /// Acknowledged `local`/`replicated` increments missing from a value.
+    pub lost: u64,
+    /// Value above what could have been applied.
+    pub counted_twice: u64,
+    /// Acknowledged `memory` increments missing (allowed, reported).
+    pub memory_lost: u64,
+    /// `local`/`memory` increments applied again by a retry that reached
+    /// another node: their keys are per node (design §8), so this is
+    /// allowed up to the number of unknown attempts, and reported.
+    pub retry_applied_twice: u64,
+    /// Counters on which nodes disagree.
+    pub disagreements: Vec<String>,
+    /// One sentence per violation.
+    pub violations: Vec<String>,
+}
+
+impl Verdict {
+    pub fn ok(&self) -> bool {
+        self.violations.is_empty()
+    }
+}
+
+/// Checks final values against a history. `values` maps each counter to
+/// what every node reported for it (a counter never read counts as 0).
+pub fn check(history: &[Request], values: &BTreeMap<String, Vec<u64>>) -> Verdict {
+    #[derive(Default)]
+    struct Sums {
+        level: Option<Level>,
+        acked: u64,
+        unresolved: u64,
+        /// Extra applications that per-node keys allow (`local`/`memory`).
+        per_node_extra: u64,
+    }
+    let mut sums: BTreeMap<&str, Sums> = BTreeMap::new();
+    for r in history {
+        let s = sums.entry(&r.counter).or_default();
+        s.level = Some(r.level);
+        match r.outcome {
+            Outcome::Acked => s.acked += r.delta,
+            Outcome::Indeterminate => s.unresolved += r.delta,
+            Outcome::Failed => {}
+        }
+        if r.level != Level::Replicated {
+            // Every unknown attempt may have been applied on a node other
+            // than the one that finally answered; only `replicated` keys
+            // are recognised across nodes.
+            let applications_max = match r.outcome {
+                Outcome::Acked => 1 + u64::from(r.unknown_attempts),
+                Outcome::Indeterminate => u64::from(r.unknown_attempts.max(1)),
+                Outcome::Failed => 0,
+            };
+            let counted = u64::from(r.outcome != Outcome::Failed);
+            s.per_node_extra += r.delta * applications_max.saturating_sub(counted);
+        }
+    }
+    let mut v = Verdict::default();
+    for (name, s) in &sums {
+        let level = s.level.unwrap_or(Level::Local);
+        let reported = values.get(*name).cloned().unwrap_or_default();
+        if reported.is_empty() {
+            v.violations
+                .push(format!("{name}: no node reported a value"));
+            continue;
+        }
+        if reported.iter().any(|x| *x != reported[0]) {
+            v.disagreements.push((*name).to_string());
+            v.violations
+                .push(format!("{name}: nodes disagree once settled: {reported:?}"));
+        }
+        // Each counter is counted once, at the node that is furthest out;
+        // a disagreement is reported above.
+        let exact_upper = s.acked + s.unresolved;
+        let upper = exact_upper + s.per_node_extra;
+        let highest = reported.iter().copied().max().unwrap_or(0);
+        let lowest = reported.iter().copied().min().unwrap_or(0);
+        if highest > exact_upper {
+            v.retry_applied_twice += (highest - exact_upper).min(s.per_node_extra);
+        }
+        if highest > upper {
+            v.counted_twice += highest - upper;
+            v.violations.push(format!(
+                "{name} ({level:?}): value {highest} above acknowledged {} + unresolved {} + retried on another node {}",
+                s.acked, s.unresolved, s.per_node_extra
+            ));
+        }
+        if lowest < s.acked {
+            if level == Level::Memory {
+                v.memory_lost += s.acked - lowest;
+            } else {
+                v.lost += s.acked - lowest;
+                v.violations.push(format!(
+                    "{name} ({level:?}): value {lowest} below acknowledged {}",
+                    s.acked
+                ));
+            }
+        }
+    }
+    v
+}
+
+/// A seeded splitmix64: the run is replayable from its printed seed (up to
+/// the timing of the processes it drives).
+#[derive(Debug, Clone)]
+pub struct Rng(u64);
+
+impl Rng {
+    pub fn new(seed: u64) -> Rng {
+        Rng(seed)
+    }
+    pub fn next_u64(&mut self) -> u64 {
+        self.0 = self.0.wrapping_add(0x9E37_79B9_7F4A_7C15);
+        let mut z = self.0;
+        z = (z ^ (z >> 30)).wrapping_mul(0xBF58_476D_1CE4_E5B9);
+        z = (z ^ (z >> 27)).wrapping_mul(0x94D0_49BB_1331_11EB);
+        z ^ (z >> 31)
+    }
+    /// Uniform in `0..n` (n > 0).
+    pub fn below(&mut self, n: u64) -> u64 {
+        self.next_u64() % n
+    }
+}
+
+/// The answer to one attempt.
+enum Answer {
+    Acked,
+    Failed(String),
+    Unknown(String),
+}
+
+async fn read_all(stream: &mut TcpStream) -> std::io::Result<Vec<u8>> {
+    let mut buf = Vec::new();
+    let mut chunk = [0u8; 4096];
+    loop {
+        let n = stream.read(&mut chunk).await?;
+        if n == 0 || buf.len() + n > RESPONSE_BYTES_MAX {
+            buf.extend_from_slice(&chunk[..n]);
+            return Ok(buf);
+        }
+        buf.extend_from_slice(&chunk[..n]);
+    }
+}
+
+/// One HTTP/1.1 request on a fresh connection (`Connection: close`), so the
+/// load balancer picks a server for each. Returns status and body.
+pub async fn http_request(
+    addr: SocketAddr,
+    method: &str,
+    path: &str,
+    body: Option<&str>,
+) -> Result<(u16, String), String> {
+    let work = async {
+        let mut s = TcpStream::connect(addr).await.map_err(|e| e.to_string())?;
+        let body = body.unwrap_or("");
+        let req = format!(
+            "{method} {path} HTTP/1.1\r\nHost: 127.0.0.1\r\nContent-Type: application/json\r\nContent-Length: {}\r\nConnection: close\r\n\r\n{body}",
+            body.len()
+        );
+        s.write_all(req.as_bytes())
+            .await
+            .map_err(|e| e.to_string())?;
+        let raw = read_all(&mut s).await.map_err(|e| e.to_string())?;
+        let text = String::from_utf8_lossy(&raw).into_owned();
+        let (head, body) = text
+            .split_once("\r\n\r\n")
+            .ok_or_else(|| format!("incomplete response: {text:?}"))?;
+        let status = head
+            .split_whitespace()
+            .nth(1)
+            .and_then(|s| s.parse::<u16>().ok())
+            .ok_or_else(|| format!("no status line: {head:?}"))?;
+        Ok((status, body.to_string()))
+    };
+    tokio::time::timeout(REQUEST_TIMEOUT, work)
+        .await
+        .unwrap_or_else(|_| Err("timed out".into()))
+}
+
+async fn http_increment(addr: SocketAddr, r: &Request) -> Answer {
+    let body = serde_json::json!({
+        "by": r.delta,
+        "idempotency_key": r.key,
+        "durability": r.level.wire(),
+    })
+    .to_string();
+    let path = format!("/v1/counters/{}/increment", r.counter);
+    match http_request(addr, "POST", &path, Some(&body)).await {
+        Err(e) => Answer::Unknown(e),
+        Ok((200, body)) => match serde_json::from_str::<serde_json::Value>(&body) {
+            Ok(v) if v.get("value").is_some() => Answer::Acked,
+            _ => Answer::Unknown(format!("200 without a value: {body}")),
+        },
+        Ok((status, body)) => {
+            let json = serde_json::from_str::<serde_json::Value>(&body).ok();
+            let unknown = json
+                .as_ref()
+                .and_then(|v| v.get("outcome"))
+                .and_then(|o| o.as_str())
+                == Some("unknown");
+            // An answer that is not the node's own JSON (HAProxy's 502/503/
+            // 504 when a server died mid-request) says nothing about
+            // whether the node applied it: unknown, retried with the key.
+            if unknown || json.is_none() || status == 504 {
+                Answer::Unknown(format!("{status}: {}", body.trim()))
+            } else {
+                Answer::Failed(format!("{status}: {}", body.trim()))
+            }
+        }
+    }
+}
+
+fn resp_command(args: &[&str]) -> Vec<u8> {
+    let mut out = format!("*{}\r\n", args.len());
+    for a in args {
+        let _ = write!(out, "${}\r\n{a}\r\n", a.len());
+    }
+    out.into_bytes()
+}
+
+/// One `TALLY.INCRBY` on a fresh connection through the load balancer.
+async fn resp_increment(addr: SocketAddr, r: &Request) -> Answer {
+    let delta = r.delta.to_string();
+    let cmd = resp_command(&[
+        "TALLY.INCRBY",
+        &r.counter,
+        &delta,
+        "IDEMPOTENCY",
+        &r.key,
+        "DURABILITY",
+        r.level.wire(),
+    ]);
+    let work = async {
+        let mut s = TcpStream::connect(addr).await.map_err(|e| e.to_string())?;
+        s.write_all(&cmd).await.map_err(|e| e.to_string())?;
+        let mut buf = Vec::new();
+        let mut chunk = [0u8; 1024];
+        loop {
+            let text = String::from_utf8_lossy(&buf).into_owned();
+            let lines: Vec<&str> = text.split("\r\n").collect();
+            // Complete when the reply's lines have all arrived: one line
+            // for an error, three for `*2 :value :duplicate`.
+            let complete = lines.len() > 1
+                && (text.starts_with('-') || (text.starts_with('*') && lines.len() > 3));
+            if complete {
+                return Ok(text);
+            }
+            let n = s.read(&mut chunk).await.map_err(|e| e.to_string())?;
+            if n == 0 {
+                return Err(format!("connection closed after {text:?}"));
+            }
+            if buf.len() + n > RESPONSE_BYTES_MAX {
+                return Err("reply too large".into());
+            }
+            buf.extend_from_slice(&chunk[..n]);
+        }
+    };
+    let reply = tokio::time::timeout(REQUEST_TIMEOUT, work)
+        .await
+        .unwrap_or_else(|_| Err("timed out".into()));
+    match reply {
+        Err(e) => Answer::Unknown(e),
+        Ok(text) if text.starts_with("*2\r\n:") => Answer::Acked,
+        Ok(text) if text.starts_with("-INDETERMINATE") => Answer::Unknown(text.trim().into()),
+        Ok(text) if text.starts_with('-') => Answer::Failed(text.trim().into()),
+        Ok(text) => Answer::Unknown(format!("unexpected reply {text:?}")),
+    }
+}
+
+/// Shared state of a run's clients.
+struct Load {
+    lb_http: SocketAddr,
+    lb_resp: SocketAddr,
+    started: Instant,
+    /// Set when clients should stop starting new increments.
+    stop: AtomicBool,
+    /// Set in the final phase: only `replicated` writes.
+    replicated_only: AtomicBool,
+    /// Clients give up on unresolved increments after this.
+    retry_deadline: Mutex<Option<Instant>>,
+    history: Mutex<Vec<Request>>,
+    /// Milliseconds since start of every acknowledgement.
+    acks_ms: Mutex<Vec<u64>>,
+    sequence: AtomicU64,
+}
+
+impl Load {
+    fn ms(&self) -> u64 {
+        self.started.elapsed().as_millis() as u64
+    }
+}
+
+async fn client(load: Arc<Load>, id: usize, seed: u64) {
+    let mut rng = Rng::new(seed);
+    let protocol = if id.is_multiple_of(2) {
+        Protocol::Http
+    } else {
+        Protocol::Resp
+    };
+    while !load.stop.load(Ordering::SeqCst) {
+        let level = if load.replicated_only.load(Ordering::SeqCst) {
+            Level::Replicated
+        } else {
+            [Level::Memory, Level::Local, Level::Replicated][rng.below(3) as usize]
+        };
+        let seq = load.sequence.fetch_add(1, Ordering::SeqCst);
+        let mut r = Request {
+            client: id,
+            counter: format!("chaos-{}-c{id}", level.wire()),
+            protocol,
+            level,
+            key: format!("chaos-{seed:x}-{id}-{seq}"),
+            delta: 1 + rng.below(DELTA_MAX),
+            attempts: 0,
+            unknown_attempts: 0,
+            sent_ms: load.ms(),
+            done_ms: 0,
+            outcome: Outcome::Indeterminate,
+            last_error: None,
+        };
+        loop {
+            r.attempts += 1;
+            let answer = match protocol {
+                Protocol::Http => http_increment(load.lb_http, &r).await,
+                Protocol::Resp => resp_increment(load.lb_resp, &r).await,
+            };
+            match answer {
+                Answer::Acked => {
+                    r.outcome = Outcome::Acked;
+                    load.acks_ms.lock().push(load.ms());
+                    break;
+                }
+                // A refusal settles the increment only if no earlier attempt
+                // could have been applied: after an unknown attempt it says
+                // only that this attempt was not, so the key is retried.
+                Answer::Failed(e) if r.attempts == 1 => {
+                    r.outcome = Outcome::Failed;
+                    r.last_error = Some(e);
+                    break;
+                }
+                Answer::Failed(e) => r.last_error = Some(e),
+                Answer::Unknown(e) => {
+                    r.unknown_attempts += 1;
+                    r.last_error = Some(e);
+                }
+            }
+            let past = load
+                .retry_deadline
+                .lock()
+                .is_some_and(|d| Instant::now() >= d);
+            if past || r.attempts >= ATTEMPTS_MAX {
+                break;
+            }
+            tokio::time::sleep(RETRY_DELAY).await;
+        }
+        r.done_ms = load.ms();
+        load.history.lock().push(r);
+    }
+}
+
+/// The fault scheduler: runs on its own thread because the launcher's
+/// calls block. Returns the faults it injected.
+fn inject_faults(
+    cluster: &LocalCluster,
+    load: &Load,
+    rng: &mut Rng,
+    duration: Duration,
+) -> Vec<FaultEvent> {
+    let nodes = cluster.nodes().len();
+    let mut events = Vec::new();
+    let final_phase = duration.mul_f64(0.6);
+    // The first three faults are one of each kind in a seeded order, so
+    // every kind runs even in a short run.
+    let mut first = vec![Fault::Kill9, Fault::Restart, Fault::Pause];
+    for i in (1..first.len()).rev() {
+        first.swap(i, rng.below(i as u64 + 1) as usize);
+    }
+    let mut wiped = false;
+    while load.started.elapsed() < duration {
+        let gap = Duration::from_millis(500 + rng.below(1500));
+        std::thread::sleep(gap);
+        let elapsed = load.started.elapsed();
+        if elapsed >= duration {
+            break;
+        }
+        let fault = if elapsed >= final_phase && first.is_empty() {
+            if !load.replicated_only.swap(true, Ordering::SeqCst) {
+                // Let in-flight writes at other levels finish and flush
+                // before the first disk is lost.
+                std::thread::sleep(Duration::from_millis(1500));
+            }
+            if !wiped || rng.below(2) == 0 {
+                Fault::Wipe
+            } else {
+                [Fault::Kill9, Fault::Restart, Fault::Pause][rng.below(3) as usize]
+            }
+        } else if !first.is_empty() {
+            first.remove(0)
+        } else {
+            [Fault::Kill9, Fault::Restart, Fault::Pause][rng.below(3) as usize]
+        };
+        let node = rng.below(nodes as u64) as usize;
+        let at_ms = load.ms();
+        println!("chaos: {at_ms} ms: {fault:?} node{}", node + 1);
+        let result = match fault {
+            Fault::Kill9 => cluster.kill9(node).map(drop),
+            Fault::Restart => cluster.restart(node),
+            Fault::Pause => cluster.pause(node).map(|_| {
+                std::thread::sleep(PAUSE);
+            }),
+            Fault::Wipe => cluster.kill9_and_wipe(node),
+        };
+        if fault == Fault::Pause {
+            let _ = cluster.resume(node);
+        }
+        if fault == Fault::Wipe && result.is_ok() {
+            wiped = true;
+        }
+        // One fault at a time: the next waits for this node to be back.
+        let ready = cluster.wait_ready(node, READY_TIMEOUT);
+        let error = result
+            .err()
+            .map(|e| e.to_string())
+            .or_else(|| ready.err().map(|e| e.to_string()));
+        events.push(FaultEvent {
+            at_ms,
+            fault,
+            node,
+            error,
+        });
+    }
+    events
+}
+
+/// Reads one counter from one node; `None` if the node did not answer.
+async fn read_value(node: SocketAddr, counter: &str) -> Option<u64> {
+    match http_request(node, "GET", &format!("/v1/counters/{counter}"), None).await {
+        Ok((404, _)) => Some(0),
+        Ok((200, body)) => serde_json::from_str::<serde_json::Value>(&body)
+            .ok()?
+            .get("value")?
+            .as_u64(),
+        _ => None,
+    }
+}
+
+/// Polls every node until each reports the same value for every counter
+/// twice in a row, or `SETTLE_TIMEOUT` passes; returns the last reading.
+async fn settle(nodes: &[SocketAddr], counters: &[String]) -> BTreeMap<String, Vec<u64>> {
+    let deadline = Instant::now() + SETTLE_TIMEOUT;
+    let mut previous: Option<BTreeMap<String, Vec<u64>>> = None;
+    loop {
+        let mut reading = BTreeMap::new();
+        let mut complete = true;
+        for c in counters {
+            let mut values = Vec::new();
+            for n in nodes {
+                match read_value(*n, c).await {
+                    Some(v) => values.push(v),
+                    None => complete = false,
+                }
+            }
+            reading.insert(c.clone(), values);
+        }
+        let agreed = complete && reading.values().all(|v| v.iter().all(|x| *x == v[0]));
+        if (agreed && previous.as_ref() == Some(&reading)) || Instant::now() >= deadline {
+            return reading;
+        }
+        previous = Some(reading);
+        tokio::time::sleep(SETTLE_POLL).await;
+    }
+}
+
+/// Counts by protocol and level.
+#[derive(Debug, Clone, Copy, Default, Serialize)]
+pub struct Tally {
+    pub acked: u64,
+    pub failed: u64,
+    pub indeterminate: u64,
+    pub retried: u64,
+}
+
+/// Everything a run produced.
+#[derive(Debug, Clone, Serialize)]
+pub struct ChaosReport {
+    pub seed: u64,
+    pub duration_ms: u64,
+    pub by_kind: BTreeMap<String, Tally>,
+    pub faults: BTreeMap<String, u64>,
+    pub fault_errors: Vec<String>,
+    pub longest_without_ack_ms: u64,
+    pub verdict: Verdict,
+    /// Where the history was written when the run failed.
+    pub history_path: Option<PathBuf>,
+}
+
+impl ChaosReport {
+    /// True when nothing was lost, nothing was counted twice, the nodes
+    /// agree, and every fault kind ran without an error.
+    pub fn passed(&self) -> bool {
+        self.verdict.ok()
+            && self.fault_errors.is_empty()
+            && Fault::ALL
+                .iter()
+                .all(|f| self.faults.get(&format!("{f:?}")).copied().unwrap_or(0) > 0)
+    }
+
+    /// The table printed at the end of a run.
+    pub fn render(&self) -> String {
+        let mut o = String::new();
+        let _ = writeln!(o, "seed                          {}", self.seed);
+        let _ = writeln!(o, "duration                      {} ms", self.duration_ms);
+        let _ = writeln!(
+            o,
+            "{:<28}  {:>8} {:>8} {:>13} {:>8}",
+            "requests", "acked", "failed", "indeterminate", "retried"
+        );
+        for (k, t) in &self.by_kind {
+            let _ = writeln!(
+                o,
+                "  {:<26}  {:>8} {:>8} {:>13} {:>8}",
+                k, t.acked, t.failed, t.indeterminate, t.retried
+            );
+        }
+        let _ = writeln!(o, "faults injected");
+        for f in Fault::ALL {
+            let n = self.faults.get(&format!("{f:?}")).copied().unwrap_or(0);
+            let _ = writeln!(o, "  {:<26}  {n:>8}", format!("{f:?}"));
+        }
+        for e in &self.fault_errors {
+            let _ = writeln!(o, "  fault error: {e}");
+        }
+        let _ = writeln!(
+            o,
+            "longest without an ack        {} ms",
+            self.longest_without_ack_ms
+        );
+        let _ = writeln!(
+            o,
+            "memory increments lost        {} (allowed)",
+            self.verdict.memory_lost
+        );
+        let _ = writeln!(
+            o,
+            "local/memory retries applied on two nodes  {} (per-node keys)",
+            self.verdict.retry_applied_twice
+        );
+        let _ = writeln!(
+            o,
+            "increments lost               {} (must be 0)",
+            self.verdict.lost
+        );
+        let _ = writeln!(
+            o,
+            "increments counted twice      {} (must be 0)",
+            self.verdict.counted_twice
+        );
+        for v in &self.verdict.violations {
+            let _ = writeln!(o, "VIOLATION: {v}");
+        }
+        if let Some(p) = &self.history_path {
+            let _ = writeln!(o, "history (JSON lines): {}", p.display());
+        }
+        let _ = writeln!(
+            o,
+            "result                        {}",
+            if self.passed() { "PASS" } else { "FAIL" }
+        );
+        o
+    }
+}
+
+/// Summarises a history by protocol and level.
+pub fn tally_history(history: &[Request]) -> BTreeMap<String, Tally> {
+    let mut out: BTreeMap<String, Tally> = BTreeMap::new();
+    for r in history {
+        let t = out
+            .entry(format!("{:?} {}", r.protocol, r.level.wire()))
+            .or_default();
+        match r.outcome {
+            Outcome::Acked => t.acked += 1,
+            Outcome::Failed => t.failed += 1,
+            Outcome::Indeterminate => t.indeterminate += 1,
+        }
+        if r.attempts > 1 {
+            t.retried += 1;
+        }
+    }
+    out
+}
+
+/// Free loopback ports, all held until every one is chosen.
+fn free_ports(n: usize) -> std::io::Result<Vec<u16>> {
+    let held = (0..n)
+        .map(|_| std::net::TcpListener::bind("127.0.0.1:0"))
+        .collect::<std::io::Result<Vec<_>>>()?;
+    held.iter()
+        .map(|l| l.local_addr().map(|a| a.port()))
+        .collect()
+}
+
+/// The cluster a run starts: three nodes on free loopback ports, HAProxy
+/// in front, short flush and refresh intervals so the end settles fast.
+pub fn cluster_config(config: &ChaosConfig) -> std::io::Result<LocalClusterConfig> {
+    const NODES: usize = 3;
+    let ports = free_ports(2 * NODES + 2)?;
+    Ok(LocalClusterConfig {
+        nodes: NODES,
+        base_dir: config.base_dir.clone(),
+        store: config.store.clone(),
+        exe: config.exe.clone(),
+        node_ports: (0..NODES)
+            .map(|i| (ports[2 * i], ports[2 * i + 1]))
+            .collect(),
+        lb_http: ([127, 0, 0, 1], ports[2 * NODES]).into(),
+        lb_resp: ([127, 0, 0, 1], ports[2 * NODES + 1]).into(),
+        haproxy: true,
+        node_args: [
+            "--flush-interval-ms",
+            "20",
+            "--refresh-interval-ms",
+            "20",
+            "--heartbeat-interval-ms",
+            "200",
+        ]
+        .map(String::from)
+        .to_vec(),
+        ..Default::default()
+    })
+}
+
+/// Runs the whole test: cluster, load, faults, check. Blocks; starts its
+/// own tokio runtime, so it must not be called from inside one.
+pub fn run(config: ChaosConfig) -> anyhow::Result<ChaosReport> {
+    println!("chaos: seed {}", config.seed);
+    let mut rng = Rng::new(config.seed);
+    std::fs::create_dir_all(&config.base_dir)?;
+    let mut cluster = LocalCluster::start(cluster_config(&config)?)?;
+    let runtime = tokio::runtime::Builder::new_multi_thread()
+        .worker_threads(2)
+        .enable_all()
+        .build()?;
+    let load = Arc::new(Load {
+        lb_http: cluster.lb_http(),
+        lb_resp: cluster.lb_resp(),
+        started: Instant::now(),
+        stop: AtomicBool::new(false),
+        replicated_only: AtomicBool::new(false),
+        retry_deadline: Mutex::new(None),
+        history: Mutex::new(Vec::new()),
+        acks_ms: Mutex::new(Vec::new()),
+        sequence: AtomicU64::new(0),
+    });
+    let clients: Vec<_> = (0..config.clients)
+        .map(|i| {
+            let seed = rng.next_u64();
+            runtime.spawn(client(Arc::clone(&load), i, seed))
+        })
+        .collect();
+    let events = inject_faults(&cluster, &load, &mut rng, config.duration);
+    let load_ms = load.ms();
+    load.stop.store(true, Ordering::SeqCst);
+    *load.retry_deadline.lock() = Some(Instant::now() + RETRY_GRACE);
+    runtime.block_on(async {
+        for c in clients {
+            let _ = c.await;
+        }
+    });
+    let mut not_ready = Vec::new();
+    for i in 0..cluster.nodes().len() {
+        if let Err(e) = cluster.wait_ready(i, READY_TIMEOUT) {
+            not_ready.push(e.to_string());
+        }
+    }
+    let history = std::mem::take(&mut *load.history.lock());
+    let mut counters: Vec<String> = history.iter().map(|r| r.counter.clone()).collect();
+    counters.sort();
+    counters.dedup();
+    let node_addrs: Vec<SocketAddr> = cluster.nodes().iter().map(|n| n.http).collect();
+    let values = runtime.block_on(settle(&node_addrs, &counters));
+    let verdict = check(&history, &values);
+
+    let mut acks = std::mem::take(&mut *load.acks_ms.lock());
+    acks.sort_unstable();
+    let mut longest = 0;
+    let mut last = 0;
+    for a in acks.iter().copied().filter(|a| *a <= load_ms) {
+        longest = longest.max(a - last);
+        last = a;
+    }
+    longest = longest.max(load_ms.saturating_sub(last));
+
+    let mut faults: BTreeMap<String, u64> = BTreeMap::new();
+    let mut fault_errors = not_ready;
+    for e in &events {
+        *faults.entry(format!("{:?}", e.fault)).or_default() += 1;
+        if let Some(err) = &e.error {
+            fault_errors.push(format!("{:?} node{}: {err}", e.fault, e.node + 1));
+        }
+    }
+    let mut report = ChaosReport {
+        seed: config.seed,
+        duration_ms: load_ms,
+        by_kind: tally_history(&history),
+        faults,
+        fault_errors,
+        longest_without_ack_ms: longest,
+        verdict,
+        history_path: None,
+    };
+    if !report.passed() {
+        let path = config.base_dir.join("chaos-history.jsonl");
+        let mut out = String::new();
+        for e in &events {
+            out.push_str(&serde_json::json!({ "fault": e }).to_string());
+            out.push('\n');
+        }
+        for r in &history {
+            out.push_str(&serde_json::to_string(r)?);
+            out.push('\n');
+        }
+        for (c, v) in &values {
+            out.push_str(&serde_json::json!({ "counter": c, "values": v }).to_string());
+            out.push('\n');
+        }
+        std::fs::write(&path, out)?;
+        report.history_path = Some(path);
+    }
+    cluster.shutdown();
+    Ok(report)
+}
