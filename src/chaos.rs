@@ -59,10 +59,29 @@ pub enum Fault {
     /// `kill -9` and delete the data directory (lost disk), only while
     /// every client writes at `replicated`.
     Wipe,
+    /// Stop the store for [`STORE_OUTAGE`], then start it again; only when
+    /// the run was given a [`StoreControl`] (the store is its own).
+    StoreOutage,
 }
 
 impl Fault {
-    pub const ALL: [Fault; 4] = [Fault::Kill9, Fault::Restart, Fault::Pause, Fault::Wipe];
+    pub const ALL: [Fault; 5] = [
+        Fault::Kill9,
+        Fault::Restart,
+        Fault::Pause,
+        Fault::Wipe,
+        Fault::StoreOutage,
+    ];
+}
+
+/// How long a store outage lasts.
+const STORE_OUTAGE: Duration = Duration::from_secs(2);
+
+/// Stops and starts a store the caller owns (a test's private PostgreSQL
+/// server). `tally chaos` never stops a store it did not start.
+pub trait StoreControl: Send + Sync {
+    fn stop(&self);
+    fn start(&self);
 }
 
 /// The two front ends.
@@ -145,6 +164,14 @@ pub struct ChaosConfig {
     pub exe: Option<PathBuf>,
     /// Holds the cluster's data, logs and a failing run's history.
     pub base_dir: PathBuf,
+    /// Enables the store-outage fault.
+    pub store_control: Option<Arc<dyn StoreControl>>,
+}
+
+impl std::fmt::Debug for dyn StoreControl {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        f.write_str("StoreControl")
+    }
 }
 
 /// Per-counter verdict.
@@ -527,6 +554,7 @@ fn inject_faults(
     load: &Load,
     rng: &mut Rng,
     duration: Duration,
+    store: Option<&dyn StoreControl>,
 ) -> Vec<FaultEvent> {
     let nodes = cluster.nodes().len();
     let mut events = Vec::new();
@@ -534,6 +562,9 @@ fn inject_faults(
     // The first three faults are one of each kind in a seeded order, so
     // every kind runs even in a short run.
     let mut first = vec![Fault::Kill9, Fault::Restart, Fault::Pause];
+    if store.is_some() {
+        first.push(Fault::StoreOutage);
+    }
     for i in (1..first.len()).rev() {
         first.swap(i, rng.below(i as u64 + 1) as usize);
     }
@@ -571,6 +602,14 @@ fn inject_faults(
                 std::thread::sleep(PAUSE);
             }),
             Fault::Wipe => cluster.kill9_and_wipe(node),
+            Fault::StoreOutage => {
+                if let Some(store) = store {
+                    store.stop();
+                    std::thread::sleep(STORE_OUTAGE);
+                    store.start();
+                }
+                Ok(())
+            }
         };
         if fault == Fault::Pause {
             let _ = cluster.resume(node);
@@ -654,6 +693,8 @@ pub struct ChaosReport {
     pub verdict: Verdict,
     /// Where the history was written when the run failed.
     pub history_path: Option<PathBuf>,
+    /// The fault kinds this run had to inject.
+    pub required_faults: Vec<Fault>,
 }
 
 impl ChaosReport {
@@ -662,7 +703,8 @@ impl ChaosReport {
     pub fn passed(&self) -> bool {
         self.verdict.ok()
             && self.fault_errors.is_empty()
-            && Fault::ALL
+            && self
+                .required_faults
                 .iter()
                 .all(|f| self.faults.get(&format!("{f:?}")).copied().unwrap_or(0) > 0)
     }
@@ -685,7 +727,7 @@ impl ChaosReport {
             );
         }
         let _ = writeln!(o, "faults injected");
-        for f in Fault::ALL {
+        for f in &self.required_faults {
             let n = self.faults.get(&format!("{f:?}")).copied().unwrap_or(0);
             let _ = writeln!(o, "  {:<26}  {n:>8}", format!("{f:?}"));
         }
@@ -819,7 +861,13 @@ pub fn run(config: ChaosConfig) -> anyhow::Result<ChaosReport> {
             runtime.spawn(client(Arc::clone(&load), i, seed))
         })
         .collect();
-    let events = inject_faults(&cluster, &load, &mut rng, config.duration);
+    let events = inject_faults(
+        &cluster,
+        &load,
+        &mut rng,
+        config.duration,
+        config.store_control.as_deref(),
+    );
     let load_ms = load.ms();
     load.stop.store(true, Ordering::SeqCst);
     *load.retry_deadline.lock() = Some(Instant::now() + RETRY_GRACE);
@@ -869,6 +917,10 @@ pub fn run(config: ChaosConfig) -> anyhow::Result<ChaosReport> {
         longest_without_ack_ms: longest,
         verdict,
         history_path: None,
+        required_faults: Fault::ALL
+            .into_iter()
+            .filter(|f| *f != Fault::StoreOutage || config.store_control.is_some())
+            .collect(),
     };
     if !report.passed() {
         let path = config.base_dir.join("chaos-history.jsonl");

@@ -96,6 +96,7 @@ fn chaos(args: tally::cli::ChaosArgs) -> anyhow::Result<ExitCode> {
         clients: args.clients,
         exe: None,
         base_dir: args.dir,
+        store_control: None,
     })?;
     print!("{}", report.render());
     Ok(if report.passed() {
