@@ -461,6 +461,10 @@ struct Load {
     lb_http: SocketAddr,
     lb_resp: SocketAddr,
     started: Instant,
+    /// Unique to this run, in every counter name and key: a rerun in the
+    /// same directory (same store, keys remembered for a day) must neither
+    /// find old values nor have its keys taken for duplicates.
+    run_id: String,
     /// Set when clients should stop starting new increments.
     stop: AtomicBool,
     /// Set in the final phase: only `replicated` writes.
@@ -495,10 +499,10 @@ async fn client(load: Arc<Load>, id: usize, seed: u64) {
         let seq = load.sequence.fetch_add(1, Ordering::SeqCst);
         let mut r = Request {
             client: id,
-            counter: format!("chaos-{}-c{id}", level.wire()),
+            counter: format!("chaos-{}-{}-c{id}", load.run_id, level.wire()),
             protocol,
             level,
-            key: format!("chaos-{seed:x}-{id}-{seq}"),
+            key: format!("{}-{id}-{seq}", load.run_id),
             delta: 1 + rng.below(DELTA_MAX),
             attempts: 0,
             unknown_attempts: 0,
@@ -853,6 +857,12 @@ pub fn run(config: ChaosConfig) -> anyhow::Result<ChaosReport> {
         lb_http: cluster.lb_http(),
         lb_resp: cluster.lb_resp(),
         started: Instant::now(),
+        run_id: format!(
+            "{:x}",
+            std::time::SystemTime::now()
+                .duration_since(std::time::UNIX_EPOCH)
+                .map_or(0, |d| d.as_nanos() as u64)
+        ),
         stop: AtomicBool::new(false),
         replicated_only: AtomicBool::new(false),
         retry_deadline: Mutex::new(None),
