@@ -27,6 +27,8 @@ use super::{
 /// fails with [`StoreError::Unavailable`]. Long enough to ride out another
 /// node's flush, short enough that a `replicated` request fails fast.
 pub const BUSY_TIMEOUT: Duration = Duration::from_secs(5);
+/// Pause between attempts to switch a fresh store to WAL (see `open`).
+const WAL_SWITCH_RETRY: Duration = Duration::from_millis(10);
 
 /// A store in one SQLite file.
 pub struct SqliteStore {
@@ -56,9 +58,26 @@ impl SqliteStore {
             .map_err(|e| unavailable(&format!("configuring SQLite store {shown}"), e))?;
         // WAL lets readers (other nodes catching up) run while one node
         // writes, and makes a commit one append to the log.
-        let mode: String = conn
-            .pragma_update_and_check(None, "journal_mode", "WAL", |row| row.get(0))
-            .map_err(|e| setup_error(&format!("setting WAL mode on {shown}"), e))?;
+        //
+        // Switching a fresh file to WAL takes an exclusive lock, and SQLite
+        // answers BUSY at once, without its busy handler, when several
+        // processes race to do it (nodes started together). So the switch
+        // is retried here, within the same bound as any other wait.
+        let deadline = std::time::Instant::now() + BUSY_TIMEOUT;
+        let mode: String = loop {
+            match conn.pragma_update_and_check(None, "journal_mode", "WAL", |row| row.get(0)) {
+                Ok(mode) => break mode,
+                Err(e)
+                    if matches!(
+                        e.sqlite_error_code(),
+                        Some(ErrorCode::DatabaseBusy | ErrorCode::DatabaseLocked)
+                    ) && std::time::Instant::now() < deadline =>
+                {
+                    std::thread::sleep(WAL_SWITCH_RETRY);
+                }
+                Err(e) => return Err(setup_error(&format!("setting WAL mode on {shown}"), e)),
+            }
+        };
         if !mode.eq_ignore_ascii_case("wal") {
             return Err(StoreError::Invalid(format!(
                 "SQLite store {shown} cannot use write-ahead logging (journal mode is '{mode}'); \
