@@ -63,6 +63,11 @@ impl SqliteStore {
         // answers BUSY at once, without its busy handler, when several
         // processes race to do it (nodes started together). So the switch
         // is retried here, within the same bound as any other wait.
+        // Each attempt waits only briefly, so that a wait that would never
+        // end (two connections each needing the other's lock) is retried
+        // too; the whole switch is bounded by BUSY_TIMEOUT.
+        conn.busy_timeout(WAL_SWITCH_RETRY * 10)
+            .map_err(|e| unavailable(&format!("configuring SQLite store {shown}"), e))?;
         let deadline = std::time::Instant::now() + BUSY_TIMEOUT;
         let mode: String = loop {
             match conn.pragma_update_and_check(None, "journal_mode", "WAL", |row| row.get(0)) {
@@ -78,6 +83,8 @@ impl SqliteStore {
                 Err(e) => return Err(setup_error(&format!("setting WAL mode on {shown}"), e)),
             }
         };
+        conn.busy_timeout(BUSY_TIMEOUT)
+            .map_err(|e| unavailable(&format!("configuring SQLite store {shown}"), e))?;
         if !mode.eq_ignore_ascii_case("wal") {
             return Err(StoreError::Invalid(format!(
                 "SQLite store {shown} cannot use write-ahead logging (journal mode is '{mode}'); \
