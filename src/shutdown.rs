@@ -37,3 +37,36 @@ impl Shutdown {
         let _ = self.0.wait_for(|fired| *fired).await;
     }
 }
+
+/// Waits up to `timeout` for every connection task of a front end to end
+/// (each finishing the request it is serving), then aborts the rest. A
+/// task that panicked is logged. Shared by the RESP and HTTP front ends.
+pub async fn drain(
+    tasks: &mut tokio::task::JoinSet<()>,
+    timeout: std::time::Duration,
+    front_end: &str,
+) {
+    tracing::info!(
+        connections = tasks.len(),
+        "{front_end} front end stopping; waiting for connections to finish"
+    );
+    let drained = tokio::time::timeout(timeout, async {
+        while let Some(ended) = tasks.join_next().await {
+            if let Err(e) = ended
+                && e.is_panic()
+            {
+                tracing::error!(error = %e, "{front_end} connection task panicked");
+            }
+        }
+    })
+    .await;
+    if drained.is_err() {
+        tracing::warn!(
+            connections = tasks.len(),
+            timeout_s = timeout.as_secs(),
+            "{front_end} connections still open after the drain timeout; closing them"
+        );
+        tasks.shutdown().await;
+    }
+    tracing::info!("{front_end} front end stopped");
+}

@@ -107,21 +107,7 @@ pub async fn serve(
         }
     }
     drop(listener);
-    let open = connections.len();
-    tracing::info!(connections = open, "HTTP front end draining");
-    let drained = tokio::time::timeout(SHUTDOWN_DRAIN_TIMEOUT, async {
-        while connections.join_next().await.is_some() {}
-    })
-    .await;
-    if drained.is_err() {
-        tracing::warn!(
-            connections = connections.len(),
-            timeout_s = SHUTDOWN_DRAIN_TIMEOUT.as_secs(),
-            "HTTP connections still open after the drain timeout; dropping them"
-        );
-        connections.shutdown().await;
-    }
-    tracing::info!("HTTP front end stopped");
+    crate::shutdown::drain(&mut connections, SHUTDOWN_DRAIN_TIMEOUT, "HTTP").await;
     Ok(())
 }
 

@@ -163,25 +163,7 @@ pub async fn serve(
     }
 
     drop(listener);
-    tracing::info!(
-        connections = tasks.len(),
-        "RESP front end stopping; waiting for connections to finish"
-    );
-    let drained = tokio::time::timeout(SHUTDOWN_DRAIN_TIMEOUT, async {
-        while let Some(ended) = tasks.join_next().await {
-            log_task_end(ended);
-        }
-    })
-    .await;
-    if drained.is_err() {
-        tracing::warn!(
-            connections = tasks.len(),
-            timeout_s = SHUTDOWN_DRAIN_TIMEOUT.as_secs(),
-            "connections still open after the shutdown drain timeout; closing them"
-        );
-        tasks.shutdown().await;
-    }
-    tracing::info!("RESP front end stopped");
+    crate::shutdown::drain(&mut tasks, SHUTDOWN_DRAIN_TIMEOUT, "RESP").await;
     Ok(())
 }
 
