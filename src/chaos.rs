@@ -1,13 +1,15 @@
 //! `tally chaos`: a fault test of a whole local cluster behind HAProxy.
 //!
-//! A run starts its own [`LocalCluster`], sends increments through the load
-//! balancer from many client tasks over HTTP and RESP while a seeded fault
-//! scheduler kills, restarts, pauses and wipes nodes, then checks every
-//! counter on every node against what the clients were told.
+//! A run starts its own [`LocalCluster`] (or attaches to one that
+//! `tally cluster` runs, through its control endpoint), sends increments
+//! through the load balancer from many client tasks over HTTP and RESP
+//! while a seeded fault scheduler kills, restarts, pauses and wipes nodes,
+//! then checks every counter on every node against what the clients were
+//! told.
 //!
 //! The checker is a pure function of the request history ([`check`]), so it
-//! can be tested on a history made by hand. This module only talks to
-//! 127.0.0.1 and only signals the processes its own cluster started.
+//! can be tested on a history made by hand. This module never signals a
+//! process itself: the launcher that started a node acts on it by its pid.
 
 use std::collections::BTreeMap;
 use std::fmt::Write as _;
@@ -22,7 +24,8 @@ use serde::{Deserialize, Serialize};
 use tokio::io::{AsyncReadExt, AsyncWriteExt};
 use tokio::net::TcpStream;
 
-use crate::launcher::{LocalCluster, LocalClusterConfig};
+use crate::control::RemoteCluster;
+use crate::launcher::{Action, LocalCluster, LocalClusterConfig};
 
 /// How long one request through the load balancer may take.
 const REQUEST_TIMEOUT: Duration = Duration::from_secs(3);
@@ -48,7 +51,7 @@ const RESPONSE_BYTES_MAX: usize = 64 * 1024;
 const DELTA_MAX: u64 = 5;
 
 /// Fault kinds, each injected at least once per run.
-#[derive(Debug, Clone, Copy, PartialEq, Eq, PartialOrd, Ord, Serialize, Deserialize)]
+#[derive(Debug, Clone, Copy, PartialEq, Eq, PartialOrd, Ord, Hash, Serialize, Deserialize)]
 pub enum Fault {
     /// `kill -9`; the supervisor restarts the node from its disk.
     Kill9,
@@ -72,16 +75,118 @@ impl Fault {
         Fault::Wipe,
         Fault::StoreOutage,
     ];
+
+    /// The name `--faults` takes.
+    pub fn name(self) -> &'static str {
+        match self {
+            Fault::Kill9 => "kill9",
+            Fault::Restart => "restart",
+            Fault::Pause => "pause",
+            Fault::Wipe => "wipe",
+            Fault::StoreOutage => "store",
+        }
+    }
+
+    pub fn from_name(name: &str) -> Option<Fault> {
+        Fault::ALL.into_iter().find(|f| f.name() == name)
+    }
 }
 
 /// How long a store outage lasts.
 const STORE_OUTAGE: Duration = Duration::from_secs(2);
 
-/// Stops and starts a store the caller owns (a test's private PostgreSQL
-/// server). `tally chaos` never stops a store it did not start.
+/// Stops and starts the store: a private PostgreSQL server the caller
+/// owns, or the commands a user gave (`--store-stop-cmd`,
+/// `--store-start-cmd`). Without one the store fault is not injected.
 pub trait StoreControl: Send + Sync {
-    fn stop(&self);
-    fn start(&self);
+    fn stop(&self) -> anyhow::Result<()>;
+    fn start(&self) -> anyhow::Result<()>;
+}
+
+/// A store stopped and started by shell commands (`sh -c`), each of which
+/// must return once its work is done (the start command once the store
+/// accepts connections).
+#[derive(Debug, Clone)]
+pub struct CommandStoreControl {
+    pub stop: String,
+    pub start: String,
+}
+
+impl CommandStoreControl {
+    fn run(what: &str, command: &str) -> anyhow::Result<()> {
+        let out = std::process::Command::new("sh")
+            .arg("-c")
+            .arg(command)
+            .stdin(std::process::Stdio::null())
+            .output()
+            .map_err(|e| anyhow::anyhow!("{what} command `{command}`: {e}"))?;
+        if !out.status.success() {
+            anyhow::bail!(
+                "{what} command `{command}` failed ({}): {}",
+                out.status,
+                String::from_utf8_lossy(&out.stderr).trim()
+            );
+        }
+        Ok(())
+    }
+}
+
+impl StoreControl for CommandStoreControl {
+    fn stop(&self) -> anyhow::Result<()> {
+        CommandStoreControl::run("store stop", &self.stop)
+    }
+    fn start(&self) -> anyhow::Result<()> {
+        CommandStoreControl::run("store start", &self.start)
+    }
+}
+
+/// What a run drives: its own [`LocalCluster`], or a [`RemoteCluster`]
+/// that `tally cluster` runs in another process.
+pub trait Target: Sync {
+    /// The load balancer's HTTP and RESP frontends.
+    fn load_balancer(&self) -> anyhow::Result<(SocketAddr, SocketAddr)>;
+    /// Every node's HTTP address, in node order.
+    fn node_http(&self) -> Vec<SocketAddr>;
+    fn act(&self, node: usize, action: Action) -> anyhow::Result<()>;
+    fn wait_ready(&self, node: usize, timeout: Duration) -> anyhow::Result<()>;
+}
+
+impl Target for LocalCluster {
+    fn load_balancer(&self) -> anyhow::Result<(SocketAddr, SocketAddr)> {
+        match self.haproxy_pid() {
+            Some(_) => Ok((self.lb_http(), self.lb_resp())),
+            None => anyhow::bail!("the cluster runs without HAProxy; the fault test needs it"),
+        }
+    }
+    fn node_http(&self) -> Vec<SocketAddr> {
+        self.nodes().iter().map(|n| n.http).collect()
+    }
+    fn act(&self, node: usize, action: Action) -> anyhow::Result<()> {
+        Ok(LocalCluster::act(self, node, action)?)
+    }
+    fn wait_ready(&self, node: usize, timeout: Duration) -> anyhow::Result<()> {
+        Ok(LocalCluster::wait_ready(self, node, timeout)?)
+    }
+}
+
+impl Target for RemoteCluster {
+    fn load_balancer(&self) -> anyhow::Result<(SocketAddr, SocketAddr)> {
+        match (self.view().lb_http, self.view().lb_resp) {
+            (Some(h), Some(r)) => Ok((h, r)),
+            _ => anyhow::bail!(
+                "the attached cluster runs without HAProxy (--no-haproxy); the fault test needs it"
+            ),
+        }
+    }
+    fn node_http(&self) -> Vec<SocketAddr> {
+        self.view().nodes.iter().map(|n| n.http).collect()
+    }
+    fn act(&self, node: usize, action: Action) -> anyhow::Result<()> {
+        Ok(RemoteCluster::act(self, node, action)?)
+    }
+    fn wait_ready(&self, node: usize, timeout: Duration) -> anyhow::Result<()> {
+        Ok(RemoteCluster::wait_ready(self, node, timeout)?)
+    }
 }
 
 /// The two front ends.
@@ -156,7 +261,7 @@ pub struct FaultEvent {
 pub struct ChaosConfig {
     /// Length of the load phase (faults included).
     pub duration: Duration,
-    /// Store URL; `None` means SQLite in `base_dir`.
+    /// Store URL; `None` means SQLite in `base_dir`. Unused when attached.
     pub store: Option<String>,
     pub seed: u64,
     pub clients: usize,
@@ -166,6 +271,34 @@ pub struct ChaosConfig {
     pub base_dir: PathBuf,
     /// Enables the store-outage fault.
     pub store_control: Option<Arc<dyn StoreControl>>,
+    /// Drive the cluster behind this control endpoint (`tally cluster`)
+    /// instead of starting one.
+    pub attach: Option<SocketAddr>,
+    /// The fault kinds to inject (each at least once); the store fault
+    /// only with a `store_control`.
+    pub faults: Vec<Fault>,
+    /// For testing the checker only: clients send `memory` increments and
+    /// record them as `local`, so a `kill -9` before the background sync
+    /// really loses increments the checker believes durable. A run with
+    /// this set must fail.
+    pub mislabel_memory_as_local: bool,
+}
+
+impl Default for ChaosConfig {
+    fn default() -> Self {
+        ChaosConfig {
+            duration: Duration::from_secs(60),
+            store: None,
+            seed: 0,
+            clients: 8,
+            exe: None,
+            base_dir: PathBuf::from("tally-chaos"),
+            store_control: None,
+            attach: None,
+            faults: Fault::ALL.to_vec(),
+            mislabel_memory_as_local: false,
+        }
+    }
 }
 
 impl std::fmt::Debug for dyn StoreControl {
@@ -366,11 +499,11 @@ pub async fn http_request(
         .unwrap_or_else(|_| Err("timed out".into()))
 }
 
-async fn http_increment(addr: SocketAddr, r: &Request) -> Answer {
+async fn http_increment(addr: SocketAddr, r: &Request, level: Level) -> Answer {
     let body = serde_json::json!({
         "by": r.delta,
         "idempotency_key": r.key,
-        "durability": r.level.wire(),
+        "durability": level.wire(),
     })
     .to_string();
     let path = format!("/v1/counters/{}/increment", r.counter);
@@ -408,7 +541,7 @@ fn resp_command(args: &[&str]) -> Vec<u8> {
 }
 
 /// One `TALLY.INCRBY` on a fresh connection through the load balancer.
-async fn resp_increment(addr: SocketAddr, r: &Request) -> Answer {
+async fn resp_increment(addr: SocketAddr, r: &Request, level: Level) -> Answer {
     let delta = r.delta.to_string();
     let cmd = resp_command(&[
         "TALLY.INCRBY",
@@ -417,7 +550,7 @@ async fn resp_increment(addr: SocketAddr, r: &Request) -> Answer {
         "IDEMPOTENCY",
         &r.key,
         "DURABILITY",
-        r.level.wire(),
+        level.wire(),
     ]);
     let work = async {
         let mut s = TcpStream::connect(addr).await.map_err(|e| e.to_string())?;
@@ -469,6 +602,8 @@ struct Load {
     stop: AtomicBool,
     /// Set in the final phase: only `replicated` writes.
     replicated_only: AtomicBool,
+    /// See [`ChaosConfig::mislabel_memory_as_local`].
+    mislabel_memory_as_local: bool,
     /// Clients give up on unresolved increments after this.
     retry_deadline: Mutex<Option<Instant>>,
     history: Mutex<Vec<Request>>,
@@ -491,10 +626,19 @@ async fn client(load: Arc<Load>, id: usize, seed: u64) {
         Protocol::Resp
     };
     while !load.stop.load(Ordering::SeqCst) {
-        let level = if load.replicated_only.load(Ordering::SeqCst) {
+        let level = if load.mislabel_memory_as_local {
+            Level::Local
+        } else if load.replicated_only.load(Ordering::SeqCst) {
             Level::Replicated
         } else {
             [Level::Memory, Level::Local, Level::Replicated][rng.below(3) as usize]
+        };
+        // What goes on the wire; differs from the recorded level only when
+        // the checker is under test.
+        let wire = if load.mislabel_memory_as_local {
+            Level::Memory
+        } else {
+            level
         };
         let seq = load.sequence.fetch_add(1, Ordering::SeqCst);
         let mut r = Request {
@@ -514,8 +658,8 @@ async fn client(load: Arc<Load>, id: usize, seed: u64) {
         loop {
             r.attempts += 1;
             let answer = match protocol {
-                Protocol::Http => http_increment(load.lb_http, &r).await,
-                Protocol::Resp => resp_increment(load.lb_resp, &r).await,
+                Protocol::Http => http_increment(load.lb_http, &r, wire).await,
+                Protocol::Resp => resp_increment(load.lb_resp, &r, wire).await,
             };
             match answer {
                 Answer::Acked => {
@@ -551,24 +695,42 @@ async fn client(load: Arc<Load>, id: usize, seed: u64) {
     }
 }
 
-/// The fault scheduler: runs on its own thread because the launcher's
+/// The fault kinds a run with `config` must inject: the ones asked for,
+/// without the store fault when nothing can stop the store.
+pub fn required_faults(config: &ChaosConfig) -> Vec<Fault> {
+    let mut kinds: Vec<Fault> = Fault::ALL
+        .into_iter()
+        .filter(|f| config.faults.contains(f))
+        .filter(|f| *f != Fault::StoreOutage || config.store_control.is_some())
+        .collect();
+    kinds.dedup();
+    kinds
+}
+
+/// The fault scheduler: runs on the calling thread because the target's
 /// calls block. Returns the faults it injected.
 fn inject_faults(
-    cluster: &LocalCluster,
+    target: &dyn Target,
     load: &Load,
     rng: &mut Rng,
     duration: Duration,
+    kinds: &[Fault],
     store: Option<&dyn StoreControl>,
 ) -> Vec<FaultEvent> {
-    let nodes = cluster.nodes().len();
+    let nodes = target.node_http().len();
     let mut events = Vec::new();
     let final_phase = duration.mul_f64(0.6);
-    // The first three faults are one of each kind in a seeded order, so
-    // every kind runs even in a short run.
-    let mut first = vec![Fault::Kill9, Fault::Restart, Fault::Pause];
-    if store.is_some() {
-        first.push(Fault::StoreOutage);
-    }
+    let wipe_wanted = kinds.contains(&Fault::Wipe);
+    // Every kind but the lost disk may run at any time; the lost disk only
+    // in the final, replicated-only phase.
+    let repeatable: Vec<Fault> = kinds
+        .iter()
+        .copied()
+        .filter(|f| *f != Fault::Wipe)
+        .collect();
+    // The first faults are one of each repeatable kind in a seeded order,
+    // so every kind runs even in a short run.
+    let mut first = repeatable.clone();
     for i in (1..first.len()).rev() {
         first.swap(i, rng.below(i as u64 + 1) as usize);
     }
@@ -576,7 +738,7 @@ fn inject_faults(
     // A slow machine may reach the end before every kind has run: the run
     // then goes on, up to twice its duration, until it has.
     let owed = |first: &[Fault], wiped: bool, elapsed: Duration| {
-        (!first.is_empty() || !wiped) && elapsed < duration * 2
+        (!first.is_empty() || (wipe_wanted && !wiped)) && elapsed < duration * 2
     };
     loop {
         let gap = Duration::from_millis(500 + rng.below(1500));
@@ -585,53 +747,63 @@ fn inject_faults(
         if elapsed >= duration && !owed(&first, wiped, elapsed) {
             break;
         }
-        let fault = if elapsed >= final_phase && first.is_empty() {
+        let fault = if wipe_wanted && elapsed >= final_phase && first.is_empty() {
             if !load.replicated_only.swap(true, Ordering::SeqCst) {
                 // Let in-flight writes at other levels finish and flush
                 // before the first disk is lost.
                 std::thread::sleep(Duration::from_millis(1500));
             }
-            if !wiped || rng.below(2) == 0 {
+            if !wiped || repeatable.is_empty() || rng.below(2) == 0 {
                 Fault::Wipe
             } else {
-                [Fault::Kill9, Fault::Restart, Fault::Pause][rng.below(3) as usize]
+                repeatable[rng.below(repeatable.len() as u64) as usize]
             }
         } else if !first.is_empty() {
             first.remove(0)
+        } else if repeatable.is_empty() {
+            continue;
         } else {
-            [Fault::Kill9, Fault::Restart, Fault::Pause][rng.below(3) as usize]
+            repeatable[rng.below(repeatable.len() as u64) as usize]
         };
         let node = rng.below(nodes as u64) as usize;
         let at_ms = load.ms();
-        println!("chaos: {at_ms} ms: {fault:?} node{}", node + 1);
+        println!(
+            "chaos: {:>6.1} s  {:<11}  node{}  ({} acknowledged so far)",
+            at_ms as f64 / 1000.0,
+            format!("{fault:?}"),
+            node + 1,
+            load.acks_ms.lock().len()
+        );
         let result = match fault {
-            Fault::Kill9 => cluster.kill9(node).map(drop),
-            Fault::Restart => cluster.restart(node),
-            Fault::Pause => cluster.pause(node).map(|_| {
+            Fault::Kill9 => target.act(node, Action::Kill9),
+            Fault::Restart => target.act(node, Action::Restart),
+            Fault::Pause => target.act(node, Action::Pause).map(|()| {
                 std::thread::sleep(PAUSE);
             }),
-            Fault::Wipe => cluster.kill9_and_wipe(node),
-            Fault::StoreOutage => {
-                if let Some(store) = store {
-                    store.stop();
+            Fault::Wipe => target.act(node, Action::Wipe),
+            Fault::StoreOutage => match store {
+                Some(store) => store.stop().and_then(|()| {
                     std::thread::sleep(STORE_OUTAGE);
-                    store.start();
-                }
-                Ok(())
-            }
+                    store.start()
+                }),
+                None => Err(anyhow::anyhow!("no store control")),
+            },
         };
-        if fault == Fault::Pause {
-            let _ = cluster.resume(node);
-        }
+        let resumed = if fault == Fault::Pause {
+            target.act(node, Action::Resume)
+        } else {
+            Ok(())
+        };
         if fault == Fault::Wipe && result.is_ok() {
             wiped = true;
         }
         // One fault at a time: the next waits for this node to be back.
-        let ready = cluster.wait_ready(node, READY_TIMEOUT);
+        let ready = target.wait_ready(node, READY_TIMEOUT);
         let error = result
+            .and(resumed)
+            .and(ready)
             .err()
-            .map(|e| e.to_string())
-            .or_else(|| ready.err().map(|e| e.to_string()));
+            .map(|e| format!("{e:#}"));
         events.push(FaultEvent {
             at_ms,
             fault,
@@ -842,20 +1014,41 @@ pub fn cluster_config(config: &ChaosConfig) -> std::io::Result<LocalClusterConfi
     })
 }
 
-/// Runs the whole test: cluster, load, faults, check. Blocks; starts its
-/// own tokio runtime, so it must not be called from inside one.
+/// Runs the whole test: cluster (its own, or the attached one), load,
+/// faults, check. Blocks; starts its own tokio runtime, so it must not be
+/// called from inside one.
 pub fn run(config: ChaosConfig) -> anyhow::Result<ChaosReport> {
     println!("chaos: seed {}", config.seed);
-    let mut rng = Rng::new(config.seed);
     std::fs::create_dir_all(&config.base_dir)?;
-    let mut cluster = LocalCluster::start(cluster_config(&config)?)?;
+    match config.attach {
+        Some(addr) => {
+            let remote = RemoteCluster::connect(addr)?;
+            println!(
+                "chaos: attached to {} nodes through the control endpoint {addr}",
+                remote.view().nodes.len()
+            );
+            run_on(&remote, &config)
+        }
+        None => {
+            let mut cluster = LocalCluster::start(cluster_config(&config)?)?;
+            let report = run_on(&cluster, &config);
+            cluster.shutdown();
+            report
+        }
+    }
+}
+
+fn run_on(target: &dyn Target, config: &ChaosConfig) -> anyhow::Result<ChaosReport> {
+    let mut rng = Rng::new(config.seed);
+    let (lb_http, lb_resp) = target.load_balancer()?;
+    let required_faults = required_faults(config);
     let runtime = tokio::runtime::Builder::new_multi_thread()
         .worker_threads(2)
         .enable_all()
         .build()?;
     let load = Arc::new(Load {
-        lb_http: cluster.lb_http(),
-        lb_resp: cluster.lb_resp(),
+        lb_http,
+        lb_resp,
         started: Instant::now(),
         run_id: format!(
             "{:x}",
@@ -865,6 +1058,7 @@ pub fn run(config: ChaosConfig) -> anyhow::Result<ChaosReport> {
         ),
         stop: AtomicBool::new(false),
         replicated_only: AtomicBool::new(false),
+        mislabel_memory_as_local: config.mislabel_memory_as_local,
         retry_deadline: Mutex::new(None),
         history: Mutex::new(Vec::new()),
         acks_ms: Mutex::new(Vec::new()),
@@ -877,31 +1071,33 @@ pub fn run(config: ChaosConfig) -> anyhow::Result<ChaosReport> {
         })
         .collect();
     let events = inject_faults(
-        &cluster,
+        target,
         &load,
         &mut rng,
         config.duration,
+        &required_faults,
         config.store_control.as_deref(),
     );
     let load_ms = load.ms();
     load.stop.store(true, Ordering::SeqCst);
     *load.retry_deadline.lock() = Some(Instant::now() + RETRY_GRACE);
+    println!("chaos: load stopped at {load_ms} ms; retrying unresolved increments, then settling");
     runtime.block_on(async {
         for c in clients {
             let _ = c.await;
         }
     });
+    let node_addrs = target.node_http();
     let mut not_ready = Vec::new();
-    for i in 0..cluster.nodes().len() {
-        if let Err(e) = cluster.wait_ready(i, READY_TIMEOUT) {
-            not_ready.push(e.to_string());
+    for i in 0..node_addrs.len() {
+        if let Err(e) = target.wait_ready(i, READY_TIMEOUT) {
+            not_ready.push(format!("{e:#}"));
         }
     }
     let history = std::mem::take(&mut *load.history.lock());
     let mut counters: Vec<String> = history.iter().map(|r| r.counter.clone()).collect();
     counters.sort();
     counters.dedup();
-    let node_addrs: Vec<SocketAddr> = cluster.nodes().iter().map(|n| n.http).collect();
     let values = runtime.block_on(settle(&node_addrs, &counters));
     let verdict = check(&history, &values);
 
@@ -932,10 +1128,7 @@ pub fn run(config: ChaosConfig) -> anyhow::Result<ChaosReport> {
         longest_without_ack_ms: longest,
         verdict,
         history_path: None,
-        required_faults: Fault::ALL
-            .into_iter()
-            .filter(|f| *f != Fault::StoreOutage || config.store_control.is_some())
-            .collect(),
+        required_faults,
     };
     if !report.passed() {
         let path = config.base_dir.join("chaos-history.jsonl");
@@ -955,6 +1148,5 @@ pub fn run(config: ChaosConfig) -> anyhow::Result<ChaosReport> {
         std::fs::write(&path, out)?;
         report.history_path = Some(path);
     }
-    cluster.shutdown();
     Ok(report)
 }

@@ -74,6 +74,13 @@ pub struct ClusterArgs {
     /// Run the nodes without HAProxy in front of them
     #[arg(long)]
     pub no_haproxy: bool,
+    /// Loopback address of the control endpoint, through which
+    /// `tally chaos --attach` kills, restarts, pauses and wipes nodes
+    #[arg(long, default_value = crate::control::DEFAULT_CONTROL_ADDR)]
+    pub control_addr: std::net::SocketAddr,
+    /// Do not serve the control endpoint
+    #[arg(long)]
+    pub no_control: bool,
 }
 
 impl ClusterArgs {
@@ -93,24 +100,53 @@ impl ClusterArgs {
     }
 }
 
+/// Most concurrent clients `tally chaos` runs.
+pub const CHAOS_CLIENTS_MAX: usize = 512;
+
 /// Flags of `tally chaos`.
 #[derive(Debug, Args)]
 pub struct ChaosArgs {
     /// How long to send load and inject faults, e.g. 60s or 10m
     #[arg(long, default_value = "60s", value_parser = parse_duration)]
     pub duration: Duration,
-    /// Shared store [default: sqlite://DIR/store.db]
-    #[arg(long)]
+    /// Shared store of the cluster it starts [default: sqlite://DIR/store.db]
+    #[arg(long, conflicts_with = "attach")]
     pub store: Option<String>,
+    /// Drive the cluster that `tally cluster` runs, through its control
+    /// endpoint (e.g. 127.0.0.1:7069), instead of starting one
+    #[arg(long)]
+    pub attach: Option<std::net::SocketAddr>,
+    /// Fault kinds to inject, each at least once: any of kill9, restart,
+    /// pause, wipe, store
+    #[arg(long, value_delimiter = ',', default_value = "kill9,restart,pause,wipe,store",
+          value_parser = parse_fault)]
+    pub faults: Vec<crate::chaos::Fault>,
+    /// Shell command that stops the store (for the store fault); must
+    /// return once the store is down
+    #[arg(long, requires = "store_start_cmd")]
+    pub store_stop_cmd: Option<String>,
+    /// Shell command that starts the store again; must return once it
+    /// accepts connections
+    #[arg(long, requires = "store_stop_cmd")]
+    pub store_start_cmd: Option<String>,
     /// Seed of the fault and load schedule [default: from the clock]
     #[arg(long)]
     pub seed: Option<u64>,
     /// Concurrent clients (even ones speak HTTP, odd ones RESP)
-    #[arg(long, default_value_t = 8)]
+    #[arg(long, default_value_t = 8,
+          value_parser = clap::builder::RangedU64ValueParser::<usize>::new().range(1..=CHAOS_CLIENTS_MAX as u64))]
     pub clients: usize,
     /// Directory for the cluster's data and logs and a failing run's history
     #[arg(long, default_value = "tally-chaos")]
     pub dir: PathBuf,
+    /// Also write the report as JSON to this file
+    #[arg(long)]
+    pub report_json: Option<PathBuf>,
+}
+
+fn parse_fault(s: &str) -> std::result::Result<crate::chaos::Fault, String> {
+    crate::chaos::Fault::from_name(s.trim())
+        .ok_or_else(|| format!("unknown fault '{s}': one of kill9, restart, pause, wipe, store"))
 }
 
 /// Parses `500ms`, `20s`, `10m` or a bare number of seconds.

@@ -130,6 +130,46 @@ impl Default for LocalClusterConfig {
     }
 }
 
+/// What a caller can do to one node of a running cluster.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum Action {
+    /// [`LocalCluster::kill9`]
+    Kill9,
+    /// [`LocalCluster::restart`]
+    Restart,
+    /// [`LocalCluster::pause`]
+    Pause,
+    /// [`LocalCluster::resume`]
+    Resume,
+    /// [`LocalCluster::kill9_and_wipe`]
+    Wipe,
+}
+
+impl Action {
+    pub const ALL: [Action; 5] = [
+        Action::Kill9,
+        Action::Restart,
+        Action::Pause,
+        Action::Resume,
+        Action::Wipe,
+    ];
+
+    /// The name used on the control endpoint (`POST /v1/nodes/node2/kill9`).
+    pub fn name(self) -> &'static str {
+        match self {
+            Action::Kill9 => "kill9",
+            Action::Restart => "restart",
+            Action::Pause => "pause",
+            Action::Resume => "resume",
+            Action::Wipe => "wipe",
+        }
+    }
+
+    pub fn from_name(name: &str) -> Option<Action> {
+        Action::ALL.into_iter().find(|a| a.name() == name)
+    }
+}
+
 /// One node as seen from outside.
 #[derive(Debug, Clone, PartialEq, Eq)]
 pub struct NodeInfo {
@@ -698,6 +738,18 @@ impl LocalCluster {
         p.restart_at = Some(Instant::now() + p.backoff);
         p.backoff = (p.backoff * 2).min(RESTART_BACKOFF_MAX);
         Ok(())
+    }
+
+    /// Carries out `action` on node `i` (what the control endpoint and the
+    /// fault test call). `Pause` returns at once; `Resume` undoes it.
+    pub fn act(&self, i: usize, action: Action) -> Result<()> {
+        match action {
+            Action::Kill9 => self.kill9(i).map(drop),
+            Action::Restart => self.restart(i),
+            Action::Pause => self.pause(i).map(drop),
+            Action::Resume => self.resume(i).map(drop),
+            Action::Wipe => self.kill9_and_wipe(i),
+        }
     }
 
     /// Stops supervision, then SIGTERMs every node and HAProxy by pid,

@@ -15,6 +15,7 @@ pub mod chaos;
 pub mod cli;
 pub mod cluster;
 pub mod config;
+pub mod control;
 pub mod error;
 pub mod http;
 pub mod idempotency;

@@ -33,6 +33,19 @@ fn serve(args: tally::cli::ServeArgs) -> anyhow::Result<ExitCode> {
 fn cluster(args: tally::cli::ClusterArgs) -> anyhow::Result<ExitCode> {
     tally::server::init_logging(false, "info")?;
     let haproxy = !args.no_haproxy;
+    // Bound before any node starts: a taken port fails at once.
+    let control = if args.no_control {
+        None
+    } else {
+        Some(
+            tally::control::ControlServer::bind(args.control_addr).map_err(|e| {
+                anyhow::anyhow!(
+                    "control endpoint {}: {e} (choose another with --control-addr, or --no-control)",
+                    args.control_addr
+                )
+            })?,
+        )
+    };
     // Signals are caught from before the first node starts: a Ctrl-C while
     // starting must stop what has started, not leave it running.
     let runtime = tokio::runtime::Builder::new_current_thread()
@@ -71,12 +84,27 @@ fn cluster(args: tally::cli::ClusterArgs) -> anyhow::Result<ExitCode> {
         let first = &cluster.nodes()[0];
         println!("cluster view  http://{}/v1/cluster", first.http);
     }
+    if let Some(c) = &control {
+        println!(
+            "control endpoint  http://{}  (tally chaos --attach {})",
+            c.local_addr()?,
+            c.local_addr()?
+        );
+    }
     println!("Ctrl-C stops the cluster.");
-    runtime.block_on(async {
-        tokio::select! {
-            _ = term.recv() => {}
-            _ = int.recv() => {}
+    let stop = std::sync::atomic::AtomicBool::new(false);
+    std::thread::scope(|s| {
+        if let Some(c) = &control {
+            let (cluster, stop) = (&cluster, &stop);
+            s.spawn(move || c.serve(cluster, stop));
         }
+        runtime.block_on(async {
+            tokio::select! {
+                _ = term.recv() => {}
+                _ = int.recv() => {}
+            }
+        });
+        stop.store(true, std::sync::atomic::Ordering::SeqCst);
     });
     tracing::info!("stopping the cluster");
     cluster.shutdown();
@@ -84,21 +112,44 @@ fn cluster(args: tally::cli::ClusterArgs) -> anyhow::Result<ExitCode> {
 }
 
 fn chaos(args: tally::cli::ChaosArgs) -> anyhow::Result<ExitCode> {
+    use tally::chaos::{ChaosConfig, CommandStoreControl, Fault, StoreControl};
+    if args.duration.is_zero() {
+        anyhow::bail!("--duration must be longer than zero");
+    }
     let seed = args.seed.unwrap_or_else(|| {
         std::time::SystemTime::now()
             .duration_since(std::time::UNIX_EPOCH)
             .map_or(0, |d| d.as_nanos() as u64)
     });
-    let report = tally::chaos::run(tally::chaos::ChaosConfig {
+    let store_control: Option<std::sync::Arc<dyn StoreControl>> =
+        match (args.store_stop_cmd, args.store_start_cmd) {
+            (Some(stop), Some(start)) => {
+                Some(std::sync::Arc::new(CommandStoreControl { stop, start }))
+            }
+            _ => None,
+        };
+    if store_control.is_none() && args.faults.contains(&Fault::StoreOutage) {
+        println!(
+            "chaos: the store fault is not injected: give --store-stop-cmd and --store-start-cmd"
+        );
+    }
+    let report = tally::chaos::run(ChaosConfig {
         duration: args.duration,
         store: args.store,
         seed,
         clients: args.clients,
         exe: None,
         base_dir: args.dir,
-        store_control: None,
+        store_control,
+        attach: args.attach,
+        faults: args.faults,
+        mislabel_memory_as_local: false,
     })?;
     print!("{}", report.render());
+    if let Some(path) = &args.report_json {
+        std::fs::write(path, serde_json::to_string_pretty(&report)?)
+            .map_err(|e| anyhow::anyhow!("writing {}: {e}", path.display()))?;
+    }
     Ok(if report.passed() {
         ExitCode::SUCCESS
     } else {
