@@ -767,11 +767,15 @@ fn inject_faults(
         };
         let node = rng.below(nodes as u64) as usize;
         let at_ms = load.ms();
+        let on = if fault == Fault::StoreOutage {
+            "store".to_string()
+        } else {
+            format!("node{}", node + 1)
+        };
         println!(
-            "chaos: {:>6.1} s  {:<11}  node{}  ({} acknowledged so far)",
+            "chaos: {:>6.1} s  {:<11}  {on:<6}  ({} acknowledged so far)",
             at_ms as f64 / 1000.0,
             format!("{fault:?}"),
-            node + 1,
             load.acks_ms.lock().len()
         );
         let result = match fault {
@@ -1116,7 +1120,12 @@ fn run_on(target: &dyn Target, config: &ChaosConfig) -> anyhow::Result<ChaosRepo
     for e in &events {
         *faults.entry(format!("{:?}", e.fault)).or_default() += 1;
         if let Some(err) = &e.error {
-            fault_errors.push(format!("{:?} node{}: {err}", e.fault, e.node + 1));
+            fault_errors.push(format!(
+                "{:?} node{} (at {} ms): {err}",
+                e.fault,
+                e.node + 1,
+                e.at_ms
+            ));
         }
     }
     let mut report = ChaosReport {
