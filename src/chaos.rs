@@ -47,6 +47,9 @@ const SETTLE_TIMEOUT: Duration = Duration::from_secs(30);
 const SETTLE_POLL: Duration = Duration::from_millis(300);
 /// Largest response read from a node or the load balancer.
 const RESPONSE_BYTES_MAX: usize = 64 * 1024;
+/// Counters per durability level, shared by every client. Levels never
+/// share a counter: a `memory` loss must not hide in a `local` counter.
+const COUNTERS_PER_LEVEL: u64 = 4;
 /// Largest delta of one increment.
 const DELTA_MAX: u64 = 5;
 
@@ -643,7 +646,14 @@ async fn client(load: Arc<Load>, id: usize, seed: u64) {
         let seq = load.sequence.fetch_add(1, Ordering::SeqCst);
         let mut r = Request {
             client: id,
-            counter: format!("chaos-{}-{}-c{id}", load.run_id, level.wire()),
+            // Clients share counters, so one counter gets concurrent
+            // increments through every node (a shard on each).
+            counter: format!(
+                "chaos-{}-{}-{}",
+                load.run_id,
+                level.wire(),
+                rng.below(COUNTERS_PER_LEVEL)
+            ),
             protocol,
             level,
             key: format!("{}-{id}-{seq}", load.run_id),

@@ -325,15 +325,18 @@ fn chaos_attaches_to_a_running_tally_cluster() {
     let _one = ONE_AT_A_TIME.lock();
     let dir = tempfile::tempdir().unwrap();
     let exe = env!("CARGO_BIN_EXE_tally");
-    let control: SocketAddr = ([127, 0, 0, 1], free_port()).into();
+    // One run of free ports for everything, so no two roles collide:
+    // control, load balancer HTTP and RESP, then three nodes' HTTP and RESP.
+    let base = free_port_run(9);
+    let control: SocketAddr = ([127, 0, 0, 1], base).into();
     let mut cluster = Command::new(exe)
         .arg("cluster")
         .arg("--dir")
         .arg(dir.path().join("cluster"))
-        .args(["--http-addr", &format!("127.0.0.1:{}", free_port())])
-        .args(["--resp-addr", &format!("127.0.0.1:{}", free_port())])
-        .args(["--node-http-port", &free_port_run(3).to_string()])
-        .args(["--node-resp-port", &free_port_run(3).to_string()])
+        .args(["--http-addr", &format!("127.0.0.1:{}", base + 1)])
+        .args(["--resp-addr", &format!("127.0.0.1:{}", base + 2)])
+        .args(["--node-http-port", &(base + 3).to_string()])
+        .args(["--node-resp-port", &(base + 6).to_string()])
         .args(["--control-addr", &control.to_string()])
         .stdin(Stdio::null())
         .stdout(Stdio::piped())
