@@ -24,6 +24,7 @@ pub mod journal;
 pub mod launcher;
 pub mod metrics;
 pub mod node;
+pub mod pgserver;
 pub mod recovery;
 pub mod resp;
 pub mod server;

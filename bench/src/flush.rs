@@ -18,7 +18,7 @@ use anyhow::Context as _;
 use tally::store::bench::{FlushMeasurement, measure_flush};
 use tally::store::{self, Store};
 
-use crate::postgres::PgServer;
+use crate::postgres;
 use crate::table::{Table, thousands};
 use crate::throughput::fsync_latency;
 
@@ -65,8 +65,8 @@ pub fn run(work: &Path, s: &Settings) -> (String, bool) {
         Err(e) => errors.push(format!("sqlite: {e:#}")),
     }
 
-    let pg = PgServer::start(work, &dir.join("postgres")).and_then(|pg| {
-        pg.create_database(DATABASE)?;
+    let pg = postgres::start(work, &dir.join("postgres")).and_then(|pg| {
+        pg.create_named_database(DATABASE)?;
         let store = store::open(&pg.url(DATABASE)).context("opening the PostgreSQL store")?;
         Ok((pg, store))
     });

@@ -31,9 +31,6 @@ const PING_TIMEOUT: Duration = Duration::from_secs(5);
 pub struct Guard {
     child: Child,
     name: String,
-    /// The signal that asks the child to stop (SIGTERM unless the program
-    /// wants another, as PostgreSQL does).
-    stop_signal: libc::c_int,
 }
 
 impl Guard {
@@ -41,14 +38,7 @@ impl Guard {
         Guard {
             child,
             name: name.into(),
-            stop_signal: libc::SIGTERM,
         }
-    }
-
-    /// Uses `signal` instead of SIGTERM for a graceful stop.
-    pub fn with_stop_signal(mut self, signal: libc::c_int) -> Guard {
-        self.stop_signal = signal;
-        self
     }
 
     pub fn pid(&self) -> u32 {
@@ -57,11 +47,6 @@ impl Guard {
 
     pub fn name(&self) -> &str {
         &self.name
-    }
-
-    /// Whether the child has exited (it is reaped if so).
-    pub fn exited(&mut self) -> Result<Option<ExitStatus>> {
-        Ok(self.child.try_wait()?)
     }
 
     /// The child's stdout pipe, if it was piped and not yet taken.
@@ -101,11 +86,10 @@ impl Guard {
         }
     }
 
-    /// Graceful stop: the stop signal (SIGTERM unless set otherwise), then
-    /// wait up to [`STOP_TIMEOUT`]; a child still running then is killed
-    /// and the stop is an error.
+    /// Graceful stop: SIGTERM, then wait up to [`STOP_TIMEOUT`]; a child
+    /// still running then is killed and the stop is an error.
     pub fn stop(mut self) -> Result<ExitStatus> {
-        self.signal(self.stop_signal)?;
+        self.signal(libc::SIGTERM)?;
         if let Some(status) = self.wait_for(STOP_TIMEOUT)? {
             return Ok(status);
         }
@@ -147,7 +131,7 @@ impl Drop for Guard {
         if matches!(self.child.try_wait(), Ok(Some(_))) {
             return;
         }
-        let _ = self.signal(self.stop_signal);
+        let _ = self.signal(libc::SIGTERM);
         if !matches!(self.wait_for(STOP_TIMEOUT), Ok(Some(_))) {
             self.kill_now();
         }
@@ -408,18 +392,5 @@ mod tests {
         let pid = child.id();
         drop(Guard::new(child, "sleep"));
         assert!(!Path::new(&format!("/proc/{pid}")).exists());
-    }
-
-    // A guard given another stop signal (PostgreSQL's SIGINT, its fast
-    // shutdown) sends that one.
-    #[test]
-    fn guards_send_their_stop_signal() {
-        let child = Command::new("sleep").arg("600").spawn().unwrap();
-        let guard = Guard::new(child, "sleep").with_stop_signal(libc::SIGINT);
-        let status = guard.stop().unwrap();
-        assert_eq!(
-            std::os::unix::process::ExitStatusExt::signal(&status),
-            Some(libc::SIGINT)
-        );
     }
 }

@@ -30,7 +30,7 @@ use std::time::Duration;
 use anyhow::{Context as _, Result, bail};
 
 use crate::parse::{self, PgbenchSummary};
-use crate::postgres::{PgServer, SUPERUSER};
+use crate::postgres::{self, PgServer, SUPERUSER};
 use crate::process::{self, Guard, run_with_timeout};
 use crate::resp::{Client, Reply};
 use crate::table::{Table, ratio, thousands};
@@ -171,7 +171,7 @@ pub fn run(tally_bin: &Path, work: &Path, s: &Settings) -> (String, bool) {
             .push(format!("fdatasync could not be timed: {e:#}")),
     }
 
-    let pg = PgServer::start(work, &dir.join("postgres"));
+    let pg = postgres::start(work, &dir.join("postgres"));
     let pg = match pg {
         Ok(pg) => {
             match pg.settings() {
@@ -204,14 +204,17 @@ pub fn run(tally_bin: &Path, work: &Path, s: &Settings) -> (String, bool) {
             Ok(p) => pgbench = Some(p),
             Err(e) => fail(&mut measured, System::PostgresUpsert, &format!("{e:#}")),
         }
-        match pg.create_database(STORE_DATABASE).and_then(|()| {
-            Node::start(
-                tally_bin,
-                &dir,
-                System::TallyPostgres,
-                &pg.url(STORE_DATABASE),
-            )
-        }) {
+        match pg
+            .create_named_database(STORE_DATABASE)
+            .map_err(anyhow::Error::from)
+            .and_then(|()| {
+                Node::start(
+                    tally_bin,
+                    &dir,
+                    System::TallyPostgres,
+                    &pg.url(STORE_DATABASE),
+                )
+            }) {
             Ok(n) => nodes.push(n),
             Err(e) => fail(&mut measured, System::TallyPostgres, &format!("{e:#}")),
         }
@@ -309,7 +312,7 @@ impl Pgbench {
             "pgbench is needed and did not run; it comes with the PostgreSQL server package",
         )?;
         std::fs::create_dir_all(dir)?;
-        pg.create_database(UPSERT_DATABASE)?;
+        pg.create_named_database(UPSERT_DATABASE)?;
         let mut client = pg.connect(UPSERT_DATABASE)?;
         client
             .batch_execute("CREATE TABLE t (k integer PRIMARY KEY, v bigint NOT NULL)")
