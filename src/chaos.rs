@@ -143,6 +143,60 @@ impl StoreControl for CommandStoreControl {
     }
 }
 
+impl StoreControl for crate::pgserver::PgServer {
+    fn stop(&self) -> anyhow::Result<()> {
+        Ok(crate::pgserver::PgServer::stop(self)?)
+    }
+    fn start(&self) -> anyhow::Result<()> {
+        Ok(crate::pgserver::PgServer::start(self)?)
+    }
+}
+
+/// The `--store` value that makes a run start a private PostgreSQL server
+/// of its own in `DIR/postgres`, and stop and start it as a fault.
+pub const PRIVATE_POSTGRES: &str = "private-postgres";
+
+/// Marks a directory as a chaos run's own, so a later run may clear it.
+const RUN_DIR_MARKER: &str = ".tally-chaos";
+
+/// Makes `dir` ready for a run that starts its own cluster: created if
+/// missing; a previous run's contents are removed (nodes' data, store,
+/// logs, history), but only in a directory a run made, so a mistyped
+/// `--dir` never deletes anything else.
+pub fn prepare_run_dir(dir: &std::path::Path) -> anyhow::Result<()> {
+    std::fs::create_dir_all(dir).map_err(|e| anyhow::anyhow!("creating {}: {e}", dir.display()))?;
+    let entries = std::fs::read_dir(dir)
+        .and_then(|d| d.collect::<std::io::Result<Vec<_>>>())
+        .map_err(|e| anyhow::anyhow!("reading {}: {e}", dir.display()))?;
+    let marker = dir.join(RUN_DIR_MARKER);
+    if !entries.is_empty() {
+        if !marker.exists() {
+            anyhow::bail!(
+                "{} is not empty and was not made by tally chaos: give a new or empty --dir",
+                dir.display()
+            );
+        }
+        println!("chaos: clearing the previous run in {}", dir.display());
+        for e in entries {
+            if e.file_name() == RUN_DIR_MARKER {
+                continue;
+            }
+            let path = e.path();
+            let removed = if e.file_type()?.is_dir() {
+                std::fs::remove_dir_all(&path)
+            } else {
+                std::fs::remove_file(&path)
+            };
+            removed.map_err(|err| anyhow::anyhow!("removing {}: {err}", path.display()))?;
+        }
+    }
+    std::fs::write(
+        &marker,
+        "Made by `tally chaos`: the next run in this directory clears it.\n",
+    )?;
+    Ok(())
+}
+
 /// What a run drives: its own [`LocalCluster`], or a [`RemoteCluster`]
 /// that `tally cluster` runs in another process.
 pub trait Target: Sync {
@@ -264,7 +318,9 @@ pub struct FaultEvent {
 pub struct ChaosConfig {
     /// Length of the load phase (faults included).
     pub duration: Duration,
-    /// Store URL; `None` means SQLite in `base_dir`. Unused when attached.
+    /// Store URL; `None` means SQLite in `base_dir`, [`PRIVATE_POSTGRES`]
+    /// a private PostgreSQL server the run starts (and may stop: it
+    /// enables the store fault). Unused when attached.
     pub store: Option<String>,
     pub seed: u64,
     pub clients: usize,
@@ -1033,9 +1089,9 @@ pub fn cluster_config(config: &ChaosConfig) -> std::io::Result<LocalClusterConfi
 /// called from inside one.
 pub fn run(config: ChaosConfig) -> anyhow::Result<ChaosReport> {
     println!("chaos: seed {}", config.seed);
-    std::fs::create_dir_all(&config.base_dir)?;
     match config.attach {
         Some(addr) => {
+            std::fs::create_dir_all(&config.base_dir)?;
             let remote = RemoteCluster::connect(addr)?;
             println!(
                 "chaos: attached to {} nodes through the control endpoint {addr}",
@@ -1044,9 +1100,43 @@ pub fn run(config: ChaosConfig) -> anyhow::Result<ChaosReport> {
             run_on(&remote, &config)
         }
         None => {
+            prepare_run_dir(&config.base_dir)?;
+            // Declared first, so dropped last: the nodes stop before their
+            // store does.
+            let mut private_pg = None;
+            let mut config = config;
+            if config.store.as_deref() == Some(PRIVATE_POSTGRES) {
+                if config.store_control.is_some() {
+                    anyhow::bail!(
+                        "{PRIVATE_POSTGRES} is stopped and started by the run itself: \
+                         give no store commands with it"
+                    );
+                }
+                let dir = std::path::absolute(config.base_dir.join("postgres"))?;
+                println!(
+                    "chaos: starting a private PostgreSQL server in {}",
+                    dir.display()
+                );
+                let pg = Arc::new(crate::pgserver::PgServer::new(
+                    crate::pgserver::PgOptions {
+                        reachable_from: Some(std::path::absolute(&config.base_dir)?),
+                        dir: Some(dir),
+                        ..Default::default()
+                    },
+                )?);
+                config.store = Some(pg.url(&pg.create_database()?));
+                config.store_control = Some(pg.clone());
+                private_pg = Some(pg);
+            }
             let mut cluster = LocalCluster::start(cluster_config(&config)?)?;
             let report = run_on(&cluster, &config);
             cluster.shutdown();
+            drop(config);
+            // The server is kept on error paths too (its directory holds
+            // its log); here it is stopped and a failure to stop reported.
+            if let Some(pg) = private_pg.and_then(|pg| Arc::try_unwrap(pg).ok()) {
+                pg.shut_down()?;
+            }
             report
         }
     }

@@ -109,7 +109,9 @@ pub struct ChaosArgs {
     /// How long to send load and inject faults, e.g. 60s or 10m
     #[arg(long, default_value = "60s", value_parser = parse_duration)]
     pub duration: Duration,
-    /// Shared store of the cluster it starts [default: sqlite://DIR/store.db]
+    /// Shared store of the cluster it starts [default: sqlite://DIR/store.db];
+    /// `private-postgres` starts a PostgreSQL server of the run's own in
+    /// DIR/postgres, which the store fault stops and starts
     #[arg(long, conflicts_with = "attach")]
     pub store: Option<String>,
     /// Drive the cluster that `tally cluster` runs, through its control

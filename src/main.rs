@@ -128,9 +128,11 @@ fn chaos(args: tally::cli::ChaosArgs) -> anyhow::Result<ExitCode> {
             }
             _ => None,
         };
-    if store_control.is_none() && args.faults.contains(&Fault::StoreOutage) {
+    let private_pg = args.store.as_deref() == Some(tally::chaos::PRIVATE_POSTGRES);
+    if store_control.is_none() && !private_pg && args.faults.contains(&Fault::StoreOutage) {
         println!(
-            "chaos: the store fault is not injected: give --store-stop-cmd and --store-start-cmd"
+            "chaos: the store fault is not injected: give --store-stop-cmd and --store-start-cmd, \
+             or --store private-postgres"
         );
     }
     let report = tally::chaos::run(ChaosConfig {

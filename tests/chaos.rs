@@ -1,24 +1,21 @@
-//! The fault test: a short `tally chaos` run on a real 3-node cluster behind
-//! the real HAProxy loses and double-counts nothing under every fault kind,
-//! and the checker it relies on does report a lost or doubled increment.
+//! The fault test: `tally chaos --duration 60s`, the binary as a user runs
+//! it, on a real 3-node cluster behind the real HAProxy, on SQLite and on a
+//! private PostgreSQL server, loses and double-counts nothing under every
+//! fault kind; the same attached to a running `tally cluster`; and the
+//! checker it relies on reports lost and doubled increments, on hand-made
+//! histories and on a run that really loses data.
 //!
-//! HAProxy must be installed (`scripts/test.sh` installs it): the run fails
-//! without it rather than skip.
-
-mod support;
+//! HAProxy and the PostgreSQL server binaries must be installed
+//! (`scripts/test.sh` installs them): the runs fail without them rather
+//! than skip.
 
 use std::collections::BTreeMap;
 use std::io::{BufRead, BufReader};
 use std::net::{SocketAddr, TcpListener};
 use std::process::{Command, Stdio};
-use std::sync::Arc;
 use std::time::Duration;
 
-use tally::chaos::{
-    self, ChaosConfig, ChaosReport, Fault, Level, Outcome, Protocol, Request, StoreControl,
-};
-
-use support::postgres::PgServer;
+use tally::chaos::{self, ChaosConfig, ChaosReport, Fault, Level, Outcome, Protocol, Request};
 
 fn request(counter: &str, level: Level, key: &str, delta: u64, outcome: Outcome) -> Request {
     Request {
@@ -119,20 +116,6 @@ fn checker_allows_per_node_keys_only_below_replicated() {
     assert_eq!(v.counted_twice, 2);
 }
 
-/// A test's private PostgreSQL server as a store the run may stop.
-struct PgControl(Arc<PgServer>);
-
-impl StoreControl for PgControl {
-    fn stop(&self) -> anyhow::Result<()> {
-        self.0.stop();
-        Ok(())
-    }
-    fn start(&self) -> anyhow::Result<()> {
-        self.0.start();
-        Ok(())
-    }
-}
-
 /// The seed of the runs: `TALLY_CHAOS_SEED` replays another one.
 fn seed() -> u64 {
     std::env::var("TALLY_CHAOS_SEED")
@@ -169,54 +152,102 @@ fn run(config: ChaosConfig) -> ChaosReport {
     report
 }
 
-fn assert_clean(report: &ChaosReport) {
-    let table = report.render();
-    for f in &report.required_faults {
+/// Runs `tally chaos` (the binary, as a user would) for [`RUN`] in a
+/// temporary directory, kept if the run fails; returns its exit status,
+/// output and JSON report.
+fn run_binary(args: &[&str]) -> (std::process::ExitStatus, String, serde_json::Value) {
+    let _one = ONE_AT_A_TIME.lock();
+    let dir = tempfile::tempdir().unwrap();
+    let report_path = dir.path().join("report.json");
+    let out = Command::new(env!("CARGO_BIN_EXE_tally"))
+        .arg("chaos")
+        .args(["--duration", &format!("{}s", RUN.as_secs())])
+        .args(["--clients", "6", "--seed", &seed().to_string()])
+        .arg("--dir")
+        .arg(dir.path().join("run"))
+        .arg("--report-json")
+        .arg(&report_path)
+        .args(args)
+        .stdin(Stdio::null())
+        .output()
+        .unwrap();
+    let text = format!(
+        "{}{}",
+        String::from_utf8_lossy(&out.stdout),
+        String::from_utf8_lossy(&out.stderr)
+    );
+    println!("{text}");
+    let report = std::fs::read_to_string(&report_path)
+        .ok()
+        .and_then(|r| serde_json::from_str(&r).ok())
+        .unwrap_or(serde_json::Value::Null);
+    if !out.status.success() {
+        // Keep the cluster's logs and the history for analysis.
+        println!("kept {}", dir.keep().display());
+    }
+    (out.status, text, report)
+}
+
+/// A passing run: exit 0, every required fault kind injected, nothing
+/// lost or counted twice, and acknowledgements at every level over both
+/// protocols.
+fn assert_clean(
+    status: std::process::ExitStatus,
+    output: &str,
+    report: &serde_json::Value,
+    faults: &[&str],
+) {
+    assert!(status.success(), "tally chaos failed ({status}):\n{output}");
+    let required: Vec<&str> = report["required_faults"]
+        .as_array()
+        .unwrap_or_else(|| panic!("no report:\n{output}"))
+        .iter()
+        .filter_map(|f| f.as_str())
+        .collect();
+    assert_eq!(required, faults, "{output}");
+    for f in faults {
         assert!(
-            report.faults.get(&format!("{f:?}")).copied().unwrap_or(0) > 0,
-            "{f:?} never ran\n{table}"
+            report["faults"][f].as_u64().unwrap_or(0) > 0,
+            "{f} never ran\n{output}"
         );
     }
-    assert_eq!(report.verdict.lost, 0, "{table}");
-    assert_eq!(report.verdict.counted_twice, 0, "{table}");
+    assert_eq!(report["verdict"]["lost"], 0, "{output}");
+    assert_eq!(report["verdict"]["counted_twice"], 0, "{output}");
     for level in ["local", "memory", "replicated"] {
         for protocol in ["Http", "Resp"] {
             let kind = format!("{protocol} {level}");
-            let acked = report.by_kind.get(&kind).map_or(0, |t| t.acked);
-            assert!(acked > 0, "no {kind} increment was acknowledged\n{table}");
+            assert!(
+                report["by_kind"][&kind]["acked"].as_u64().unwrap_or(0) > 0,
+                "no {kind} increment was acknowledged\n{output}"
+            );
         }
     }
-    assert!(report.passed(), "{table}");
 }
 
-/// A one-minute run with every fault kind on SQLite loses nothing and
-/// counts nothing twice.
+/// `tally chaos --duration 60s` on SQLite: every fault kind that applies
+/// (all but the store's) runs, nothing is lost or counted twice.
 #[test]
 fn chaos_run_sqlite() {
-    let report = run(ChaosConfig {
-        duration: RUN,
-        ..ChaosConfig::default()
-    });
-    assert_eq!(
-        report.required_faults,
-        vec![Fault::Kill9, Fault::Restart, Fault::Pause, Fault::Wipe]
+    let (status, output, report) = run_binary(&[]);
+    assert_clean(
+        status,
+        &output,
+        &report,
+        &["Kill9", "Restart", "Pause", "Wipe"],
     );
-    assert_clean(&report);
 }
 
-/// The same on PostgreSQL, with a store outage among the faults.
+/// The same on a private PostgreSQL server that the run stops and starts
+/// as a fault: all five kinds.
 #[test]
 fn chaos_run_postgres() {
-    let pg = Arc::new(PgServer::new());
-    let url = pg.url(&pg.create_database());
-    let report = run(ChaosConfig {
-        duration: RUN,
-        store: Some(url),
-        store_control: Some(Arc::new(PgControl(Arc::clone(&pg)))),
-        ..ChaosConfig::default()
-    });
-    assert_eq!(report.required_faults, Fault::ALL.to_vec());
-    assert_clean(&report);
+    let (status, output, report) = run_binary(&["--store", "private-postgres"]);
+    assert_clean(
+        status,
+        &output,
+        &report,
+        &["Kill9", "Restart", "Pause", "Wipe", "StoreOutage"],
+    );
 }
 
 /// The checker catches real loss, not only hand-made histories: clients
@@ -418,4 +449,27 @@ fn chaos_attach_without_a_cluster_is_a_clear_error() {
         stderr.contains(&format!("control endpoint {addr}")),
         "{stderr}"
     );
+}
+
+/// A run clears a directory only if an earlier run made it: a mistyped
+/// `--dir` loses nothing.
+#[test]
+fn a_run_clears_only_its_own_directory() {
+    let dir = tempfile::tempdir().unwrap();
+    let precious = dir.path().join("precious.txt");
+    std::fs::write(&precious, "keep me").unwrap();
+    let err = chaos::prepare_run_dir(dir.path()).unwrap_err().to_string();
+    assert!(err.contains("not made by tally chaos"), "{err}");
+    assert_eq!(std::fs::read_to_string(&precious).unwrap(), "keep me");
+
+    let run = dir.path().join("run");
+    chaos::prepare_run_dir(&run).unwrap();
+    std::fs::create_dir_all(run.join("node1/journal")).unwrap();
+    std::fs::write(run.join("store.db"), "old").unwrap();
+    chaos::prepare_run_dir(&run).unwrap();
+    let left: Vec<_> = std::fs::read_dir(&run)
+        .unwrap()
+        .map(|e| e.unwrap().file_name().into_string().unwrap())
+        .collect();
+    assert_eq!(left, vec![".tally-chaos".to_string()]);
 }
