@@ -1117,13 +1117,18 @@ pub fn run(config: ChaosConfig) -> anyhow::Result<ChaosReport> {
                     "chaos: starting a private PostgreSQL server in {}",
                     dir.display()
                 );
-                let pg = Arc::new(crate::pgserver::PgServer::new(
-                    crate::pgserver::PgOptions {
-                        reachable_from: Some(std::path::absolute(&config.base_dir)?),
-                        dir: Some(dir),
-                        ..Default::default()
-                    },
-                )?);
+                let pg = crate::pgserver::PgServer::new(crate::pgserver::PgOptions {
+                    reachable_from: Some(std::path::absolute(&config.base_dir)?),
+                    dir: Some(dir),
+                    ..Default::default()
+                })
+                .map_err(|e| match e {
+                    crate::pgserver::PgError::Unreachable { .. } => {
+                        anyhow::anyhow!("{e}: choose such a --dir, e.g. under /tmp")
+                    }
+                    e => anyhow::Error::from(e),
+                })?;
+                let pg = Arc::new(pg);
                 config.store = Some(pg.url(&pg.create_database()?));
                 config.store_control = Some(pg.clone());
                 private_pg = Some(pg);

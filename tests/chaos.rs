@@ -132,8 +132,9 @@ static ONE_AT_A_TIME: parking_lot::Mutex<()> = parking_lot::Mutex::new(());
 /// criterion asks.
 const RUN: Duration = Duration::from_secs(60);
 
-/// Runs chaos in a temporary directory, kept if the run fails.
-fn run(config: ChaosConfig) -> ChaosReport {
+/// Runs chaos in a temporary directory, kept for analysis if the run's
+/// result is not `expected` (pass or fail).
+fn run(config: ChaosConfig, expected: bool) -> ChaosReport {
     let _one = ONE_AT_A_TIME.lock();
     let dir = tempfile::tempdir().unwrap();
     let report = chaos::run(ChaosConfig {
@@ -145,7 +146,7 @@ fn run(config: ChaosConfig) -> ChaosReport {
     })
     .expect("running chaos (is haproxy installed?)");
     println!("{}", report.render());
-    if !report.passed() {
+    if report.passed() != expected {
         // Keep the cluster's logs and the history for analysis.
         println!("kept {}", dir.keep().display());
     }
@@ -256,12 +257,15 @@ fn chaos_run_postgres() {
 /// them). The run must fail, with lost increments counted.
 #[test]
 fn checker_reports_memory_writes_killed_before_their_sync() {
-    let report = run(ChaosConfig {
-        duration: Duration::from_secs(10),
-        faults: vec![Fault::Kill9],
-        mislabel_memory_as_local: true,
-        ..ChaosConfig::default()
-    });
+    let report = run(
+        ChaosConfig {
+            duration: Duration::from_secs(10),
+            faults: vec![Fault::Kill9],
+            mislabel_memory_as_local: true,
+            ..ChaosConfig::default()
+        },
+        false,
+    );
     let table = report.render();
     assert!(
         report.faults.get("Kill9").copied().unwrap_or(0) > 0,
