@@ -1,7 +1,8 @@
 //! The local-cluster launcher with the real HAProxy in front of three real
 //! nodes on one SQLite store: traffic through the load balancer, the
 //! supervisor restoring killed and wiped nodes, HAProxy taking a paused node
-//! out of rotation, and a shutdown that leaves nothing running.
+//! out of rotation, a shutdown that leaves nothing running, and the control
+//! endpoint through which another process acts on the nodes.
 //!
 //! HAProxy must be installed (`scripts/test.sh` installs it): these tests
 //! fail without it rather than skip.
@@ -420,4 +421,78 @@ fn missing_haproxy_is_reported_plainly() {
         "stderr: {stderr}"
     );
     assert!(!dir.path().join("node1").exists(), "a node was started");
+}
+
+/// The control endpoint acts on the launcher's own nodes by name, answers
+/// every mistake with a JSON error, and binds only loopback addresses.
+#[test]
+fn control_endpoint_acts_on_nodes_and_refuses_mistakes() {
+    use tally::control::{ControlError, ControlServer, RemoteCluster};
+    use tally::launcher::Action;
+
+    let _one = ONE_AT_A_TIME.lock();
+    let dir = tempfile::tempdir().unwrap();
+    let cluster = start_cluster(dir.path());
+    assert!(ControlServer::bind(([0, 0, 0, 0], 0).into()).is_err());
+    let server = ControlServer::bind(([127, 0, 0, 1], 0).into()).unwrap();
+    let addr = server.local_addr().unwrap();
+    let stop = std::sync::atomic::AtomicBool::new(false);
+    std::thread::scope(|s| {
+        s.spawn(|| server.serve(&cluster, &stop));
+        let remote = RemoteCluster::connect(addr).unwrap();
+        let view = remote.view().clone();
+        assert_eq!(view.lb_http, Some(cluster.lb_http()));
+        assert_eq!(view.lb_resp, Some(cluster.lb_resp()));
+        let nodes = cluster.nodes();
+        assert_eq!(view.nodes.len(), NODES);
+        for (v, n) in view.nodes.iter().zip(&nodes) {
+            assert_eq!(
+                (&v.node_id, v.http, v.resp, v.pid),
+                (&n.node_id, n.http, n.resp, n.pid)
+            );
+        }
+
+        // kill9 through the endpoint: a new process, restarted and ready.
+        let old_pid = nodes[1].pid.unwrap();
+        remote.act(1, Action::Kill9).unwrap();
+        remote.wait_ready(1, RESTART_TIMEOUT).unwrap();
+        let new_pid = cluster.nodes()[1].pid.unwrap();
+        assert_ne!(new_pid, old_pid);
+        assert_eq!(cluster.restarts(1).unwrap(), 1);
+        let view = RemoteCluster::connect(addr).unwrap();
+        assert_eq!(view.view().nodes[1].restarts, 1);
+
+        assert!(matches!(
+            remote.act(NODES, Action::Kill9),
+            Err(ControlError::NoSuchNode(_))
+        ));
+        for (method, path, status) in [
+            ("POST", "/v1/nodes/node9/kill9", 404),
+            ("POST", "/v1/nodes/node1/explode", 400),
+            ("POST", "/v1/nodes/node1/wait-ready?timeout_ms=soon", 400),
+            ("GET", "/v1/nowhere", 404),
+        ] {
+            let mut s = std::net::TcpStream::connect(addr).unwrap();
+            use std::io::{Read, Write};
+            write!(s, "{method} {path} HTTP/1.1\r\nhost: x\r\n\r\n").unwrap();
+            let mut answer = String::new();
+            s.read_to_string(&mut answer).unwrap();
+            assert!(
+                answer.starts_with(&format!("HTTP/1.1 {status} ")),
+                "{method} {path}: {answer}"
+            );
+            assert!(answer.contains("{\"error\":"), "{answer}");
+        }
+        // An oversized request head is refused, and the endpoint serves on.
+        let mut s = std::net::TcpStream::connect(addr).unwrap();
+        use std::io::{Read, Write};
+        // Just over the limit, all of it read by the endpoint (a close with
+        // unread bytes would reset the connection before the answer).
+        let _ = write!(s, "GET /{} HTTP/1.1\r\n", "x".repeat(8500));
+        let mut answer = String::new();
+        let _ = s.read_to_string(&mut answer);
+        assert!(answer.starts_with("HTTP/1.1 400 "), "{answer}");
+        assert!(RemoteCluster::connect(addr).is_ok());
+        stop.store(true, std::sync::atomic::Ordering::SeqCst);
+    });
 }
