@@ -146,6 +146,15 @@ fn run(config: ChaosConfig, expected: bool) -> ChaosReport {
     })
     .expect("running chaos (is haproxy installed?)");
     println!("{}", report.render());
+    if !report.passed() {
+        // A failing run keeps its history for analysis.
+        let history = report.history_path.as_ref().expect("a history path");
+        assert!(
+            std::fs::metadata(history).is_ok_and(|m| m.len() > 0),
+            "no history at {}",
+            history.display()
+        );
+    }
     if report.passed() != expected {
         // Keep the cluster's logs and the history for analysis.
         println!("kept {}", dir.keep().display());
@@ -281,13 +290,6 @@ fn checker_reports_memory_writes_killed_before_their_sync() {
         "{table}"
     );
     assert!(!report.passed(), "{table}");
-    assert!(
-        report
-            .history_path
-            .as_ref()
-            .is_some_and(|p| std::fs::metadata(p).is_ok_and(|m| m.len() > 0)),
-        "a failing run keeps its history\n{table}"
-    );
 }
 
 /// `n` consecutive free loopback ports (`tally cluster` numbers its nodes'
