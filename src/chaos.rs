@@ -65,7 +65,7 @@ pub enum Fault {
     /// `kill -9` and delete the data directory (lost disk), only while
     /// every client writes at `replicated`.
     Wipe,
-    /// Stop the store for [`STORE_OUTAGE`], then start it again; only when
+    /// Stop the store for `STORE_OUTAGE` (2 s), then start it again; only when
     /// the run was given a [`StoreControl`] (the store is its own).
     StoreOutage,
 }

@@ -16,7 +16,7 @@
 //! processes of one machine, the default) and [`postgres`] (across
 //! machines). [`open`] picks one from a URL; [`schema`] owns the tables and
 //! their versioned migrations; [`faulty`] wraps a store to fail on demand in
-//! tests; [`bench`] times a flush. `docs/design.md`, "Shared store", gives the
+//! tests; [`bench`](mod@bench) times a flush. `docs/design.md`, "Shared store", gives the
 //! schema and the fencing argument.
 //!
 //! This module must never decide *what* to flush or when: that belongs to
