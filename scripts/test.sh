@@ -25,6 +25,8 @@ rustup component list --installed 2>/dev/null | grep -q '^clippy' || rustup comp
 
 cargo fmt --all -- --check
 cargo clippy --workspace --all-targets -- -D warnings
+# API documentation builds without broken links.
+RUSTDOCFLAGS="-D warnings" cargo doc --workspace --no-deps --quiet
 # The benchmark program at its smallest sizes (about a minute once built),
 # so that a change that breaks it is caught here, not when someone needs
 # the figures.
