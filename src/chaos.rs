@@ -341,6 +341,9 @@ pub struct ChaosConfig {
     /// really loses increments the checker believes durable. A run with
     /// this set must fail.
     pub mislabel_memory_as_local: bool,
+    /// Set (by a signal handler) to end the load phase early: the run then
+    /// checks what happened so far, stops its cluster, and fails.
+    pub interrupt: Option<Arc<AtomicBool>>,
 }
 
 impl Default for ChaosConfig {
@@ -356,6 +359,7 @@ impl Default for ChaosConfig {
             attach: None,
             faults: Fault::ALL.to_vec(),
             mislabel_memory_as_local: false,
+            interrupt: None,
         }
     }
 }
@@ -663,6 +667,8 @@ struct Load {
     replicated_only: AtomicBool,
     /// See [`ChaosConfig::mislabel_memory_as_local`].
     mislabel_memory_as_local: bool,
+    /// See [`ChaosConfig::interrupt`].
+    interrupt: Arc<AtomicBool>,
     /// Clients give up on unresolved increments after this.
     retry_deadline: Mutex<Option<Instant>>,
     history: Mutex<Vec<Request>>,
@@ -761,6 +767,22 @@ async fn client(load: Arc<Load>, id: usize, seed: u64) {
     }
 }
 
+/// Sleeps for `d` unless `flag` is set first; returns whether it was.
+fn sleep_unless(flag: &AtomicBool, d: Duration) -> bool {
+    const STEP: Duration = Duration::from_millis(50);
+    let deadline = Instant::now() + d;
+    loop {
+        if flag.load(Ordering::SeqCst) {
+            return true;
+        }
+        let now = Instant::now();
+        if now >= deadline {
+            return false;
+        }
+        std::thread::sleep(STEP.min(deadline - now));
+    }
+}
+
 /// The fault kinds a run with `config` must inject: the ones asked for,
 /// without the store fault when nothing can stop the store.
 pub fn required_faults(config: &ChaosConfig) -> Vec<Fault> {
@@ -808,7 +830,9 @@ fn inject_faults(
     };
     loop {
         let gap = Duration::from_millis(500 + rng.below(1500));
-        std::thread::sleep(gap);
+        if sleep_unless(&load.interrupt, gap) {
+            break;
+        }
         let elapsed = load.started.elapsed();
         if elapsed >= duration && !owed(&first, wiped, elapsed) {
             break;
@@ -946,13 +970,17 @@ pub struct ChaosReport {
     pub history_path: Option<PathBuf>,
     /// The fault kinds this run had to inject.
     pub required_faults: Vec<Fault>,
+    /// When the run was interrupted, if it was: it then proves too little
+    /// to pass, whatever it found.
+    pub interrupted_at_ms: Option<u64>,
 }
 
 impl ChaosReport {
     /// True when nothing was lost, nothing was counted twice, the nodes
     /// agree, and every fault kind ran without an error.
     pub fn passed(&self) -> bool {
-        self.verdict.ok()
+        self.interrupted_at_ms.is_none()
+            && self.verdict.ok()
             && self.fault_errors.is_empty()
             && self
                 .required_faults
@@ -1012,6 +1040,9 @@ impl ChaosReport {
         );
         for v in &self.verdict.violations {
             let _ = writeln!(o, "VIOLATION: {v}");
+        }
+        if let Some(ms) = self.interrupted_at_ms {
+            let _ = writeln!(o, "interrupted at {ms} ms: the load phase ended early");
         }
         if let Some(p) = &self.history_path {
             let _ = writeln!(o, "history (JSON lines): {}", p.display());
@@ -1168,6 +1199,7 @@ fn run_on(target: &dyn Target, config: &ChaosConfig) -> anyhow::Result<ChaosRepo
         stop: AtomicBool::new(false),
         replicated_only: AtomicBool::new(false),
         mislabel_memory_as_local: config.mislabel_memory_as_local,
+        interrupt: config.interrupt.clone().unwrap_or_default(),
         retry_deadline: Mutex::new(None),
         history: Mutex::new(Vec::new()),
         acks_ms: Mutex::new(Vec::new()),
@@ -1243,6 +1275,7 @@ fn run_on(target: &dyn Target, config: &ChaosConfig) -> anyhow::Result<ChaosRepo
         verdict,
         history_path: None,
         required_faults,
+        interrupted_at_ms: load.interrupt.load(Ordering::SeqCst).then_some(load_ms),
     };
     if !report.passed() {
         let path = config.base_dir.join("chaos-history.jsonl");

@@ -120,7 +120,7 @@ impl ControlServer {
         while !stop.load(Ordering::SeqCst) {
             match self.listener.accept() {
                 Ok((stream, _)) => {
-                    if let Err(e) = serve_one(cluster, stream) {
+                    if let Err(e) = serve_one(cluster, stream, stop) {
                         tracing::debug!(error = %e, "control request failed");
                     }
                 }
@@ -156,13 +156,17 @@ fn read_head(stream: &mut TcpStream) -> std::io::Result<Option<String>> {
     }
 }
 
-fn serve_one(cluster: &LocalCluster, mut stream: TcpStream) -> std::io::Result<()> {
+fn serve_one(
+    cluster: &LocalCluster,
+    mut stream: TcpStream,
+    stop: &AtomicBool,
+) -> std::io::Result<()> {
     stream.set_nonblocking(false)?;
     stream.set_read_timeout(Some(CONTROL_IO_TIMEOUT))?;
     stream.set_write_timeout(Some(CONTROL_IO_TIMEOUT))?;
     let (status, body) = match read_head(&mut stream)? {
         None => (400, error_body("malformed or oversized request")),
-        Some(head) => route(cluster, &head),
+        Some(head) => route(cluster, &head, stop),
     };
     let reason = match status {
         200 => "OK",
@@ -207,7 +211,7 @@ pub fn view(cluster: &LocalCluster) -> ClusterView {
 }
 
 /// Answers one request head with a status and a JSON body.
-fn route(cluster: &LocalCluster, head: &str) -> (u16, String) {
+fn route(cluster: &LocalCluster, head: &str, stop: &AtomicBool) -> (u16, String) {
     let line = head.lines().next().unwrap_or("");
     let mut parts = line.split(' ');
     let (Some(method), Some(target)) = (parts.next(), parts.next()) else {
@@ -242,13 +246,22 @@ fn route(cluster: &LocalCluster, head: &str) -> (u16, String) {
                         );
                     }
                 };
-                return match cluster.wait_ready(i, timeout) {
-                    Ok(()) => (
-                        200,
-                        serde_json::json!({ "node": id, "ready": true }).to_string(),
-                    ),
-                    Err(e) => (504, error_body(e)),
-                };
+                // Waits in short steps, so that stopping the cluster is
+                // never held up by a waiting client.
+                let deadline = std::time::Instant::now() + timeout;
+                loop {
+                    let left = deadline.saturating_duration_since(std::time::Instant::now());
+                    match cluster.wait_ready(i, left.min(ACCEPT_POLL)) {
+                        Ok(()) => {
+                            let body = serde_json::json!({ "node": id, "ready": true });
+                            return (200, body.to_string());
+                        }
+                        Err(e) if left.is_zero() || stop.load(Ordering::SeqCst) => {
+                            return (504, error_body(e));
+                        }
+                        Err(_) => {}
+                    }
+                }
             }
             let Some(action) = Action::from_name(verb) else {
                 let names: Vec<&str> = Action::ALL.iter().map(|a| a.name()).collect();

@@ -135,6 +135,38 @@ fn chaos(args: tally::cli::ChaosArgs) -> anyhow::Result<ExitCode> {
              or --store private-postgres"
         );
     }
+    // Ctrl-C (or SIGTERM) ends the load early; the run still checks what
+    // happened and stops every process it started. Signals are caught from
+    // before the cluster starts.
+    let interrupt = std::sync::Arc::new(std::sync::atomic::AtomicBool::new(false));
+    {
+        let runtime = tokio::runtime::Builder::new_current_thread()
+            .enable_all()
+            .build()?;
+        let (mut term, mut int) = {
+            use tokio::signal::unix::{SignalKind, signal};
+            let _guard = runtime.enter();
+            (
+                signal(SignalKind::terminate())?,
+                signal(SignalKind::interrupt())?,
+            )
+        };
+        let flag = interrupt.clone();
+        std::thread::Builder::new()
+            .name("chaos-signals".into())
+            .spawn(move || {
+                runtime.block_on(async {
+                    tokio::select! {
+                        _ = term.recv() => {}
+                        _ = int.recv() => {}
+                    }
+                });
+                println!(
+                    "chaos: interrupted: ending the load, then checking and stopping the cluster"
+                );
+                flag.store(true, std::sync::atomic::Ordering::SeqCst);
+            })?;
+    }
     let report = tally::chaos::run(ChaosConfig {
         duration: args.duration,
         store: args.store,
@@ -146,6 +178,7 @@ fn chaos(args: tally::cli::ChaosArgs) -> anyhow::Result<ExitCode> {
         attach: args.attach,
         faults: args.faults,
         mislabel_memory_as_local: false,
+        interrupt: Some(interrupt),
     })?;
     print!("{}", report.render());
     if let Some(path) = &args.report_json {

@@ -591,6 +591,9 @@ impl PgServer {
         let child = cmd
             .stdout(Stdio::from(log))
             .stderr(Stdio::from(log_err))
+            // A process group of its own: a Ctrl-C in the terminal reaches
+            // only its owner, which stops it after the nodes that use it.
+            .process_group(0)
             .spawn()
             .map_err(io_err("starting postgres"))?;
         self.state.lock().child = Some(child);

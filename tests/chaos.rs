@@ -479,3 +479,80 @@ fn a_run_clears_only_its_own_directory() {
         .collect();
     assert_eq!(left, vec![".tally-chaos".to_string()]);
 }
+
+/// Processes whose command line mentions `dir`.
+fn processes_using(dir: &std::path::Path) -> Vec<String> {
+    let needle = dir.to_string_lossy().into_owned();
+    std::fs::read_dir("/proc")
+        .unwrap()
+        .filter_map(|e| {
+            let e = e.ok()?;
+            e.file_name().to_str()?.parse::<u32>().ok()?;
+            let cmdline = std::fs::read(e.path().join("cmdline")).ok()?;
+            let cmdline = String::from_utf8_lossy(&cmdline).replace('\0', " ");
+            cmdline.contains(&needle).then_some(cmdline)
+        })
+        .collect()
+}
+
+/// Ctrl-C ends the load early: the run still checks what happened, stops
+/// every process it started (nodes, HAProxy, its PostgreSQL server), and
+/// fails, since an interrupted run proves too little.
+#[test]
+fn interrupted_run_checks_stops_everything_and_fails() {
+    let _one = ONE_AT_A_TIME.lock();
+    let dir = tempfile::tempdir().unwrap();
+    let run_dir = dir.path().join("run");
+    let mut chaos = Command::new(env!("CARGO_BIN_EXE_tally"))
+        .args(["chaos", "--duration", "60s", "--store", "private-postgres"])
+        .arg("--dir")
+        .arg(&run_dir)
+        .stdin(Stdio::null())
+        .stdout(Stdio::piped())
+        .stderr(Stdio::null())
+        .spawn()
+        .unwrap();
+    let stdout = chaos.stdout.take().unwrap();
+    let (tx, rx) = std::sync::mpsc::channel();
+    std::thread::spawn(move || {
+        for line in BufReader::new(stdout).lines().map_while(Result::ok) {
+            let _ = tx.send(line);
+        }
+    });
+    // Interrupted once the first fault has run, under load.
+    let mut output = Vec::new();
+    loop {
+        let line = rx
+            .recv_timeout(Duration::from_secs(60))
+            .expect("no fault line within a minute");
+        let fault = line.contains("acknowledged so far");
+        output.push(line);
+        if fault {
+            break;
+        }
+    }
+    assert!(
+        !processes_using(&run_dir).is_empty(),
+        "the run's processes name its directory"
+    );
+    // SAFETY: kill(2) on the child this test started and has not reaped.
+    unsafe { libc::kill(chaos.id() as libc::pid_t, libc::SIGINT) };
+    let deadline = std::time::Instant::now() + Duration::from_secs(90);
+    let status = loop {
+        if let Some(status) = chaos.try_wait().unwrap() {
+            break status;
+        }
+        if std::time::Instant::now() >= deadline {
+            let _ = chaos.kill();
+            panic!("the interrupted run did not end within 90 s");
+        }
+        std::thread::sleep(Duration::from_millis(100));
+    };
+    output.extend(rx.try_iter());
+    let text = output.join("\n");
+    assert_eq!(status.code(), Some(1), "{text}");
+    assert!(text.contains("interrupted at"), "{text}");
+    assert!(text.contains("increments lost               0"), "{text}");
+    let left = processes_using(&run_dir);
+    assert!(left.is_empty(), "still running: {left:?}");
+}
