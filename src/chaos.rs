@@ -1119,6 +1119,18 @@ pub fn cluster_config(config: &ChaosConfig) -> std::io::Result<LocalClusterConfi
 /// faults, check. Blocks; starts its own tokio runtime, so it must not be
 /// called from inside one.
 pub fn run(config: ChaosConfig) -> anyhow::Result<ChaosReport> {
+    let store_fault_possible = config.store_control.is_some()
+        || (config.attach.is_none() && config.store.as_deref() == Some(PRIVATE_POSTGRES));
+    if config
+        .faults
+        .iter()
+        .all(|f| *f == Fault::StoreOutage && !store_fault_possible)
+    {
+        anyhow::bail!(
+            "no fault to inject: the store fault needs a store the run can stop and start, \
+             and no other kind was chosen"
+        );
+    }
     println!("chaos: seed {}", config.seed);
     match config.attach {
         Some(addr) => {

@@ -556,3 +556,21 @@ fn interrupted_run_checks_stops_everything_and_fails() {
     let left = processes_using(&run_dir);
     assert!(left.is_empty(), "still running: {left:?}");
 }
+
+/// A run that could inject no fault at all is refused before it starts
+/// anything, rather than pass having proved nothing.
+#[test]
+fn a_run_without_any_possible_fault_is_refused() {
+    let dir = tempfile::tempdir().unwrap();
+    let run_dir = dir.path().join("run");
+    let out = Command::new(env!("CARGO_BIN_EXE_tally"))
+        .args(["chaos", "--faults", "store", "--duration", "5s"])
+        .arg("--dir")
+        .arg(&run_dir)
+        .output()
+        .unwrap();
+    assert_eq!(out.status.code(), Some(1));
+    let stderr = String::from_utf8_lossy(&out.stderr);
+    assert!(stderr.contains("no fault to inject"), "{stderr}");
+    assert!(!run_dir.exists(), "nothing is started or created");
+}
