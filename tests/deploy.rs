@@ -1,0 +1,112 @@
+//! The files in `deploy/` stay true to the code: HAProxy accepts the
+//! configuration and checks what the nodes answer, every variable of the
+//! example environment is one `tally serve` reads, and the systemd unit
+//! runs `tally serve` with that environment and restarts it whatever the
+//! exit.
+//!
+//! HAProxy must be installed (`scripts/test.sh` installs it): the check
+//! fails without it rather than skip.
+
+use std::path::Path;
+use std::process::Command;
+
+fn deploy_file(name: &str) -> String {
+    let path = Path::new(env!("CARGO_MANIFEST_DIR"))
+        .join("deploy")
+        .join(name);
+    std::fs::read_to_string(&path).unwrap_or_else(|e| panic!("{}: {e}", path.display()))
+}
+
+/// Lines that are not comments or blank, trimmed.
+fn settings(text: &str) -> Vec<&str> {
+    text.lines()
+        .map(str::trim)
+        .filter(|l| !l.is_empty() && !l.starts_with('#'))
+        .collect()
+}
+
+#[test]
+fn haproxy_config_is_valid_and_checks_what_nodes_answer() {
+    let path = Path::new(env!("CARGO_MANIFEST_DIR")).join("deploy/haproxy.cfg");
+    let out = Command::new("haproxy")
+        .arg("-c")
+        .arg("-f")
+        .arg(&path)
+        .output()
+        .expect("running haproxy -c (is haproxy installed?)");
+    assert!(
+        out.status.success(),
+        "haproxy rejects deploy/haproxy.cfg: {}{}",
+        String::from_utf8_lossy(&out.stdout),
+        String::from_utf8_lossy(&out.stderr)
+    );
+    let text = deploy_file("haproxy.cfg");
+    let lines = settings(&text);
+    // The checks must ask what a ready node answers: /readyz is 200 only
+    // once the node has recovered, and PING gets +PONG.
+    for expected in [
+        "option httpchk GET /readyz",
+        "http-check expect status 200",
+        "tcp-check send PING\\r\\n",
+        "tcp-check expect string +PONG",
+    ] {
+        assert!(lines.contains(&expected), "missing `{expected}`");
+    }
+    let servers = lines.iter().filter(|l| l.starts_with("server ")).count();
+    let checked = lines
+        .iter()
+        .filter(|l| l.starts_with("server ") && l.split_whitespace().any(|w| w == "check"))
+        .count();
+    assert!(servers >= 2, "{servers} servers");
+    assert_eq!(checked, servers, "every server is health-checked");
+}
+
+#[test]
+fn example_environment_names_only_variables_tally_serve_reads() {
+    let help = Command::new(env!("CARGO_BIN_EXE_tally"))
+        .args(["serve", "--help"])
+        .output()
+        .unwrap();
+    assert!(help.status.success());
+    let help = String::from_utf8_lossy(&help.stdout);
+    let text = deploy_file("tally.env");
+    let vars: Vec<&str> = settings(&text)
+        .into_iter()
+        .map(|l| l.split_once('=').map_or(l, |(k, _)| k))
+        .collect();
+    assert!(vars.contains(&"TALLY_STORE"), "{vars:?}");
+    for var in &vars {
+        assert!(
+            help.contains(&format!("[env: {var}=")),
+            "deploy/tally.env sets {var}, which `tally serve` does not read"
+        );
+    }
+}
+
+#[test]
+fn systemd_unit_runs_the_node_with_that_environment_and_always_restarts_it() {
+    let text = deploy_file("tally.service");
+    let lines = settings(&text);
+    let value = |key: &str| {
+        lines
+            .iter()
+            .find_map(|l| l.strip_prefix(key)?.strip_prefix('='))
+            .unwrap_or_else(|| panic!("tally.service has no {key}"))
+    };
+    assert!(value("ExecStart").ends_with("tally serve"));
+    assert_eq!(value("EnvironmentFile"), "/etc/tally/tally.env");
+    assert_eq!(value("Restart"), "always");
+    assert_eq!(value("KillSignal"), "SIGTERM", "a stop is graceful");
+    // The env file's data directory is one the unit lets the node write.
+    let env = deploy_file("tally.env");
+    let data_dir = settings(&env)
+        .into_iter()
+        .find_map(|l| l.strip_prefix("TALLY_DATA_DIR="))
+        .expect("TALLY_DATA_DIR in tally.env");
+    assert!(
+        value("ReadWritePaths")
+            .split_whitespace()
+            .any(|p| p == data_dir),
+        "ReadWritePaths must include {data_dir}"
+    );
+}
