@@ -48,17 +48,7 @@ fn cluster(args: tally::cli::ClusterArgs) -> anyhow::Result<ExitCode> {
     };
     // Signals are caught from before the first node starts: a Ctrl-C while
     // starting must stop what has started, not leave it running.
-    let runtime = tokio::runtime::Builder::new_current_thread()
-        .enable_all()
-        .build()?;
-    let (mut term, mut int) = {
-        use tokio::signal::unix::{SignalKind, signal};
-        let _guard = runtime.enter();
-        (
-            signal(SignalKind::terminate())?,
-            signal(SignalKind::interrupt())?,
-        )
-    };
+    let signals = Signals::install()?;
     let mut cluster = tally::launcher::LocalCluster::start(args.config())?;
     if haproxy {
         println!("load balancer (HAProxy):");
@@ -98,12 +88,7 @@ fn cluster(args: tally::cli::ClusterArgs) -> anyhow::Result<ExitCode> {
             let (cluster, stop) = (&cluster, &stop);
             s.spawn(move || c.serve(cluster, stop));
         }
-        runtime.block_on(async {
-            tokio::select! {
-                _ = term.recv() => {}
-                _ = int.recv() => {}
-            }
-        });
+        signals.wait();
         stop.store(true, std::sync::atomic::Ordering::SeqCst);
     });
     tracing::info!("stopping the cluster");
@@ -140,27 +125,12 @@ fn chaos(args: tally::cli::ChaosArgs) -> anyhow::Result<ExitCode> {
     // before the cluster starts.
     let interrupt = std::sync::Arc::new(std::sync::atomic::AtomicBool::new(false));
     {
-        let runtime = tokio::runtime::Builder::new_current_thread()
-            .enable_all()
-            .build()?;
-        let (mut term, mut int) = {
-            use tokio::signal::unix::{SignalKind, signal};
-            let _guard = runtime.enter();
-            (
-                signal(SignalKind::terminate())?,
-                signal(SignalKind::interrupt())?,
-            )
-        };
+        let signals = Signals::install()?;
         let flag = interrupt.clone();
         std::thread::Builder::new()
             .name("chaos-signals".into())
             .spawn(move || {
-                runtime.block_on(async {
-                    tokio::select! {
-                        _ = term.recv() => {}
-                        _ = int.recv() => {}
-                    }
-                });
+                signals.wait();
                 println!(
                     "chaos: interrupted: ending the load, then checking and stopping the cluster"
                 );
@@ -190,6 +160,43 @@ fn chaos(args: tally::cli::ChaosArgs) -> anyhow::Result<ExitCode> {
     } else {
         ExitCode::FAILURE
     })
+}
+
+/// SIGTERM and SIGINT handlers, installed when made (so a signal that
+/// arrives before anyone waits is not lost), on a runtime of their own.
+struct Signals {
+    runtime: tokio::runtime::Runtime,
+    term: tokio::signal::unix::Signal,
+    int: tokio::signal::unix::Signal,
+}
+
+impl Signals {
+    fn install() -> anyhow::Result<Signals> {
+        use tokio::signal::unix::{SignalKind, signal};
+        let runtime = tokio::runtime::Builder::new_current_thread()
+            .enable_all()
+            .build()?;
+        let _guard = runtime.enter();
+        let term = signal(SignalKind::terminate())?;
+        let int = signal(SignalKind::interrupt())?;
+        drop(_guard);
+        Ok(Signals { runtime, term, int })
+    }
+
+    /// Blocks until the first SIGTERM or SIGINT.
+    fn wait(self) {
+        let Signals {
+            runtime,
+            mut term,
+            mut int,
+        } = self;
+        runtime.block_on(async {
+            tokio::select! {
+                _ = term.recv() => {}
+                _ = int.recv() => {}
+            }
+        });
+    }
 }
 
 fn inspect(data_dir: &std::path::Path, json: bool) -> anyhow::Result<ExitCode> {
