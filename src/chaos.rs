@@ -783,13 +783,20 @@ fn sleep_unless(flag: &AtomicBool, d: Duration) -> bool {
     }
 }
 
+/// Whether a run with `config` can stop and start its store: it was given
+/// a [`StoreControl`], or it will start a private server of its own.
+fn store_fault_possible(config: &ChaosConfig) -> bool {
+    config.store_control.is_some()
+        || (config.attach.is_none() && config.store.as_deref() == Some(PRIVATE_POSTGRES))
+}
+
 /// The fault kinds a run with `config` must inject: the ones asked for,
 /// without the store fault when nothing can stop the store.
 pub fn required_faults(config: &ChaosConfig) -> Vec<Fault> {
     let mut kinds: Vec<Fault> = Fault::ALL
         .into_iter()
         .filter(|f| config.faults.contains(f))
-        .filter(|f| *f != Fault::StoreOutage || config.store_control.is_some())
+        .filter(|f| *f != Fault::StoreOutage || store_fault_possible(config))
         .collect();
     kinds.dedup();
     kinds
@@ -1075,43 +1082,13 @@ pub fn tally_history(history: &[Request]) -> BTreeMap<String, Tally> {
     out
 }
 
-/// Free loopback ports, all held until every one is chosen.
-fn free_ports(n: usize) -> std::io::Result<Vec<u16>> {
-    let held = (0..n)
-        .map(|_| std::net::TcpListener::bind("127.0.0.1:0"))
-        .collect::<std::io::Result<Vec<_>>>()?;
-    held.iter()
-        .map(|l| l.local_addr().map(|a| a.port()))
-        .collect()
-}
-
 /// The cluster a run starts: three nodes on free loopback ports, HAProxy
 /// in front, short flush and refresh intervals so the end settles fast.
 pub fn cluster_config(config: &ChaosConfig) -> std::io::Result<LocalClusterConfig> {
-    const NODES: usize = 3;
-    let ports = free_ports(2 * NODES + 2)?;
     Ok(LocalClusterConfig {
-        nodes: NODES,
-        base_dir: config.base_dir.clone(),
         store: config.store.clone(),
         exe: config.exe.clone(),
-        node_ports: (0..NODES)
-            .map(|i| (ports[2 * i], ports[2 * i + 1]))
-            .collect(),
-        lb_http: ([127, 0, 0, 1], ports[2 * NODES]).into(),
-        lb_resp: ([127, 0, 0, 1], ports[2 * NODES + 1]).into(),
-        haproxy: true,
-        node_args: [
-            "--flush-interval-ms",
-            "20",
-            "--refresh-interval-ms",
-            "20",
-            "--heartbeat-interval-ms",
-            "200",
-        ]
-        .map(String::from)
-        .to_vec(),
-        ..Default::default()
+        ..LocalClusterConfig::for_fault_tests(3, &config.base_dir)?
     })
 }
 
@@ -1119,13 +1096,7 @@ pub fn cluster_config(config: &ChaosConfig) -> std::io::Result<LocalClusterConfi
 /// faults, check. Blocks; starts its own tokio runtime, so it must not be
 /// called from inside one.
 pub fn run(config: ChaosConfig) -> anyhow::Result<ChaosReport> {
-    let store_fault_possible = config.store_control.is_some()
-        || (config.attach.is_none() && config.store.as_deref() == Some(PRIVATE_POSTGRES));
-    if config
-        .faults
-        .iter()
-        .all(|f| *f == Fault::StoreOutage && !store_fault_possible)
-    {
+    if required_faults(&config).is_empty() {
         anyhow::bail!(
             "no fault to inject: the store fault needs a store the run can stop and start, \
              and no other kind was chosen"

@@ -130,6 +130,48 @@ impl Default for LocalClusterConfig {
     }
 }
 
+/// Flush, refresh and heartbeat intervals short enough that a fault test's
+/// cluster settles within a second of the load stopping.
+pub const FAULT_TEST_NODE_ARGS: [&str; 6] = [
+    "--flush-interval-ms",
+    "20",
+    "--refresh-interval-ms",
+    "20",
+    "--heartbeat-interval-ms",
+    "200",
+];
+
+impl LocalClusterConfig {
+    /// What fault tests run: `nodes` nodes and HAProxy on free loopback
+    /// ports, SQLite in `base_dir`, and [`FAULT_TEST_NODE_ARGS`].
+    pub fn for_fault_tests(nodes: usize, base_dir: &Path) -> std::io::Result<LocalClusterConfig> {
+        let ports = free_loopback_ports(2 * nodes + 2)?;
+        Ok(LocalClusterConfig {
+            nodes,
+            base_dir: base_dir.to_path_buf(),
+            node_ports: (0..nodes)
+                .map(|i| (ports[2 * i], ports[2 * i + 1]))
+                .collect(),
+            lb_http: ([127, 0, 0, 1], ports[2 * nodes]).into(),
+            lb_resp: ([127, 0, 0, 1], ports[2 * nodes + 1]).into(),
+            haproxy: true,
+            node_args: FAULT_TEST_NODE_ARGS.map(String::from).to_vec(),
+            ..Default::default()
+        })
+    }
+}
+
+/// `n` distinct free loopback ports: all are held until every one is
+/// chosen, then released for the caller to bind.
+pub fn free_loopback_ports(n: usize) -> std::io::Result<Vec<u16>> {
+    let held = (0..n)
+        .map(|_| std::net::TcpListener::bind("127.0.0.1:0"))
+        .collect::<std::io::Result<Vec<_>>>()?;
+    held.iter()
+        .map(|l| l.local_addr().map(|a| a.port()))
+        .collect()
+}
+
 /// What a caller can do to one node of a running cluster.
 #[derive(Debug, Clone, Copy, PartialEq, Eq)]
 pub enum Action {

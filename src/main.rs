@@ -113,13 +113,6 @@ fn chaos(args: tally::cli::ChaosArgs) -> anyhow::Result<ExitCode> {
             }
             _ => None,
         };
-    let private_pg = args.store.as_deref() == Some(tally::chaos::PRIVATE_POSTGRES);
-    if store_control.is_none() && !private_pg && args.faults.contains(&Fault::StoreOutage) {
-        println!(
-            "chaos: the store fault is not injected: give --store-stop-cmd and --store-start-cmd, \
-             or --store private-postgres"
-        );
-    }
     // Ctrl-C (or SIGTERM) ends the load early; the run still checks what
     // happened and stops every process it started. Signals are caught from
     // before the cluster starts.
@@ -137,7 +130,7 @@ fn chaos(args: tally::cli::ChaosArgs) -> anyhow::Result<ExitCode> {
                 flag.store(true, std::sync::atomic::Ordering::SeqCst);
             })?;
     }
-    let report = tally::chaos::run(ChaosConfig {
+    let config = ChaosConfig {
         duration: args.duration,
         store: args.store,
         seed,
@@ -149,7 +142,16 @@ fn chaos(args: tally::cli::ChaosArgs) -> anyhow::Result<ExitCode> {
         faults: args.faults,
         mislabel_memory_as_local: false,
         interrupt: Some(interrupt),
-    })?;
+    };
+    if config.faults.contains(&Fault::StoreOutage)
+        && !tally::chaos::required_faults(&config).contains(&Fault::StoreOutage)
+    {
+        println!(
+            "chaos: the store fault is not injected: give --store-stop-cmd and --store-start-cmd, \
+             or --store private-postgres"
+        );
+    }
+    let report = tally::chaos::run(config)?;
     print!("{}", report.render());
     if let Some(path) = &args.report_json {
         std::fs::write(path, serde_json::to_string_pretty(&report)?)

@@ -7,7 +7,7 @@
 //! HAProxy must be installed (`scripts/test.sh` installs it): these tests
 //! fail without it rather than skip.
 
-use std::net::{SocketAddr, TcpListener};
+use std::net::SocketAddr;
 use std::time::{Duration, Instant};
 
 use parking_lot::Mutex;
@@ -31,39 +31,10 @@ const POLL: Duration = Duration::from_millis(50);
 /// (rotation within a second) must not compete with another cluster.
 static ONE_AT_A_TIME: Mutex<()> = Mutex::new(());
 
-/// Free loopback ports, all held until every one is chosen.
-fn free_ports(n: usize) -> Vec<u16> {
-    let held: Vec<TcpListener> = (0..n)
-        .map(|_| TcpListener::bind("127.0.0.1:0").unwrap())
-        .collect();
-    held.iter()
-        .map(|l| l.local_addr().unwrap().port())
-        .collect()
-}
-
 fn start_cluster(dir: &std::path::Path) -> LocalCluster {
-    let ports = free_ports(2 * NODES + 2);
     let config = LocalClusterConfig {
-        nodes: NODES,
-        base_dir: dir.to_path_buf(),
         exe: Some(env!("CARGO_BIN_EXE_tally").into()),
-        node_ports: (0..NODES)
-            .map(|i| (ports[2 * i], ports[2 * i + 1]))
-            .collect(),
-        lb_http: ([127, 0, 0, 1], ports[2 * NODES]).into(),
-        lb_resp: ([127, 0, 0, 1], ports[2 * NODES + 1]).into(),
-        haproxy: true,
-        node_args: [
-            "--flush-interval-ms",
-            "20",
-            "--refresh-interval-ms",
-            "20",
-            "--heartbeat-interval-ms",
-            "200",
-        ]
-        .map(String::from)
-        .to_vec(),
-        ..Default::default()
+        ..LocalClusterConfig::for_fault_tests(NODES, dir).unwrap()
     };
     LocalCluster::start(config).expect("starting the local cluster (is haproxy installed?)")
 }
