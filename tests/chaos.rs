@@ -293,16 +293,17 @@ fn checker_reports_memory_writes_killed_before_their_sync() {
 }
 
 /// `n` consecutive free loopback ports (`tally cluster` numbers its nodes'
-/// ports from a base).
+/// ports from a base). They are looked for below the kernel's ephemeral
+/// range (32768 and up on Linux), where the tens of thousands of
+/// short-lived client connections of a chaos run leave TIME-WAIT entries
+/// that make binding a chosen port fail.
 fn free_port_run(n: u16) -> u16 {
+    const LOW: u16 = 20_000;
+    const HIGH: u16 = 32_000;
+    let mut base = LOW + (std::process::id() % u32::from(HIGH - LOW - n)) as u16;
     for _ in 0..200 {
-        let base = TcpListener::bind("127.0.0.1:0")
-            .unwrap()
-            .local_addr()
-            .unwrap()
-            .port();
-        if base.checked_add(n).is_none() {
-            continue;
+        if base + n > HIGH {
+            base = LOW;
         }
         let held: Vec<_> = (0..n)
             .map_while(|i| TcpListener::bind(("127.0.0.1", base + i)).ok())
@@ -310,16 +311,9 @@ fn free_port_run(n: u16) -> u16 {
         if held.len() == usize::from(n) {
             return base;
         }
+        base += n;
     }
-    panic!("no {n} consecutive free loopback ports");
-}
-
-fn free_port() -> u16 {
-    TcpListener::bind("127.0.0.1:0")
-        .unwrap()
-        .local_addr()
-        .unwrap()
-        .port()
+    panic!("no {n} consecutive free loopback ports between {LOW} and {HIGH}");
 }
 
 /// A `tally cluster` process this test started: stopped with SIGINT (as
@@ -441,7 +435,10 @@ fn chaos_attaches_to_a_running_tally_cluster() {
 /// says where it looked.
 #[test]
 fn chaos_attach_without_a_cluster_is_a_clear_error() {
-    let addr = format!("127.0.0.1:{}", free_port());
+    let addr = format!(
+        "127.0.0.1:{}",
+        tally::launcher::free_loopback_ports(1).unwrap()[0]
+    );
     let dir = tempfile::tempdir().unwrap();
     let out = Command::new(env!("CARGO_BIN_EXE_tally"))
         .args(["chaos", "--attach", &addr, "--duration", "1s"])
