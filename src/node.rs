@@ -678,10 +678,7 @@ impl Drop for Inner {
         // next look (they hold the cluster, not the node), and what is
         // queued in the journal is still synced.
         if let Some(c) = self.cluster.get() {
-            c.stop.store(true, Ordering::SeqCst);
-            c.wake.notify_all();
-            let _guard = c.idle.0.lock();
-            c.idle.1.notify_all();
+            c.signal_stop();
         }
         self.journal.close();
     }

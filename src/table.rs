@@ -223,7 +223,10 @@ impl CounterTable {
         F: FnOnce(i64) -> Result<u64>,
     {
         let mut shard = self.shards[self.shard_of(name)].lock();
-        let existing = shard.get(name).map(|e| e.value);
+        // One lookup: nothing removes entries, and `commit` cannot reach
+        // this locked shard, so the position stays valid below.
+        let found = shard.position(name);
+        let existing = found.map(|i| shard.entries[i].1.value);
         if existing.is_none() && self.len.load(Relaxed) >= self.counters_max {
             return Err(Error::LimitExceeded(format!(
                 "the node holds {} counters, its limit; refusing to create '{name}'",
@@ -233,7 +236,7 @@ impl CounterTable {
         let current = existing.unwrap_or(0);
         let value = current.checked_add(delta).ok_or(Error::Overflow)?;
         let lsn = commit(value)?;
-        let at = match shard.position(name) {
+        let at = match found {
             Some(i) => {
                 let entry = &mut shard.entries[i].1;
                 debug_assert!(lsn > entry.lsn, "lsns of one counter must increase");
@@ -375,13 +378,18 @@ impl CounterTable {
                 return;
             }
             let mut map = shard.lock();
-            let n = map.dirty.len().min(max - out.len());
-            let from = map.dirty.len() - n;
-            let taken: Vec<u32> = map.dirty.drain(from..).collect();
-            for i in taken {
+            let Map {
+                dirty,
+                dirty_bits,
+                entries,
+                ..
+            } = &mut *map;
+            let n = dirty.len().min(max - out.len());
+            let from = dirty.len() - n;
+            for i in dirty.drain(from..) {
                 let i = i as usize;
-                map.dirty_bits[i / 64] &= !(1u64 << (i % 64));
-                let (name, entry) = &map.entries[i];
+                dirty_bits[i / 64] &= !(1u64 << (i % 64));
+                let (name, entry) = &entries[i];
                 out.push((name.clone(), entry.value, entry.lsn));
             }
         }
@@ -456,25 +464,6 @@ pub struct Partition<'a> {
 }
 
 impl Partition<'_> {
-    /// Replays the record if its counter lives in this partition: `None`
-    /// when it does not, else whether it was applied (see
-    /// [`CounterTable::replay`]).
-    pub fn replay(&mut self, name: &str, delta: i64, lsn: u64) -> Result<Option<bool>> {
-        let shard = self.table.shard_of(name);
-        if shard % self.parts != self.part {
-            return Ok(None);
-        }
-        let (applied, inserted) = replay_into(
-            &mut self.guards[shard / self.parts],
-            name,
-            delta,
-            lsn,
-            false,
-        )?;
-        self.inserted += usize::from(inserted);
-        Ok(Some(applied))
-    }
-
     /// Replays `records` (in journal order, all of counters in `shard`,
     /// which must belong to this partition). Recovery sorts a segment's
     /// records into one bucket per shard first and applies them shard by

@@ -415,6 +415,7 @@ impl Cluster {
                 flush_lag: applied.saturating_sub(n.flushed.lsn),
             }
         };
+        let store_error = self.replicated_unavailable();
         Ok(ClusterView {
             node_id: self.node_id.clone(),
             epoch: self.epoch,
@@ -422,8 +423,8 @@ impl Cluster {
             staleness_bound_ms: (self.config.flush_interval + self.config.refresh_interval)
                 .as_millis() as u64,
             last_refresh_age_ms: self.cache.last_refresh_age().map(|d| d.as_millis() as u64),
-            replicated_available: self.replicated_unavailable().is_none(),
-            store_error: self.replicated_unavailable(),
+            replicated_available: store_error.is_none(),
+            store_error,
             nodes: nodes.iter().map(view_of).collect(),
         })
     }
@@ -434,14 +435,17 @@ impl Cluster {
         Ok(rows.into_iter().map(|r| (r.node_id, r.value)).collect())
     }
 
-    /// Stops the threads; the committer makes a last flush first.
-    pub(crate) fn stop(&self) {
+    /// Tells the threads to stop at their next look, without waiting.
+    pub(crate) fn signal_stop(&self) {
         self.stop.store(true, Ordering::SeqCst);
         self.wake.notify_all();
-        {
-            let _guard = self.idle.0.lock();
-            self.idle.1.notify_all();
-        }
+        let _guard = self.idle.0.lock();
+        self.idle.1.notify_all();
+    }
+
+    /// Stops the threads; the committer makes a last flush first.
+    pub(crate) fn stop(&self) {
+        self.signal_stop();
         let threads: Vec<_> = self.threads.lock().drain(..).collect();
         for t in threads {
             if t.thread().id() != std::thread::current().id() {
