@@ -326,9 +326,6 @@ impl Cluster {
         delta: i64,
         key: Option<&str>,
     ) -> Result<IncrementOutcome> {
-        if let Some(reason) = self.fenced.borrow().clone() {
-            return Err(Error::Fenced(reason));
-        }
         {
             let state = self.state.lock();
             if let Some((reason, at)) = &state.store_error
@@ -343,6 +340,13 @@ impl Cluster {
         let (tx, rx) = oneshot::channel();
         {
             let mut queue = self.queue.lock();
+            // Checked under the queue lock: once fenced, the committer
+            // drains the queue under this lock and exits, so a request is
+            // either drained and answered or refused here, never left
+            // waiting for a committer that is gone.
+            if let Some(reason) = self.fenced_reason() {
+                return Err(Error::Fenced(reason));
+            }
             if queue.len() >= self.config.replicated_queue_max {
                 return Err(Error::LimitExceeded(format!(
                     "{} replicated increments are already waiting for the store; nothing was applied",
