@@ -360,25 +360,18 @@ impl Node {
                     duplicate: true,
                 });
             }
-            let mut outcome = c.replicated(name, delta, options.idempotency_key).await?;
-            outcome.value = self.global_value(name).unwrap_or(outcome.value);
-            return Ok(outcome);
+            let duplicate = c.replicated(name, delta, options.idempotency_key).await?;
+            return Ok(IncrementOutcome {
+                value: self.global_value(name).unwrap_or(0),
+                duplicate,
+            });
         }
         inner.journal.reserve().await?;
         let urgent = durability == Durability::Local;
         let mut pos = 0u64;
         let mut commit = |key: Option<(&str, u64)>| -> Result<u64> {
-            let lsn = inner.next_lsn.fetch_add(1, Ordering::SeqCst);
-            pos = inner.journal.append(
-                &Record {
-                    kind: Kind::Increment,
-                    lsn,
-                    delta,
-                    name,
-                    key,
-                },
-                urgent,
-            )?;
+            let (lsn, end) = inner.journal_next(Kind::Increment, name, delta, key, urgent)?;
+            pos = end;
             Ok(lsn)
         };
         let outcome = match options.idempotency_key {
@@ -669,6 +662,32 @@ impl Node {
         inner.lock.lock().take();
         tracing::info!(node_id = %inner.node_id, "node shut down");
         Ok(())
+    }
+}
+
+impl Inner {
+    /// Assigns the next lsn to a record and queues it in the journal.
+    /// Increments call it under the counter's shard lock, so the lsns of
+    /// one counter increase in journal order. Returns the lsn and the
+    /// journal position just past the record.
+    pub(crate) fn journal_next(
+        &self,
+        kind: Kind,
+        name: &str,
+        delta: i64,
+        key: Option<(&str, u64)>,
+        urgent: bool,
+    ) -> Result<(u64, u64)> {
+        let lsn = self.next_lsn.fetch_add(1, Ordering::SeqCst);
+        let record = Record {
+            kind,
+            lsn,
+            delta,
+            name,
+            key,
+        };
+        let pos = self.journal.append(&record, urgent)?;
+        Ok((lsn, pos))
     }
 }
 

@@ -37,7 +37,7 @@ use compact_str::CompactString;
 use super::{Cluster, ReplicatedRequest, store_err};
 use crate::error::Error;
 use crate::idempotency::now_ms;
-use crate::node::{IncrementOutcome, Inner};
+use crate::node::Inner;
 use crate::store::{KeyRow, StoreError, StoreTx, Version};
 
 /// First wait after a failed store call; doubles up to the maximum.
@@ -164,7 +164,7 @@ pub(crate) fn run(cluster: Arc<Cluster>, node: Weak<Inner>) {
                     last_heartbeat = Instant::now();
                 }
                 cluster.state.lock().store_error = None;
-                reply(&inner, batch, answers);
+                reply(batch, answers);
             }
             Err((e, applied, flushed, answers)) => {
                 match &e {
@@ -200,7 +200,7 @@ pub(crate) fn run(cluster: Arc<Cluster>, node: Weak<Inner>) {
                         other => other,
                     })
                     .collect();
-                reply(&inner, batch, answers);
+                reply(batch, answers);
             }
         }
         if unresolved.is_none() {
@@ -298,7 +298,7 @@ fn round(
         }
         let key = r.key.as_deref().map(|k| (k, expiry));
         match inner.apply_replicated(&r.name, r.delta, key, cluster.epoch) {
-            Ok(Some((_, lsn))) => {
+            Ok(Some(lsn)) => {
                 answers[i] = Answer::Applied;
                 applied.push(Applied {
                     name: r.name.clone(),
@@ -480,18 +480,13 @@ fn answer_all(requests: impl Iterator<Item = ReplicatedRequest>, err: impl Fn() 
     }
 }
 
-fn reply(inner: &Inner, batch: Vec<ReplicatedRequest>, answers: Vec<Answer>) {
+fn reply(batch: Vec<ReplicatedRequest>, answers: Vec<Answer>) {
     for (r, a) in batch.into_iter().zip(answers) {
-        let local = inner.table.get(&r.name).map_or(0, |e| e.value);
+        // Whether it was a duplicate; the caller reads the value it
+        // returns (the global one) itself.
         let result = match a {
-            Answer::Applied => Ok(IncrementOutcome {
-                value: local,
-                duplicate: false,
-            }),
-            Answer::Duplicate => Ok(IncrementOutcome {
-                value: local,
-                duplicate: true,
-            }),
+            Answer::Applied => Ok(false),
+            Answer::Duplicate => Ok(true),
             Answer::Failed(e) => Err(e),
             Answer::Undecided => Err(Error::StoreUnavailable(
                 "the store transaction did not run; nothing was applied".into(),

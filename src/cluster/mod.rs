@@ -28,8 +28,8 @@ use tokio::sync::{oneshot, watch};
 
 use crate::error::{Error, Result};
 use crate::idempotency::now_ms;
-use crate::journal::{Kind, Record};
-use crate::node::{IncrementOutcome, Inner};
+use crate::journal::Kind;
+use crate::node::Inner;
 use crate::recovery::RecoveryReport;
 use crate::store::{self, NodeRow, Store, StoreError, Version};
 
@@ -98,7 +98,8 @@ pub(crate) struct ReplicatedRequest {
     pub name: String,
     pub delta: i64,
     pub key: Option<String>,
-    pub reply: oneshot::Sender<Result<IncrementOutcome>>,
+    /// Whether the request was a duplicate of one already applied.
+    pub reply: oneshot::Sender<Result<bool>>,
 }
 
 /// A node's liveness as the cluster view shows it, from heartbeat age.
@@ -325,7 +326,7 @@ impl Cluster {
         name: &str,
         delta: i64,
         key: Option<&str>,
-    ) -> Result<IncrementOutcome> {
+    ) -> Result<bool> {
         {
             let state = self.state.lock();
             if let Some((reason, at)) = &state.store_error
@@ -470,18 +471,8 @@ impl Inner {
     ) -> Result<()> {
         let negated = delta.checked_neg().ok_or(Error::Overflow)?;
         self.table.increment(name, negated, |_| {
-            let lsn = self.next_lsn.fetch_add(1, Ordering::SeqCst);
-            self.journal.append(
-                &Record {
-                    kind: Kind::Revert { of_lsn },
-                    lsn,
-                    delta: negated,
-                    name,
-                    key,
-                },
-                false,
-            )?;
-            Ok(lsn)
+            let kind = Kind::Revert { of_lsn };
+            Ok(self.journal_next(kind, name, negated, key, false)?.0)
         })?;
         if let Some((k, _)) = key {
             self.keys.remove(k);
@@ -491,17 +482,7 @@ impl Inner {
 
     /// Journals and applies the store's value for this node's shard.
     pub(crate) fn apply_adopt(&self, name: &str, value: i64) -> Result<()> {
-        let lsn = self.next_lsn.fetch_add(1, Ordering::SeqCst);
-        self.journal.append(
-            &Record {
-                kind: Kind::Adopt,
-                lsn,
-                delta: value,
-                name,
-                key: None,
-            },
-            false,
-        )?;
+        let (lsn, _) = self.journal_next(Kind::Adopt, name, value, None, false)?;
         self.table.replay_op(name, value, lsn, true)?;
         Ok(())
     }
@@ -516,20 +497,11 @@ impl Inner {
         delta: i64,
         key: Option<(&str, u64)>,
         epoch: u64,
-    ) -> Result<Option<(i64, u64)>> {
+    ) -> Result<Option<u64>> {
         let mut assigned = 0;
         let mut commit = |_| -> Result<u64> {
-            let lsn = self.next_lsn.fetch_add(1, Ordering::SeqCst);
-            self.journal.append(
-                &Record {
-                    kind: Kind::Replicated { epoch },
-                    lsn,
-                    delta,
-                    name,
-                    key,
-                },
-                false,
-            )?;
+            let (lsn, _) =
+                self.journal_next(Kind::Replicated { epoch }, name, delta, key, false)?;
             assigned = lsn;
             Ok(lsn)
         };
@@ -545,6 +517,6 @@ impl Inner {
                 Ok(Some(v))
             })?,
         };
-        Ok(value.map(|v| (v, assigned)))
+        Ok(value.map(|_| assigned))
     }
 }
