@@ -31,4 +31,4 @@ RUSTDOCFLAGS="-D warnings" cargo doc --workspace --no-deps --quiet
 # so that a change that breaks it is caught here, not when someone needs
 # the figures.
 cargo run --release -p tally-bench -- --quick > /dev/null
-cargo test --workspace
+cargo test --workspace --features tally-cli/long-tests

@@ -1,16 +1,14 @@
 //! Configuration: the node's settings, the front ends' settings and their
-//! named limits, resolved from flags, environment variables and an optional
-//! TOML file (in that order of precedence), falling back to defaults.
+//! named limits, with their defaults. Plain data: the `tally` binary fills
+//! it from flags, environment variables and a TOML file.
 //!
-//! This module only describes settings; it opens no files but the TOML file
-//! it is pointed at, and starts nothing.
+//! This module only describes settings; it opens no files and starts
+//! nothing.
 
 use std::net::SocketAddr;
 use std::path::PathBuf;
 use std::str::FromStr;
 use std::time::Duration;
-
-use serde::Deserialize;
 
 use crate::error::{Error, Result};
 
@@ -186,58 +184,4 @@ impl Default for ServerConfig {
             http_page_len_max: 1000,
         }
     }
-}
-
-/// The optional TOML file: every key is optional and named like its flag
-/// with dashes turned into underscores.
-#[derive(Debug, Default, Deserialize)]
-#[serde(deny_unknown_fields)]
-pub struct FileConfig {
-    pub data_dir: Option<PathBuf>,
-    pub node_id: Option<String>,
-    pub durability: Option<String>,
-    pub resp_addr: Option<String>,
-    pub http_addr: Option<String>,
-    pub memory_sync_delay_ms: Option<u64>,
-    pub segment_bytes_max: Option<u64>,
-    pub snapshot_journal_bytes: Option<u64>,
-    pub idempotency_retention_s: Option<u64>,
-    pub idempotency_keys_max: Option<usize>,
-    pub recovery_mode: Option<String>,
-    pub resp_connections_max: Option<usize>,
-    pub http_connections_max: Option<usize>,
-    pub log_format: Option<String>,
-    pub log_level: Option<String>,
-    pub store: Option<String>,
-    pub advertise_addr: Option<String>,
-    pub flush_interval_ms: Option<u64>,
-    pub refresh_interval_ms: Option<u64>,
-    pub heartbeat_interval_ms: Option<u64>,
-}
-
-impl FileConfig {
-    /// Reads and parses a TOML configuration file.
-    pub fn load(path: &std::path::Path) -> Result<Self> {
-        let text = std::fs::read_to_string(path)
-            .map_err(|e| Error::io(format!("reading config file {}", path.display()), e))?;
-        toml::from_str(&text).map_err(|e| {
-            Error::invalid(
-                "config file",
-                format!("{}: {}", path.display(), e.message()),
-            )
-        })
-    }
-}
-
-/// Parses `host:port`, or `off` / empty to disable a listener.
-pub fn parse_listen_addr(s: &str) -> Result<Option<SocketAddr>> {
-    if s.is_empty() || s == "off" {
-        return Ok(None);
-    }
-    s.parse::<SocketAddr>().map(Some).map_err(|_| {
-        Error::invalid(
-            "listen address",
-            format!("'{s}' is not host:port (for example 127.0.0.1:7379) or 'off'"),
-        )
-    })
 }

@@ -20,6 +20,11 @@ pub enum Error {
     #[error("{what} is invalid: {reason}")]
     InvalidInput { what: &'static str, reason: String },
 
+    /// A setting of [`crate::Config`] (or [`crate::ServerConfig`]) is
+    /// invalid; `field` names it. The `tally` binary names the flag.
+    #[error("setting {field} is invalid: {reason}")]
+    InvalidConfig { field: &'static str, reason: String },
+
     /// The request asked for a durability level this node cannot provide.
     /// It is refused rather than silently downgraded.
     #[error("durability '{level}' is not available: {reason}")]

@@ -8,11 +8,11 @@
 use std::fmt::Write as _;
 use std::path::Path;
 
+use crate::engine::journal::{self, Decoded, SEGMENT_HEADER_BYTES};
+use crate::engine::recovery::JOURNAL_DIR;
+use crate::engine::snapshot;
+use crate::engine::storage::{FsStorage, Storage};
 use crate::error::Result;
-use crate::journal::{self, Decoded, SEGMENT_HEADER_BYTES};
-use crate::recovery::JOURNAL_DIR;
-use crate::snapshot;
-use crate::storage::{FsStorage, Storage};
 
 /// One file's verdict.
 #[derive(Debug, Clone, serde::Serialize)]

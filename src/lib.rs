@@ -4,35 +4,39 @@
 //! Each node journals increments locally with group-committed fsync, takes
 //! snapshots to bound its journal, recovers before it reports ready, and
 //! speaks RESP and HTTP/JSON. The library is the product: embed a [`Node`]
-//! in a Rust service, or run the `tally` binary.
+//! in a Rust service, or run the `tally` binary (crate `tally-cli`).
 //!
-//! Modules, one concept each: [`table`] (pure counter state), [`idempotency`]
-//! (keys seen), [`journal`], [`snapshot`], [`recovery`], [`storage`] (the
-//! I/O seam), [`node`] (wiring and lifecycle), [`resp`] and [`http`] (front
-//! ends), [`metrics`], [`config`].
+//! Layers, each depending only on those before it:
+//! - [`engine`]: one node's counters on its own disk: the counter table,
+//!   idempotency keys, journal, snapshots, recovery and the storage seam.
+//!   Knows nothing of other nodes.
+//! - [`store`]: the shared store (SQLite, PostgreSQL) behind one trait.
+//! - [`cluster`]: this node's link to the store (epoch, restore, committer,
+//!   cache of other nodes' shards); handed an engine, never the node.
+//! - [`node`]: owns an engine and, with a store, a cluster; the API.
+//! - front ends [`resp`] and [`http`] (features `resp`, `http`), which
+//!   serve a node; [`metrics`], [`config`], [`error`], [`shutdown`];
+//!   [`inspect`] reads a data directory offline; [`ready`] is the line a
+//!   served node prints once it is ready.
+//!
+//! Cargo features: `sqlite`, `postgres` (store backends), `resp`, `http`
+//! (front ends), all on by default; `testkit` adds the test aids (simulated
+//! storage, the fault-injecting store, the flush timer).
 
-pub mod chaos;
-pub mod cli;
 pub mod cluster;
 pub mod config;
-pub mod control;
+pub mod engine;
 pub mod error;
+#[cfg(feature = "http")]
 pub mod http;
-pub mod idempotency;
 pub mod inspect;
-pub mod journal;
-pub mod launcher;
 pub mod metrics;
 pub mod node;
-pub mod pgserver;
-pub mod recovery;
+pub mod ready;
+#[cfg(feature = "resp")]
 pub mod resp;
-pub mod server;
 pub mod shutdown;
-pub mod snapshot;
-pub mod storage;
 pub mod store;
-pub mod table;
 
 pub use config::{Config, Durability, RecoveryMode, ServerConfig};
 pub use error::{Error, Result};

@@ -1,5 +1,7 @@
-//! The node: wires the counter table, idempotency keys, journal, snapshots
-//! and recovery together and owns their lifecycle (open, serve, shut down).
+//! The node: owns an [`Engine`] (this node's counters, keys and journal)
+//! and, with a shared store, a [`Cluster`] started from it, and their
+//! lifecycle (open, serve, shut down). The cluster is handed the engine and
+//! knows nothing of the node.
 //!
 //! [`Node::open`] recovers before it returns, so a `Node` value is always a
 //! recovered node; front ends start listening only after that, which is how
@@ -12,21 +14,21 @@
 
 use std::path::{Path, PathBuf};
 use std::sync::Arc;
-use std::sync::atomic::{AtomicBool, AtomicU64, Ordering};
+use std::sync::atomic::{AtomicBool, Ordering};
 use std::time::{Duration, Instant};
 
 use parking_lot::{Condvar, Mutex};
 
-use crate::cluster::{Cluster, ClusterView};
+use crate::cluster::{Cluster, ClusterView, Stores};
 use crate::config::{Config, Durability};
+use crate::engine::idempotency::{self, now_ms};
+use crate::engine::journal::Urgency;
+use crate::engine::recovery::RecoveryReport;
+use crate::engine::storage::{FsStorage, Storage};
+use crate::engine::table;
+use crate::engine::{Applied, Change, Engine};
 use crate::error::{Error, Result};
-use crate::idempotency::{self, IdempotencyKeys, now_ms};
-use crate::journal::{Journal, JournalConfig, Kind, Record};
 use crate::metrics::Metrics;
-use crate::recovery::{self, JOURNAL_DIR, RecoveryReport};
-use crate::snapshot;
-use crate::storage::{FsStorage, Storage};
-use crate::table::{self, CounterTable};
 
 /// File in the data directory holding the node id.
 pub const NODE_ID_FILE: &str = "node-id";
@@ -100,31 +102,22 @@ pub struct NodeStats {
     pub default_durability: Durability,
 }
 
-pub(crate) struct Inner {
-    pub(crate) config: Config,
-    pub(crate) node_id: String,
-    pub(crate) storage: Arc<dyn Storage>,
-    pub(crate) table: CounterTable,
-    pub(crate) keys: IdempotencyKeys,
-    pub(crate) journal: Journal,
-    /// Next lsn to assign; an atomic, not a lock, because it is bumped on
-    /// every increment from every connection.
-    pub(crate) next_lsn: AtomicU64,
-    pub(crate) metrics: Arc<Metrics>,
-    pub(crate) shutting_down: AtomicBool,
-    /// Journal position the newest snapshot covers.
-    pub(crate) last_snapshot_pos: AtomicU64,
-    /// One snapshot at a time.
-    pub(crate) snapshot_lock: Mutex<()>,
+/// What every clone of a [`Node`] shares.
+struct Shared {
+    config: Config,
+    node_id: String,
+    engine: Arc<Engine>,
+    /// The link to the shared store, for a node with one.
+    cluster: Option<Arc<Cluster>>,
+    metrics: Arc<Metrics>,
+    shutting_down: AtomicBool,
     /// Stops the housekeeping thread.
-    pub(crate) stop: (Mutex<bool>, Condvar),
-    pub(crate) housekeeping: Mutex<Option<std::thread::JoinHandle<()>>>,
-    pub(crate) recovery: RecoveryReport,
-    pub(crate) started: Instant,
+    stop: (Mutex<bool>, Condvar),
+    housekeeping: Mutex<Option<std::thread::JoinHandle<()>>>,
+    recovery: RecoveryReport,
+    started: Instant,
     /// The data directory's exclusive lock, held until shutdown completes.
-    pub(crate) lock: Mutex<Option<std::fs::File>>,
-    /// The link to the shared store, set once at open for a node with one.
-    pub(crate) cluster: std::sync::OnceLock<Arc<Cluster>>,
+    lock: Mutex<Option<std::fs::File>>,
 }
 
 /// A running node. Cheap to clone; all clones share one node.
@@ -157,7 +150,7 @@ pub(crate) struct Inner {
 /// ```
 #[derive(Clone)]
 pub struct Node {
-    inner: Arc<Inner>,
+    shared: Arc<Shared>,
 }
 
 impl Node {
@@ -171,24 +164,39 @@ impl Node {
             )
         })?;
         let lock = lock_data_dir(&config.data_dir)?;
-        Self::open_inner(config, Arc::new(FsStorage), Some(lock))
+        Self::open_on(config, Arc::new(FsStorage), Some(lock), None)
     }
 
     /// Opens the node on any [`Storage`] (tests use the simulated one).
     pub fn open_with_storage(config: Config, storage: Arc<dyn Storage>) -> Result<Node> {
-        Self::open_inner(config, storage, None)
+        Self::open_on(config, storage, None, None)
     }
 
-    fn open_inner(
+    /// Opens the node on the real file system with store connections the
+    /// caller built, instead of opening `config.cluster`'s URL (tests wrap a
+    /// real store in a fault-injecting one this way).
+    pub fn open_with_stores(config: Config, stores: Stores) -> Result<Node> {
+        std::fs::create_dir_all(&config.data_dir).map_err(|e| {
+            Error::io(
+                format!("creating data directory {}", config.data_dir.display()),
+                e,
+            )
+        })?;
+        let lock = lock_data_dir(&config.data_dir)?;
+        Self::open_on(config, Arc::new(FsStorage), Some(lock), Some(stores))
+    }
+
+    fn open_on(
         config: Config,
         storage: Arc<dyn Storage>,
         lock: Option<std::fs::File>,
+        stores: Option<Stores>,
     ) -> Result<Node> {
         if config.durability == Durability::Replicated && config.cluster.is_none() {
-            return Err(Error::DurabilityUnavailable {
-                level: "replicated",
-                reason: "it cannot be the default of a node without a shared store; \
-                         use --durability local or memory"
+            return Err(Error::InvalidConfig {
+                field: "durability",
+                reason: "replicated cannot be the default of a node without a shared store \
+                         (cluster); choose local or memory"
                     .into(),
             });
         }
@@ -197,98 +205,63 @@ impl Node {
             .create_dir_all(&dir)
             .map_err(|e| Error::io(format!("creating {}", dir.display()), e))?;
         let node_id = resolve_node_id(storage.as_ref(), &dir, config.node_id.as_deref())?;
-        let table = CounterTable::with_limit(config.counters_max);
-        let keys = IdempotencyKeys::new(config.idempotency_keys_max);
-        let report = recovery::recover(
-            storage.as_ref(),
-            &dir,
-            &table,
-            &keys,
-            config.recovery_mode,
-            now_ms(),
-        )?;
         let metrics = Arc::new(Metrics::default());
-        metrics
-            .recovery_ms
-            .store(report.duration.as_millis() as u64, Ordering::Relaxed);
-        metrics
-            .recovery_records_replayed
-            .store(report.records_applied, Ordering::Relaxed);
-        let journal = Journal::start(
-            storage.clone(),
-            &dir.join(JOURNAL_DIR),
-            report.end_pos,
-            report.segments.clone(),
-            JournalConfig {
-                segment_bytes_max: config.segment_bytes_max,
-                memory_sync_delay: config.memory_sync_delay,
-                queue_bytes_max: config.journal_queue_bytes_max,
-            },
-            metrics.clone(),
-        )?;
+        let (engine, report) = Engine::open(&config, storage, metrics.clone())?;
+        let engine = Arc::new(engine);
         tracing::info!(
             node_id = %node_id,
-            counters = table.len(),
-            idempotency_keys = keys.len(),
+            counters = engine.table().len(),
+            idempotency_keys = engine.keys().len(),
             records_replayed = report.records_applied,
             torn_tail = report.torn_tail.is_some(),
             recovery_ms = report.duration.as_millis() as u64,
             "recovered"
         );
-        let snapshot_pos = report
-            .snapshot
-            .as_ref()
-            .map_or(0, |(_, meta)| meta.covers_pos);
-        let inner = Arc::new(Inner {
-            next_lsn: AtomicU64::new(report.next_lsn),
-            last_snapshot_pos: AtomicU64::new(snapshot_pos),
+        let cluster = match config.cluster.clone() {
+            Some(cluster_config) => Some(Cluster::start(
+                &engine,
+                &node_id,
+                cluster_config,
+                stores,
+                &report,
+            )?),
+            None => None,
+        };
+        let shared = Arc::new(Shared {
             config,
             node_id,
-            storage,
-            table,
-            keys,
-            journal,
+            engine,
+            cluster,
             metrics,
             shutting_down: AtomicBool::new(false),
-            snapshot_lock: Mutex::new(()),
             stop: (Mutex::new(false), Condvar::new()),
             housekeeping: Mutex::new(None),
             recovery: report,
             started: Instant::now(),
             lock: Mutex::new(lock),
-            cluster: std::sync::OnceLock::new(),
         });
-        if let Some(cluster_config) = inner.config.cluster.clone() {
-            let cluster = Cluster::start(&inner, cluster_config, &inner.recovery)?;
-            let _ = inner.cluster.set(Arc::new(cluster));
-            inner
-                .cluster
-                .get()
-                .expect("just set")
-                .spawn_threads(&inner)?;
-        }
-        let weak = Arc::downgrade(&inner);
+        let weak = Arc::downgrade(&shared);
         let handle = std::thread::Builder::new()
             .name("tally-housekeeping".into())
             .spawn(move || housekeeping_main(weak))
             .map_err(|e| Error::io("starting the housekeeping thread", e))?;
-        *inner.housekeeping.lock() = Some(handle);
-        Ok(Node { inner })
+        *shared.housekeeping.lock() = Some(handle);
+        Ok(Node { shared })
     }
 
     /// The node's id.
     pub fn node_id(&self) -> &str {
-        &self.inner.node_id
+        &self.shared.node_id
     }
 
     /// The configuration the node runs with.
     pub fn config(&self) -> &Config {
-        &self.inner.config
+        &self.shared.config
     }
 
     /// What recovery found when the node opened.
     pub fn recovery_report(&self) -> &RecoveryReport {
-        &self.inner.recovery
+        &self.shared.recovery
     }
 
     /// Adds `delta` to counter `name` and returns the new value once the
@@ -305,8 +278,8 @@ impl Node {
         delta: i64,
         options: IncrementOptions<'_>,
     ) -> Result<IncrementOutcome> {
-        let result = self.increment_inner(name, delta, options).await;
-        let m = &self.inner.metrics;
+        let result = self.increment_checked(name, delta, options).await;
+        let m = &self.shared.metrics;
         match &result {
             Ok(o) if o.duplicate => m.duplicates.fetch_add(1, Ordering::Relaxed),
             Ok(_) => m.increments.fetch_add(1, Ordering::Relaxed),
@@ -315,22 +288,23 @@ impl Node {
         result
     }
 
-    async fn increment_inner(
+    async fn increment_checked(
         &self,
         name: &str,
         delta: i64,
         options: IncrementOptions<'_>,
     ) -> Result<IncrementOutcome> {
-        let inner = &*self.inner;
+        let shared = &*self.shared;
+        let engine = &*shared.engine;
         table::validate_name(name)?;
         if let Some(key) = options.idempotency_key {
             idempotency::validate_key(key)?;
         }
-        let durability = options.durability.unwrap_or(inner.config.durability);
-        if inner.shutting_down.load(Ordering::Acquire) {
+        let durability = options.durability.unwrap_or(shared.config.durability);
+        if shared.shutting_down.load(Ordering::Acquire) {
             return Err(Error::ShuttingDown);
         }
-        let cluster = inner.cluster.get();
+        let cluster = shared.cluster.as_deref();
         if let Some(c) = cluster {
             if let Some(reason) = c.fenced_reason() {
                 return Err(Error::Fenced(reason));
@@ -353,7 +327,7 @@ impl Node {
                 });
             };
             if let Some(key) = options.idempotency_key
-                && inner.keys.with_key(key, now_ms(), |slot| slot.seen())
+                && engine.keys().with_key(key, now_ms(), |slot| slot.seen())
             {
                 return Ok(IncrementOutcome {
                     value: self.global_value(name).unwrap_or(0),
@@ -366,54 +340,44 @@ impl Node {
                 duplicate,
             });
         }
-        inner.journal.reserve().await?;
-        let urgent = durability == Durability::Local;
-        let mut pos = 0u64;
-        let mut commit = |key: Option<(&str, u64)>| -> Result<u64> {
-            let (lsn, end) = inner.journal_next(Kind::Increment, name, delta, key, urgent)?;
-            pos = end;
-            Ok(lsn)
+        engine.journal().reserve().await?;
+        let urgency = match durability {
+            Durability::Local => Urgency::Now,
+            _ => Urgency::Later,
         };
-        let outcome = match options.idempotency_key {
-            None => IncrementOutcome {
-                value: inner.table.increment(name, delta, |_| commit(None))?,
-                duplicate: false,
-            },
-            Some(key) => {
-                let now = now_ms();
-                let expiry =
-                    now.saturating_add(inner.config.idempotency_retention.as_millis() as u64);
-                inner
-                    .keys
-                    .with_key(key, now, |slot| -> Result<IncrementOutcome> {
-                        if slot.seen() {
-                            return Ok(IncrementOutcome {
-                                value: inner.table.get(name).map_or(0, |e| e.value),
-                                duplicate: true,
-                            });
-                        }
-                        slot.check_room()?;
-                        let value = inner
-                            .table
-                            .increment(name, delta, |_| commit(Some((key, expiry))))?;
-                        slot.insert(expiry);
-                        Ok(IncrementOutcome {
-                            value,
-                            duplicate: false,
-                        })
-                    })?
-            }
+        let key = options
+            .idempotency_key
+            .map(|k| (k, engine.key_expiry(now_ms())));
+        let applied = engine.apply(Change::Increment {
+            name,
+            delta,
+            key,
+            urgency,
+        })?;
+        let (mut outcome, end_pos) = match applied {
+            Applied::New { value, end_pos, .. } => (
+                IncrementOutcome {
+                    value,
+                    duplicate: false,
+                },
+                end_pos,
+            ),
+            // The first request with this key may still be waiting for its
+            // fsync; answer only once everything queued is durable.
+            Applied::Duplicate { value } => (
+                IncrementOutcome {
+                    value,
+                    duplicate: true,
+                },
+                engine.journal().end_pos(),
+            ),
         };
-        if urgent {
+        if urgency == Urgency::Now {
             if outcome.duplicate {
-                // The first request with this key may still be waiting for
-                // its fsync; answer only once everything queued is durable.
-                pos = inner.journal.end_pos();
-                inner.journal.request_sync();
+                engine.journal().request_sync();
             }
-            inner.journal.wait_durable(pos).await?;
+            engine.journal().wait_durable(end_pos).await?;
         }
-        let mut outcome = outcome;
         if let Some(others) = cluster.and_then(|c| c.cache.others(name)) {
             outcome.value = outcome.value.wrapping_add(others);
         }
@@ -422,8 +386,12 @@ impl Node {
 
     /// This node's shard plus the other nodes' (from the cache).
     fn global_value(&self, name: &str) -> Option<i64> {
-        let local = self.inner.table.get(name).map(|e| e.value);
-        let others = self.inner.cluster.get().and_then(|c| c.cache.others(name));
+        let local = self.shared.engine.table().get(name).map(|e| e.value);
+        let others = self
+            .shared
+            .cluster
+            .as_deref()
+            .and_then(|c| c.cache.others(name));
         match (local, others) {
             (None, None) => None,
             (l, o) => Some(l.unwrap_or(0).wrapping_add(o.unwrap_or(0))),
@@ -437,10 +405,7 @@ impl Node {
     /// means the journal failed: the increments are applied in memory but
     /// their durability is unknown.
     pub async fn sync(&self) -> Result<()> {
-        let journal = &self.inner.journal;
-        let pos = journal.end_pos();
-        journal.request_sync();
-        journal.wait_durable(pos).await
+        self.shared.engine.sync().await
     }
 
     /// Current value of a counter, `None` if it was never incremented. On
@@ -457,18 +422,22 @@ impl Node {
     /// store (blocking: call from a blocking thread).
     pub fn get_detail(&self, name: &str, from_store: bool) -> Result<Option<CounterDetail>> {
         table::validate_name(name)?;
-        let local = self.inner.table.get(name).map(|e| e.value);
+        let local = self.shared.engine.table().get(name).map(|e| e.value);
         let mut shards: Vec<(String, i64)> = Vec::new();
         if let Some(v) = local {
-            shards.push((self.inner.node_id.clone(), v));
+            shards.push((self.shared.node_id.clone(), v));
         }
-        if let Some(c) = self.inner.cluster.get() {
+        if let Some(c) = self.shared.cluster.as_deref() {
             let others = if from_store {
                 c.read_from_store(name)?
             } else {
                 c.cache.breakdown(name)
             };
-            shards.extend(others.into_iter().filter(|(n, _)| *n != self.inner.node_id));
+            shards.extend(
+                others
+                    .into_iter()
+                    .filter(|(n, _)| *n != self.shared.node_id),
+            );
         }
         if shards.is_empty() {
             return Ok(None);
@@ -481,22 +450,22 @@ impl Node {
     /// The cluster view (blocking: it reads the store). `None` without a
     /// store.
     pub fn cluster_view(&self) -> Option<Result<ClusterView>> {
-        let applied = self.inner.next_lsn.load(Ordering::SeqCst).saturating_sub(1);
-        self.inner.cluster.get().map(|c| c.view(applied))
+        let applied = self.shared.engine.applied_lsn();
+        self.shared.cluster.as_deref().map(|c| c.view(applied))
     }
 
     /// Completes with the reason when this node is fenced (never, for a
     /// node without a store).
     pub fn fenced_signal(&self) -> Option<tokio::sync::watch::Receiver<Option<String>>> {
-        self.inner.cluster.get().map(|c| c.fenced_signal())
+        self.shared.cluster.as_deref().map(|c| c.fenced_signal())
     }
 
     /// Why `replicated` increments cannot be made durable now (`None`
     /// when they can, or on a node without a store).
     pub fn replicated_unavailable(&self) -> Option<String> {
-        self.inner
+        self.shared
             .cluster
-            .get()
+            .as_deref()
             .and_then(|c| c.replicated_unavailable())
     }
 
@@ -508,14 +477,15 @@ impl Node {
     /// Costs a scan of the table and, with a store, of the cache: call it
     /// from a blocking thread when the node holds many counters.
     pub fn list(&self, prefix: &str, after: Option<&str>, limit: usize) -> Vec<(String, i64)> {
-        let Some(cluster) = self.inner.cluster.get() else {
-            return self.inner.table.list(prefix, after, limit);
+        let Some(cluster) = self.shared.cluster.as_deref() else {
+            return self.shared.engine.table().list(prefix, after, limit);
         };
         // The first `limit` names of the union are among the first `limit`
         // of each side, so the table's own page is enough from it.
         let mut names: Vec<String> = self
-            .inner
-            .table
+            .shared
+            .engine
+            .table()
             .list(prefix, after, limit)
             .into_iter()
             .map(|(name, _)| name)
@@ -540,15 +510,15 @@ impl Node {
     /// a shard of (as far as the cache knows), which costs a scan of the
     /// cache; without one, this node's, at no cost.
     pub fn counter_count(&self) -> usize {
-        let own = self.inner.table.len();
-        let Some(cluster) = self.inner.cluster.get() else {
+        let own = self.shared.engine.table().len();
+        let Some(cluster) = self.shared.cluster.as_deref() else {
             return own;
         };
         let others_only = cluster
             .cache
             .names_with_prefix("")
             .iter()
-            .filter(|name| self.inner.table.get(name).is_none())
+            .filter(|name| self.shared.engine.table().get(name).is_none())
             .count();
         own + others_only
     }
@@ -556,8 +526,9 @@ impl Node {
     /// Calls `f` with every counter, shard by shard (for `/metrics`).
     pub fn for_each_counter(&self, mut f: impl FnMut(&str, i64)) {
         for shard in 0..table::SHARDS {
-            self.inner
-                .table
+            self.shared
+                .engine
+                .table()
                 .for_each_in_shard(shard, |name, e| f(name, e.value));
         }
     }
@@ -565,19 +536,24 @@ impl Node {
     /// Ready when the journal can make writes durable and the node is not
     /// shutting down.
     pub fn readiness(&self) -> Readiness {
-        if let Some(reason) = self.inner.cluster.get().and_then(|c| c.fenced_reason()) {
+        if let Some(reason) = self
+            .shared
+            .cluster
+            .as_deref()
+            .and_then(|c| c.fenced_reason())
+        {
             return Readiness {
                 ready: false,
                 reason: Some(reason),
             };
         }
-        if let Some(reason) = self.inner.journal.failure() {
+        if let Some(reason) = self.shared.engine.journal().failure() {
             return Readiness {
                 ready: false,
                 reason: Some(reason.to_string()),
             };
         }
-        if self.inner.shutting_down.load(Ordering::Acquire) {
+        if self.shared.shutting_down.load(Ordering::Acquire) {
             return Readiness {
                 ready: false,
                 reason: Some("shutting down".into()),
@@ -591,23 +567,24 @@ impl Node {
 
     /// The node's own metrics.
     pub fn metrics(&self) -> &Metrics {
-        &self.inner.metrics
+        &self.shared.metrics
     }
 
     /// Figures for `INFO` and `/metrics`.
     pub fn stats(&self) -> NodeStats {
-        let inner = &*self.inner;
-        let m = &inner.metrics;
-        let progress = inner.journal.progress();
+        let shared = &*self.shared;
+        let engine = &*shared.engine;
+        let m = &shared.metrics;
+        let journal = engine.journal();
         NodeStats {
-            node_id: inner.node_id.clone(),
-            counters: inner.table.len(),
-            idempotency_keys: inner.keys.len(),
-            next_lsn: inner.next_lsn.load(Ordering::Relaxed),
-            journal_end_pos: inner.journal.end_pos(),
-            journal_durable_pos: progress.durable_pos,
-            journal_queued_bytes: inner.journal.queued_bytes(),
-            journal_segments: inner.journal.segment_count(),
+            node_id: shared.node_id.clone(),
+            counters: engine.table().len(),
+            idempotency_keys: engine.keys().len(),
+            next_lsn: engine.next_lsn(),
+            journal_end_pos: journal.end_pos(),
+            journal_durable_pos: journal.progress().durable_pos,
+            journal_queued_bytes: journal.queued_bytes(),
+            journal_segments: journal.segment_count(),
             journal_syncs: m.journal_syncs.load(Ordering::Relaxed),
             journal_bytes_written: m.journal_bytes_written.load(Ordering::Relaxed),
             journal_records_written: m.journal_records_written.load(Ordering::Relaxed),
@@ -616,159 +593,89 @@ impl Node {
             batch_p50_records: m.journal_batch_records.quantile_upper_bound(0.5),
             batch_p99_records: m.journal_batch_records.quantile_upper_bound(0.99),
             snapshots_written: m.snapshots_written.load(Ordering::Relaxed),
-            last_snapshot_pos: inner.last_snapshot_pos.load(Ordering::Relaxed),
+            last_snapshot_pos: engine.last_snapshot_pos(),
             recovery_ms: m.recovery_ms.load(Ordering::Relaxed),
             recovery_records_replayed: m.recovery_records_replayed.load(Ordering::Relaxed),
-            uptime_s: inner.started.elapsed().as_secs(),
+            uptime_s: shared.started.elapsed().as_secs(),
             readiness: self.readiness(),
-            default_durability: inner.config.durability,
+            default_durability: shared.config.durability,
         }
     }
 
     /// Takes a snapshot now and drops the journal segments it covers.
     /// Returns the snapshot's path.
     pub fn snapshot(&self) -> Result<PathBuf> {
-        take_snapshot(&self.inner)
+        self.shared.snapshot()
     }
 
     /// Stops taking writes, makes everything queued durable, takes a final
     /// snapshot if the journal grew since the last one, and stops the
     /// node's threads. Idempotent; blocks until done.
     pub fn shutdown(&self) -> Result<()> {
-        let inner = &*self.inner;
-        if inner.shutting_down.swap(true, Ordering::AcqRel) {
+        let shared = &*self.shared;
+        if shared.shutting_down.swap(true, Ordering::AcqRel) {
             return Ok(());
         }
         {
-            let (lock, cv) = &inner.stop;
+            let (lock, cv) = &shared.stop;
             *lock.lock() = true;
             cv.notify_all();
         }
-        if let Some(h) = inner.housekeeping.lock().take() {
+        if let Some(h) = shared.housekeeping.lock().take() {
             let _ = h.join();
         }
         // The committer makes a last flush while the journal still runs.
-        if let Some(c) = inner.cluster.get() {
+        if let Some(c) = &shared.cluster {
             c.stop();
         }
-        inner.journal.close();
-        if let Some(reason) = inner.journal.failure() {
+        let journal = shared.engine.journal();
+        journal.close();
+        if let Some(reason) = journal.failure() {
             return Err(Error::JournalFailed(reason));
         }
-        if inner.journal.end_pos() > inner.last_snapshot_pos.load(Ordering::Acquire) {
-            take_snapshot(inner)?;
+        if journal.end_pos() > shared.engine.last_snapshot_pos() {
+            shared.snapshot()?;
         }
         // Everything is durable: another process may now open the directory.
-        inner.lock.lock().take();
-        tracing::info!(node_id = %inner.node_id, "node shut down");
+        shared.lock.lock().take();
+        tracing::info!(node_id = %shared.node_id, "node shut down");
         Ok(())
     }
 }
 
-impl Inner {
-    /// Assigns the next lsn to a record and queues it in the journal.
-    /// Increments call it under the counter's shard lock, so the lsns of
-    /// one counter increase in journal order. Returns the lsn and the
-    /// journal position just past the record.
-    pub(crate) fn journal_next(
-        &self,
-        kind: Kind,
-        name: &str,
-        delta: i64,
-        key: Option<(&str, u64)>,
-        urgent: bool,
-    ) -> Result<(u64, u64)> {
-        let lsn = self.next_lsn.fetch_add(1, Ordering::SeqCst);
-        let record = Record {
-            kind,
-            lsn,
-            delta,
-            name,
-            key,
+impl Shared {
+    /// A snapshot, never while a replicated transaction's outcome is open
+    /// (see `Cluster::snapshot_gate`): the gate is held for the whole
+    /// snapshot.
+    fn snapshot(&self) -> Result<PathBuf> {
+        let _gate = match &self.cluster {
+            Some(c) => Some(c.snapshot_gate()?),
+            None => None,
         };
-        let pos = self.journal.append(&record, urgent)?;
-        Ok((lsn, pos))
+        self.engine.snapshot()
     }
 }
 
-impl Drop for Inner {
+impl Drop for Shared {
     fn drop(&mut self) {
         // Without an explicit shutdown: the cluster's threads stop at their
-        // next look (they hold the cluster, not the node), and what is
-        // queued in the journal is still synced.
-        if let Some(c) = self.cluster.get() {
+        // next look (they hold the engine weakly), and the engine syncs
+        // what is queued when the last reference goes.
+        if let Some(c) = &self.cluster {
             c.signal_stop();
         }
-        self.journal.close();
     }
 }
 
-fn take_snapshot(inner: &Inner) -> Result<PathBuf> {
-    let _one_at_a_time = inner.snapshot_lock.lock();
-    // Never while a replicated transaction's outcome is open (see
-    // `Cluster::replication_open`); held for the whole snapshot.
-    let gate = inner.cluster.get().map(|c| c.replication_open.lock());
-    if gate.as_ref().is_some_and(|open| **open) {
-        return Err(Error::LimitExceeded(
-            "snapshot postponed: a replicated transaction's outcome is not settled yet".into(),
-        ));
-    }
-    let started = Instant::now();
-    let covers = inner.journal.end_pos();
-    let dir = &inner.config.data_dir;
-    let (path, meta) = snapshot::write(
-        inner.storage.as_ref(),
-        dir,
-        covers,
-        &inner.table,
-        &inner.keys,
-        &inner.next_lsn,
-        now_ms(),
-    )?;
-    // The new snapshot is durable: older snapshots and the segments it
-    // covers are no longer needed.
-    let names = inner
-        .storage
-        .list(dir)
-        .map_err(|e| Error::io(format!("listing {}", dir.display()), e))?;
-    for old in names
-        .iter()
-        .filter_map(|n| snapshot::parse_file_name(n))
-        .filter(|&p| p < covers)
-    {
-        let p = dir.join(snapshot::file_name(old));
-        inner
-            .storage
-            .remove(&p)
-            .map_err(|e| Error::io(format!("removing {}", p.display()), e))?;
-    }
-    let removed = inner.journal.remove_segments_before(covers)?;
-    inner.last_snapshot_pos.store(covers, Ordering::Release);
-    let ms = started.elapsed().as_millis() as u64;
-    inner
-        .metrics
-        .snapshots_written
-        .fetch_add(1, Ordering::Relaxed);
-    inner.metrics.snapshot_last_ms.store(ms, Ordering::Relaxed);
-    tracing::info!(
-        path = %path.display(),
-        counters = meta.counters,
-        keys = meta.keys,
-        bytes = meta.bytes,
-        segments_removed = removed,
-        ms,
-        "snapshot written"
-    );
-    Ok(path)
-}
-
-fn housekeeping_main(inner: std::sync::Weak<Inner>) {
+fn housekeeping_main(shared: std::sync::Weak<Shared>) {
     let mut last_purge = Instant::now();
     let mut retry_snapshot_at: Option<Instant> = None;
     loop {
-        let Some(inner) = inner.upgrade() else { return };
+        let Some(shared) = shared.upgrade() else {
+            return;
+        };
         {
-            let (lock, cv) = &inner.stop;
+            let (lock, cv) = &shared.stop;
             let mut stop = lock.lock();
             if *stop {
                 return;
@@ -778,15 +685,12 @@ fn housekeeping_main(inner: std::sync::Weak<Inner>) {
                 return;
             }
         }
-        let grown = inner
-            .journal
-            .end_pos()
-            .saturating_sub(inner.last_snapshot_pos.load(Ordering::Acquire));
-        if grown >= inner.config.snapshot_journal_bytes
+        let engine = &*shared.engine;
+        if engine.journal_bytes_since_snapshot() >= shared.config.snapshot_journal_bytes
             && retry_snapshot_at.is_none_or(|t| Instant::now() >= t)
-            && inner.journal.failure().is_none()
+            && engine.journal().failure().is_none()
         {
-            match take_snapshot(&inner) {
+            match shared.snapshot() {
                 Ok(_) => retry_snapshot_at = None,
                 Err(e) => {
                     tracing::error!(error = %e, "snapshot failed; the journal keeps everything, retrying later");
@@ -795,7 +699,7 @@ fn housekeeping_main(inner: std::sync::Weak<Inner>) {
             }
         }
         if last_purge.elapsed() >= KEY_PURGE_INTERVAL {
-            let n = inner.keys.purge_expired(now_ms());
+            let n = engine.purge_expired_keys();
             if n > 0 {
                 tracing::debug!(keys = n, "expired idempotency keys purged");
             }
@@ -803,7 +707,6 @@ fn housekeeping_main(inner: std::sync::Weak<Inner>) {
         }
     }
 }
-
 /// Takes an exclusive `flock` on the data directory's lock file, so that
 /// two processes never write one journal.
 fn lock_data_dir(dir: &Path) -> Result<std::fs::File> {

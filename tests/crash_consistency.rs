@@ -10,7 +10,7 @@ use std::path::{Path, PathBuf};
 use std::sync::Arc;
 use std::time::Duration;
 
-use tally::storage::{SimOp, SimStorage, Storage};
+use tally::engine::storage::{SimOp, SimStorage, Storage};
 use tally::{Config, Durability, Error, IncrementOptions, Node, RecoveryMode};
 
 const DATA: &str = "/data";
@@ -440,7 +440,7 @@ fn missing_segment_is_a_gap_not_a_torn_tail() {
 // segment and idempotency keys on either side of the cut.
 #[test]
 fn parallel_replay_matches_a_sequential_model_up_to_the_cut() {
-    use tally::journal::{self, Decoded};
+    use tally::engine::journal::{self, Decoded};
     let rt = runtime();
     let fs = SimStorage::new();
     let mut c = config();

@@ -37,18 +37,22 @@ fn open(env: &Env, faulty: bool) -> Node {
     cluster.flush_interval = Duration::from_millis(10);
     cluster.refresh_interval = Duration::from_millis(10);
     cluster.fail_fast_window = Duration::from_millis(50);
-    if faulty {
+    let stores = faulty.then(|| {
         let writer: Arc<dyn Store> = env.faulty.clone();
-        cluster.stores = Some(Stores {
+        Stores {
             writer,
             reader: store::open(&env.url).unwrap(),
-        });
-    }
+        }
+    });
     c.cluster = Some(cluster);
     // A dropped node's threads may hold it for a moment after the drop.
     let deadline = Instant::now() + Duration::from_secs(5);
     loop {
-        match Node::open(c.clone()) {
+        let opened = match &stores {
+            Some(s) => Node::open_with_stores(c.clone(), s.clone()),
+            None => Node::open(c.clone()),
+        };
+        match opened {
             Ok(node) => return node,
             Err(e) if e.to_string().contains("in use") && Instant::now() < deadline => {
                 std::thread::sleep(Duration::from_millis(10));

@@ -2,7 +2,7 @@
 //! garbage, bad names, stalled clients and too many connections each get a
 //! clear error, lose nothing, and leave the server answering everyone else.
 
-mod resp_support;
+use tally_lab::testing::served as resp_support;
 
 use std::time::{Duration, Instant};
 

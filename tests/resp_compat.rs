@@ -3,7 +3,7 @@
 //! pipelines keep their order, errors carry Redis's words and leave the
 //! connection usable, and tally's own `TALLY.INCRBY` is exact and durable.
 
-mod resp_support;
+use tally_lab::testing::served as resp_support;
 
 use redis::{RedisError, Value};
 use resp_support::TestServer;

@@ -3,14 +3,14 @@
 //! one sync), a failed sync is never answered as a success, and a graceful
 //! shutdown answers every increment it applied.
 
-mod resp_support;
+use tally_lab::testing::served as resp_support;
 
 use std::path::Path;
 use std::sync::Arc;
 use std::time::{Duration, Instant};
 
 use resp_support::{TestServer, exchange, read_at_least, read_to_close, request};
-use tally::storage::{SimOp, SimStorage};
+use tally::engine::storage::{SimOp, SimStorage};
 use tally::{Config, IncrementOptions, Node};
 use tokio::io::AsyncWriteExt;
 use tokio::net::TcpStream;

@@ -6,7 +6,7 @@
 //! and on a database of its own in a private PostgreSQL server (see
 //! `support/postgres.rs`). The tests at the end are about one backend only.
 
-mod support;
+use tally_lab::testing as support;
 
 use std::collections::BTreeMap;
 use std::sync::mpsc;

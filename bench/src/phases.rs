@@ -1,5 +1,5 @@
 //! Where recovery time goes: recovery run in this process with the
-//! library's own `tally::recovery::recover`, beside the steps it is made
+//! library's own `tally::engine::recovery::recover`, beside the steps it is made
 //! of, each timed alone over the same data directory (which no node is
 //! running on): loading the snapshot, reading the segment files, checking
 //! CRCs, decoding records. Whatever recovery spends beyond those steps is
@@ -12,11 +12,11 @@ use std::time::{Duration, Instant};
 
 use anyhow::{Context as _, Result, bail};
 use tally::RecoveryMode;
-use tally::idempotency::{IdempotencyKeys, now_ms};
-use tally::journal::{self, Decoded, SEGMENT_HEADER_BYTES};
-use tally::snapshot::{self, Item};
-use tally::storage::FsStorage;
-use tally::table::CounterTable;
+use tally::engine::idempotency::{IdempotencyKeys, now_ms};
+use tally::engine::journal::{self, Decoded, SEGMENT_HEADER_BYTES};
+use tally::engine::snapshot::{self, Item};
+use tally::engine::storage::FsStorage;
+use tally::engine::table::CounterTable;
 
 use crate::table::{Table, thousands};
 
@@ -84,7 +84,7 @@ pub fn measure(data_dir: &Path) -> Result<Phases> {
 
     let table = CounterTable::new();
     let keys = IdempotencyKeys::new(IDEMPOTENCY_KEYS_MAX);
-    let report = tally::recovery::recover(
+    let report = tally::engine::recovery::recover(
         &FsStorage,
         data_dir,
         &table,
@@ -201,7 +201,7 @@ pub fn render(p: &Phases, node_recovery_ms: u64) -> String {
             "apply records to the table (the rest of recovery)",
             p.apply(),
         ),
-        ("recovery (tally::recovery::recover)", p.recovery),
+        ("recovery (tally::engine::recovery::recover)", p.recovery),
     ];
     for (step, d) in rows {
         table.row(vec![

@@ -1,5 +1,5 @@
 //! The benchmark's private PostgreSQL server: tally's own
-//! [`tally::pgserver`], in the work directory, with PostgreSQL's default
+//! [`tally_lab::pgserver`], in the work directory, with PostgreSQL's default
 //! durability settings (`fsync`, `synchronous_commit` and
 //! `full_page_writes` on), so that a commit costs what it costs in
 //! production. [`PgServer::settings`] reads them back from the server for
@@ -13,9 +13,9 @@
 use std::path::Path;
 
 use anyhow::Result;
-use tally::pgserver::{PgError, PgOptions};
+use tally_lab::pgserver::{PgError, PgOptions};
 
-pub use tally::pgserver::{PgServer, SUPERUSER};
+pub use tally_lab::pgserver::{PgServer, SUPERUSER};
 
 /// Connections the server accepts: 50 pgbench clients, or a tally node's
 /// two, plus the benchmark's own.

@@ -24,7 +24,7 @@ pub fn build_tally() -> Result<PathBuf> {
     // Build output goes straight to our stderr so a long build shows
     // progress; stdout carries cargo's JSON messages.
     let child = Command::new(&cargo)
-        .args(["build", "--release", "-p", "tally", "--bin", "tally"])
+        .args(["build", "--release", "-p", "tally-cli", "--bin", "tally"])
         .arg("--manifest-path")
         .arg(&manifest)
         .arg("--message-format=json-render-diagnostics")

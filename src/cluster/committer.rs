@@ -35,9 +35,9 @@ use std::time::{Duration, Instant};
 use compact_str::CompactString;
 
 use super::{Cluster, ReplicatedRequest, store_err};
+use crate::engine::idempotency::now_ms;
+use crate::engine::{Applied as EngineApplied, Change, Engine};
 use crate::error::Error;
-use crate::idempotency::now_ms;
-use crate::node::Inner;
 use crate::store::{KeyRow, StoreError, StoreTx, Version};
 
 /// First wait after a failed store call; doubles up to the maximum.
@@ -68,7 +68,7 @@ enum Answer {
     Failed(Error),
 }
 
-pub(crate) fn run(cluster: Arc<Cluster>, node: Weak<Inner>) {
+pub(crate) fn run(cluster: Arc<Cluster>, engine: Weak<Engine>) {
     let mut backlog: HashMap<CompactString, (i64, u64)> = HashMap::new();
     let mut unresolved: Option<Unresolved> = None;
     // Heartbeats carry the applied lsn, which the cluster view's flush lag
@@ -77,7 +77,7 @@ pub(crate) fn run(cluster: Arc<Cluster>, node: Weak<Inner>) {
     let mut backoff = Duration::ZERO;
     let mut taken: Vec<(CompactString, i64, u64)> = Vec::new();
     loop {
-        // Wait without holding the node, so that dropping the node (a
+        // Wait without holding the engine, so that dropping the node (a
         // crash in tests, or an embedder that never calls shutdown) frees
         // it at once.
         if !cluster.stop.load(Ordering::SeqCst) {
@@ -92,7 +92,7 @@ pub(crate) fn run(cluster: Arc<Cluster>, node: Weak<Inner>) {
             }
         }
         let stopping = cluster.stop.load(Ordering::SeqCst);
-        let Some(inner) = node.upgrade() else {
+        let Some(engine) = engine.upgrade() else {
             answer_all(cluster.queue.lock().drain(..), || Error::ShuttingDown);
             return;
         };
@@ -106,12 +106,12 @@ pub(crate) fn run(cluster: Arc<Cluster>, node: Weak<Inner>) {
 
         // An unknown outcome is settled before anything else is written.
         if let Some(u) = unresolved.take() {
-            match resolve(&inner, u, &mut backlog) {
+            match resolve(cluster, &engine, u, &mut backlog) {
                 Ok(()) => backoff = Duration::ZERO,
                 Err((u, e)) => {
                     unresolved = Some(u);
-                    store_failed(&inner, &e, &mut backoff);
-                    fail_queued(&inner, &e);
+                    store_failed(cluster, &e, &mut backoff);
+                    fail_queued(cluster, &e);
                     if stopping {
                         return;
                     }
@@ -133,10 +133,10 @@ pub(crate) fn run(cluster: Arc<Cluster>, node: Weak<Inner>) {
         // sweep reaches its shard: lsns are assigned under the shard lock
         // the sweep takes. So once a complete sweep commits, the store
         // holds every change below the mark (see `round`).
-        let mark = inner.next_lsn.load(Ordering::SeqCst);
+        let mark = engine.next_lsn();
         taken.clear();
-        inner
-            .table
+        engine
+            .table()
             .take_dirty(cluster.config.flush_rows_max, &mut taken);
         let complete = Some(Version::new(cluster.epoch, mark.saturating_sub(1)))
             .filter(|_| taken.len() < cluster.config.flush_rows_max);
@@ -148,7 +148,7 @@ pub(crate) fn run(cluster: Arc<Cluster>, node: Weak<Inner>) {
                 return;
             }
             if last_heartbeat.elapsed() >= cluster.config.heartbeat_interval {
-                heartbeat(&inner, &mut backoff);
+                heartbeat(cluster, &engine, &mut backoff);
                 last_heartbeat = Instant::now();
             }
             continue;
@@ -156,11 +156,11 @@ pub(crate) fn run(cluster: Arc<Cluster>, node: Weak<Inner>) {
         if !batch.is_empty() {
             *cluster.replication_open.lock() = true;
         }
-        match round(&inner, &batch, &mut backlog, complete) {
+        match round(cluster, &engine, &batch, &mut backlog, complete) {
             Ok(answers) => {
                 backoff = Duration::ZERO;
                 if last_heartbeat.elapsed() >= cluster.config.heartbeat_interval {
-                    heartbeat(&inner, &mut backoff);
+                    heartbeat(cluster, &engine, &mut backoff);
                     last_heartbeat = Instant::now();
                 }
                 cluster.state.lock().store_error = None;
@@ -183,14 +183,14 @@ pub(crate) fn run(cluster: Arc<Cluster>, node: Weak<Inner>) {
                             applied,
                         });
                     }
-                    _ => revert_all(&inner, &applied),
+                    _ => revert_all(&engine, &applied),
                 }
                 if let StoreError::Fenced { .. } = e {
                     let reason = e.to_string();
                     tracing::error!(%reason, "fenced: another process holds this node id; no more writes");
                     let _ = cluster.fenced.send(Some(reason));
                 } else {
-                    store_failed(&inner, &e, &mut backoff);
+                    store_failed(cluster, &e, &mut backoff);
                 }
                 let outcome_err = store_err(e);
                 let answers = answers
@@ -206,6 +206,10 @@ pub(crate) fn run(cluster: Arc<Cluster>, node: Weak<Inner>) {
         if unresolved.is_none() {
             *cluster.replication_open.lock() = false;
         }
+        debug_assert!(
+            unresolved.is_none() || *cluster.replication_open.lock(),
+            "the replication gate is held while a transaction's outcome is unresolved"
+        );
         if stopping && unresolved.is_none() && backlog.is_empty() {
             return;
         }
@@ -238,15 +242,12 @@ type RoundError = (StoreError, Vec<Applied>, Version, Vec<Answer>);
 /// complete; the round raises the node's flushed version to it, which is
 /// what the other nodes' caches page from (see `cache`).
 fn round(
-    inner: &Inner,
+    cluster: &Cluster,
+    engine: &Engine,
     batch: &[ReplicatedRequest],
     backlog: &mut HashMap<CompactString, (i64, u64)>,
     complete: Option<Version>,
 ) -> Result<Vec<Answer>, RoundError> {
-    let cluster = inner
-        .cluster
-        .get()
-        .expect("the committer runs with a cluster");
     let mut answers: Vec<Answer> = batch.iter().map(|_| Answer::Undecided).collect();
     let mut applied: Vec<Applied> = Vec::new();
     let mut flushed = cluster.state.lock().flushed;
@@ -259,7 +260,7 @@ fn round(
         Err(e) => return fail(e, applied, flushed, answers),
     };
     let now = now_ms();
-    let expiry = now.saturating_add(inner.config.idempotency_retention.as_millis() as u64);
+    let expiry = engine.key_expiry(now);
     let keyed: Vec<(usize, KeyRow)> = batch
         .iter()
         .enumerate()
@@ -297,8 +298,14 @@ fn round(
             continue;
         }
         let key = r.key.as_deref().map(|k| (k, expiry));
-        match inner.apply_replicated(&r.name, r.delta, key, cluster.epoch) {
-            Ok(Some(lsn)) => {
+        let change = Change::Replicated {
+            name: &r.name,
+            delta: r.delta,
+            key,
+            epoch: cluster.epoch,
+        };
+        match engine.apply(change) {
+            Ok(EngineApplied::New { lsn, .. }) => {
                 answers[i] = Answer::Applied;
                 applied.push(Applied {
                     name: r.name.clone(),
@@ -308,7 +315,7 @@ fn round(
                 });
             }
             // Seen on this node at another level: already counted here.
-            Ok(None) => answers[i] = Answer::Duplicate,
+            Ok(EngineApplied::Duplicate { .. }) => answers[i] = Answer::Duplicate,
             Err(e) => {
                 if let Some(k) = r.key.as_deref() {
                     undo_keys.push(k);
@@ -325,7 +332,7 @@ fn round(
     // The applied increments' rows go in this transaction whatever the
     // dirty list holds, so that their keys never commit without them.
     for a in &applied {
-        if let Some(e) = inner.table.get(&a.name) {
+        if let Some(e) = engine.table().get(&a.name) {
             merge(
                 backlog,
                 CompactString::from(a.name.as_str()),
@@ -356,11 +363,13 @@ fn round(
     // since, the next round need not write them again.
     for a in &applied {
         if let Some((_, lsn)) = backlog.get(a.name.as_str()) {
-            inner.table.unlist_if_unchanged(&a.name, *lsn);
+            engine.table().unlist_if_unchanged(&a.name, *lsn);
         }
     }
     backlog.clear();
-    cluster.state.lock().flushed = flushed;
+    let mut state = cluster.state.lock();
+    debug_assert!(flushed >= state.flushed, "the flushed mark never lowers");
+    state.flushed = flushed;
     Ok(answers)
 }
 
@@ -369,14 +378,11 @@ fn round(
 /// increment applied in it (no other transaction writes this node's rows
 /// until the outcome is settled, so nothing else can have raised it).
 fn resolve(
-    inner: &Inner,
+    cluster: &Cluster,
+    engine: &Engine,
     u: Unresolved,
     backlog: &mut HashMap<CompactString, (i64, u64)>,
 ) -> Result<(), (Unresolved, StoreError)> {
-    let cluster = inner
-        .cluster
-        .get()
-        .expect("the committer runs with a cluster");
     let probe = u
         .applied
         .first()
@@ -400,7 +406,7 @@ fn resolve(
             "unknown commit outcome resolved: committed"
         );
     } else {
-        revert_all(inner, &u.applied);
+        revert_all(engine, &u.applied);
         tracing::info!(
             applied = u.applied.len(),
             "unknown commit outcome resolved: not committed, reverted"
@@ -417,12 +423,8 @@ fn resolve(
 
 /// Proves the node alive and records its applied lsn; a superseded epoch
 /// fences the node.
-fn heartbeat(inner: &Inner, backoff: &mut Duration) {
-    let cluster = inner
-        .cluster
-        .get()
-        .expect("the committer runs with a cluster");
-    let applied = inner.next_lsn.load(Ordering::SeqCst).saturating_sub(1);
+fn heartbeat(cluster: &Cluster, engine: &Engine, backoff: &mut Duration) {
+    let applied = engine.applied_lsn();
     match cluster
         .store
         .heartbeat(&cluster.node_id, cluster.epoch, now_ms(), applied)
@@ -436,24 +438,25 @@ fn heartbeat(inner: &Inner, backoff: &mut Duration) {
             tracing::error!(%reason, "fenced: another process holds this node id; no more writes");
             let _ = cluster.fenced.send(Some(reason));
         }
-        Err(e) => store_failed(inner, &e, backoff),
+        Err(e) => store_failed(cluster, &e, backoff),
     }
 }
 
-fn revert_all(inner: &Inner, applied: &[Applied]) {
+fn revert_all(engine: &Engine, applied: &[Applied]) {
     for a in applied.iter().rev() {
-        let key = a.key.as_ref().map(|(k, e)| (k.as_str(), *e));
-        if let Err(e) = inner.apply_revert(&a.name, a.delta, a.lsn, key) {
+        let change = Change::Revert {
+            name: &a.name,
+            delta: a.delta,
+            of_lsn: a.lsn,
+            key: a.key.as_ref().map(|(k, e)| (k.as_str(), *e)),
+        };
+        if let Err(e) = engine.apply(change) {
             tracing::error!(error = %e, counter = %a.name, "could not revert a replicated increment");
         }
     }
 }
 
-fn store_failed(inner: &Inner, e: &StoreError, backoff: &mut Duration) {
-    let cluster = inner
-        .cluster
-        .get()
-        .expect("the committer runs with a cluster");
+fn store_failed(cluster: &Cluster, e: &StoreError, backoff: &mut Duration) {
     let mut state = cluster.state.lock();
     if state.store_error.is_none() {
         tracing::warn!(error = %e, "shared store unreachable; local writes go on, replicated ones are refused");
@@ -463,11 +466,7 @@ fn store_failed(inner: &Inner, e: &StoreError, backoff: &mut Duration) {
 }
 
 /// Refuses every queued replicated increment (nothing applied).
-fn fail_queued(inner: &Inner, e: &StoreError) {
-    let cluster = inner
-        .cluster
-        .get()
-        .expect("the committer runs with a cluster");
+fn fail_queued(cluster: &Cluster, e: &StoreError) {
     let reason = e.to_string();
     answer_all(cluster.queue.lock().drain(..), || {
         Error::StoreUnavailable(format!("{reason}; nothing was applied"))

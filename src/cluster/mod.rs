@@ -26,11 +26,10 @@ use std::time::{Duration, Instant};
 use parking_lot::{Condvar, Mutex};
 use tokio::sync::{oneshot, watch};
 
+use crate::engine::idempotency::now_ms;
+use crate::engine::recovery::RecoveryReport;
+use crate::engine::{Change, Engine};
 use crate::error::{Error, Result};
-use crate::idempotency::now_ms;
-use crate::journal::Kind;
-use crate::node::Inner;
-use crate::recovery::RecoveryReport;
 use crate::store::{self, NodeRow, Store, StoreError, Version};
 
 pub use cache::Cache;
@@ -58,9 +57,6 @@ pub struct ClusterConfig {
     /// How long after a failed store call `replicated` increments are
     /// refused at once rather than queued.
     pub fail_fast_window: Duration,
-    /// Store connections to use instead of opening `store_url` (tests
-    /// wrap a real store in a fault-injecting one this way).
-    pub stores: Option<Stores>,
 }
 
 /// A writer and a reader connection to one store, built by the caller.
@@ -88,7 +84,6 @@ impl ClusterConfig {
             replicated_batch_max: 10_000,
             flush_rows_max: 100_000,
             fail_fast_window: Duration::from_secs(1),
-            stores: None,
         }
     }
 }
@@ -169,7 +164,8 @@ pub struct Cluster {
     /// lock while it runs and is postponed while it is true, so that it
     /// never captures a replicated increment whose fate is open (its
     /// journal record, which recovery checks against the store, could be
-    /// dropped with the segments the snapshot covers).
+    /// dropped with the segments the snapshot covers). See
+    /// [`Cluster::snapshot_gate`].
     pub(crate) replication_open: Mutex<bool>,
     /// Fires with the reason once this node's epoch is superseded.
     pub(crate) fenced: watch::Sender<Option<String>>,
@@ -194,19 +190,23 @@ impl Cluster {
     /// what it knows better than the local disk, settles the replicated
     /// increments the journal holds, and starts the committer and cache
     /// threads. The node is ready when this returns.
+    /// `stores`, when given, are used instead of opening
+    /// `config.store_url`.
     pub(crate) fn start(
-        inner: &Arc<Inner>,
+        engine: &Arc<Engine>,
+        node_id: &str,
         config: ClusterConfig,
+        stores: Option<Stores>,
         recovered: &RecoveryReport,
-    ) -> Result<Cluster> {
-        let (store, reader) = match &config.stores {
-            Some(s) => (s.writer.clone(), s.reader.clone()),
+    ) -> Result<Arc<Cluster>> {
+        let (store, reader) = match stores {
+            Some(s) => (s.writer, s.reader),
             None => (
                 store::open(&config.store_url).map_err(store_err)?,
                 store::open(&config.store_url).map_err(store_err)?,
             ),
         };
-        let node_id = inner.node_id.clone();
+        let node_id = node_id.to_string();
         let registration = store
             .register(&node_id, &config.address, now_ms())
             .map_err(store_err)?;
@@ -225,7 +225,7 @@ impl Cluster {
             .chain(registration.previous.as_ref().map(|p| p.flushed.lsn))
             .max()
             .unwrap_or(0);
-        inner.next_lsn.fetch_max(store_max + 1, Ordering::SeqCst);
+        engine.skip_lsns_through(store_max);
 
         // Replicated increments whose transaction did not commit are taken
         // back: their effect is not in the store's row for the counter.
@@ -235,12 +235,12 @@ impl Cluster {
                 .get(p.name.as_str())
                 .is_some_and(|(_, v)| *v >= Version::new(p.epoch, p.lsn));
             if !committed {
-                inner.apply_revert(
-                    &p.name,
-                    p.delta,
-                    p.lsn,
-                    p.key.as_ref().map(|(k, e)| (k.as_str(), *e)),
-                )?;
+                engine.apply(Change::Revert {
+                    name: &p.name,
+                    delta: p.delta,
+                    of_lsn: p.lsn,
+                    key: p.key.as_ref().map(|(k, e)| (k.as_str(), *e)),
+                })?;
                 reverted += 1;
             }
         }
@@ -249,20 +249,22 @@ impl Cluster {
         // store wins: adopt it, journaled, with a new, higher lsn.
         let mut adopted = 0;
         for row in &rows {
-            let local_lsn = inner.table.get(&row.counter).map_or(0, |e| e.lsn);
+            let local_lsn = engine.table().get(&row.counter).map_or(0, |e| e.lsn);
             if row.version.lsn > local_lsn {
-                inner.apply_adopt(&row.counter, row.value)?;
+                engine.apply(Change::Adopt {
+                    name: &row.counter,
+                    value: row.value,
+                })?;
                 adopted += 1;
             }
         }
         // Everything the store does not hold at its latest is to flush.
-        inner.table.track_dirty_from(|name, entry| {
+        engine.table().track_dirty_from(|name, entry| {
             stored.get(name).is_none_or(|(_, v)| entry.lsn > v.lsn)
         });
         // Adopted and reverted records must be durable before the node
         // serves: the store is ahead of the disk until they are.
-        let end = inner.journal.end_pos();
-        inner.journal.wait_durable_blocking(end)?;
+        engine.sync_blocking()?;
         tracing::info!(
             node_id = %node_id,
             epoch,
@@ -300,24 +302,22 @@ impl Cluster {
             .cache
             .refresh(cluster.reader.as_ref())
             .map_err(store_err)?;
-        Ok(cluster)
-    }
-
-    /// Starts the committer and cache threads (after the node holds the
-    /// cluster, since they reach it through the node).
-    pub(crate) fn spawn_threads(self: &Arc<Self>, inner: &Arc<Inner>) -> Result<()> {
-        let (weak, me) = (Arc::downgrade(inner), self.clone());
+        let cluster = Arc::new(cluster);
+        // The committer holds the engine weakly, so that dropping the node
+        // (a crash in tests, or an embedder that never calls shutdown)
+        // frees the engine at once.
+        let (me, weak) = (cluster.clone(), Arc::downgrade(engine));
         let committer = std::thread::Builder::new()
             .name("tally-committer".into())
             .spawn(move || committer::run(me, weak))
             .map_err(|e| Error::io("starting the committer thread", e))?;
-        let me = self.clone();
+        let me = cluster.clone();
         let refresher = std::thread::Builder::new()
             .name("tally-cache".into())
             .spawn(move || cache::run(me))
             .map_err(|e| Error::io("starting the cache thread", e))?;
-        self.threads.lock().extend([committer, refresher]);
-        Ok(())
+        cluster.threads.lock().extend([committer, refresher]);
+        Ok(cluster)
     }
 
     /// Queues a `replicated` increment and waits for its transaction.
@@ -440,6 +440,18 @@ impl Cluster {
         Ok(rows.into_iter().map(|r| (r.node_id, r.value)).collect())
     }
 
+    /// Held by a snapshot for as long as it runs; refused while a
+    /// replicated transaction's outcome is open (see `replication_open`).
+    pub(crate) fn snapshot_gate(&self) -> Result<parking_lot::MutexGuard<'_, bool>> {
+        let open = self.replication_open.lock();
+        if *open {
+            return Err(Error::LimitExceeded(
+                "snapshot postponed: a replicated transaction's outcome is not settled yet".into(),
+            ));
+        }
+        Ok(open)
+    }
+
     /// Tells the threads to stop at their next look, without waiting.
     pub(crate) fn signal_stop(&self) {
         self.stop.store(true, Ordering::SeqCst);
@@ -457,66 +469,5 @@ impl Cluster {
                 let _ = t.join();
             }
         }
-    }
-}
-
-impl Inner {
-    /// Journals and applies a revert of replicated increment `of_lsn`.
-    pub(crate) fn apply_revert(
-        &self,
-        name: &str,
-        delta: i64,
-        of_lsn: u64,
-        key: Option<(&str, u64)>,
-    ) -> Result<()> {
-        let negated = delta.checked_neg().ok_or(Error::Overflow)?;
-        self.table.increment(name, negated, |_| {
-            let kind = Kind::Revert { of_lsn };
-            Ok(self.journal_next(kind, name, negated, key, false)?.0)
-        })?;
-        if let Some((k, _)) = key {
-            self.keys.remove(k);
-        }
-        Ok(())
-    }
-
-    /// Journals and applies the store's value for this node's shard.
-    pub(crate) fn apply_adopt(&self, name: &str, value: i64) -> Result<()> {
-        let (lsn, _) = self.journal_next(Kind::Adopt, name, value, None, false)?;
-        self.table.replay_op(name, value, lsn, true)?;
-        Ok(())
-    }
-
-    /// Applies a replicated increment (in the committer, inside its store
-    /// transaction): journaled as such, with the key recorded locally.
-    /// Returns (value, lsn), or `None` if this node already applied the
-    /// key at another durability.
-    pub(crate) fn apply_replicated(
-        &self,
-        name: &str,
-        delta: i64,
-        key: Option<(&str, u64)>,
-        epoch: u64,
-    ) -> Result<Option<u64>> {
-        let mut assigned = 0;
-        let mut commit = |_| -> Result<u64> {
-            let (lsn, _) =
-                self.journal_next(Kind::Replicated { epoch }, name, delta, key, false)?;
-            assigned = lsn;
-            Ok(lsn)
-        };
-        let value = match key {
-            None => Some(self.table.increment(name, delta, &mut commit)?),
-            Some((k, expiry)) => self.keys.with_key(k, now_ms(), |slot| {
-                if slot.seen() {
-                    return Ok::<Option<i64>, Error>(None);
-                }
-                slot.check_room()?;
-                let v = self.table.increment(name, delta, &mut commit)?;
-                slot.insert(expiry);
-                Ok(Some(v))
-            })?,
-        };
-        Ok(value.map(|_| assigned))
     }
 }

@@ -73,7 +73,9 @@ fn status_of(error: &Error) -> StatusCode {
         Error::Indeterminate(_) => StatusCode::GATEWAY_TIMEOUT,
         // A capacity limit of the node, which waiting will not lift.
         Error::LimitExceeded(_) => StatusCode::INSUFFICIENT_STORAGE,
-        Error::Corrupt { .. } | Error::Io { .. } => StatusCode::INTERNAL_SERVER_ERROR,
+        Error::Corrupt { .. } | Error::Io { .. } | Error::InvalidConfig { .. } => {
+            StatusCode::INTERNAL_SERVER_ERROR
+        }
     }
 }
 

@@ -7,8 +7,8 @@
 
 use bytes::Bytes;
 
+use crate::engine::{idempotency, table};
 use crate::error::Error;
-use crate::{idempotency, table};
 
 use super::frame::{Frame, parse_i64};
 use super::reply::ReplyError;

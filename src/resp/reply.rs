@@ -88,6 +88,7 @@ impl From<Error> for ReplyError {
             | Error::InvalidInput { .. }
             | Error::LimitExceeded(_)
             | Error::Corrupt { .. }
+            | Error::InvalidConfig { .. }
             | Error::Io { .. } => "ERR",
             Error::JournalFailed(_)
             | Error::ShuttingDown

@@ -37,7 +37,7 @@ pub fn measure_flush(
 ) -> Result<FlushMeasurement, StoreError> {
     let batch_rows = batch_rows.max(1);
     let epoch = store
-        .register(node_id, "bench", crate::idempotency::now_ms())?
+        .register(node_id, "bench", crate::engine::idempotency::now_ms())?
         .epoch;
     let names: Vec<String> = (0..rows).map(|i| format!("bench-{i:09}")).collect();
     let start = Instant::now();
@@ -55,7 +55,7 @@ pub fn measure_flush(
         let last = batch.last().map_or(Version::default(), |r| r.2);
         let mut tx = store.begin(node_id, epoch)?;
         tx.upsert_shards(&batch)?;
-        tx.set_flushed(last, crate::idempotency::now_ms())?;
+        tx.set_flushed(last, crate::engine::idempotency::now_ms())?;
         tx.commit()?;
         batches += 1;
     }

@@ -25,10 +25,14 @@
 //! its own small runtime, which panics inside another one). Call it from a
 //! dedicated thread or `tokio::task::spawn_blocking`.
 
+#[cfg(feature = "testkit")]
 pub mod bench;
+#[cfg(any(test, feature = "testkit"))]
 pub mod faulty;
+#[cfg(feature = "postgres")]
 pub mod postgres;
 pub mod schema;
+#[cfg(feature = "sqlite")]
 pub mod sqlite;
 pub mod url;
 
@@ -254,12 +258,21 @@ pub trait StoreTx {
 /// brings its schema up to date (see [`schema`]).
 pub fn open(url: &str) -> Result<Arc<dyn Store>, StoreError> {
     match StoreUrl::parse(url)? {
+        #[cfg(feature = "sqlite")]
         StoreUrl::Sqlite(path) => Ok(Arc::new(sqlite::SqliteStore::open(&path)?)),
+        #[cfg(feature = "postgres")]
         StoreUrl::Postgres(url) => Ok(Arc::new(postgres::PostgresStore::open(&url)?)),
+        #[allow(unreachable_patterns)]
+        other => Err(StoreError::Invalid(format!(
+            "this build of tally has no {} store backend (cargo feature `{}`)",
+            other.backend(),
+            other.backend()
+        ))),
     }
 }
 
 /// Converts an epoch, lsn or time to the store's signed column type.
+#[cfg_attr(not(any(feature = "sqlite", feature = "postgres")), allow(dead_code))]
 pub(crate) fn to_stored(value: u64, what: &str) -> Result<i64, StoreError> {
     i64::try_from(value).map_err(|_| {
         StoreError::Invalid(format!(
@@ -270,6 +283,7 @@ pub(crate) fn to_stored(value: u64, what: &str) -> Result<i64, StoreError> {
 
 /// Converts a stored column back; a negative value can only come from a
 /// write outside tally.
+#[cfg_attr(not(any(feature = "sqlite", feature = "postgres")), allow(dead_code))]
 pub(crate) fn from_stored(value: i64, what: &str) -> Result<u64, StoreError> {
     u64::try_from(value).map_err(|_| {
         StoreError::Invalid(format!(
@@ -278,6 +292,7 @@ pub(crate) fn from_stored(value: i64, what: &str) -> Result<u64, StoreError> {
     })
 }
 
+#[cfg_attr(not(any(feature = "sqlite", feature = "postgres")), allow(dead_code))]
 pub(crate) fn not_registered(node_id: &str) -> StoreError {
     StoreError::Invalid(format!(
         "node '{node_id}' is not registered in the store; register it before writing"
@@ -285,6 +300,7 @@ pub(crate) fn not_registered(node_id: &str) -> StoreError {
 }
 
 /// What every call on a transaction returns after one of its steps failed.
+#[cfg_attr(not(any(feature = "sqlite", feature = "postgres")), allow(dead_code))]
 pub(crate) fn poisoned() -> StoreError {
     StoreError::Unavailable(
         "an earlier step of this transaction failed, so it was not committed; \
@@ -295,6 +311,7 @@ pub(crate) fn poisoned() -> StoreError {
 
 /// Checks rows bound for [`StoreTx::upsert_shards`] against the
 /// transaction's epoch.
+#[cfg_attr(not(any(feature = "sqlite", feature = "postgres")), allow(dead_code))]
 pub(crate) fn check_shard_rows(
     node_id: &str,
     epoch: u64,
@@ -315,6 +332,7 @@ pub(crate) fn check_shard_rows(
 
 /// Checks keys bound for [`StoreTx::insert_keys`]: each must be this
 /// transaction's, so a key's recorded owner is always the writer.
+#[cfg_attr(not(any(feature = "sqlite", feature = "postgres")), allow(dead_code))]
 pub(crate) fn check_key_rows(node_id: &str, epoch: u64, keys: &[KeyRow]) -> Result<(), StoreError> {
     for k in keys {
         if k.node_id != node_id || k.epoch != epoch {
@@ -333,6 +351,7 @@ pub(crate) fn check_key_rows(node_id: &str, epoch: u64, keys: &[KeyRow]) -> Resu
 /// first of equal ones), in order of first appearance. PostgreSQL refuses to
 /// update one row twice in one statement, so a batch is deduplicated before
 /// it is sent.
+#[cfg_attr(not(any(feature = "sqlite", feature = "postgres")), allow(dead_code))]
 pub(crate) fn dedupe_shard_rows<'a>(
     rows: &[(&'a str, i64, Version)],
 ) -> Vec<(&'a str, i64, Version)> {
@@ -355,6 +374,7 @@ pub(crate) fn dedupe_shard_rows<'a>(
 }
 
 /// For each key, whether it is the first occurrence of that key in `keys`.
+#[cfg_attr(not(any(feature = "sqlite", feature = "postgres")), allow(dead_code))]
 pub(crate) fn first_occurrences(keys: &[KeyRow]) -> Vec<bool> {
     let mut seen = std::collections::HashSet::with_capacity(keys.len());
     keys.iter().map(|k| seen.insert(k.key.as_str())).collect()

@@ -471,7 +471,7 @@ fn migrate_once(c: &mut Conn) -> Result<(), Fail> {
     for m in schema::pending(found) {
         c.batch(m.postgres, "applying a migration")?;
         let version = to_stored(m.version, "schema version")?;
-        let now = to_stored(crate::idempotency::now_ms(), "time")?;
+        let now = to_stored(crate::engine::idempotency::now_ms(), "time")?;
         c.client
             .execute(schema::INSERT_VERSION_POSTGRES, &[&version, &now])
             .ctx("recording a migration")?;

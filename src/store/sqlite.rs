@@ -135,7 +135,7 @@ fn migrate(conn: &Connection) -> Result<(), StoreError> {
                 schema::INSERT_VERSION_SQLITE,
                 params![
                     to_stored(m.version, "schema version")?,
-                    to_stored(crate::idempotency::now_ms(), "time")?
+                    to_stored(crate::engine::idempotency::now_ms(), "time")?
                 ],
             )
             .map_err(|e| unavailable(&format!("recording migration {}", m.version), e))?;

@@ -15,7 +15,7 @@ use std::net::{SocketAddr, TcpListener};
 use std::process::{Command, Stdio};
 use std::time::Duration;
 
-use tally::chaos::{self, ChaosConfig, ChaosReport, Fault, Level, Outcome, Protocol, Request};
+use tally_lab::chaos::{self, ChaosConfig, ChaosReport, Fault, Level, Outcome, Protocol, Request};
 
 fn request(counter: &str, level: Level, key: &str, delta: u64, outcome: Outcome) -> Request {
     Request {
@@ -437,7 +437,7 @@ fn chaos_attaches_to_a_running_tally_cluster() {
 fn chaos_attach_without_a_cluster_is_a_clear_error() {
     let addr = format!(
         "127.0.0.1:{}",
-        tally::launcher::free_loopback_ports(1).unwrap()[0]
+        tally_lab::launcher::free_loopback_ports(1).unwrap()[0]
     );
     let dir = tempfile::tempdir().unwrap();
     let out = Command::new(env!("CARGO_BIN_EXE_tally"))

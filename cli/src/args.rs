@@ -9,10 +9,8 @@ use std::time::Duration;
 
 use clap::{Args, Parser, Subcommand};
 
-use crate::config::{
-    Config, Durability, FileConfig, RecoveryMode, ServerConfig, parse_listen_addr,
-};
-use crate::error::Result;
+use tally::Result;
+use tally::config::{Config, Durability, RecoveryMode, ServerConfig};
 
 /// Durable, exact counters for services that run on several nodes.
 #[derive(Debug, Parser)]
@@ -76,7 +74,7 @@ pub struct ClusterArgs {
     pub no_haproxy: bool,
     /// Loopback address of the control endpoint, through which
     /// `tally chaos --attach` kills, restarts, pauses and wipes nodes
-    #[arg(long, default_value = crate::control::DEFAULT_CONTROL_ADDR)]
+    #[arg(long, default_value = tally_lab::control::DEFAULT_CONTROL_ADDR)]
     pub control_addr: std::net::SocketAddr,
     /// Do not serve the control endpoint
     #[arg(long)]
@@ -85,8 +83,8 @@ pub struct ClusterArgs {
 
 impl ClusterArgs {
     /// The launcher's configuration for these flags.
-    pub fn config(self) -> crate::launcher::LocalClusterConfig {
-        crate::launcher::LocalClusterConfig {
+    pub fn config(self) -> tally_lab::launcher::LocalClusterConfig {
+        tally_lab::launcher::LocalClusterConfig {
             nodes: self.nodes,
             base_dir: self.dir,
             store: self.store,
@@ -122,7 +120,7 @@ pub struct ChaosArgs {
     /// pause, wipe, store
     #[arg(long, value_delimiter = ',', default_value = "kill9,restart,pause,wipe,store",
           value_parser = parse_fault)]
-    pub faults: Vec<crate::chaos::Fault>,
+    pub faults: Vec<tally_lab::chaos::Fault>,
     /// Shell command that stops the store (for the store fault); must
     /// return once the store is down
     #[arg(long, requires = "store_start_cmd")]
@@ -146,8 +144,8 @@ pub struct ChaosArgs {
     pub report_json: Option<PathBuf>,
 }
 
-fn parse_fault(s: &str) -> std::result::Result<crate::chaos::Fault, String> {
-    crate::chaos::Fault::from_name(s.trim())
+fn parse_fault(s: &str) -> std::result::Result<tally_lab::chaos::Fault, String> {
+    tally_lab::chaos::Fault::from_name(s.trim())
         .ok_or_else(|| format!("unknown fault '{s}': one of kill9, restart, pause, wipe, store"))
 }
 
@@ -302,7 +300,7 @@ impl ServeArgs {
             server.http_connections_max = n;
         }
         if let Some(url) = self.store.or(file.store) {
-            let mut c = crate::cluster::ClusterConfig::new(url);
+            let mut c = tally::cluster::ClusterConfig::new(url);
             c.address = self
                 .advertise_addr
                 .or(file.advertise_addr)
@@ -327,10 +325,10 @@ impl ServeArgs {
             "text" => false,
             "json" => true,
             other => {
-                return Err(crate::Error::invalid(
-                    "log format",
-                    format!("'{other}' is not text or json"),
-                ));
+                return Err(tally::Error::InvalidInput {
+                    what: "log format",
+                    reason: format!("'{other}' is not text or json"),
+                });
             }
         };
         Ok(ServeSettings {
@@ -343,4 +341,58 @@ impl ServeArgs {
                 .unwrap_or_else(|| "info".into()),
         })
     }
+}
+
+/// The optional TOML file: every key is optional and named like its flag
+/// with dashes turned into underscores.
+#[derive(Debug, Default, serde::Deserialize)]
+#[serde(deny_unknown_fields)]
+pub struct FileConfig {
+    pub data_dir: Option<PathBuf>,
+    pub node_id: Option<String>,
+    pub durability: Option<String>,
+    pub resp_addr: Option<String>,
+    pub http_addr: Option<String>,
+    pub memory_sync_delay_ms: Option<u64>,
+    pub segment_bytes_max: Option<u64>,
+    pub snapshot_journal_bytes: Option<u64>,
+    pub idempotency_retention_s: Option<u64>,
+    pub idempotency_keys_max: Option<usize>,
+    pub recovery_mode: Option<String>,
+    pub resp_connections_max: Option<usize>,
+    pub http_connections_max: Option<usize>,
+    pub log_format: Option<String>,
+    pub log_level: Option<String>,
+    pub store: Option<String>,
+    pub advertise_addr: Option<String>,
+    pub flush_interval_ms: Option<u64>,
+    pub refresh_interval_ms: Option<u64>,
+    pub heartbeat_interval_ms: Option<u64>,
+}
+
+impl FileConfig {
+    /// Reads and parses a TOML configuration file.
+    pub fn load(path: &std::path::Path) -> Result<Self> {
+        let text = std::fs::read_to_string(path).map_err(|e| tally::Error::InvalidInput {
+            what: "config file",
+            reason: format!("reading {}: {e}", path.display()),
+        })?;
+        toml::from_str(&text).map_err(|e| tally::Error::InvalidInput {
+            what: "config file",
+            reason: format!("{}: {}", path.display(), e.message()),
+        })
+    }
+}
+
+/// Parses `host:port`, or `off` / empty to disable a listener.
+pub fn parse_listen_addr(s: &str) -> Result<Option<std::net::SocketAddr>> {
+    if s.is_empty() || s == "off" {
+        return Ok(None);
+    }
+    s.parse::<std::net::SocketAddr>()
+        .map(Some)
+        .map_err(|_| tally::Error::InvalidInput {
+            what: "listen address",
+            reason: format!("'{s}' is not host:port (for example 127.0.0.1:7379) or 'off'"),
+        })
 }

@@ -1,5 +1,5 @@
 //! A private PostgreSQL server for tests: the library's
-//! [`tally::pgserver::PgServer`] in a temporary directory, with the fast
+//! [`crate::pgserver::PgServer`] in a temporary directory, with the fast
 //! settings (no fsync: test data need not survive a power cut), and every
 //! error a test failure with the library's message.
 //!
@@ -12,11 +12,10 @@
 //! each test takes a database of its own on it ([`PgServer::create_database`]).
 //! A test that stops the server ([`PgServer::stop`], [`PgServer::start`])
 //! starts a server of its own with [`PgServer::new`].
-#![allow(dead_code)]
 
 use std::sync::OnceLock;
 
-use tally::pgserver::{self, PgError, PgOptions};
+use crate::pgserver::{self, PgError, PgOptions};
 
 /// Connections the server accepts: tests open several stores at once.
 const CONNECTIONS_MAX: u32 = 300;
@@ -50,6 +49,7 @@ pub fn shared() -> &'static PgServer {
 impl PgServer {
     /// Creates a cluster in a new temporary directory and starts it.
     /// Panics (failing the test) with the reason if it cannot.
+    #[allow(clippy::new_without_default)] // Starting a server is not a default value.
     pub fn new() -> PgServer {
         let inner = pgserver::PgServer::new(PgOptions {
             durable: false,

@@ -11,7 +11,7 @@ use std::net::SocketAddr;
 use std::time::{Duration, Instant};
 
 use parking_lot::Mutex;
-use tally::launcher::{LocalCluster, LocalClusterConfig};
+use tally_lab::launcher::{LocalCluster, LocalClusterConfig};
 
 /// How many nodes each test cluster runs.
 const NODES: usize = 3;
@@ -329,8 +329,8 @@ fn shutdown_leaves_no_child_running() {
 #[test]
 fn generated_haproxy_config_is_valid() {
     let dir = tempfile::tempdir().unwrap();
-    let nodes: Vec<tally::launcher::NodeInfo> = (1..=3u16)
-        .map(|i| tally::launcher::NodeInfo {
+    let nodes: Vec<tally_lab::launcher::NodeInfo> = (1..=3u16)
+        .map(|i| tally_lab::launcher::NodeInfo {
             node_id: format!("node{i}"),
             resp: ([127, 0, 0, 1], 7380 + i).into(),
             http: ([127, 0, 0, 1], 7070 + i).into(),
@@ -338,7 +338,7 @@ fn generated_haproxy_config_is_valid() {
             pid: None,
         })
         .collect();
-    let cfg = tally::launcher::haproxy_config(
+    let cfg = tally_lab::launcher::haproxy_config(
         ([127, 0, 0, 1], 7070).into(),
         ([127, 0, 0, 1], 7379).into(),
         &nodes,
@@ -398,8 +398,8 @@ fn missing_haproxy_is_reported_plainly() {
 /// every mistake with a JSON error, and binds only loopback addresses.
 #[test]
 fn control_endpoint_acts_on_nodes_and_refuses_mistakes() {
-    use tally::control::{ControlError, ControlServer, RemoteCluster};
-    use tally::launcher::Action;
+    use tally_lab::control::{ControlError, ControlServer, RemoteCluster};
+    use tally_lab::launcher::Action;
 
     let _one = ONE_AT_A_TIME.lock();
     let dir = tempfile::tempdir().unwrap();

@@ -24,11 +24,11 @@ use std::time::{Duration, Instant};
 use parking_lot::{Condvar, Mutex};
 use tokio::sync::watch;
 
+use crate::engine::idempotency::KEY_BYTES_MAX;
+use crate::engine::storage::{AppendFile, Storage};
+use crate::engine::table::NAME_BYTES_MAX;
 use crate::error::{Error, Result};
-use crate::idempotency::KEY_BYTES_MAX;
 use crate::metrics::Metrics;
-use crate::storage::{AppendFile, Storage};
-use crate::table::NAME_BYTES_MAX;
 
 /// First eight bytes of every segment.
 pub const SEGMENT_MAGIC: &[u8; 8] = b"TALLYJNL";
@@ -284,6 +284,16 @@ pub fn parse_segment_file_name(name: &str) -> Option<u64> {
     (digits.len() == 20).then(|| digits.parse().ok())?
 }
 
+/// How soon a record appended to the journal must be synced.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum Urgency {
+    /// Someone waits for it: the writer syncs as soon as it can.
+    Now,
+    /// Nobody waits: synced within the memory delay, or with the next
+    /// batch someone waits for.
+    Later,
+}
+
 /// Settings of the journal writer.
 #[derive(Debug, Clone)]
 pub struct JournalConfig {
@@ -412,10 +422,11 @@ impl Journal {
         })
     }
 
-    /// Queues `record`; returns the journal position just past it. `urgent`
-    /// asks for a sync as soon as possible (someone will wait for it);
-    /// otherwise the record is synced within the memory delay.
-    pub fn append(&self, record: &Record<'_>, urgent: bool) -> Result<u64> {
+    /// Queues `record`; returns the journal position just past it.
+    /// [`Urgency::Now`] asks for a sync as soon as possible (someone will
+    /// wait for it); [`Urgency::Later`] lets the record be synced within the
+    /// memory delay.
+    pub fn append(&self, record: &Record<'_>, urgency: Urgency) -> Result<u64> {
         let mut q = self.shared.queue.lock();
         if let Some(reason) = &q.failed {
             return Err(Error::JournalFailed(reason.clone()));
@@ -432,7 +443,7 @@ impl Journal {
             q.oldest = Some(Instant::now());
             wake = true;
         }
-        if urgent && !q.urgent {
+        if urgency == Urgency::Now && !q.urgent {
             q.urgent = true;
             wake = true;
         }

@@ -4,7 +4,7 @@
 //! increments and the sum of attempted ones, and equals the acknowledged sum
 //! when nothing was in flight.
 
-mod common;
+use tally_lab::testing::process as common;
 
 use std::sync::Arc;
 use std::sync::atomic::{AtomicBool, AtomicI64, Ordering};

@@ -1,4 +1,4 @@
-//! The private PostgreSQL server of `tally::pgserver` in a directory the
+//! The private PostgreSQL server of `tally_lab::pgserver` in a directory the
 //! caller gives (as `tally chaos` and the benchmark use it): durability
 //! settings as asked, data kept across stop and start, the directory kept
 //! after the server is gone. When the tests run as root the server runs as
@@ -6,7 +6,7 @@
 
 use std::os::unix::fs::PermissionsExt as _;
 
-use tally::pgserver::{PgError, PgOptions, PgServer};
+use tally_lab::pgserver::{PgError, PgOptions, PgServer};
 
 fn is_root() -> bool {
     // SAFETY: geteuid has no preconditions and cannot fail.

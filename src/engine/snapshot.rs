@@ -15,10 +15,10 @@
 use std::path::{Path, PathBuf};
 use std::sync::atomic::{AtomicU64, Ordering};
 
+use crate::engine::idempotency::IdempotencyKeys;
+use crate::engine::storage::Storage;
+use crate::engine::table::{CounterTable, Entry, SHARDS};
 use crate::error::{Error, Result};
-use crate::idempotency::IdempotencyKeys;
-use crate::storage::Storage;
-use crate::table::{CounterTable, Entry, SHARDS};
 
 pub const SNAPSHOT_MAGIC: &[u8; 8] = b"TALLYSNP";
 pub const SNAPSHOT_END_MAGIC: &[u8; 8] = b"TALLYEND";

@@ -1,7 +1,7 @@
 //! Operating the binary: `tally inspect` verdicts and exit codes, settings
 //! from flags, environment and the TOML file, and idempotency-key expiry.
 
-mod common;
+use tally_lab::testing::process as common;
 
 use std::process::Command;
 use std::time::Duration;

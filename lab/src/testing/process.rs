@@ -1,5 +1,4 @@
 //! Starting and stopping the real `tally` binary from tests.
-#![allow(dead_code)]
 
 use std::io::{BufRead, BufReader};
 use std::net::SocketAddr;
@@ -49,7 +48,7 @@ impl TallyProcess {
             .append(true)
             .open(&stderr_path)
             .unwrap();
-        let mut cmd = Command::new(env!("CARGO_BIN_EXE_tally"));
+        let mut cmd = Command::new(super::tally_exe());
         cmd.arg("serve").args(args);
         if !args.contains(&"--resp-addr") {
             cmd.env("TALLY_RESP_ADDR", "127.0.0.1:0");

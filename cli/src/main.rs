@@ -1,9 +1,12 @@
 //! The `tally` binary: parses flags and hands over to the library.
 
+mod args;
+mod serve;
+
 use std::process::ExitCode;
 
+use args::{Cli, Command};
 use clap::Parser;
-use tally::cli::{Cli, Command};
 
 fn main() -> ExitCode {
     let cli = Cli::parse();
@@ -22,23 +25,23 @@ fn main() -> ExitCode {
     }
 }
 
-fn serve(args: tally::cli::ServeArgs) -> anyhow::Result<ExitCode> {
+fn serve(args: crate::args::ServeArgs) -> anyhow::Result<ExitCode> {
     let settings = args.resolve()?;
-    tally::server::init_logging(settings.log_json, &settings.log_filter)?;
+    crate::serve::init_logging(settings.log_json, &settings.log_filter)?;
     let runtime = tokio::runtime::Runtime::new()?;
-    runtime.block_on(tally::server::run(settings, None))?;
+    runtime.block_on(crate::serve::run(settings, None))?;
     Ok(ExitCode::SUCCESS)
 }
 
-fn cluster(args: tally::cli::ClusterArgs) -> anyhow::Result<ExitCode> {
-    tally::server::init_logging(false, "info")?;
+fn cluster(args: crate::args::ClusterArgs) -> anyhow::Result<ExitCode> {
+    crate::serve::init_logging(false, "info")?;
     let haproxy = !args.no_haproxy;
     // Bound before any node starts: a taken port fails at once.
     let control = if args.no_control {
         None
     } else {
         Some(
-            tally::control::ControlServer::bind(args.control_addr).map_err(|e| {
+            tally_lab::control::ControlServer::bind(args.control_addr).map_err(|e| {
                 anyhow::anyhow!(
                     "control endpoint {}: {e} (choose another with --control-addr, or --no-control)",
                     args.control_addr
@@ -49,7 +52,7 @@ fn cluster(args: tally::cli::ClusterArgs) -> anyhow::Result<ExitCode> {
     // Signals are caught from before the first node starts: a Ctrl-C while
     // starting must stop what has started, not leave it running.
     let signals = Signals::install()?;
-    let mut cluster = tally::launcher::LocalCluster::start(args.config())?;
+    let mut cluster = tally_lab::launcher::LocalCluster::start(args.config())?;
     if haproxy {
         println!("load balancer (HAProxy):");
         println!("  HTTP  http://{}", cluster.lb_http());
@@ -96,8 +99,8 @@ fn cluster(args: tally::cli::ClusterArgs) -> anyhow::Result<ExitCode> {
     Ok(ExitCode::SUCCESS)
 }
 
-fn chaos(args: tally::cli::ChaosArgs) -> anyhow::Result<ExitCode> {
-    use tally::chaos::{ChaosConfig, CommandStoreControl, Fault, StoreControl};
+fn chaos(args: crate::args::ChaosArgs) -> anyhow::Result<ExitCode> {
+    use tally_lab::chaos::{ChaosConfig, CommandStoreControl, Fault, StoreControl};
     if args.duration.is_zero() {
         anyhow::bail!("--duration must be longer than zero");
     }
@@ -144,14 +147,14 @@ fn chaos(args: tally::cli::ChaosArgs) -> anyhow::Result<ExitCode> {
         interrupt: Some(interrupt),
     };
     if config.faults.contains(&Fault::StoreOutage)
-        && !tally::chaos::required_faults(&config).contains(&Fault::StoreOutage)
+        && !tally_lab::chaos::required_faults(&config).contains(&Fault::StoreOutage)
     {
         println!(
             "chaos: the store fault is not injected: give --store-stop-cmd and --store-start-cmd, \
              or --store private-postgres"
         );
     }
-    let report = tally::chaos::run(config)?;
+    let report = tally_lab::chaos::run(config)?;
     print!("{}", report.render());
     if let Some(path) = &args.report_json {
         std::fs::write(path, serde_json::to_string_pretty(&report)?)

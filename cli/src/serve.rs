@@ -11,9 +11,9 @@ use std::sync::Arc;
 use anyhow::Context as _;
 use tokio::net::TcpListener;
 
-use crate::cli::ServeSettings;
-use crate::node::Node;
-use crate::shutdown::{self, Shutdown};
+use crate::args::ServeSettings;
+use tally::Node;
+use tally::shutdown::{self, Shutdown};
 
 /// Installs the tracing subscriber: text or JSON lines on stderr.
 pub fn init_logging(json: bool, filter: &str) -> anyhow::Result<()> {
@@ -88,7 +88,7 @@ pub async fn run(settings: ServeSettings, mut stop: Option<Shutdown>) -> anyhow:
     let (trigger, listener) = shutdown::channel();
     let mut tasks = tokio::task::JoinSet::new();
     if let Some(l) = resp {
-        tasks.spawn(crate::resp::serve(
+        tasks.spawn(tally::resp::serve(
             l,
             node.clone(),
             server_config.clone(),
@@ -96,7 +96,7 @@ pub async fn run(settings: ServeSettings, mut stop: Option<Shutdown>) -> anyhow:
         ));
     }
     if let Some(l) = http {
-        tasks.spawn(crate::http::serve(
+        tasks.spawn(tally::http::serve(
             l,
             node.clone(),
             server_config.clone(),
@@ -107,12 +107,12 @@ pub async fn run(settings: ServeSettings, mut stop: Option<Shutdown>) -> anyhow:
     let show = |a: Option<SocketAddr>| a.map_or("off".to_string(), |a| a.to_string());
     tracing::info!(node_id = node.node_id(), resp = %show(resp_addr), http = %show(http_addr), "ready");
     // One line on stdout for scripts and tests that start the binary.
-    println!(
-        "tally ready node_id={} resp={} http={}",
-        node.node_id(),
-        show(resp_addr),
-        show(http_addr)
-    );
+    let ready = tally::ready::ReadyLine {
+        node_id: node.node_id().to_string(),
+        resp: resp_addr,
+        http: http_addr,
+    };
+    println!("{ready}");
 
     let stop_fired = async {
         match stop.as_mut() {

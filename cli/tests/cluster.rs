@@ -13,8 +13,8 @@
 //! scenarios settle in a fraction of a second; every wait is bounded and
 //! fails with what it last saw.
 
-mod common;
-mod support;
+use tally_lab::testing as support;
+use tally_lab::testing::process as common;
 
 use std::collections::{BTreeMap, BTreeSet};
 use std::future::Future;

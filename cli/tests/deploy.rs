@@ -12,6 +12,7 @@ use std::process::Command;
 
 fn deploy_file(name: &str) -> String {
     let path = Path::new(env!("CARGO_MANIFEST_DIR"))
+        .join("..")
         .join("deploy")
         .join(name);
     std::fs::read_to_string(&path).unwrap_or_else(|e| panic!("{}: {e}", path.display()))
@@ -27,7 +28,9 @@ fn settings(text: &str) -> Vec<&str> {
 
 #[test]
 fn haproxy_config_is_valid_and_checks_what_nodes_answer() {
-    let path = Path::new(env!("CARGO_MANIFEST_DIR")).join("deploy/haproxy.cfg");
+    let path = Path::new(env!("CARGO_MANIFEST_DIR"))
+        .join("..")
+        .join("deploy/haproxy.cfg");
     let out = Command::new("haproxy")
         .arg("-c")
         .arg("-f")

@@ -2,15 +2,13 @@
 //! test opens its own node in its own directory and talks to it over real
 //! TCP.
 
-#![allow(dead_code)] // Each test binary uses a different part of this.
-
 use std::net::SocketAddr;
 use std::path::Path;
 use std::sync::Arc;
 use std::time::Duration;
 
+use tally::engine::storage::Storage;
 use tally::shutdown::{self, ShutdownTrigger};
-use tally::storage::Storage;
 use tally::{Config, Node, ServerConfig};
 use tokio::io::{AsyncReadExt, AsyncWriteExt};
 use tokio::net::{TcpListener, TcpStream};

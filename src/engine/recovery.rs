@@ -17,13 +17,13 @@ use std::path::{Path, PathBuf};
 use std::time::{Duration, Instant};
 
 use crate::config::RecoveryMode;
+use crate::engine::idempotency::IdempotencyKeys;
+use crate::engine::journal::Kind;
+use crate::engine::journal::{self, Decoded, SEGMENT_HEADER_BYTES};
+use crate::engine::snapshot::{self, Item, SnapshotMeta};
+use crate::engine::storage::Storage;
+use crate::engine::table::{CounterTable, ReplayOp, SHARDS};
 use crate::error::{Error, Result};
-use crate::idempotency::IdempotencyKeys;
-use crate::journal::Kind;
-use crate::journal::{self, Decoded, SEGMENT_HEADER_BYTES};
-use crate::snapshot::{self, Item, SnapshotMeta};
-use crate::storage::Storage;
-use crate::table::{CounterTable, ReplayOp, SHARDS};
 use compact_str::CompactString;
 
 /// Name of the journal directory inside the data directory.

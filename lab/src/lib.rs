@@ -1,0 +1,17 @@
+//! Development tools for tally, beside the product and not in it.
+//!
+//! - [`launcher`]: `tally cluster`, N nodes on one store behind a generated
+//!   HAProxy configuration, supervised and restarted;
+//! - [`control`]: the launcher's loopback control endpoint and its client;
+//! - [`chaos`]: `tally chaos`, the fault test and its checker;
+//! - [`pgserver`]: a private PostgreSQL server in a directory of its own;
+//! - [`testing`]: the harnesses the test suites share.
+//!
+//! Nothing here is needed to run a node: the library (`tally`) never
+//! depends on this crate.
+
+pub mod chaos;
+pub mod control;
+pub mod launcher;
+pub mod pgserver;
+pub mod testing;

@@ -1,0 +1,119 @@
+//! The one seam where the node touches the disk.
+//!
+//! The journal, snapshots and recovery do all file I/O through [`Storage`],
+//! so that the same code runs on the real file system ([`FsStorage`]) and on
+//! `SimStorage` (feature `testkit`), an in-memory file system that tells written bytes from
+//! durable ones, can lose everything not yet synced (a power cut), and can
+//! fail a chosen write or sync with an I/O error.
+//!
+//! The trait is small on purpose: create, append, sync, read, rename,
+//! remove, truncate, list and sync a directory. Nothing else is needed, and
+//! every extra method would be one more thing the simulator must model.
+
+use std::io::{self, Write};
+use std::path::Path;
+
+/// A file opened for appending.
+pub trait AppendFile: Send {
+    /// Appends `buf` at the end of the file.
+    fn append(&mut self, buf: &[u8]) -> io::Result<()>;
+    /// Makes every appended byte durable (`fdatasync`).
+    fn sync(&mut self) -> io::Result<()>;
+}
+
+/// File-system operations the node needs.
+pub trait Storage: Send + Sync + 'static {
+    /// Creates `path` empty (replacing any file there) and opens it to append.
+    fn create(&self, path: &Path) -> io::Result<Box<dyn AppendFile>>;
+    /// Opens an existing file to append to it.
+    fn open_append(&self, path: &Path) -> io::Result<Box<dyn AppendFile>>;
+    /// Reads a whole file.
+    fn read(&self, path: &Path) -> io::Result<Vec<u8>>;
+    /// Reads a whole file into `buf`, replacing its contents and reusing
+    /// its allocation (recovery reads segment after segment into one buffer).
+    fn read_into(&self, path: &Path, buf: &mut Vec<u8>) -> io::Result<()> {
+        *buf = self.read(path)?;
+        Ok(())
+    }
+    /// Names of the files directly in `dir` (not paths), in no order.
+    fn list(&self, dir: &Path) -> io::Result<Vec<String>>;
+    /// Atomically replaces `to` with `from`.
+    fn rename(&self, from: &Path, to: &Path) -> io::Result<()>;
+    fn remove(&self, path: &Path) -> io::Result<()>;
+    /// Cuts a file to `len` bytes and makes the new length durable.
+    fn truncate(&self, path: &Path, len: u64) -> io::Result<()>;
+    /// Makes the directory's entries (creations, renames, removals) durable.
+    fn sync_dir(&self, dir: &Path) -> io::Result<()>;
+    fn create_dir_all(&self, dir: &Path) -> io::Result<()>;
+}
+
+/// The real file system.
+#[derive(Debug, Default, Clone, Copy)]
+pub struct FsStorage;
+
+struct FsFile(std::fs::File);
+
+impl AppendFile for FsFile {
+    fn append(&mut self, buf: &[u8]) -> io::Result<()> {
+        self.0.write_all(buf)
+    }
+    fn sync(&mut self) -> io::Result<()> {
+        self.0.sync_data()
+    }
+}
+
+impl Storage for FsStorage {
+    fn create(&self, path: &Path) -> io::Result<Box<dyn AppendFile>> {
+        let f = std::fs::OpenOptions::new()
+            .create(true)
+            .write(true)
+            .truncate(true)
+            .open(path)?;
+        Ok(Box::new(FsFile(f)))
+    }
+    fn open_append(&self, path: &Path) -> io::Result<Box<dyn AppendFile>> {
+        let f = std::fs::OpenOptions::new().append(true).open(path)?;
+        Ok(Box::new(FsFile(f)))
+    }
+    fn read(&self, path: &Path) -> io::Result<Vec<u8>> {
+        std::fs::read(path)
+    }
+    fn read_into(&self, path: &Path, buf: &mut Vec<u8>) -> io::Result<()> {
+        use std::io::Read;
+        buf.clear();
+        std::fs::File::open(path)?.read_to_end(buf)?;
+        Ok(())
+    }
+    fn list(&self, dir: &Path) -> io::Result<Vec<String>> {
+        let mut names = Vec::new();
+        for entry in std::fs::read_dir(dir)? {
+            let entry = entry?;
+            if entry.file_type()?.is_file() {
+                names.push(entry.file_name().to_string_lossy().into_owned());
+            }
+        }
+        Ok(names)
+    }
+    fn rename(&self, from: &Path, to: &Path) -> io::Result<()> {
+        std::fs::rename(from, to)
+    }
+    fn remove(&self, path: &Path) -> io::Result<()> {
+        std::fs::remove_file(path)
+    }
+    fn truncate(&self, path: &Path, len: u64) -> io::Result<()> {
+        let f = std::fs::OpenOptions::new().write(true).open(path)?;
+        f.set_len(len)?;
+        f.sync_all()
+    }
+    fn sync_dir(&self, dir: &Path) -> io::Result<()> {
+        std::fs::File::open(dir)?.sync_all()
+    }
+    fn create_dir_all(&self, dir: &Path) -> io::Result<()> {
+        std::fs::create_dir_all(dir)
+    }
+}
+
+#[cfg(any(test, feature = "testkit"))]
+mod sim;
+#[cfg(any(test, feature = "testkit"))]
+pub use sim::{SimOp, SimStorage};

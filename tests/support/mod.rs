@@ -1,4 +1,0 @@
-//! Helpers shared by the store tests.
-#![allow(dead_code)]
-
-pub mod postgres;
