@@ -4,6 +4,12 @@
 //!
 //! This module only describes settings; it opens no files and starts
 //! nothing.
+//!
+//! Errors about a setting name its field, never a command-line flag: an
+//! [`Error::InvalidConfig`] carries the field's name (`durability`), and
+//! free-text messages write it qualified (`Config::recovery_mode`). The
+//! binary maps both to its flags, so the library keeps one vocabulary for
+//! embedders and the binary's users still read the flag they can change.
 
 use std::net::SocketAddr;
 use std::path::PathBuf;
@@ -69,6 +75,22 @@ pub enum RecoveryMode {
     /// journal is cut at the first bad record and every record after it is
     /// dropped. Use only after reading the error `Strict` gave.
     TruncateAtCorruption,
+}
+
+impl RecoveryMode {
+    /// The name [`FromStr`] accepts.
+    pub fn as_str(self) -> &'static str {
+        match self {
+            RecoveryMode::Strict => "strict",
+            RecoveryMode::TruncateAtCorruption => "truncate-at-corruption",
+        }
+    }
+}
+
+impl std::fmt::Display for RecoveryMode {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        f.write_str(self.as_str())
+    }
 }
 
 impl FromStr for RecoveryMode {

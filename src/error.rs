@@ -79,7 +79,43 @@ pub enum Error {
     },
 }
 
+/// What a client may conclude from an error about its request: the one
+/// classification both front ends answer with (RESP as the error prefix,
+/// HTTP as the status class and the `"outcome"` field).
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum Outcome {
+    /// Nothing was applied, and the same request would fail the same way
+    /// here (bad input, a limit, overflow, a fault of this node's data).
+    Refused,
+    /// Nothing was applied; retrying may succeed, here later or on another
+    /// node.
+    Unavailable,
+    /// It may or may not have been applied: retry with the same
+    /// idempotency key.
+    Unknown,
+}
+
 impl Error {
+    /// See [`Outcome`]. The match has no wildcard on purpose: a new
+    /// variant does not compile until someone decides what a client should
+    /// make of it.
+    pub fn outcome(&self) -> Outcome {
+        match self {
+            Error::Overflow
+            | Error::InvalidInput { .. }
+            | Error::InvalidConfig { .. }
+            | Error::LimitExceeded(_)
+            | Error::Corrupt { .. }
+            | Error::Io { .. } => Outcome::Refused,
+            Error::JournalFailed(_)
+            | Error::ShuttingDown
+            | Error::DurabilityUnavailable { .. }
+            | Error::Fenced(_)
+            | Error::StoreUnavailable(_) => Outcome::Unavailable,
+            Error::Indeterminate(_) => Outcome::Unknown,
+        }
+    }
+
     pub(crate) fn io(context: impl Into<String>, source: std::io::Error) -> Self {
         Error::Io {
             context: context.into(),

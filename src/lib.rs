@@ -14,7 +14,7 @@
 //! - [`cluster`]: this node's link to the store (epoch, restore, committer,
 //!   cache of other nodes' shards); handed an engine, never the node.
 //! - [`node`]: owns an engine and, with a store, a cluster; the API.
-//! - front ends [`resp`] and [`http`] (features `resp`, `http`), which
+//! - front ends `resp` and `http` (features of the same names), which
 //!   serve a node; [`metrics`], [`config`], [`error`], [`shutdown`];
 //!   [`inspect`] reads a data directory offline; [`ready`] is the line a
 //!   served node prints once it is ready.
@@ -39,5 +39,5 @@ pub mod shutdown;
 pub mod store;
 
 pub use config::{Config, Durability, RecoveryMode, ServerConfig};
-pub use error::{Error, Result};
+pub use error::{Error, Outcome, Result};
 pub use node::{CounterDetail, IncrementOptions, IncrementOutcome, Node, NodeStats, Readiness};

@@ -104,6 +104,17 @@ pub struct Metrics {
     pub increments: AtomicU64,
     pub increment_errors: AtomicU64,
     pub duplicates: AtomicU64,
+    /// Latency of one committed store transaction (a flush, with or without
+    /// replicated increments).
+    pub store_round_seconds: Histogram,
+    /// Shard rows written to the store by committed transactions.
+    pub store_rows_flushed: AtomicU64,
+    /// `replicated` increments carried by one store transaction.
+    pub replicated_batch_requests: Histogram,
+    /// Commits whose outcome the store left unknown (settled afterwards).
+    pub store_indeterminate_commits: AtomicU64,
+    /// Store calls that failed (the node retries with back-off).
+    pub store_errors: AtomicU64,
 }
 
 impl Default for Metrics {
@@ -122,6 +133,11 @@ impl Default for Metrics {
             increments: AtomicU64::new(0),
             increment_errors: AtomicU64::new(0),
             duplicates: AtomicU64::new(0),
+            store_round_seconds: Histogram::new(LATENCY_BOUNDS_S),
+            store_rows_flushed: AtomicU64::new(0),
+            replicated_batch_requests: Histogram::new(BATCH_BOUNDS),
+            store_indeterminate_commits: AtomicU64::new(0),
+            store_errors: AtomicU64::new(0),
         }
     }
 }
@@ -230,6 +246,36 @@ impl Metrics {
             "Increments not applied because their idempotency key was seen.",
             self.duplicates.load(Relaxed),
         );
+        self.store_round_seconds.render(
+            out,
+            "tally_store_round_seconds",
+            "Latency of one committed store transaction (flush and replicated increments).",
+            "seconds",
+        );
+        counter(
+            out,
+            "tally_store_rows_flushed",
+            "Shard rows written to the shared store.",
+            self.store_rows_flushed.load(Relaxed),
+        );
+        self.replicated_batch_requests.render(
+            out,
+            "tally_replicated_batch_requests",
+            "Replicated increments carried by one store transaction.",
+            "",
+        );
+        counter(
+            out,
+            "tally_store_indeterminate_commits",
+            "Store commits whose outcome was unknown and settled afterwards.",
+            self.store_indeterminate_commits.load(Relaxed),
+        );
+        counter(
+            out,
+            "tally_store_errors",
+            "Store calls that failed.",
+            self.store_errors.load(Relaxed),
+        );
     }
 }
 
@@ -279,6 +325,14 @@ pub fn render_openmetrics(node: &crate::Node) -> String {
         "1 when the node can make writes durable, 0 when not (shutting down, journal failed).",
         u64::from(stats.readiness.ready),
     );
+    if let Some(lag) = stats.flush_lag_lsns {
+        gauge(
+            &mut out,
+            "tally_flush_lag_lsns",
+            "Changes applied on this node but not yet known to be in the shared store.",
+            lag,
+        );
+    }
     out.push_str("# TYPE tally_node info\n# HELP tally_node The node's identity.\n");
     out.push_str("tally_node_info{node_id=\"");
     escape_label(&stats.node_id, &mut out);

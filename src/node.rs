@@ -68,6 +68,15 @@ pub struct CounterDetail {
     pub shards: Vec<(String, i64)>,
 }
 
+/// Where a read takes the other nodes' shards from.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum Consistency {
+    /// The node's cache, refreshed every refresh interval: no store call.
+    Cache,
+    /// The store, read for this request (blocking).
+    Store,
+}
+
 /// Whether the node can make writes durable, and if not, why.
 #[derive(Debug, Clone, PartialEq, Eq)]
 pub struct Readiness {
@@ -100,6 +109,18 @@ pub struct NodeStats {
     pub uptime_s: u64,
     pub readiness: Readiness,
     pub default_durability: Durability,
+    /// Store transactions committed, and their latency's quantiles.
+    pub store_rounds: u64,
+    pub store_round_p50_s: Option<f64>,
+    pub store_round_p99_s: Option<f64>,
+    pub store_rows_flushed: u64,
+    pub replicated_batch_p50_requests: Option<f64>,
+    pub replicated_batch_p99_requests: Option<f64>,
+    pub store_indeterminate_commits: u64,
+    pub store_errors: u64,
+    /// Lsns applied on this node above its flushed mark (`None` without a
+    /// store).
+    pub flush_lag_lsns: Option<u64>,
 }
 
 /// What every clone of a [`Node`] shares.
@@ -224,6 +245,7 @@ impl Node {
                 cluster_config,
                 stores,
                 &report,
+                metrics.clone(),
             )?),
             None => None,
         };
@@ -418,9 +440,13 @@ impl Node {
     }
 
     /// A counter's global value and every node's shard of it; with
-    /// `from_store`, the other nodes' shards are read straight from the
-    /// store (blocking: call from a blocking thread).
-    pub fn get_detail(&self, name: &str, from_store: bool) -> Result<Option<CounterDetail>> {
+    /// [`Consistency::Store`], the other nodes' shards are read straight
+    /// from the store (blocking: call from a blocking thread).
+    pub fn get_detail(
+        &self,
+        name: &str,
+        consistency: Consistency,
+    ) -> Result<Option<CounterDetail>> {
         table::validate_name(name)?;
         let local = self.shared.engine.table().get(name).map(|e| e.value);
         let mut shards: Vec<(String, i64)> = Vec::new();
@@ -428,10 +454,9 @@ impl Node {
             shards.push((self.shared.node_id.clone(), v));
         }
         if let Some(c) = self.shared.cluster.as_deref() {
-            let others = if from_store {
-                c.read_from_store(name)?
-            } else {
-                c.cache.breakdown(name)
+            let others = match consistency {
+                Consistency::Store => c.read_from_store(name)?,
+                Consistency::Cache => c.cache.breakdown(name),
             };
             shards.extend(
                 others
@@ -599,6 +624,18 @@ impl Node {
             uptime_s: shared.started.elapsed().as_secs(),
             readiness: self.readiness(),
             default_durability: shared.config.durability,
+            store_rounds: m.store_round_seconds.count(),
+            store_round_p50_s: m.store_round_seconds.quantile_upper_bound(0.5),
+            store_round_p99_s: m.store_round_seconds.quantile_upper_bound(0.99),
+            store_rows_flushed: m.store_rows_flushed.load(Ordering::Relaxed),
+            replicated_batch_p50_requests: m.replicated_batch_requests.quantile_upper_bound(0.5),
+            replicated_batch_p99_requests: m.replicated_batch_requests.quantile_upper_bound(0.99),
+            store_indeterminate_commits: m.store_indeterminate_commits.load(Ordering::Relaxed),
+            store_errors: m.store_errors.load(Ordering::Relaxed),
+            flush_lag_lsns: shared
+                .cluster
+                .as_ref()
+                .map(|c| engine.applied_lsn().saturating_sub(c.flushed().lsn)),
         }
     }
 

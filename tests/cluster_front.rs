@@ -5,53 +5,32 @@
 //! on its own temporary data directory with its own node id, sharing one
 //! SQLite store file, each served over HTTP and RESP on loopback ports.
 //!
-//! Nodes flush and refresh every 20 ms, so a change on one node reaches the
+//! Nodes run with the shared test timings (`FAST`): they flush and refresh every 20 ms, so a change on one node reaches the
 //! others within about 40 ms; tests wait for it by polling with a deadline
-//! ([`SETTLE_TIMEOUT`]), never by sleeping a fixed time.
+//! (`tally_lab::testing::eventually`), never by sleeping a fixed time.
 
-use std::net::SocketAddr;
 use std::path::Path;
-use std::sync::Arc;
 use std::time::{Duration, Instant};
 
 use redis::aio::MultiplexedConnection;
 use reqwest::StatusCode;
 use serde_json::{Value, json};
-use tally::cluster::ClusterConfig;
-use tally::shutdown::{self, ShutdownTrigger};
-use tally::{Config, Node, ServerConfig};
+use tally::Config;
+use tally_lab::testing::served::{ServedNode, shutdown_node};
+use tally_lab::testing::{FAST, eventually};
 use tempfile::TempDir;
-use tokio::net::TcpListener;
-use tokio::task::JoinHandle;
 
-/// Longest wait for the nodes to agree after a change; far above the
-/// 40 ms flush-plus-refresh bound, so that only a real fault exceeds it.
-const SETTLE_TIMEOUT: Duration = Duration::from_secs(5);
-/// Pause between two polls of a condition.
-const POLL_INTERVAL: Duration = Duration::from_millis(10);
-/// Longest any single step (a server stopping) may take.
-const STEP_TIMEOUT: Duration = Duration::from_secs(10);
-const FLUSH_INTERVAL: Duration = Duration::from_millis(20);
-const REFRESH_INTERVAL: Duration = Duration::from_millis(20);
-const HEARTBEAT_INTERVAL: Duration = Duration::from_millis(200);
-
-/// One node, served over HTTP and RESP.
+/// One node, served over HTTP and RESP, with its data directory.
 struct Member {
-    node: Node,
-    http: SocketAddr,
-    resp: SocketAddr,
-    triggers: [ShutdownTrigger; 2],
-    servers: [JoinHandle<std::io::Result<()>>; 2],
+    served: ServedNode,
     dir: TempDir,
 }
 
-/// The store settings of the tests' nodes, with `refresh_interval`.
-fn cluster_config(store: &Path, refresh_interval: Duration) -> ClusterConfig {
-    let mut c = ClusterConfig::new(format!("sqlite://{}", store.join("store.db").display()));
-    c.flush_interval = FLUSH_INTERVAL;
-    c.refresh_interval = refresh_interval;
-    c.heartbeat_interval = HEARTBEAT_INTERVAL;
-    c
+impl std::ops::Deref for Member {
+    type Target = ServedNode;
+    fn deref(&self) -> &ServedNode {
+        &self.served
+    }
 }
 
 impl Member {
@@ -59,7 +38,7 @@ impl Member {
     /// `store` (none when `None`), served on fresh loopback ports.
     async fn start(store: Option<&Path>, id: &str) -> Member {
         let dir = tempfile::tempdir().unwrap();
-        Self::start_in(dir, store, id, REFRESH_INTERVAL).await
+        Self::start_in(dir, store, id, FAST.refresh_interval).await
     }
 
     async fn start_in(
@@ -68,57 +47,19 @@ impl Member {
         id: &str,
         refresh_interval: Duration,
     ) -> Member {
-        let http_listener = TcpListener::bind("127.0.0.1:0").await.unwrap();
-        let resp_listener = TcpListener::bind("127.0.0.1:0").await.unwrap();
-        let http = http_listener.local_addr().unwrap();
-        let resp = resp_listener.local_addr().unwrap();
         let mut config = Config::new(dir.path());
         config.node_id = Some(id.to_string());
         config.cluster = store.map(|s| {
-            let mut c = cluster_config(s, refresh_interval);
-            c.address = http.to_string();
+            let mut c = FAST.cluster_config(format!("sqlite://{}", s.join("store.db").display()));
+            c.refresh_interval = refresh_interval;
             c
         });
-        // Opening registers in the store, a blocking call.
-        let node = tokio::task::spawn_blocking(move || Node::open(config))
-            .await
-            .unwrap()
-            .unwrap();
-        let server = Arc::new(ServerConfig::default());
-        let (http_trigger, http_shutdown) = shutdown::channel();
-        let (resp_trigger, resp_shutdown) = shutdown::channel();
-        let servers = [
-            tokio::spawn(tally::http::serve(
-                http_listener,
-                node.clone(),
-                server.clone(),
-                http_shutdown,
-            )),
-            tokio::spawn(tally::resp::serve(
-                resp_listener,
-                node.clone(),
-                server,
-                resp_shutdown,
-            )),
-        ];
-        Member {
-            node,
-            http,
-            resp,
-            triggers: [http_trigger, resp_trigger],
-            servers,
-            dir,
-        }
-    }
-
-    fn id(&self) -> &str {
-        self.node.node_id()
+        let served = ServedNode::open_config(config).await;
+        Member { served, dir }
     }
 
     async fn get(&self, path: &str) -> (StatusCode, Value) {
-        let response = reqwest::get(format!("http://{}{path}", self.http))
-            .await
-            .unwrap();
+        let response = reqwest::get(self.http_url(path)).await.unwrap();
         let status = response.status();
         let text = response.text().await.unwrap();
         let body = serde_json::from_str(&text)
@@ -128,7 +69,7 @@ impl Member {
 
     async fn increment(&self, name: &str, by: i64) -> Value {
         let response = reqwest::Client::new()
-            .post(format!("http://{}/v1/counters/{name}/increment", self.http))
+            .post(self.http_url(&format!("/v1/counters/{name}/increment")))
             .body(json!({ "by": by }).to_string())
             .send()
             .await
@@ -138,65 +79,27 @@ impl Member {
     }
 
     async fn redis(&self) -> MultiplexedConnection {
-        redis::Client::open(format!("redis://{}/", self.resp))
-            .unwrap()
-            .get_multiplexed_async_connection()
-            .await
-            .unwrap()
+        self.client().await
     }
 
     /// Stops both servers and shuts the node down; hands back its data
     /// directory.
     async fn stop(self) -> TempDir {
-        let (node, dir) = self.stop_serving().await;
-        tokio::task::spawn_blocking(move || node.shutdown())
-            .await
-            .unwrap()
-            .unwrap();
-        dir
+        shutdown_node(self.served.stop_serving().await).await;
+        self.dir
     }
 
     /// Stops both servers and drops the node without shutting it down.
     /// For a node with a long refresh interval only: shutting down joins
     /// the cache thread, which sleeps a whole refresh interval at a time.
     async fn abandon(self) {
-        let (node, _dir) = self.stop_serving().await;
-        drop(node);
-    }
-
-    async fn stop_serving(self) -> (Node, TempDir) {
-        for trigger in &self.triggers {
-            trigger.fire();
-        }
-        for server in self.servers {
-            tokio::time::timeout(STEP_TIMEOUT, server)
-                .await
-                .expect("serve returns after shutdown")
-                .unwrap()
-                .unwrap();
-        }
-        (self.node, self.dir)
-    }
-}
-
-/// Polls `check` until it returns `Some`, failing after [`SETTLE_TIMEOUT`]
-/// with `what` and the last value seen.
-async fn settle<T>(what: &str, mut check: impl AsyncFnMut() -> Result<T, String>) -> T {
-    let deadline = Instant::now() + SETTLE_TIMEOUT;
-    loop {
-        match check().await {
-            Ok(v) => return v,
-            Err(last) if Instant::now() >= deadline => {
-                panic!("{what}: not reached within {SETTLE_TIMEOUT:?}; last seen: {last}")
-            }
-            Err(_) => tokio::time::sleep(POLL_INTERVAL).await,
-        }
+        drop(self.served.stop_serving().await);
     }
 }
 
 /// Waits until `path` on `member` answers 200 with `expected`.
 async fn settle_on(member: &Member, path: &str, expected: &Value) {
-    settle(&format!("{path} on {}", member.id()), async || {
+    eventually(&format!("{path} on {}", member.id()), async || {
         let (status, body) = member.get(path).await;
         if status == StatusCode::OK && body == *expected {
             Ok(())
@@ -259,7 +162,7 @@ async fn store_consistency_reads_past_the_cache() {
     // The cache thread refreshes once as it starts, then not for an hour:
     // wait until that refresh is a second old, so that nothing written
     // from now on can be in the cache.
-    settle("the stale node's cache goes quiet", async || {
+    eventually("the stale node's cache goes quiet", async || {
         let (_, view) = stale.get("/v1/cluster").await;
         match view["last_refresh_age_ms"].as_u64() {
             Some(age) if age >= 1000 => Ok(()),
@@ -351,7 +254,7 @@ async fn cluster_view_lists_every_node_alive() {
     for m in [&a, &b, &c] {
         // Alive means a heartbeat within three intervals: poll rather than
         // fail on one slow heartbeat.
-        let view = settle("every node alive", async || {
+        let view = eventually("every node alive", async || {
             let (status, view) = m.get("/v1/cluster").await;
             if status == StatusCode::OK && epochs_of(&view) == expected {
                 Ok(view)
@@ -380,9 +283,9 @@ async fn cluster_view_lists_every_node_alive() {
 
     // Restarted on the same data directory: a new epoch, still alive.
     let dir = c.stop().await;
-    let c = Member::start_in(dir, Some(store.path()), "c", REFRESH_INTERVAL).await;
+    let c = Member::start_in(dir, Some(store.path()), "c", FAST.refresh_interval).await;
     assert_eq!(c.get("/v1/cluster").await.1["epoch"], 2);
-    settle("c alive at epoch 2", async || {
+    eventually("c alive at epoch 2", async || {
         let (_, view) = a.get("/v1/cluster").await;
         let c_row = epochs_of(&view).into_iter().find(|n| n.0 == "c");
         match c_row {
@@ -405,7 +308,7 @@ async fn info_cluster_reports_the_store_and_every_node() {
     let a = Member::start(Some(store.path()), "a").await;
     let b = Member::start(Some(store.path()), "b").await;
     let mut con = a.redis().await;
-    let info = settle("both nodes alive", async || {
+    let info = eventually("both nodes alive", async || {
         let info: String = query(&mut con, &["INFO", "cluster"]).await;
         let alive = ["a", "b"]
             .iter()
@@ -459,7 +362,7 @@ async fn resp_reads_and_increments_are_global() {
     let _: i64 = query(&mut con_b, &["INCRBY", "g", "3"]).await;
     let _: i64 = query(&mut con_a, &["INCR", "only-a"]).await;
     for con in [&mut con_a, &mut con_b] {
-        settle("GET g is global", async || {
+        eventually("GET g is global", async || {
             let got: Option<String> = query(con, &["GET", "g"]).await;
             (got.as_deref() == Some("8"))
                 .then_some(())
@@ -467,7 +370,7 @@ async fn resp_reads_and_increments_are_global() {
         })
         .await;
     }
-    settle("only-a reaches b", async || {
+    eventually("only-a reaches b", async || {
         let got: Vec<Option<String>> = query(&mut con_b, &["MGET", "g", "only-a", "none"]).await;
         let want = vec![Some("8".to_string()), Some("1".to_string()), None];
         (got == want).then_some(()).ok_or(format!("{got:?}"))
@@ -680,7 +583,7 @@ async fn every_node_settles_to_the_exact_shards_under_concurrent_writes() {
     for w in writers {
         w.await.unwrap();
     }
-    settle("b's values equal a's shards", async || {
+    eventually("b's values equal a's shards", async || {
         let differing: Vec<String> = (0..COUNTERS)
             .map(|i| format!("c{i}"))
             .filter(|name| a.node.get(name).unwrap() != b.node.get(name).unwrap())
@@ -698,4 +601,97 @@ async fn every_node_settles_to_the_exact_shards_under_concurrent_writes() {
     .await;
     a.stop().await;
     b.stop().await;
+}
+
+/// The value of `key` in an `INFO` reply, parsed as a number.
+fn info_number(info: &str, key: &str) -> Option<f64> {
+    info.split("\r\n")
+        .find_map(|l| l.strip_prefix(key)?.strip_prefix(':'))
+        .and_then(|v| v.parse().ok())
+}
+
+/// The value of the unlabelled sample `name` in an OpenMetrics text.
+fn metric_value(text: &str, name: &str) -> Option<f64> {
+    text.lines()
+        .find_map(|l| l.strip_prefix(name)?.strip_prefix(' '))
+        .and_then(|v| v.parse().ok())
+}
+
+// The committer's figures (transactions, rows flushed, replicated batch
+// sizes, flush lag) reach `INFO cluster` and `/metrics` as the node works:
+// rows written count up, and the lag drops to zero once the flush settles.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn store_figures_reach_info_and_metrics() {
+    let store = tempfile::tempdir().unwrap();
+    let a = Member::start(Some(store.path()), "a").await;
+    for i in 0..5 {
+        a.increment(&format!("figures:{i}"), 1).await;
+    }
+    let mut con = a.redis().await;
+    let _: (i64, i64) = query(
+        &mut con,
+        &["TALLY.INCRBY", "figures:r", "1", "DURABILITY", "replicated"],
+    )
+    .await;
+    eventually(
+        "INFO cluster shows the flushed rows and no lag",
+        async || {
+            let info: String = query(&mut con, &["INFO", "cluster"]).await;
+            let rows = info_number(&info, "store_rows_flushed").unwrap_or(0.0);
+            let rounds = info_number(&info, "store_rounds").unwrap_or(0.0);
+            let lag = info_number(&info, "flush_lag");
+            let batch = info_number(&info, "replicated_batch_p50_requests");
+            if rows >= 6.0 && rounds >= 1.0 && lag == Some(0.0) && batch >= Some(1.0) {
+                Ok(())
+            } else {
+                Err(info)
+            }
+        },
+    )
+    .await;
+    let info: String = query(&mut con, &["INFO", "cluster"]).await;
+    assert_eq!(
+        info_number(&info, "store_failed_calls"),
+        Some(0.0),
+        "{info}"
+    );
+    assert_eq!(
+        info_number(&info, "store_indeterminate_commits"),
+        Some(0.0),
+        "{info}"
+    );
+    assert!(
+        info_number(&info, "store_round_p99_seconds").is_some(),
+        "{info}"
+    );
+
+    let text = reqwest::get(a.http_url("/metrics"))
+        .await
+        .unwrap()
+        .text()
+        .await
+        .unwrap();
+    assert!(
+        metric_value(&text, "tally_store_rows_flushed_total") >= Some(6.0),
+        "{text}"
+    );
+    assert!(
+        metric_value(&text, "tally_store_round_seconds_count") >= Some(1.0),
+        "{text}"
+    );
+    assert!(
+        metric_value(&text, "tally_replicated_batch_requests_count") >= Some(1.0),
+        "{text}"
+    );
+    assert_eq!(
+        metric_value(&text, "tally_flush_lag_lsns"),
+        Some(0.0),
+        "{text}"
+    );
+    assert_eq!(
+        metric_value(&text, "tally_store_errors_total"),
+        Some(0.0),
+        "{text}"
+    );
+    a.stop().await;
 }

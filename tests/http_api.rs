@@ -3,84 +3,17 @@
 //! a temporary directory served by `http::serve` on a loopback port.
 
 use std::collections::BTreeSet;
-use std::net::SocketAddr;
-use std::path::Path;
-use std::sync::Arc;
 use std::time::{Duration, Instant};
 
 use reqwest::StatusCode;
 use serde_json::{Value, json};
-use tally::shutdown::{self, ShutdownTrigger};
-use tally::{Config, Durability, IncrementOptions, Node, ServerConfig};
+use tally::{Durability, IncrementOptions, ServerConfig};
+use tally_lab::testing::served::{ServedNode, shutdown_node};
 use tokio::io::{AsyncReadExt, AsyncWriteExt};
-use tokio::net::{TcpListener, TcpStream};
-use tokio::task::JoinHandle;
+use tokio::net::TcpStream;
 
 /// Longest any single step of a test may take before it counts as hung.
 const STEP_TIMEOUT: Duration = Duration::from_secs(10);
-
-/// A node served over HTTP on a loopback port.
-struct Served {
-    node: Node,
-    addr: SocketAddr,
-    base: String,
-    trigger: ShutdownTrigger,
-    server: JoinHandle<std::io::Result<()>>,
-}
-
-impl Served {
-    async fn start(node: Node, config: ServerConfig) -> Served {
-        let listener = TcpListener::bind("127.0.0.1:0").await.unwrap();
-        let addr = listener.local_addr().unwrap();
-        let (trigger, listen) = shutdown::channel();
-        let server = tokio::spawn(tally::http::serve(
-            listener,
-            node.clone(),
-            Arc::new(config),
-            listen,
-        ));
-        Served {
-            node,
-            addr,
-            base: format!("http://{addr}"),
-            trigger,
-            server,
-        }
-    }
-
-    /// Opens a node on `dir` and serves it with the default limits.
-    async fn open(dir: &Path) -> Served {
-        Self::open_with(dir, ServerConfig::default()).await
-    }
-
-    async fn open_with(dir: &Path, config: ServerConfig) -> Served {
-        let node = Node::open(Config::new(dir)).unwrap();
-        Self::start(node, config).await
-    }
-
-    fn url(&self, path: &str) -> String {
-        format!("{}{path}", self.base)
-    }
-
-    /// Fires shutdown and waits for `serve` to return; hands the node back.
-    async fn stop(self) -> Node {
-        self.trigger.fire();
-        tokio::time::timeout(STEP_TIMEOUT, self.server)
-            .await
-            .expect("serve returns after shutdown")
-            .unwrap()
-            .unwrap();
-        self.node
-    }
-}
-
-/// Shuts a node down off the async threads (it blocks until durable).
-async fn shutdown_node(node: Node) {
-    tokio::task::spawn_blocking(move || node.shutdown())
-        .await
-        .unwrap()
-        .unwrap();
-}
 
 async fn send(request: reqwest::RequestBuilder) -> (StatusCode, Value) {
     let response = request.send().await.unwrap();
@@ -91,17 +24,17 @@ async fn send(request: reqwest::RequestBuilder) -> (StatusCode, Value) {
     (status, body)
 }
 
-async fn post(s: &Served, path: &str, body: &str) -> (StatusCode, Value) {
+async fn post(s: &ServedNode, path: &str, body: &str) -> (StatusCode, Value) {
     send(
         reqwest::Client::new()
-            .post(s.url(path))
+            .post(s.http_url(path))
             .body(body.to_string()),
     )
     .await
 }
 
-async fn get(s: &Served, path: &str) -> (StatusCode, Value) {
-    send(reqwest::Client::new().get(s.url(path))).await
+async fn get(s: &ServedNode, path: &str) -> (StatusCode, Value) {
+    send(reqwest::Client::new().get(s.http_url(path))).await
 }
 
 fn error_of(body: &Value) -> &str {
@@ -161,7 +94,7 @@ async fn read_until_closed(stream: &mut TcpStream, within: Duration) -> Result<V
 #[tokio::test]
 async fn increment_without_body_adds_one() {
     let dir = tempfile::tempdir().unwrap();
-    let s = Served::open(dir.path()).await;
+    let s = ServedNode::open(dir.path()).await;
     let (status, body) = post(&s, "/v1/counters/hits/increment", "").await;
     assert_eq!(status, StatusCode::OK);
     assert_eq!(
@@ -174,14 +107,14 @@ async fn increment_without_body_adds_one() {
     assert_eq!(status, StatusCode::OK);
     let id = s.node.node_id();
     assert_eq!(body, json!({"name": "hits", "value": 2, "nodes": {id: 2}}));
-    s.stop().await.shutdown().unwrap();
+    s.stop_serving().await.shutdown().unwrap();
 }
 
 // `by` adds any signed amount, including a negative one.
 #[tokio::test]
 async fn increment_by_adds_any_signed_amount() {
     let dir = tempfile::tempdir().unwrap();
-    let s = Served::open(dir.path()).await;
+    let s = ServedNode::open(dir.path()).await;
     let (_, body) = post(&s, "/v1/counters/c/increment", r#"{"by": 5}"#).await;
     assert_eq!(body["value"], 5);
     let (_, body) = post(&s, "/v1/counters/c/increment", r#"{"by": -8}"#).await;
@@ -194,7 +127,7 @@ async fn increment_by_adds_any_signed_amount() {
     .await;
     assert_eq!(body["value"], -1);
     assert_eq!(get(&s, "/v1/counters/c").await.1["value"], -1);
-    s.stop().await.shutdown().unwrap();
+    s.stop_serving().await.shutdown().unwrap();
 }
 
 // The name is percent-decoded from the path, so any UTF-8 name, `/`
@@ -202,7 +135,7 @@ async fn increment_by_adds_any_signed_amount() {
 #[tokio::test]
 async fn names_are_percent_decoded() {
     let dir = tempfile::tempdir().unwrap();
-    let s = Served::open(dir.path()).await;
+    let s = ServedNode::open(dir.path()).await;
     let (status, body) = post(&s, "/v1/counters/api%2Fv1%20h%C3%A9/increment", "").await;
     assert_eq!(status, StatusCode::OK);
     assert_eq!(body["name"], "api/v1 hé");
@@ -210,7 +143,7 @@ async fn names_are_percent_decoded() {
     let (_, body) = get(&s, "/v1/counters/api%2Fv1%20h%C3%A9").await;
     assert_eq!(body["value"], 1);
     assert_eq!(body["name"], "api/v1 hé");
-    s.stop().await.shutdown().unwrap();
+    s.stop_serving().await.shutdown().unwrap();
 }
 
 // A retried increment with the same key is reported as a duplicate and not
@@ -218,7 +151,7 @@ async fn names_are_percent_decoded() {
 #[tokio::test]
 async fn idempotency_key_applies_once() {
     let dir = tempfile::tempdir().unwrap();
-    let s = Served::open(dir.path()).await;
+    let s = ServedNode::open(dir.path()).await;
     let body = r#"{"by": 5, "idempotency_key": "req-1"}"#;
     let (_, first) = post(&s, "/v1/counters/k/increment", body).await;
     assert_eq!(first, json!({"name": "k", "value": 5, "duplicate": false}));
@@ -226,7 +159,7 @@ async fn idempotency_key_applies_once() {
     assert_eq!(status, StatusCode::OK);
     assert_eq!(second, json!({"name": "k", "value": 5, "duplicate": true}));
     assert_eq!(get(&s, "/v1/counters/k").await.1["value"], 5);
-    s.stop().await.shutdown().unwrap();
+    s.stop_serving().await.shutdown().unwrap();
 }
 
 // A key acknowledged over HTTP is still known after the node restarts:
@@ -235,17 +168,17 @@ async fn idempotency_key_applies_once() {
 async fn idempotency_key_survives_restart() {
     let dir = tempfile::tempdir().unwrap();
     let body = r#"{"by": 7, "idempotency_key": "req-restart"}"#;
-    let s = Served::open(dir.path()).await;
+    let s = ServedNode::open(dir.path()).await;
     let (_, first) = post(&s, "/v1/counters/r/increment", body).await;
     assert_eq!(first["value"], 7);
-    shutdown_node(s.stop().await).await;
+    shutdown_node(s.stop_serving().await).await;
 
-    let s = Served::open(dir.path()).await;
+    let s = ServedNode::open(dir.path()).await;
     let (status, again) = post(&s, "/v1/counters/r/increment", body).await;
     assert_eq!(status, StatusCode::OK);
     assert_eq!(again, json!({"name": "r", "value": 7, "duplicate": true}));
     assert_eq!(get(&s, "/v1/counters/r").await.1["value"], 7);
-    s.stop().await.shutdown().unwrap();
+    s.stop_serving().await.shutdown().unwrap();
 }
 
 // A batch answers one slot per item in the items' order; failing items get
@@ -253,7 +186,7 @@ async fn idempotency_key_survives_restart() {
 #[tokio::test]
 async fn batch_keeps_order_and_isolates_failures() {
     let dir = tempfile::tempdir().unwrap();
-    let s = Served::open(dir.path()).await;
+    let s = ServedNode::open(dir.path()).await;
     s.node
         .increment("full", i64::MAX, IncrementOptions::default())
         .await
@@ -296,7 +229,7 @@ async fn batch_keeps_order_and_isolates_failures() {
         body[2],
         json!({"name": "b", "value": -2, "duplicate": true})
     );
-    s.stop().await.shutdown().unwrap();
+    s.stop_serving().await.shutdown().unwrap();
 }
 
 // A batch that is not well formed is refused whole: nothing applies.
@@ -307,7 +240,7 @@ async fn malformed_batch_applies_nothing() {
         http_batch_len_max: 3,
         ..ServerConfig::default()
     };
-    let s = Served::open_with(dir.path(), config).await;
+    let s = ServedNode::open_with(dir.path(), config).await;
     let (status, body) = post(
         &s,
         "/v1/increments",
@@ -327,18 +260,18 @@ async fn malformed_batch_applies_nothing() {
     let (status, _) = post(&s, "/v1/increments", r#"{"name": "a"}"#).await;
     assert_eq!(status, StatusCode::BAD_REQUEST);
     assert_eq!(s.node.counter_count(), 0);
-    s.stop().await.shutdown().unwrap();
+    s.stop_serving().await.shutdown().unwrap();
 }
 
 // A counter never incremented is a 404 naming it.
 #[tokio::test]
 async fn unknown_counter_is_not_found() {
     let dir = tempfile::tempdir().unwrap();
-    let s = Served::open(dir.path()).await;
+    let s = ServedNode::open(dir.path()).await;
     let (status, body) = get(&s, "/v1/counters/nope").await;
     assert_eq!(status, StatusCode::NOT_FOUND);
     assert_eq!(body, json!({"error": "counter 'nope' not found"}));
-    s.stop().await.shutdown().unwrap();
+    s.stop_serving().await.shutdown().unwrap();
 }
 
 // Following `next_after` visits every counter with the prefix exactly once,
@@ -346,7 +279,7 @@ async fn unknown_counter_is_not_found() {
 #[tokio::test]
 async fn list_pages_visit_each_counter_once() {
     let dir = tempfile::tempdir().unwrap();
-    let s = Served::open(dir.path()).await;
+    let s = ServedNode::open(dir.path()).await;
     let opts = IncrementOptions {
         durability: Some(Durability::Memory),
         ..Default::default()
@@ -369,7 +302,7 @@ async fn list_pages_visit_each_counter_once() {
         if let Some(a) = &after {
             query.push(("after", a.clone()));
         }
-        let (status, page) = send(client.get(s.url("/v1/counters")).query(&query)).await;
+        let (status, page) = send(client.get(s.http_url("/v1/counters")).query(&query)).await;
         assert_eq!(status, StatusCode::OK, "{page}");
         pages += 1;
         let counters = page["counters"].as_array().unwrap();
@@ -400,7 +333,7 @@ async fn list_pages_visit_each_counter_once() {
     let (_, page) = get(&s, "/v1/counters").await;
     assert_eq!(page["counters"].as_array().unwrap().len(), 28);
     assert!(page["next_after"].is_null());
-    s.stop().await.shutdown().unwrap();
+    s.stop_serving().await.shutdown().unwrap();
 }
 
 // Page lengths outside 1..=http_page_len_max and unknown parameters are
@@ -412,7 +345,7 @@ async fn list_query_is_validated() {
         http_page_len_max: 50,
         ..ServerConfig::default()
     };
-    let s = Served::open_with(dir.path(), config).await;
+    let s = ServedNode::open_with(dir.path(), config).await;
     let (status, body) = get(&s, "/v1/counters?limit=51").await;
     assert_eq!(status, StatusCode::BAD_REQUEST);
     assert!(error_of(&body).contains("http_page_len_max"), "{body}");
@@ -424,7 +357,7 @@ async fn list_query_is_validated() {
     let (status, body) = get(&s, "/v1/counters?prefx=a").await;
     assert_eq!(status, StatusCode::BAD_REQUEST);
     assert!(error_of(&body).contains("prefx"), "{body}");
-    s.stop().await.shutdown().unwrap();
+    s.stop_serving().await.shutdown().unwrap();
 }
 
 // /metrics is OpenMetrics: the right content type, the node's gauges, one
@@ -432,10 +365,10 @@ async fn list_query_is_validated() {
 #[tokio::test]
 async fn metrics_expose_every_counter_as_openmetrics() {
     let dir = tempfile::tempdir().unwrap();
-    let s = Served::open(dir.path()).await;
+    let s = ServedNode::open(dir.path()).await;
     post(&s, "/v1/counters/m1/increment", r#"{"by": 4}"#).await;
     post(&s, "/v1/counters/m%222/increment", r#"{"by": -6}"#).await;
-    let response = reqwest::get(s.url("/metrics")).await.unwrap();
+    let response = reqwest::get(s.http_url("/metrics")).await.unwrap();
     assert_eq!(response.status(), StatusCode::OK);
     assert_eq!(
         response.headers()["content-type"],
@@ -465,18 +398,18 @@ async fn metrics_expose_every_counter_as_openmetrics() {
             "{gauge}missing: {text}"
         );
     }
-    s.stop().await.shutdown().unwrap();
+    s.stop_serving().await.shutdown().unwrap();
 }
 
 // /healthz answers alive.
 #[tokio::test]
 async fn healthz_reports_alive() {
     let dir = tempfile::tempdir().unwrap();
-    let s = Served::open(dir.path()).await;
+    let s = ServedNode::open(dir.path()).await;
     let (status, body) = get(&s, "/healthz").await;
     assert_eq!(status, StatusCode::OK);
     assert_eq!(body, json!({"status": "alive"}));
-    s.stop().await.shutdown().unwrap();
+    s.stop_serving().await.shutdown().unwrap();
 }
 
 // A serving node is ready; once the node shuts down it reports 503 with a
@@ -484,7 +417,7 @@ async fn healthz_reports_alive() {
 #[tokio::test]
 async fn readyz_follows_the_node() {
     let dir = tempfile::tempdir().unwrap();
-    let s = Served::open(dir.path()).await;
+    let s = ServedNode::open(dir.path()).await;
     let (status, body) = get(&s, "/readyz").await;
     assert_eq!(status, StatusCode::OK);
     assert_eq!(body["ready"], true);
@@ -499,7 +432,7 @@ async fn readyz_follows_the_node() {
     assert_eq!(status, StatusCode::SERVICE_UNAVAILABLE);
     assert_eq!(error_of(&body), "node is shutting down");
     assert_eq!(get(&s, "/healthz").await.0, StatusCode::OK);
-    s.stop().await;
+    s.stop_serving().await;
 }
 
 // /openapi.json is an OpenAPI 3 document whose operations are exactly the
@@ -507,7 +440,7 @@ async fn readyz_follows_the_node() {
 #[tokio::test]
 async fn openapi_document_matches_the_router() {
     let dir = tempfile::tempdir().unwrap();
-    let s = Served::open(dir.path()).await;
+    let s = ServedNode::open(dir.path()).await;
     let (status, doc) = get(&s, "/openapi.json").await;
     assert_eq!(status, StatusCode::OK);
     assert!(doc["openapi"].as_str().unwrap().starts_with("3."), "{doc}");
@@ -525,7 +458,7 @@ async fn openapi_document_matches_the_router() {
 
     let client = reqwest::Client::new();
     for (method, path) in &documented {
-        let url = s.url(&path.replace("{name}", "probe"));
+        let url = s.http_url(&path.replace("{name}", "probe"));
         let request = match method.as_str() {
             "GET" => client.get(&url),
             "POST" => client.post(&url).body("[]"),
@@ -540,14 +473,14 @@ async fn openapi_document_matches_the_router() {
             "{method} {path}: {status} {text}"
         );
     }
-    s.stop().await.shutdown().unwrap();
+    s.stop_serving().await.shutdown().unwrap();
 }
 
 // Unknown routes are 404 and wrong methods 405 (with `Allow`), both JSON.
 #[tokio::test]
 async fn unknown_routes_and_methods_get_json_errors() {
     let dir = tempfile::tempdir().unwrap();
-    let s = Served::open(dir.path()).await;
+    let s = ServedNode::open(dir.path()).await;
     let (status, body) = get(&s, "/v2/nothing").await;
     assert_eq!(status, StatusCode::NOT_FOUND);
     assert!(
@@ -556,7 +489,7 @@ async fn unknown_routes_and_methods_get_json_errors() {
     );
 
     let response = reqwest::Client::new()
-        .delete(s.url("/v1/counters/x"))
+        .delete(s.http_url("/v1/counters/x"))
         .send()
         .await
         .unwrap();
@@ -570,7 +503,7 @@ async fn unknown_routes_and_methods_get_json_errors() {
     let (status, body) = get(&s, "/v1/counters/x/increment").await;
     assert_eq!(status, StatusCode::METHOD_NOT_ALLOWED);
     assert!(error_of(&body).contains("allowed: POST"), "{body}");
-    s.stop().await.shutdown().unwrap();
+    s.stop_serving().await.shutdown().unwrap();
 }
 
 // Each kind of bad request body is a 400 whose message names the problem,
@@ -578,7 +511,7 @@ async fn unknown_routes_and_methods_get_json_errors() {
 #[tokio::test]
 async fn bad_bodies_are_400_naming_the_problem() {
     let dir = tempfile::tempdir().unwrap();
-    let s = Served::open(dir.path()).await;
+    let s = ServedNode::open(dir.path()).await;
     let cases = [
         (r#"{"by": 1"#, "not valid JSON"),
         ("by=1", "not valid JSON"),
@@ -602,14 +535,14 @@ async fn bad_bodies_are_400_naming_the_problem() {
         assert!(error_of(&reply).contains(expected), "{body}: {reply}");
     }
     assert_eq!(s.node.get("bad").unwrap(), None);
-    s.stop().await.shutdown().unwrap();
+    s.stop_serving().await.shutdown().unwrap();
 }
 
 // Names that break the naming rules are 400, both empty and over 256 bytes.
 #[tokio::test]
 async fn bad_names_are_400() {
     let dir = tempfile::tempdir().unwrap();
-    let s = Served::open(dir.path()).await;
+    let s = ServedNode::open(dir.path()).await;
     let long = "x".repeat(257);
     let (status, body) = post(&s, &format!("/v1/counters/{long}/increment"), "").await;
     assert_eq!(status, StatusCode::BAD_REQUEST);
@@ -629,7 +562,7 @@ async fn bad_names_are_400() {
     let at_limit = "y".repeat(256);
     let (status, _) = post(&s, &format!("/v1/counters/{at_limit}/increment"), "").await;
     assert_eq!(status, StatusCode::OK);
-    s.stop().await.shutdown().unwrap();
+    s.stop_serving().await.shutdown().unwrap();
 }
 
 // A body over http_body_bytes_max is refused with 413, declared or chunked.
@@ -640,7 +573,7 @@ async fn oversized_body_is_413() {
         http_body_bytes_max: 1024,
         ..ServerConfig::default()
     };
-    let s = Served::open_with(dir.path(), config).await;
+    let s = ServedNode::open_with(dir.path(), config).await;
     let padding = " ".repeat(2048);
     let body = format!("{{\"by\": 1}}{padding}");
     let (status, reply) = post(&s, "/v1/counters/big/increment", &body).await;
@@ -648,7 +581,7 @@ async fn oversized_body_is_413() {
     assert!(error_of(&reply).contains("http_body_bytes_max"), "{reply}");
 
     // Without a content-length the limit is enforced while reading.
-    let mut chunked = TcpStream::connect(s.addr).await.unwrap();
+    let mut chunked = TcpStream::connect(s.http).await.unwrap();
     let head =
         "POST /v1/counters/big/increment HTTP/1.1\r\nhost: t\r\ntransfer-encoding: chunked\r\n\r\n";
     let chunk = format!("{:x}\r\n{body}\r\n0\r\n\r\n", body.len());
@@ -663,7 +596,7 @@ async fn oversized_body_is_413() {
     assert_eq!(body.len(), 1024);
     let (status, _) = post(&s, "/v1/counters/big/increment", &body).await;
     assert_eq!(status, StatusCode::OK);
-    s.stop().await.shutdown().unwrap();
+    s.stop_serving().await.shutdown().unwrap();
 }
 
 // `replicated` without a shared store is refused with 501, never
@@ -671,7 +604,7 @@ async fn oversized_body_is_413() {
 #[tokio::test]
 async fn replicated_without_store_is_refused() {
     let dir = tempfile::tempdir().unwrap();
-    let s = Served::open(dir.path()).await;
+    let s = ServedNode::open(dir.path()).await;
     let (status, body) = post(
         &s,
         "/v1/counters/rep/increment",
@@ -685,14 +618,14 @@ async fn replicated_without_store_is_refused() {
     );
     assert!(error_of(&body).contains("store"), "{body}");
     assert_eq!(s.node.get("rep").unwrap(), None);
-    s.stop().await.shutdown().unwrap();
+    s.stop_serving().await.shutdown().unwrap();
 }
 
 // Overflow is a 409 with Redis's wording and leaves the value unchanged.
 #[tokio::test]
 async fn overflow_is_409_and_changes_nothing() {
     let dir = tempfile::tempdir().unwrap();
-    let s = Served::open(dir.path()).await;
+    let s = ServedNode::open(dir.path()).await;
     let max = format!(r#"{{"by": {}}}"#, i64::MAX);
     assert_eq!(
         post(&s, "/v1/counters/o/increment", &max).await.0,
@@ -711,7 +644,7 @@ async fn overflow_is_409_and_changes_nothing() {
     assert_eq!(status, StatusCode::CONFLICT);
     assert_eq!(get(&s, "/v1/counters/o").await.1["value"], i64::MAX);
     assert_eq!(get(&s, "/v1/counters/u").await.1["value"], i64::MIN);
-    s.stop().await.shutdown().unwrap();
+    s.stop_serving().await.shutdown().unwrap();
 }
 
 // Past http_connections_max a new connection is closed at once without a
@@ -724,17 +657,17 @@ async fn connections_over_the_limit_are_closed() {
         http_connections_max: 2,
         ..ServerConfig::default()
     };
-    let s = Served::open_with(dir.path(), config).await;
+    let s = ServedNode::open_with(dir.path(), config).await;
     let request = b"GET /healthz HTTP/1.1\r\nhost: t\r\n\r\n";
     let mut held = Vec::new();
     for _ in 0..2 {
-        let mut c = TcpStream::connect(s.addr).await.unwrap();
+        let mut c = TcpStream::connect(s.http).await.unwrap();
         c.write_all(request).await.unwrap();
         assert!(read_response(&mut c).await.starts_with("HTTP/1.1 200"));
         held.push(c);
     }
 
-    let mut third = TcpStream::connect(s.addr).await.unwrap();
+    let mut third = TcpStream::connect(s.http).await.unwrap();
     let _ = third.write_all(request).await;
     let received = read_until_closed(&mut third, STEP_TIMEOUT)
         .await
@@ -761,7 +694,7 @@ async fn connections_over_the_limit_are_closed() {
         .unwrap();
     let started = Instant::now();
     loop {
-        match client.get(s.url("/healthz")).send().await {
+        match client.get(s.http_url("/healthz")).send().await {
             Ok(r) if r.status() == StatusCode::OK => break,
             _ if started.elapsed() < STEP_TIMEOUT => {
                 tokio::time::sleep(Duration::from_millis(20)).await
@@ -769,7 +702,7 @@ async fn connections_over_the_limit_are_closed() {
             other => panic!("no slot freed after a client left: {other:?}"),
         }
     }
-    s.stop().await.shutdown().unwrap();
+    s.stop_serving().await.shutdown().unwrap();
 }
 
 /// Limits for the stall tests: short enough to wait out in a test.
@@ -786,9 +719,9 @@ fn stall_config() -> ServerConfig {
 #[tokio::test]
 async fn stalled_request_head_is_cut_off_without_blocking_others() {
     let dir = tempfile::tempdir().unwrap();
-    let s = Served::open_with(dir.path(), stall_config()).await;
-    let mut silent = TcpStream::connect(s.addr).await.unwrap();
-    let mut kept_alive = TcpStream::connect(s.addr).await.unwrap();
+    let s = ServedNode::open_with(dir.path(), stall_config()).await;
+    let mut silent = TcpStream::connect(s.http).await.unwrap();
+    let mut kept_alive = TcpStream::connect(s.http).await.unwrap();
     kept_alive
         .write_all(b"GET /healthz HTTP/1.1\r\nhost: t\r\n\r\n")
         .await
@@ -798,7 +731,7 @@ async fn stalled_request_head_is_cut_off_without_blocking_others() {
             .await
             .starts_with("HTTP/1.1 200")
     );
-    let mut slow = TcpStream::connect(s.addr).await.unwrap();
+    let mut slow = TcpStream::connect(s.http).await.unwrap();
     slow.write_all(b"POST /v1/counters/slow/increment HTTP/1.1\r\nhost: t\r\n")
         .await
         .unwrap();
@@ -819,7 +752,7 @@ async fn stalled_request_head_is_cut_off_without_blocking_others() {
         assert!(received.is_empty());
     }
     assert_eq!(s.node.get("slow").unwrap(), None);
-    s.stop().await.shutdown().unwrap();
+    s.stop_serving().await.shutdown().unwrap();
 }
 
 // A client that sends its head but stalls in the body is answered 408 once
@@ -827,8 +760,8 @@ async fn stalled_request_head_is_cut_off_without_blocking_others() {
 #[tokio::test]
 async fn stalled_request_body_is_408() {
     let dir = tempfile::tempdir().unwrap();
-    let s = Served::open_with(dir.path(), stall_config()).await;
-    let mut slow = TcpStream::connect(s.addr).await.unwrap();
+    let s = ServedNode::open_with(dir.path(), stall_config()).await;
+    let mut slow = TcpStream::connect(s.http).await.unwrap();
     slow.write_all(
         b"POST /v1/counters/slow/increment HTTP/1.1\r\nhost: t\r\ncontent-length: 20\r\n\r\n{\"by\":",
     )
@@ -842,7 +775,7 @@ async fn stalled_request_body_is_408() {
         StatusCode::OK
     );
     assert_eq!(s.node.get("slow").unwrap(), None);
-    s.stop().await.shutdown().unwrap();
+    s.stop_serving().await.shutdown().unwrap();
 }
 
 // A client that asks for a large reply and never reads it is disconnected
@@ -852,7 +785,7 @@ async fn stalled_request_body_is_408() {
 #[tokio::test]
 async fn client_that_stops_reading_is_disconnected() {
     let dir = tempfile::tempdir().unwrap();
-    let s = Served::open_with(dir.path(), stall_config()).await;
+    let s = ServedNode::open_with(dir.path(), stall_config()).await;
     let opts = IncrementOptions {
         durability: Some(Durability::Memory),
         ..Default::default()
@@ -864,7 +797,7 @@ async fn client_that_stops_reading_is_disconnected() {
             .await
             .unwrap();
     }
-    let full_len = reqwest::get(s.url("/metrics"))
+    let full_len = reqwest::get(s.http_url("/metrics"))
         .await
         .unwrap()
         .bytes()
@@ -875,7 +808,7 @@ async fn client_that_stops_reading_is_disconnected() {
 
     let socket = tokio::net::TcpSocket::new_v4().unwrap();
     socket.set_recv_buffer_size(4096).unwrap();
-    let mut reader = socket.connect(s.addr).await.unwrap();
+    let mut reader = socket.connect(s.http).await.unwrap();
     reader
         .write_all(b"GET /metrics HTTP/1.1\r\nhost: t\r\n\r\n")
         .await
@@ -901,7 +834,7 @@ async fn client_that_stops_reading_is_disconnected() {
     );
     // The server still serves others.
     assert_eq!(get(&s, "/healthz").await.0, StatusCode::OK);
-    s.stop().await.shutdown().unwrap();
+    s.stop_serving().await.shutdown().unwrap();
 }
 
 // Concurrent increments of one hot counter over HTTP are exact: 20 clients
@@ -909,9 +842,9 @@ async fn client_that_stops_reading_is_disconnected() {
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn concurrent_increments_are_exact() {
     let dir = tempfile::tempdir().unwrap();
-    let s = Served::open(dir.path()).await;
+    let s = ServedNode::open(dir.path()).await;
     let client = reqwest::Client::new();
-    let url = s.url("/v1/counters/hot/increment");
+    let url = s.http_url("/v1/counters/hot/increment");
     let mut tasks = Vec::new();
     for _ in 0..20 {
         let client = client.clone();
@@ -935,7 +868,7 @@ async fn concurrent_increments_are_exact() {
     }
     assert_eq!(acknowledged, (1..=2000).collect::<BTreeSet<i64>>());
     assert_eq!(get(&s, "/v1/counters/hot").await.1["value"], 2000);
-    s.stop().await.shutdown().unwrap();
+    s.stop_serving().await.shutdown().unwrap();
 }
 
 // On shutdown the request in flight is answered and applied, idle
@@ -943,9 +876,9 @@ async fn concurrent_increments_are_exact() {
 #[tokio::test]
 async fn shutdown_finishes_in_flight_requests() {
     let dir = tempfile::tempdir().unwrap();
-    let s = Served::open(dir.path()).await;
-    let _idle = TcpStream::connect(s.addr).await.unwrap();
-    let mut in_flight = TcpStream::connect(s.addr).await.unwrap();
+    let s = ServedNode::open(dir.path()).await;
+    let _idle = TcpStream::connect(s.http).await.unwrap();
+    let mut in_flight = TcpStream::connect(s.http).await.unwrap();
     in_flight
         .write_all(
             b"POST /v1/counters/drain/increment HTTP/1.1\r\nhost: t\r\ncontent-length: 9\r\n\r\n{\"by\":",
@@ -954,11 +887,11 @@ async fn shutdown_finishes_in_flight_requests() {
         .unwrap();
     // Let the server read the head and start the handler.
     tokio::time::sleep(Duration::from_millis(200)).await;
-    s.trigger.fire();
+    s.signal_stop();
     tokio::time::sleep(Duration::from_millis(200)).await;
     // Shutdown has fired: the listener no longer takes connections.
     assert!(
-        reqwest::get(s.url("/healthz")).await.is_err(),
+        reqwest::get(s.http_url("/healthz")).await.is_err(),
         "a new connection was served after shutdown"
     );
     in_flight.write_all(b"3} ").await.unwrap();
@@ -966,14 +899,10 @@ async fn shutdown_finishes_in_flight_requests() {
     assert!(response.starts_with("HTTP/1.1 200"), "{response}");
     assert!(response.contains("\"value\":3"), "{response}");
     let started = Instant::now();
-    tokio::time::timeout(STEP_TIMEOUT, s.server)
-        .await
-        .expect("serve returns")
-        .unwrap()
-        .unwrap();
+    let node = s.wait_stopped().await;
     assert!(started.elapsed() < Duration::from_secs(5));
-    assert_eq!(s.node.get("drain").unwrap(), Some(3));
-    s.node.shutdown().unwrap();
+    assert_eq!(node.get("drain").unwrap(), Some(3));
+    node.shutdown().unwrap();
 }
 
 // A request head over HEAD_BYTES_MAX is refused (431, by hyper) and the
@@ -981,8 +910,8 @@ async fn shutdown_finishes_in_flight_requests() {
 #[tokio::test]
 async fn oversized_request_head_is_refused() {
     let dir = tempfile::tempdir().unwrap();
-    let s = Served::open(dir.path()).await;
-    let mut big = TcpStream::connect(s.addr).await.unwrap();
+    let s = ServedNode::open(dir.path()).await;
+    let mut big = TcpStream::connect(s.http).await.unwrap();
     // Twice the limit: hyper checks it before each read, so a head that
     // crosses it within one read may still be taken.
     let filler = "a".repeat(2 * tally::http::HEAD_BYTES_MAX);
@@ -994,5 +923,5 @@ async fn oversized_request_head_is_refused() {
     let text = String::from_utf8_lossy(&received);
     assert!(text.starts_with("HTTP/1.1 431"), "{text}");
     assert_eq!(get(&s, "/healthz").await.0, StatusCode::OK);
-    s.stop().await.shutdown().unwrap();
+    s.stop_serving().await.shutdown().unwrap();
 }

@@ -6,13 +6,13 @@ use tally_lab::testing::served as resp_support;
 
 use std::time::{Duration, Instant};
 
-use resp_support::{TestServer, assert_serving, exchange, read_at_least, read_to_close, request};
+use resp_support::{ServedNode, assert_serving, exchange, read_at_least, read_to_close, request};
 use tally::ServerConfig;
 use tokio::io::AsyncWriteExt;
 
 /// Sends `bytes` on a fresh connection and returns everything the server
 /// sends before it closes the connection.
-async fn reply_then_close(server: &TestServer, bytes: &[u8]) -> String {
+async fn reply_then_close(server: &ServedNode, bytes: &[u8]) -> String {
     let mut s = server.raw().await;
     // The server may close before taking every byte; a failed write is
     // part of what is being tested, not a test failure.
@@ -21,8 +21,8 @@ async fn reply_then_close(server: &TestServer, bytes: &[u8]) -> String {
 }
 
 /// Starts a server holding one counter, `kept`, at 5.
-async fn server_with_a_counter(dir: &std::path::Path, config: ServerConfig) -> TestServer {
-    let server = TestServer::start_with(dir, config).await;
+async fn server_with_a_counter(dir: &std::path::Path, config: ServerConfig) -> ServedNode {
+    let server = ServedNode::open_with(dir, config).await;
     let mut s = server.raw().await;
     assert_eq!(
         exchange(&mut s, &request(&[b"INCRBY", b"kept", b"5"]), 4).await,
@@ -31,7 +31,7 @@ async fn server_with_a_counter(dir: &std::path::Path, config: ServerConfig) -> T
     server
 }
 
-async fn assert_intact(server: &TestServer) {
+async fn assert_intact(server: &ServedNode) {
     assert_serving(server).await;
     assert_eq!(server.node.get("kept").unwrap(), Some(5));
 }
@@ -309,7 +309,7 @@ async fn connections_over_the_limit_are_refused_as_redis_does() {
         resp_connections_max: 2,
         ..ServerConfig::default()
     };
-    let server = TestServer::start_with(dir.path(), config).await;
+    let server = ServedNode::open_with(dir.path(), config).await;
     let mut first = server.raw().await;
     let mut second = server.raw().await;
     assert_eq!(exchange(&mut first, b"PING\r\n", 7).await, b"+PONG\r\n");

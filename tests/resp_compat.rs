@@ -6,7 +6,7 @@
 use tally_lab::testing::served as resp_support;
 
 use redis::{RedisError, Value};
-use resp_support::TestServer;
+use resp_support::ServedNode;
 
 async fn query<T: redis::FromRedisValue>(
     con: &mut redis::aio::MultiplexedConnection,
@@ -31,7 +31,7 @@ async fn redis_counter_commands_answer_as_redis() {
     // Proves INCR, INCRBY, DECR, DECRBY, GET, MGET, EXISTS and DBSIZE return
     // Redis's values and types through a stock client.
     let dir = tempfile::tempdir().unwrap();
-    let server = TestServer::start(dir.path()).await;
+    let server = ServedNode::open(dir.path()).await;
     let mut con = server.client().await;
 
     assert_eq!(query::<i64>(&mut con, &["INCR", "hits"]).await.unwrap(), 1);
@@ -86,7 +86,7 @@ async fn connection_commands_answer_as_redis() {
     // Proves PING, ECHO, SELECT, CLIENT, HELLO, INFO, COMMAND and CONFIG GET
     // answer in the shapes Redis clients and tools expect.
     let dir = tempfile::tempdir().unwrap();
-    let server = TestServer::start(dir.path()).await;
+    let server = ServedNode::open(dir.path()).await;
     let mut con = server.client().await;
 
     assert_eq!(query::<String>(&mut con, &["PING"]).await.unwrap(), "PONG");
@@ -179,7 +179,7 @@ async fn pipelined_increments_reply_in_order() {
     // Proves a pipeline of 1000 INCRs replies 1..=1000 in order and a GET
     // pipelined after them sees all of them.
     let dir = tempfile::tempdir().unwrap();
-    let server = TestServer::start(dir.path()).await;
+    let server = ServedNode::open(dir.path()).await;
     let mut con = server.client().await;
 
     let mut pipe = redis::pipe();
@@ -204,7 +204,7 @@ async fn errors_carry_redis_wording_and_keep_the_connection() {
     // Proves each bad request gets Redis's error words and the same
     // connection keeps working after every one of them.
     let dir = tempfile::tempdir().unwrap();
-    let server = TestServer::start(dir.path()).await;
+    let server = ServedNode::open(dir.path()).await;
     let mut con = server.client().await;
 
     let cases: &[(&[&str], &str)] = &[
@@ -268,7 +268,7 @@ async fn idempotent_increment_applies_once_across_restart() {
     // Proves TALLY.INCRBY with an idempotency key is applied once when
     // sent twice, and that both value and key survive a restart.
     let dir = tempfile::tempdir().unwrap();
-    let server = TestServer::start(dir.path()).await;
+    let server = ServedNode::open(dir.path()).await;
     let mut con = server.client().await;
 
     let first: Vec<i64> = query(
@@ -301,7 +301,7 @@ async fn idempotent_increment_applies_once_across_restart() {
     drop(con);
     server.stop().await;
 
-    let server = TestServer::start(dir.path()).await;
+    let server = ServedNode::open(dir.path()).await;
     let mut con = server.client().await;
     assert_eq!(
         query::<i64>(&mut con, &["GET", "billing"]).await.unwrap(),
@@ -326,7 +326,7 @@ async fn replicated_durability_is_refused_without_a_store() {
     // Proves DURABILITY replicated is refused with an UNAVAILABLE error,
     // never downgraded, and nothing is applied.
     let dir = tempfile::tempdir().unwrap();
-    let server = TestServer::start(dir.path()).await;
+    let server = ServedNode::open(dir.path()).await;
     let mut con = server.client().await;
 
     let e = query::<Vec<i64>>(
@@ -363,7 +363,7 @@ async fn concurrent_clients_count_exactly() {
     // Proves 20 clients each sending 200 INCRs to one counter leave it at
     // exactly 4000, and every reply value is distinct.
     let dir = tempfile::tempdir().unwrap();
-    let server = TestServer::start(dir.path()).await;
+    let server = ServedNode::open(dir.path()).await;
     let mut tasks = Vec::new();
     for _ in 0..20 {
         let mut con = server.client().await;
@@ -395,7 +395,7 @@ async fn inline_commands_and_quit_behave_as_in_redis() {
     // sections answer as Redis does, and QUIT answers +OK, closes, and
     // leaves the requests pipelined after it unrun.
     let dir = tempfile::tempdir().unwrap();
-    let server = TestServer::start(dir.path()).await;
+    let server = ServedNode::open(dir.path()).await;
     let mut s = server.raw().await;
     let script: &[(&[u8], &[u8])] = &[
         (b"PING\r\n", b"+PONG\r\n"),

@@ -9,7 +9,7 @@ use std::path::Path;
 use std::sync::Arc;
 use std::time::{Duration, Instant};
 
-use resp_support::{TestServer, exchange, read_at_least, read_to_close, request};
+use resp_support::{ServedNode, exchange, read_at_least, read_to_close, request};
 use tally::engine::storage::{SimOp, SimStorage};
 use tally::{Config, IncrementOptions, Node};
 use tokio::io::AsyncWriteExt;
@@ -49,7 +49,7 @@ async fn pipelined_acknowledgements_survive_a_power_cut() {
     // disk when the reply arrives, both when the pipeline's last increment
     // succeeds and when it is refused (overflow) and cannot carry the sync.
     let sim = SimStorage::new();
-    let server = TestServer::start_on(Arc::new(sim.clone()), sim_config()).await;
+    let server = ServedNode::open_on(Arc::new(sim.clone()), sim_config()).await;
     let mut s = server.raw().await;
 
     let mut pipeline = Vec::new();
@@ -104,7 +104,7 @@ async fn failed_sync_never_acknowledges_a_pipelined_increment() {
     // is answered INDETERMINATE (none with a value), and later ones are
     // refused UNAVAILABLE until restart.
     let sim = SimStorage::new();
-    let server = TestServer::start_on(Arc::new(sim.clone()), sim_config()).await;
+    let server = ServedNode::open_on(Arc::new(sim.clone()), sim_config()).await;
     let mut s = server.raw().await;
     assert_eq!(
         exchange(&mut s, &request(&[b"INCR", b"x"]), 4).await,
@@ -137,7 +137,7 @@ async fn graceful_shutdown_answers_every_increment_it_applied() {
     // increment without answering it nor answers one it did not apply, and
     // does not wait on idle connections.
     let dir = tempfile::tempdir().unwrap();
-    let server = TestServer::start(dir.path()).await;
+    let server = ServedNode::open(dir.path()).await;
     let _idle = server.raw().await;
     let mut s = server.raw().await;
     let mut pipeline = Vec::new();

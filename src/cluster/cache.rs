@@ -23,7 +23,7 @@ const PAGE_ROWS: usize = 10_000;
 const ERROR_LOG_INTERVAL: Duration = Duration::from_secs(10);
 
 #[derive(Default)]
-struct Inner2 {
+struct CacheState {
     /// Node ids, indexed by the small numbers stored per counter.
     nodes: Vec<String>,
     cursors: Vec<Version>,
@@ -35,14 +35,14 @@ struct Inner2 {
 /// See the module docs.
 pub struct Cache {
     own: String,
-    inner: RwLock<Inner2>,
+    inner: RwLock<CacheState>,
 }
 
 impl Cache {
     pub fn new(own_node_id: &str) -> Cache {
         Cache {
             own: own_node_id.to_string(),
-            inner: RwLock::new(Inner2::default()),
+            inner: RwLock::new(CacheState::default()),
         }
     }
 

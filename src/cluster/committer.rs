@@ -143,7 +143,13 @@ pub(crate) fn run(cluster: Arc<Cluster>, engine: Weak<Engine>) {
         for (name, value, lsn) in taken.drain(..) {
             merge(&mut backlog, name, value, lsn);
         }
-        if batch.is_empty() && backlog.is_empty() {
+        // A replicated round writes changes with lsns above the mark it
+        // carries (they are applied after the sweep), so after one the mark
+        // trails the node's own lsn; the first complete sweep that finds
+        // nothing to write raises it in a transaction of its own, so that an
+        // idle node's flush lag reaches zero.
+        let mark_behind = complete.is_some_and(|m| m > cluster.flushed());
+        if batch.is_empty() && backlog.is_empty() && !mark_behind {
             if stopping {
                 return;
             }
@@ -156,8 +162,15 @@ pub(crate) fn run(cluster: Arc<Cluster>, engine: Weak<Engine>) {
         if !batch.is_empty() {
             *cluster.replication_open.lock() = true;
         }
+        let started = Instant::now();
         match round(cluster, &engine, &batch, &mut backlog, complete) {
             Ok(answers) => {
+                let m = &cluster.metrics;
+                m.store_round_seconds
+                    .observe(started.elapsed().as_secs_f64());
+                if !batch.is_empty() {
+                    m.replicated_batch_requests.observe(batch.len() as f64);
+                }
                 backoff = Duration::ZERO;
                 if last_heartbeat.elapsed() >= cluster.config.heartbeat_interval {
                     heartbeat(cluster, &engine, &mut backoff);
@@ -167,6 +180,12 @@ pub(crate) fn run(cluster: Arc<Cluster>, engine: Weak<Engine>) {
                 reply(batch, answers);
             }
             Err((e, applied, flushed, answers)) => {
+                if let StoreError::Indeterminate(_) = e {
+                    cluster
+                        .metrics
+                        .store_indeterminate_commits
+                        .fetch_add(1, Ordering::Relaxed);
+                }
                 match &e {
                     StoreError::Indeterminate(_) if !applied.is_empty() => {
                         {
@@ -359,6 +378,10 @@ fn round(
     if let Err(e) = tx.commit() {
         return fail(e, applied, flushed, answers);
     }
+    cluster
+        .metrics
+        .store_rows_flushed
+        .fetch_add(rows.len() as u64, Ordering::Relaxed);
     // The counters just applied were written above; unless they changed
     // since, the next round need not write them again.
     for a in &applied {
@@ -457,6 +480,7 @@ fn revert_all(engine: &Engine, applied: &[Applied]) {
 }
 
 fn store_failed(cluster: &Cluster, e: &StoreError, backoff: &mut Duration) {
+    cluster.metrics.store_errors.fetch_add(1, Ordering::Relaxed);
     let mut state = cluster.state.lock();
     if state.store_error.is_none() {
         tracing::warn!(error = %e, "shared store unreachable; local writes go on, replicated ones are refused");

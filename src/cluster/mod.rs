@@ -30,6 +30,7 @@ use crate::engine::idempotency::now_ms;
 use crate::engine::recovery::RecoveryReport;
 use crate::engine::{Change, Engine};
 use crate::error::{Error, Result};
+use crate::metrics::Metrics;
 use crate::store::{self, NodeRow, Store, StoreError, Version};
 
 pub use cache::Cache;
@@ -96,6 +97,14 @@ pub(crate) struct ReplicatedRequest {
     /// Whether the request was a duplicate of one already applied.
     pub reply: oneshot::Sender<Result<bool>>,
 }
+
+/// A node whose last heartbeat is older than this many heartbeat intervals
+/// is shown as suspect: it has missed a few, which a pause or a slow store
+/// round explains.
+const SUSPECT_AFTER_HEARTBEATS: u64 = 3;
+/// A node whose last heartbeat is older than this many heartbeat intervals
+/// is shown as down.
+const DOWN_AFTER_HEARTBEATS: u64 = 10;
 
 /// A node's liveness as the cluster view shows it, from heartbeat age.
 #[derive(Debug, Clone, Copy, PartialEq, Eq, serde::Serialize)]
@@ -175,6 +184,8 @@ pub struct Cluster {
     /// wakes it at once.
     pub(crate) idle: (Mutex<()>, Condvar),
     pub(crate) threads: Mutex<Vec<std::thread::JoinHandle<()>>>,
+    /// The node's metrics, where the committer records its rounds.
+    pub(crate) metrics: Arc<Metrics>,
 }
 
 fn store_err(e: StoreError) -> Error {
@@ -198,6 +209,7 @@ impl Cluster {
         config: ClusterConfig,
         stores: Option<Stores>,
         recovered: &RecoveryReport,
+        metrics: Arc<Metrics>,
     ) -> Result<Arc<Cluster>> {
         let (store, reader) = match stores {
             Some(s) => (s.writer, s.reader),
@@ -296,6 +308,7 @@ impl Cluster {
             stop: std::sync::atomic::AtomicBool::new(false),
             idle: (Mutex::new(()), Condvar::new()),
             threads: Mutex::new(Vec::new()),
+            metrics,
         };
         // Reads are global from the first request on.
         cluster
@@ -365,6 +378,11 @@ impl Cluster {
         rx.await.unwrap_or(Err(Error::ShuttingDown))
     }
 
+    /// How far this node's flushes are known to have reached.
+    pub(crate) fn flushed(&self) -> Version {
+        self.state.lock().flushed
+    }
+
     /// Whether a key's earlier replicated attempt is still unresolved.
     pub(crate) fn key_unresolved(&self, key: &str) -> bool {
         self.state.lock().unresolved_keys.contains(key)
@@ -407,9 +425,9 @@ impl Cluster {
                 node_id: n.node_id.clone(),
                 epoch: n.epoch,
                 address: n.address.clone(),
-                state: if age <= 3 * hb {
+                state: if age <= SUSPECT_AFTER_HEARTBEATS * hb {
                     Liveness::Alive
-                } else if age <= 10 * hb {
+                } else if age <= DOWN_AFTER_HEARTBEATS * hb {
                     Liveness::Suspect
                 } else {
                     Liveness::Down

@@ -69,8 +69,8 @@ impl KeySlot<'_> {
     pub fn check_room(&self) -> Result<()> {
         if !self.map.contains_key(self.key) && self.len.load(Relaxed) >= self.keys_max {
             return Err(Error::LimitExceeded(format!(
-                "the node holds {} idempotency keys, its limit (--idempotency-keys-max); \
-                 raise it or shorten --idempotency-retention-s",
+                "the node holds {} idempotency keys, its limit (Config::idempotency_keys_max); \
+                 raise it or shorten Config::idempotency_retention",
                 self.keys_max
             )));
         }

@@ -74,7 +74,7 @@ pub enum Change<'a> {
 pub enum Applied {
     /// Applied and queued in the journal: the counter's new value, the lsn
     /// assigned, and the journal position just past the record (durable
-    /// once [`Engine::wait_durable`] for it returns).
+    /// once the journal's durable position reaches it).
     New { value: i64, lsn: u64, end_pos: u64 },
     /// The key had been seen: nothing was applied. `value` is this node's
     /// shard of the counter now.
@@ -197,7 +197,7 @@ impl Engine {
             Change::Adopt { name, value } => {
                 let (lsn, end_pos) =
                     self.journal_next(Kind::Adopt, name, value, None, Urgency::Later)?;
-                self.table.replay_op(name, value, lsn, true)?;
+                self.table.replay_op(name, value, lsn, table::Update::Set)?;
                 Ok(Applied::New {
                     value,
                     lsn,

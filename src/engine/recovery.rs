@@ -22,7 +22,7 @@ use crate::engine::journal::Kind;
 use crate::engine::journal::{self, Decoded, SEGMENT_HEADER_BYTES};
 use crate::engine::snapshot::{self, Item, SnapshotMeta};
 use crate::engine::storage::Storage;
-use crate::engine::table::{CounterTable, ReplayOp, SHARDS};
+use crate::engine::table::{CounterTable, ReplayOp, SHARDS, Update};
 use crate::error::{Error, Result};
 use compact_str::CompactString;
 
@@ -211,7 +211,11 @@ fn replay_segment(
                             name: CompactString::from(r.name),
                             delta: r.delta,
                             lsn: r.lsn,
-                            set: r.kind == Kind::Adopt,
+                            update: if r.kind == Kind::Adopt {
+                                Update::Set
+                            } else {
+                                Update::Add
+                            },
                         });
                     }
                 }
@@ -499,8 +503,8 @@ pub fn recover(
                     offset: off as u64,
                     reason: format!(
                         "{reason}; this is not the end of the journal, so it is not a torn write. \
-                         Start with --recovery-mode truncate-at-corruption to drop every record \
-                         from here on"
+                         Set Config::recovery_mode to truncate-at-corruption to drop every \
+                         record from here on"
                     ),
                 });
             }

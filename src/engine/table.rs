@@ -259,13 +259,13 @@ impl CounterTable {
     /// than the entry's, so that a record already folded into the snapshot
     /// is not counted twice. Returns whether it was applied.
     pub fn replay(&self, name: &str, delta: i64, lsn: u64) -> Result<bool> {
-        self.replay_op(name, delta, lsn, false)
+        self.replay_op(name, delta, lsn, Update::Add)
     }
 
-    /// [`CounterTable::replay`] of an add (`set == false`) or a set.
-    pub fn replay_op(&self, name: &str, delta: i64, lsn: u64, set: bool) -> Result<bool> {
+    /// [`CounterTable::replay`] of an add or a set.
+    pub fn replay_op(&self, name: &str, delta: i64, lsn: u64, update: Update) -> Result<bool> {
         let mut shard = self.shards[self.shard_of(name)].lock();
-        let (applied, inserted) = replay_into(&mut shard, name, delta, lsn, set)?;
+        let (applied, inserted) = replay_into(&mut shard, name, delta, lsn, update)?;
         if applied && self.track_dirty.load(Relaxed) {
             let at = shard.position(name).expect("just replayed");
             shard.mark(at);
@@ -429,20 +429,34 @@ pub struct ReplayOp {
     /// The delta to add, or with `set`, the value to set.
     pub delta: i64,
     pub lsn: u64,
-    /// Set the value (a shard adopted from the store) instead of adding.
-    pub set: bool,
+    /// Whether `delta` is added or is the new value.
+    pub update: Update,
+}
+
+/// How a replayed record changes its counter.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum Update {
+    /// `delta` is added (an increment, a replicated one, a revert).
+    Add,
+    /// `delta` is the new value (a shard adopted from the store).
+    Set,
 }
 
 /// The replay rule shared by [`CounterTable::replay`] and [`Partition`]:
 /// returns (applied, inserted).
-fn replay_into(map: &mut Map, name: &str, delta: i64, lsn: u64, set: bool) -> Result<(bool, bool)> {
+fn replay_into(
+    map: &mut Map,
+    name: &str,
+    delta: i64,
+    lsn: u64,
+    update: Update,
+) -> Result<(bool, bool)> {
     match map.get_mut(name) {
         Some(entry) if entry.lsn >= lsn => Ok((false, false)),
         Some(entry) => {
-            entry.value = if set {
-                delta
-            } else {
-                entry.value.checked_add(delta).ok_or(Error::Overflow)?
+            entry.value = match update {
+                Update::Set => delta,
+                Update::Add => entry.value.checked_add(delta).ok_or(Error::Overflow)?,
             };
             entry.lsn = lsn;
             Ok((true, false))
@@ -481,7 +495,7 @@ impl Partition<'_> {
         let mut applied = 0;
         for op in records {
             debug_assert_eq!(self.table.shard_of(&op.name), shard);
-            let (a, inserted) = replay_into(map, &op.name, op.delta, op.lsn, op.set)
+            let (a, inserted) = replay_into(map, &op.name, op.delta, op.lsn, op.update)
                 .map_err(|_| (op.name.to_string(), op.lsn))?;
             applied += u64::from(a);
             self.inserted += usize::from(inserted);
@@ -566,7 +580,7 @@ mod tests {
                 name: CompactString::from(n.as_str()),
                 delta: *d,
                 lsn: *l,
-                set: false,
+                update: Update::Add,
             });
         }
         let parts = 3;

@@ -10,7 +10,7 @@ use axum::http::StatusCode;
 use axum::response::{IntoResponse, Response};
 use serde_json::{Map, Value};
 
-use crate::error::Error;
+use crate::error::{Error, Outcome};
 
 /// An error reply: a status and a message naming the problem.
 #[derive(Debug, Clone)]
@@ -83,7 +83,7 @@ impl From<Error> for ApiError {
     fn from(error: Error) -> Self {
         ApiError {
             status: status_of(&error),
-            outcome_unknown: matches!(error, Error::Indeterminate(_)),
+            outcome_unknown: error.outcome() == Outcome::Unknown,
             message: error.to_string(),
         }
     }

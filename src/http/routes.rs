@@ -20,6 +20,7 @@ use super::endpoint::Endpoint;
 use super::error::ApiError;
 use super::openapi::OPENAPI_JSON;
 use crate::config::ServerConfig;
+use crate::node::Consistency;
 use crate::node::{IncrementOptions, Node};
 
 /// Page length of `GET /v1/counters` when the request gives no `limit`.
@@ -72,15 +73,6 @@ struct CounterDetailReply {
     value: i64,
     /// Node id to that node's shard, in node-id order.
     nodes: BTreeMap<String, i64>,
-}
-
-/// Where `GET /v1/counters/{name}` reads the other nodes' shards.
-#[derive(Debug, Clone, Copy, PartialEq, Eq)]
-enum Consistency {
-    /// The node's cache, refreshed every refresh interval: no store call.
-    Cache,
-    /// The store, read for this request (on a blocking thread).
-    Store,
 }
 
 #[derive(Deserialize)]
@@ -195,11 +187,11 @@ async fn get_counter(
     let Query(query) = query.map_err(|e| ApiError::bad_request(e.body_text()))?;
     let detail = match query.consistency()? {
         // Reads memory only (the table and the cache): no blocking call.
-        Consistency::Cache => state.node.get_detail(&name, false)?,
+        Consistency::Cache => state.node.get_detail(&name, Consistency::Cache)?,
         Consistency::Store => {
             let node = state.node.clone();
             let wanted = name.clone();
-            tokio::task::spawn_blocking(move || node.get_detail(&wanted, true))
+            tokio::task::spawn_blocking(move || node.get_detail(&wanted, Consistency::Store))
                 .await
                 .map_err(|e| blocking_failed("reading the counter from the store", e))??
         }

@@ -14,7 +14,7 @@
 //! `NOPROTO` and `WRONGPASS` appear only where Redis sends them (`HELLO`,
 //! `AUTH`).
 
-use crate::error::Error;
+use crate::error::{Error, Outcome};
 
 use super::frame::Frame;
 
@@ -83,19 +83,10 @@ pub fn printable(bytes: &[u8], max: usize) -> String {
 
 impl From<Error> for ReplyError {
     fn from(e: Error) -> Self {
-        let prefix = match &e {
-            Error::Overflow
-            | Error::InvalidInput { .. }
-            | Error::LimitExceeded(_)
-            | Error::Corrupt { .. }
-            | Error::InvalidConfig { .. }
-            | Error::Io { .. } => "ERR",
-            Error::JournalFailed(_)
-            | Error::ShuttingDown
-            | Error::DurabilityUnavailable { .. }
-            | Error::Fenced(_)
-            | Error::StoreUnavailable(_) => "UNAVAILABLE",
-            Error::Indeterminate(_) => "INDETERMINATE",
+        let prefix = match e.outcome() {
+            Outcome::Refused => "ERR",
+            Outcome::Unavailable => "UNAVAILABLE",
+            Outcome::Unknown => "INDETERMINATE",
         };
         ReplyError(format!("{prefix} {e}"))
     }

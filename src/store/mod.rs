@@ -12,11 +12,12 @@
 //! ([`Store::begin`]), so a zombie or a second process with the same node id
 //! can never write after a newer process has registered.
 //!
-//! Two backends implement [`Store`]: [`sqlite`] (one file shared by the node
-//! processes of one machine, the default) and [`postgres`] (across
-//! machines). [`open`] picks one from a URL; [`schema`] owns the tables and
-//! their versioned migrations; [`faulty`] wraps a store to fail on demand in
-//! tests; [`bench`](mod@bench) times a flush. `docs/design.md`, "Shared store", gives the
+//! Two backends implement [`Store`]: `sqlite` (one file shared by the node
+//! processes of one machine, the default; cargo feature `sqlite`) and
+//! `postgres` (across machines; feature `postgres`). [`open`] picks one
+//! from a URL; [`schema`] owns the tables and their versioned migrations;
+//! `faulty` wraps a store to fail on demand in tests and `bench` times a
+//! flush (both behind the `testkit` feature). `docs/design.md`, "Shared store", gives the
 //! schema and the fencing argument.
 //!
 //! This module must never decide *what* to flush or when: that belongs to

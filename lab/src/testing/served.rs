@@ -1,6 +1,7 @@
-//! A node serving RESP on a loopback port, for the `resp_*` tests: each
-//! test opens its own node in its own directory and talks to it over real
-//! TCP.
+//! A node served on loopback in this process, over RESP and HTTP: the one
+//! harness of the front-end and cluster tests. Each test opens its own node
+//! in its own directory (or on simulated storage) and talks to it over real
+//! TCP; a cluster test serves several, sharing one store.
 
 use std::net::SocketAddr;
 use std::path::Path;
@@ -16,87 +17,176 @@ use tokio::task::JoinHandle;
 
 /// Longest a test waits for a reply before failing rather than hanging.
 pub const REPLY_TIMEOUT: Duration = Duration::from_secs(10);
+/// Longest a front end may take to return once told to stop.
+pub const STOP_TIMEOUT: Duration = Duration::from_secs(15);
 
-pub struct TestServer {
-    pub addr: SocketAddr,
+/// A node and its two front ends on fresh loopback ports.
+pub struct ServedNode {
     pub node: Node,
-    trigger: ShutdownTrigger,
-    task: JoinHandle<std::io::Result<()>>,
+    /// Where the RESP front end listens.
+    pub resp: SocketAddr,
+    /// Where the HTTP front end listens.
+    pub http: SocketAddr,
+    triggers: [ShutdownTrigger; 2],
+    servers: [JoinHandle<std::io::Result<()>>; 2],
 }
 
-impl TestServer {
-    /// A node on `dir` with default settings, serving RESP.
-    pub async fn start(dir: &Path) -> TestServer {
-        Self::start_with(dir, ServerConfig::default()).await
+impl ServedNode {
+    /// A node on `dir` with default settings.
+    pub async fn open(dir: &Path) -> ServedNode {
+        Self::open_with(dir, ServerConfig::default()).await
     }
 
-    /// A node on `dir` serving RESP with the given front-end settings.
-    pub async fn start_with(dir: &Path, config: ServerConfig) -> TestServer {
+    /// A node on `dir` with default node settings and the given front-end
+    /// settings.
+    pub async fn open_with(dir: &Path, config: ServerConfig) -> ServedNode {
         let node = Node::open(Config::new(dir)).expect("open node");
         Self::serve(node, config).await
     }
 
     /// A node on simulated storage (crash and fault injection).
-    pub async fn start_on(storage: Arc<dyn Storage>, config: Config) -> TestServer {
+    pub async fn open_on(storage: Arc<dyn Storage>, config: Config) -> ServedNode {
         let node = Node::open_with_storage(config, storage).expect("open node");
         Self::serve(node, ServerConfig::default()).await
     }
 
-    pub async fn serve(node: Node, config: ServerConfig) -> TestServer {
-        let listener = TcpListener::bind("127.0.0.1:0").await.expect("bind");
-        let addr = listener.local_addr().expect("local addr");
-        let (trigger, shutdown) = shutdown::channel();
-        let task = tokio::spawn(tally::resp::serve(
-            listener,
-            node.clone(),
-            Arc::new(config),
-            shutdown,
-        ));
-        TestServer {
-            addr,
+    /// A node opened with `config`, which may name a store: the listeners
+    /// are bound first, so that the node registers its HTTP address (when
+    /// the config leaves it empty), and opening, which registers in the
+    /// store, a blocking call, runs off the async threads.
+    pub async fn open_config(mut config: Config) -> ServedNode {
+        let (resp_listener, resp) = listen().await;
+        let (http_listener, http) = listen().await;
+        if let Some(c) = config.cluster.as_mut()
+            && c.address.is_empty()
+        {
+            c.address = http.to_string();
+        }
+        let node = tokio::task::spawn_blocking(move || Node::open(config))
+            .await
+            .expect("open task")
+            .expect("open node");
+        Self::serve_on(
             node,
-            trigger,
-            task,
+            ServerConfig::default(),
+            (resp_listener, resp),
+            (http_listener, http),
+        )
+    }
+
+    /// Serves `node` over RESP and HTTP on fresh loopback ports.
+    pub async fn serve(node: Node, config: ServerConfig) -> ServedNode {
+        let resp = listen().await;
+        let http = listen().await;
+        Self::serve_on(node, config, resp, http)
+    }
+
+    fn serve_on(
+        node: Node,
+        config: ServerConfig,
+        (resp_listener, resp): (TcpListener, SocketAddr),
+        (http_listener, http): (TcpListener, SocketAddr),
+    ) -> ServedNode {
+        let config = Arc::new(config);
+        let (resp_trigger, resp_shutdown) = shutdown::channel();
+        let (http_trigger, http_shutdown) = shutdown::channel();
+        let servers = [
+            tokio::spawn(tally::resp::serve(
+                resp_listener,
+                node.clone(),
+                config.clone(),
+                resp_shutdown,
+            )),
+            tokio::spawn(tally::http::serve(
+                http_listener,
+                node.clone(),
+                config,
+                http_shutdown,
+            )),
+        ];
+        ServedNode {
+            node,
+            resp,
+            http,
+            triggers: [resp_trigger, http_trigger],
+            servers,
         }
     }
 
-    pub fn url(&self) -> String {
-        format!("redis://{}/", self.addr)
+    /// The node's id.
+    pub fn id(&self) -> &str {
+        self.node.node_id()
     }
 
-    /// A `redis` crate connection to this server.
+    /// `redis://` URL of the RESP front end.
+    pub fn resp_url(&self) -> String {
+        format!("redis://{}/", self.resp)
+    }
+
+    /// URL of `path` on the HTTP front end.
+    pub fn http_url(&self, path: &str) -> String {
+        format!("http://{}{path}", self.http)
+    }
+
+    /// A `redis` crate connection to the RESP front end.
     pub async fn client(&self) -> redis::aio::MultiplexedConnection {
-        redis::Client::open(self.url())
+        redis::Client::open(self.resp_url())
             .expect("client")
             .get_multiplexed_async_connection()
             .await
             .expect("connect")
     }
 
-    /// A raw TCP connection to this server.
+    /// A raw TCP connection to the RESP front end.
     pub async fn raw(&self) -> TcpStream {
-        TcpStream::connect(self.addr).await.expect("connect")
+        TcpStream::connect(self.resp).await.expect("connect")
     }
 
-    /// Stops serving (waiting for `serve` to return) and shuts the node down.
+    /// Stops serving and shuts the node down.
     pub async fn stop(self) {
-        let node = self.stop_serving().await;
-        tokio::task::spawn_blocking(move || node.shutdown())
-            .await
-            .expect("shutdown task")
-            .expect("node shutdown");
+        shutdown_node(self.stop_serving().await).await;
     }
 
-    /// Stops serving and waits for `serve` to return; the node stays open.
+    /// Stops both front ends and waits for them to return; the node stays
+    /// open and is handed back.
     pub async fn stop_serving(self) -> Node {
-        self.trigger.fire();
-        tokio::time::timeout(Duration::from_secs(15), self.task)
-            .await
-            .expect("serve returns after shutdown")
-            .expect("serve task")
-            .expect("serve result");
+        self.signal_stop();
+        self.wait_stopped().await
+    }
+
+    /// Tells both front ends to stop (they finish what is in flight).
+    pub fn signal_stop(&self) {
+        for trigger in &self.triggers {
+            trigger.fire();
+        }
+    }
+
+    /// Waits, up to [`STOP_TIMEOUT`], for both front ends to return after
+    /// [`ServedNode::signal_stop`]; hands the node back, still open.
+    pub async fn wait_stopped(self) -> Node {
+        for server in self.servers {
+            tokio::time::timeout(STOP_TIMEOUT, server)
+                .await
+                .expect("serve returns after shutdown")
+                .expect("serve task")
+                .expect("serve result");
+        }
         self.node
     }
+}
+
+async fn listen() -> (TcpListener, SocketAddr) {
+    let listener = TcpListener::bind("127.0.0.1:0").await.expect("bind");
+    let addr = listener.local_addr().expect("local addr");
+    (listener, addr)
+}
+
+/// Shuts a node down off the async threads (it blocks until durable).
+pub async fn shutdown_node(node: Node) {
+    tokio::task::spawn_blocking(move || node.shutdown())
+        .await
+        .expect("shutdown task")
+        .expect("node shutdown");
 }
 
 /// Sends `request` and reads until `expected` bytes came or the server
@@ -152,7 +242,7 @@ pub fn request(args: &[&[u8]]) -> Vec<u8> {
 }
 
 /// Checks the server still answers a fresh connection.
-pub async fn assert_serving(server: &TestServer) {
+pub async fn assert_serving(server: &ServedNode) {
     let mut s = server.raw().await;
     assert_eq!(
         exchange(&mut s, b"*1\r\n$4\r\nPING\r\n", 7).await,

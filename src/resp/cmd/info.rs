@@ -30,6 +30,15 @@
 //! node_<id>:epoch=3,state=alive,flushed_lsn=120,flush_lag=0,address=127.0.0.1:7070
 //! ```
 //!
+//! After the node lines come this node's own figures of its store
+//! transactions (from the metrics module): `store_rounds`,
+//! `store_round_p50_seconds` and `store_round_p99_seconds` (latency of a
+//! committed transaction), `store_rows_flushed`,
+//! `replicated_batch_p50_requests` and `replicated_batch_p99_requests`,
+//! `store_indeterminate_commits`, `store_failed_calls` and `flush_lag` (lsns
+//! applied here above the flushed mark). Quantiles are left out until
+//! there is a sample.
+//!
 //! The view is read from the store on a blocking thread. If that read
 //! fails, the section still answers, with `replicated_available:0` and the
 //! error as `store_error`, and no node lines: `INFO` never fails because
@@ -197,6 +206,7 @@ impl Info {
                     lines.field("tally_cluster_enabled", u8::from(store));
                     if store {
                         cluster_fields(&mut lines, &stats.node_id, gathered.cluster.as_ref());
+                        store_fields(&mut lines, &stats);
                     }
                 }
                 "keyspace" => {
@@ -256,6 +266,30 @@ fn cluster_fields(
         }
         // Only when the section was not asked for.
         None => {}
+    }
+}
+
+/// This node's figures of its store transactions, after the cluster view.
+fn store_fields(lines: &mut Lines<'_>, stats: &crate::NodeStats) {
+    lines.field("store_rounds", stats.store_rounds);
+    lines.optional("store_round_p50_seconds", stats.store_round_p50_s);
+    lines.optional("store_round_p99_seconds", stats.store_round_p99_s);
+    lines.field("store_rows_flushed", stats.store_rows_flushed);
+    lines.optional(
+        "replicated_batch_p50_requests",
+        stats.replicated_batch_p50_requests,
+    );
+    lines.optional(
+        "replicated_batch_p99_requests",
+        stats.replicated_batch_p99_requests,
+    );
+    lines.field(
+        "store_indeterminate_commits",
+        stats.store_indeterminate_commits,
+    );
+    lines.field("store_failed_calls", stats.store_errors);
+    if let Some(lag) = stats.flush_lag_lsns {
+        lines.field("flush_lag", lag);
     }
 }
 
