@@ -217,7 +217,7 @@ impl Node {
             return Err(Error::InvalidConfig {
                 field: "durability",
                 reason: "replicated cannot be the default of a node without a shared store \
-                         (cluster); choose local or memory"
+                         (Config::cluster); choose local or memory"
                     .into(),
             });
         }

@@ -1,16 +1,13 @@
-//! Command-line flags and their environment-variable equivalents, merged
-//! with an optional TOML file into the library's configuration.
-//!
-//! Precedence: flag, then environment variable (`TALLY_*`), then the TOML
-//! file named by `--config`, then the default.
+//! The command line: subcommands and their flags. The settings of
+//! `tally serve`, which also come from the environment and a TOML file,
+//! live in [`crate::settings`].
 
 use std::path::PathBuf;
 use std::time::Duration;
 
-use clap::{Args, Parser, Subcommand};
+use clap::{Args, CommandFactory, Parser, Subcommand};
 
-use tally::Result;
-use tally::config::{Config, Durability, RecoveryMode, ServerConfig};
+use crate::settings::{Draft, ServeSettings, Settings};
 
 /// Durable, exact counters for services that run on several nodes.
 #[derive(Debug, Parser)]
@@ -166,233 +163,32 @@ pub fn parse_duration(s: &str) -> std::result::Result<Duration, String> {
     }
 }
 
-/// Flags of `tally serve`.
+/// Flags of `tally serve`: the configuration file, and every setting (see
+/// [`crate::settings`]).
 #[derive(Debug, Args)]
 pub struct ServeArgs {
     /// TOML file with any of the settings below (keys named like the flags,
     /// with underscores).
     #[arg(long, env = "TALLY_CONFIG")]
     pub config: Option<PathBuf>,
-    /// Directory for the node id, journal and snapshots [default: ./tally-data]
-    #[arg(long, env = "TALLY_DATA_DIR")]
-    pub data_dir: Option<PathBuf>,
-    /// Node id; persisted in the data directory on first start [default: random]
-    #[arg(long, env = "TALLY_NODE_ID")]
-    pub node_id: Option<String>,
-    /// Durability of requests that do not ask for one: memory, local or
-    /// replicated [default: local]
-    #[arg(long, env = "TALLY_DURABILITY")]
-    pub durability: Option<String>,
-    /// RESP listen address, or "off" [default: 127.0.0.1:7379]
-    #[arg(long, env = "TALLY_RESP_ADDR")]
-    pub resp_addr: Option<String>,
-    /// HTTP listen address, or "off" [default: 127.0.0.1:7070]
-    #[arg(long, env = "TALLY_HTTP_ADDR")]
-    pub http_addr: Option<String>,
-    /// Longest delay before a `memory` increment is synced [default: 100]
-    #[arg(long, env = "TALLY_MEMORY_SYNC_DELAY_MS")]
-    pub memory_sync_delay_ms: Option<u64>,
-    /// Journal segment size before a new one starts [default: 67108864]
-    #[arg(long, env = "TALLY_SEGMENT_BYTES_MAX")]
-    pub segment_bytes_max: Option<u64>,
-    /// Journal bytes between snapshots [default: 268435456]
-    #[arg(long, env = "TALLY_SNAPSHOT_JOURNAL_BYTES")]
-    pub snapshot_journal_bytes: Option<u64>,
-    /// How long idempotency keys are remembered, in seconds [default: 86400]
-    #[arg(long, env = "TALLY_IDEMPOTENCY_RETENTION_S")]
-    pub idempotency_retention_s: Option<u64>,
-    /// Most idempotency keys held at once [default: 10000000]
-    #[arg(long, env = "TALLY_IDEMPOTENCY_KEYS_MAX")]
-    pub idempotency_keys_max: Option<usize>,
-    /// strict, or truncate-at-corruption to accept losing every journal
-    /// record after a corrupt one [default: strict]
-    #[arg(long, env = "TALLY_RECOVERY_MODE")]
-    pub recovery_mode: Option<String>,
-    /// Most open RESP connections [default: 10000]
-    #[arg(long, env = "TALLY_RESP_CONNECTIONS_MAX")]
-    pub resp_connections_max: Option<usize>,
-    /// Most open HTTP connections [default: 10000]
-    #[arg(long, env = "TALLY_HTTP_CONNECTIONS_MAX")]
-    pub http_connections_max: Option<usize>,
-    /// Shared store: sqlite://PATH (nodes on one machine) or
-    /// postgres://... (across machines). Without it the node runs alone.
-    #[arg(long, env = "TALLY_STORE")]
-    pub store: Option<String>,
-    /// Address shown for this node in the cluster view [default: the HTTP
-    /// address]
-    #[arg(long, env = "TALLY_ADVERTISE_ADDR")]
-    pub advertise_addr: Option<String>,
-    /// Longest wait before a changed counter is flushed to the store
-    /// [default: 100]
-    #[arg(long, env = "TALLY_FLUSH_INTERVAL_MS")]
-    pub flush_interval_ms: Option<u64>,
-    /// How often other nodes' shards are read from the store [default: 100]
-    #[arg(long, env = "TALLY_REFRESH_INTERVAL_MS")]
-    pub refresh_interval_ms: Option<u64>,
-    /// How often an idle node heartbeats into the store [default: 1000]
-    #[arg(long, env = "TALLY_HEARTBEAT_INTERVAL_MS")]
-    pub heartbeat_interval_ms: Option<u64>,
-    /// Log format: text or json [default: text]
-    #[arg(long, env = "TALLY_LOG_FORMAT")]
-    pub log_format: Option<String>,
-    /// Log filter, e.g. info or tally=debug [default: info]
-    #[arg(long, env = "TALLY_LOG")]
-    pub log_level: Option<String>,
-}
-
-/// Everything `tally serve` runs with.
-#[derive(Debug, Clone)]
-pub struct ServeSettings {
-    pub node: Config,
-    pub server: ServerConfig,
-    pub log_json: bool,
-    pub log_filter: String,
+    #[command(flatten)]
+    pub settings: Settings,
 }
 
 impl ServeArgs {
-    /// Merges flags, environment and the TOML file into settings.
-    pub fn resolve(self) -> Result<ServeSettings> {
+    /// Merges flags, environment and the TOML file over the defaults.
+    pub fn resolve(self) -> anyhow::Result<ServeSettings> {
         let file = match &self.config {
-            Some(p) => FileConfig::load(p)?,
-            None => FileConfig::default(),
+            Some(p) => Settings::load(p)?,
+            None => Settings::default(),
         };
-        let mut node = Config::new(
-            self.data_dir
-                .or(file.data_dir)
-                .unwrap_or_else(|| PathBuf::from("tally-data")),
-        );
-        node.node_id = self.node_id.or(file.node_id);
-        if let Some(d) = self.durability.or(file.durability) {
-            node.durability = d.parse::<Durability>()?;
-        }
-        if let Some(ms) = self.memory_sync_delay_ms.or(file.memory_sync_delay_ms) {
-            node.memory_sync_delay = Duration::from_millis(ms);
-        }
-        if let Some(b) = self.segment_bytes_max.or(file.segment_bytes_max) {
-            node.segment_bytes_max = b;
-        }
-        if let Some(b) = self.snapshot_journal_bytes.or(file.snapshot_journal_bytes) {
-            node.snapshot_journal_bytes = b;
-        }
-        if let Some(s) = self
-            .idempotency_retention_s
-            .or(file.idempotency_retention_s)
-        {
-            node.idempotency_retention = Duration::from_secs(s);
-        }
-        if let Some(n) = self.idempotency_keys_max.or(file.idempotency_keys_max) {
-            node.idempotency_keys_max = n;
-        }
-        if let Some(m) = self.recovery_mode.or(file.recovery_mode) {
-            node.recovery_mode = m.parse::<RecoveryMode>()?;
-        }
-        let mut server = ServerConfig::default();
-        if let Some(a) = self.resp_addr.or(file.resp_addr) {
-            server.resp_addr = parse_listen_addr(&a)?;
-        }
-        if let Some(a) = self.http_addr.or(file.http_addr) {
-            server.http_addr = parse_listen_addr(&a)?;
-        }
-        if let Some(n) = self.resp_connections_max.or(file.resp_connections_max) {
-            server.resp_connections_max = n;
-        }
-        if let Some(n) = self.http_connections_max.or(file.http_connections_max) {
-            server.http_connections_max = n;
-        }
-        if let Some(url) = self.store.or(file.store) {
-            let mut c = tally::cluster::ClusterConfig::new(url);
-            c.address = self
-                .advertise_addr
-                .or(file.advertise_addr)
-                .or_else(|| server.http_addr.map(|a| a.to_string()))
-                .unwrap_or_default();
-            if let Some(ms) = self.flush_interval_ms.or(file.flush_interval_ms) {
-                c.flush_interval = Duration::from_millis(ms);
-            }
-            if let Some(ms) = self.refresh_interval_ms.or(file.refresh_interval_ms) {
-                c.refresh_interval = Duration::from_millis(ms);
-            }
-            if let Some(ms) = self.heartbeat_interval_ms.or(file.heartbeat_interval_ms) {
-                c.heartbeat_interval = Duration::from_millis(ms);
-            }
-            node.cluster = Some(c);
-        }
-        let log_format = self
-            .log_format
-            .or(file.log_format)
-            .unwrap_or_else(|| "text".into());
-        let log_json = match log_format.as_str() {
-            "text" => false,
-            "json" => true,
-            other => {
-                return Err(tally::Error::InvalidInput {
-                    what: "log format",
-                    reason: format!("'{other}' is not text or json"),
-                });
-            }
-        };
-        Ok(ServeSettings {
-            node,
-            server,
-            log_json,
-            log_filter: self
-                .log_level
-                .or(file.log_level)
-                .unwrap_or_else(|| "info".into()),
-        })
+        let mut draft = Draft::defaults();
+        self.settings.or(file).apply(&mut draft)?;
+        Ok(draft.finish())
     }
 }
 
-/// The optional TOML file: every key is optional and named like its flag
-/// with dashes turned into underscores.
-#[derive(Debug, Default, serde::Deserialize)]
-#[serde(deny_unknown_fields)]
-pub struct FileConfig {
-    pub data_dir: Option<PathBuf>,
-    pub node_id: Option<String>,
-    pub durability: Option<String>,
-    pub resp_addr: Option<String>,
-    pub http_addr: Option<String>,
-    pub memory_sync_delay_ms: Option<u64>,
-    pub segment_bytes_max: Option<u64>,
-    pub snapshot_journal_bytes: Option<u64>,
-    pub idempotency_retention_s: Option<u64>,
-    pub idempotency_keys_max: Option<usize>,
-    pub recovery_mode: Option<String>,
-    pub resp_connections_max: Option<usize>,
-    pub http_connections_max: Option<usize>,
-    pub log_format: Option<String>,
-    pub log_level: Option<String>,
-    pub store: Option<String>,
-    pub advertise_addr: Option<String>,
-    pub flush_interval_ms: Option<u64>,
-    pub refresh_interval_ms: Option<u64>,
-    pub heartbeat_interval_ms: Option<u64>,
-}
-
-impl FileConfig {
-    /// Reads and parses a TOML configuration file.
-    pub fn load(path: &std::path::Path) -> Result<Self> {
-        let text = std::fs::read_to_string(path).map_err(|e| tally::Error::InvalidInput {
-            what: "config file",
-            reason: format!("reading {}: {e}", path.display()),
-        })?;
-        toml::from_str(&text).map_err(|e| tally::Error::InvalidInput {
-            what: "config file",
-            reason: format!("{}: {}", path.display(), e.message()),
-        })
-    }
-}
-
-/// Parses `host:port`, or `off` / empty to disable a listener.
-pub fn parse_listen_addr(s: &str) -> Result<Option<std::net::SocketAddr>> {
-    if s.is_empty() || s == "off" {
-        return Ok(None);
-    }
-    s.parse::<std::net::SocketAddr>()
-        .map(Some)
-        .map_err(|_| tally::Error::InvalidInput {
-            what: "listen address",
-            reason: format!("'{s}' is not host:port (for example 127.0.0.1:7379) or 'off'"),
-        })
+/// The command line, with the defaults of `tally serve` shown in its help.
+pub fn command() -> clap::Command {
+    Cli::command().mut_subcommand("serve", crate::settings::show_defaults)
 }

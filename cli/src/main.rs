@@ -2,14 +2,15 @@
 
 mod args;
 mod serve;
+mod settings;
 
 use std::process::ExitCode;
 
 use args::{Cli, Command};
-use clap::Parser;
+use clap::FromArgMatches;
 
 fn main() -> ExitCode {
-    let cli = Cli::parse();
+    let cli = Cli::from_arg_matches(&args::command().get_matches()).unwrap_or_else(|e| e.exit());
     let result = match cli.command {
         Command::Serve(args) => serve(*args),
         Command::Cluster(args) => cluster(*args),
@@ -19,7 +20,7 @@ fn main() -> ExitCode {
     match result {
         Ok(code) => code,
         Err(e) => {
-            eprintln!("tally: {e:#}");
+            eprintln!("tally: {}", settings::render_error(&e));
             ExitCode::FAILURE
         }
     }

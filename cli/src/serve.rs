@@ -11,7 +11,7 @@ use std::sync::Arc;
 use anyhow::Context as _;
 use tokio::net::TcpListener;
 
-use crate::args::ServeSettings;
+use crate::settings::ServeSettings;
 use tally::Node;
 use tally::shutdown::{self, Shutdown};
 
