@@ -3,6 +3,7 @@
 mod args;
 mod serve;
 mod settings;
+mod signals;
 
 use std::process::ExitCode;
 
@@ -52,7 +53,7 @@ fn cluster(args: crate::args::ClusterArgs) -> anyhow::Result<ExitCode> {
     };
     // Signals are caught from before the first node starts: a Ctrl-C while
     // starting must stop what has started, not leave it running.
-    let signals = Signals::install()?;
+    let signals = signals::BlockingSignals::install()?;
     let mut cluster = tally_lab::launcher::LocalCluster::start(args.config())?;
     if haproxy {
         println!("load balancer (HAProxy):");
@@ -122,7 +123,7 @@ fn chaos(args: crate::args::ChaosArgs) -> anyhow::Result<ExitCode> {
     // before the cluster starts.
     let interrupt = std::sync::Arc::new(std::sync::atomic::AtomicBool::new(false));
     {
-        let signals = Signals::install()?;
+        let signals = signals::BlockingSignals::install()?;
         let flag = interrupt.clone();
         std::thread::Builder::new()
             .name("chaos-signals".into())
@@ -166,43 +167,6 @@ fn chaos(args: crate::args::ChaosArgs) -> anyhow::Result<ExitCode> {
     } else {
         ExitCode::FAILURE
     })
-}
-
-/// SIGTERM and SIGINT handlers, installed when made (so a signal that
-/// arrives before anyone waits is not lost), on a runtime of their own.
-struct Signals {
-    runtime: tokio::runtime::Runtime,
-    term: tokio::signal::unix::Signal,
-    int: tokio::signal::unix::Signal,
-}
-
-impl Signals {
-    fn install() -> anyhow::Result<Signals> {
-        use tokio::signal::unix::{SignalKind, signal};
-        let runtime = tokio::runtime::Builder::new_current_thread()
-            .enable_all()
-            .build()?;
-        let _guard = runtime.enter();
-        let term = signal(SignalKind::terminate())?;
-        let int = signal(SignalKind::interrupt())?;
-        drop(_guard);
-        Ok(Signals { runtime, term, int })
-    }
-
-    /// Blocks until the first SIGTERM or SIGINT.
-    fn wait(self) {
-        let Signals {
-            runtime,
-            mut term,
-            mut int,
-        } = self;
-        runtime.block_on(async {
-            tokio::select! {
-                _ = term.recv() => {}
-                _ = int.recv() => {}
-            }
-        });
-    }
 }
 
 fn inspect(data_dir: &std::path::Path, json: bool) -> anyhow::Result<ExitCode> {

@@ -12,6 +12,7 @@ use anyhow::Context as _;
 use tokio::net::TcpListener;
 
 use crate::settings::ServeSettings;
+use crate::signals::Signals;
 use tally::Node;
 use tally::shutdown::{self, Shutdown};
 
@@ -37,33 +38,6 @@ async fn bind(addr: Option<SocketAddr>, what: &str) -> anyhow::Result<Option<Tcp
             .await
             .map(Some)
             .with_context(|| format!("cannot listen for {what} on {a}")),
-    }
-}
-
-/// SIGTERM and SIGINT, caught from the moment this is built. Built before
-/// the ready line is printed: a signal sent as soon as that line is read
-/// must start a graceful shutdown, not kill the process by the default
-/// action because no handler is installed yet.
-struct TerminationSignals {
-    term: tokio::signal::unix::Signal,
-    int: tokio::signal::unix::Signal,
-}
-
-impl TerminationSignals {
-    fn install() -> anyhow::Result<Self> {
-        use tokio::signal::unix::{SignalKind, signal};
-        Ok(TerminationSignals {
-            term: signal(SignalKind::terminate()).context("installing a SIGTERM handler")?,
-            int: signal(SignalKind::interrupt()).context("installing a SIGINT handler")?,
-        })
-    }
-
-    /// Waits for SIGTERM or SIGINT.
-    async fn received(&mut self) {
-        tokio::select! {
-            _ = self.term.recv() => tracing::info!("SIGTERM received, shutting down"),
-            _ = self.int.recv() => tracing::info!("SIGINT received, shutting down"),
-        }
     }
 }
 
@@ -103,7 +77,7 @@ pub async fn run(settings: ServeSettings, mut stop: Option<Shutdown>) -> anyhow:
             listener.clone(),
         ));
     }
-    let mut signals = TerminationSignals::install()?;
+    let mut signals = Signals::install()?;
     let show = |a: Option<SocketAddr>| a.map_or("off".to_string(), |a| a.to_string());
     tracing::info!(node_id = node.node_id(), resp = %show(resp_addr), http = %show(http_addr), "ready");
     // One line on stdout for scripts and tests that start the binary.
