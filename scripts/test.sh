@@ -25,6 +25,17 @@ rustup component list --installed 2>/dev/null | grep -q '^clippy' || rustup comp
 
 cargo fmt --all -- --check
 cargo clippy --workspace --all-targets -- -D warnings
+# The library without its optional parts (store backends, front ends)
+# builds, lints clean, and pulls in none of the binary's dependencies.
+cargo clippy -p tally --no-default-features -- -D warnings
+forbidden=$(cargo tree -p tally --no-default-features -e normal --prefix none \
+  | awk '{print $1}' \
+  | grep -xE 'clap|toml|tracing-subscriber|anyhow|axum|hyper|rusqlite|postgres' \
+  | sort -u || true)
+if [ -n "$forbidden" ]; then
+  echo "tally --no-default-features depends on: $forbidden" >&2
+  exit 1
+fi
 # API documentation builds without broken links.
 RUSTDOCFLAGS="-D warnings" cargo doc --workspace --no-deps --quiet
 # The benchmark program at its smallest sizes (about a minute once built),
