@@ -27,7 +27,6 @@ mod postgres;
 mod process;
 mod recovery;
 mod replicated;
-mod resp;
 mod table;
 mod throughput;
 mod tools;

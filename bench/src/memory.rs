@@ -14,9 +14,11 @@ use std::time::{Duration, Instant};
 
 use anyhow::{Context as _, Result, bail};
 
+use tally_lab::process::{ChildGuard, READY_TIMEOUT};
+use tally_lab::wire::resp::{Client, Reply};
+
 use crate::parse;
-use crate::process::{self, Guard};
-use crate::resp::{Client, Reply};
+use crate::process;
 use crate::table::{Table, ratio, thousands};
 use crate::throughput::verdict;
 use crate::writer::counter_name;
@@ -25,8 +27,6 @@ use crate::writer::counter_name;
 const PIPELINE_COMMANDS: u64 = 1000;
 /// Longest filling one server may take.
 const FILL_TIMEOUT: Duration = Duration::from_secs(600);
-/// How long tally may take to become ready on an empty data directory.
-const READY_TIMEOUT: Duration = Duration::from_secs(60);
 
 struct Measured {
     label: &'static str,
@@ -89,9 +89,9 @@ fn measure_redis(work: &Path, counters: u64) -> Result<Measured> {
     Ok(m)
 }
 
-fn stop(guard: Guard) -> Result<()> {
+fn stop(guard: ChildGuard) -> Result<()> {
     let name = guard.name().to_string();
-    let status = guard.stop()?;
+    let status = process::stop(guard)?;
     if !status.success() {
         bail!("{name} exited with {status} at shutdown");
     }
@@ -99,7 +99,7 @@ fn stop(guard: Guard) -> Result<()> {
 }
 
 fn measure(
-    guard: &Guard,
+    guard: &ChildGuard,
     addr: SocketAddr,
     counters: u64,
     label: &'static str,

@@ -24,16 +24,20 @@ use anyhow::{Context as _, Result, bail};
 
 use crate::parse::{self, Recovered};
 use crate::phases::{self, Phases};
-use crate::process::{self, run_with_timeout};
+use tally_lab::process::run_with_timeout;
+
+use crate::process;
 use crate::table::{Table, thousands};
 use crate::throughput::verdict;
 
 /// Longest the writer child may take (10 million increments in-process run
 /// at a few million per second).
 const WRITE_TIMEOUT: Duration = Duration::from_secs(1800);
-/// Longest a start may take to become ready, even replaying a journal of
-/// tens of millions of records slowly.
-const READY_TIMEOUT: Duration = Duration::from_secs(600);
+/// Longest a start may take to become ready here, even replaying a journal
+/// of tens of millions of records slowly: far beyond
+/// [`tally_lab::process::READY_TIMEOUT`], which is for a node on a small
+/// directory.
+const RECOVERY_READY_TIMEOUT: Duration = Duration::from_secs(600);
 /// Keeps the started nodes from taking a snapshot of their own, which would
 /// change what the next start has to replay.
 const NO_AUTOMATIC_SNAPSHOT: &str = "4611686018427387904";
@@ -168,13 +172,13 @@ fn measure(
     let (snapshot_bytes, journal_bytes) = sizes(dir)?;
     let mut starts = Vec::new();
     for run in 0..s.runs {
-        let tally = process::start_tally(
+        let mut tally = process::start_tally(
             tally_bin,
             dir,
             false,
             "local",
             &["--snapshot-journal-bytes", NO_AUTOMATIC_SNAPSHOT],
-            READY_TIMEOUT,
+            RECOVERY_READY_TIMEOUT,
         )?;
         let log = std::fs::read_to_string(&tally.log_path)?;
         let recovered = parse::recovered_log_line(&log)?;
@@ -189,9 +193,9 @@ fn measure(
         }
         starts.push((recovered, tally.ready_after));
         if run + 1 < s.runs {
-            tally.guard.kill();
+            tally.guard.kill().context("killing tally serve")?;
         } else {
-            let status = tally.guard.stop()?;
+            let status = process::stop(tally.guard)?;
             if !status.success() {
                 bail!("tally serve exited with {status} at shutdown");
             }

@@ -29,17 +29,16 @@ use std::time::Duration;
 
 use anyhow::{Context as _, Result, bail};
 
+use tally_lab::process::{ChildGuard, READY_TIMEOUT, run_with_timeout};
+use tally_lab::wire::resp::{Client, Reply};
+
 use crate::parse::{self, PgbenchSummary};
 use crate::postgres::{self, PgServer, SUPERUSER};
-use crate::process::{self, Guard, run_with_timeout};
-use crate::resp::{Client, Reply};
+use crate::process;
 use crate::table::{Table, ratio, thousands};
 use crate::throughput::{BENCHMARK_KEY, fsync_latency, redis_benchmark, verdict};
 use crate::writer::counter_name;
 
-/// How long tally may take to become ready on an empty data directory
-/// (registering with the store included).
-const READY_TIMEOUT: Duration = Duration::from_secs(60);
 /// pgbench gets this long beyond its `-T` to connect and finish.
 const PGBENCH_GRACE: Duration = Duration::from_secs(120);
 /// pgbench threads (`-j`): one per core of the machine the brief names.
@@ -427,7 +426,7 @@ impl Pgbench {
 /// A `tally serve --durability replicated` node with a store.
 struct Node {
     system: System,
-    guard: Guard,
+    guard: ChildGuard,
     addr: SocketAddr,
     store_url: String,
 }
@@ -537,7 +536,7 @@ impl Node {
             thousands(spread_stored.max(0) as u64),
         ));
         let name = self.guard.name().to_string();
-        let status = self.guard.stop()?;
+        let status = process::stop(self.guard)?;
         if !mismatches.is_empty() {
             bail!(
                 "increments were lost, refused or counted twice: {}",

@@ -14,16 +14,16 @@ use std::time::Duration;
 
 use anyhow::{Context as _, Result, bail};
 
+use tally_lab::process::{ChildGuard, READY_TIMEOUT, run_with_timeout};
+use tally_lab::wire::resp::Client;
+
 use crate::parse::{self, BenchmarkRow};
-use crate::process::{self, Guard, run_with_timeout};
-use crate::resp::Client;
+use crate::process;
 use crate::table::{Table, ratio, thousands};
 
 /// Longest one redis-benchmark run may take; at Redis `always` speed on a
 /// slow disk 200,000 requests take well under a minute.
 const BENCHMARK_TIMEOUT: Duration = Duration::from_secs(600);
-/// How long tally may take to become ready on an empty data directory.
-const READY_TIMEOUT: Duration = Duration::from_secs(60);
 /// The key redis-benchmark's INCR test increments when `-r` is not given.
 pub const BENCHMARK_KEY: &str = "counter:__rand_int__";
 /// "Far beyond Redis with appendfsync always" is read as at least this
@@ -101,7 +101,7 @@ impl Measured {
 /// A server under test, running for the whole part.
 struct Running {
     server: Server,
-    guard: Guard,
+    guard: ChildGuard,
     addr: SocketAddr,
     /// redis-benchmark runs that completed, each adding `requests`.
     runs_done: u64,
@@ -254,7 +254,7 @@ fn verify_and_stop(r: Running, s: &Settings) -> Result<()> {
         );
     }
     let name = r.guard.name().to_string();
-    let status = r.guard.stop()?;
+    let status = process::stop(r.guard)?;
     if !status.success() {
         bail!("{name} exited with {status} at shutdown");
     }

@@ -7,7 +7,7 @@ use std::time::Duration;
 
 use anyhow::{Context as _, Result, bail};
 
-use crate::process::run_with_timeout;
+use tally_lab::process::{ChildGuard, run_with_timeout};
 
 /// A cold release build of tally on a small machine takes minutes.
 const BUILD_TIMEOUT: Duration = Duration::from_secs(1800);
@@ -23,17 +23,18 @@ pub fn build_tally() -> Result<PathBuf> {
     eprintln!("building tally (cargo build --release --bin tally) ...");
     // Build output goes straight to our stderr so a long build shows
     // progress; stdout carries cargo's JSON messages.
-    let child = Command::new(&cargo)
-        .args(["build", "--release", "-p", "tally-cli", "--bin", "tally"])
-        .arg("--manifest-path")
-        .arg(&manifest)
-        .arg("--message-format=json-render-diagnostics")
-        .stdin(Stdio::null())
-        .stderr(Stdio::inherit())
-        .stdout(Stdio::piped())
-        .spawn()
-        .context("running cargo to build tally (is cargo on the PATH?)")?;
-    let guard = crate::process::Guard::new(child, "cargo build");
+    let guard = ChildGuard::spawn(
+        Command::new(&cargo)
+            .args(["build", "--release", "-p", "tally-cli", "--bin", "tally"])
+            .arg("--manifest-path")
+            .arg(&manifest)
+            .arg("--message-format=json-render-diagnostics")
+            .stdin(Stdio::null())
+            .stderr(Stdio::inherit())
+            .stdout(Stdio::piped()),
+        "cargo build",
+    )
+    .context("running cargo to build tally (is cargo on the PATH?)")?;
     let (status, stdout) = wait_with_stdout(guard)?;
     if !status.success() {
         bail!("cargo build --release --bin tally failed ({status})");
@@ -41,9 +42,7 @@ pub fn build_tally() -> Result<PathBuf> {
     executable_from_cargo_messages(&stdout)
 }
 
-fn wait_with_stdout(
-    mut guard: crate::process::Guard,
-) -> Result<(std::process::ExitStatus, String)> {
+fn wait_with_stdout(mut guard: ChildGuard) -> Result<(std::process::ExitStatus, String)> {
     let stdout = guard.take_stdout();
     let reader = std::thread::spawn(move || {
         let mut text = String::new();
@@ -52,7 +51,13 @@ fn wait_with_stdout(
         }
         text
     });
-    let status = guard.wait_exit(BUILD_TIMEOUT)?;
+    let Some(status) = guard.wait_or_kill(BUILD_TIMEOUT)? else {
+        bail!(
+            "{} did not finish within {} s and was killed",
+            guard.name(),
+            BUILD_TIMEOUT.as_secs()
+        );
+    };
     Ok((status, reader.join().unwrap_or_default()))
 }
 

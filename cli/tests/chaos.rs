@@ -11,7 +11,7 @@
 
 use std::collections::BTreeMap;
 use std::io::{BufRead, BufReader};
-use std::net::{SocketAddr, TcpListener};
+use std::net::SocketAddr;
 use std::process::{Command, Stdio};
 use std::time::Duration;
 
@@ -292,30 +292,6 @@ fn checker_reports_memory_writes_killed_before_their_sync() {
     assert!(!report.passed(), "{table}");
 }
 
-/// `n` consecutive free loopback ports (`tally cluster` numbers its nodes'
-/// ports from a base). They are looked for below the kernel's ephemeral
-/// range (32768 and up on Linux), where the tens of thousands of
-/// short-lived client connections of a chaos run leave TIME-WAIT entries
-/// that make binding a chosen port fail.
-fn free_port_run(n: u16) -> u16 {
-    const LOW: u16 = 20_000;
-    const HIGH: u16 = 32_000;
-    let mut base = LOW + (std::process::id() % u32::from(HIGH - LOW - n)) as u16;
-    for _ in 0..200 {
-        if base + n > HIGH {
-            base = LOW;
-        }
-        let held: Vec<_> = (0..n)
-            .map_while(|i| TcpListener::bind(("127.0.0.1", base + i)).ok())
-            .collect();
-        if held.len() == usize::from(n) {
-            return base;
-        }
-        base += n;
-    }
-    panic!("no {n} consecutive free loopback ports between {LOW} and {HIGH}");
-}
-
 /// A `tally cluster` process this test started: stopped with SIGINT (as
 /// Ctrl-C would) by its pid, also when the test fails half-way.
 struct Interrupted(Option<std::process::Child>);
@@ -358,7 +334,10 @@ fn chaos_attaches_to_a_running_tally_cluster() {
     let exe = env!("CARGO_BIN_EXE_tally");
     // One run of free ports for everything, so no two roles collide:
     // control, load balancer HTTP and RESP, then three nodes' HTTP and RESP.
-    let base = free_port_run(9);
+    // `tally cluster` numbers its nodes' ports from a base; the run lies
+    // below the ephemeral range, where a chaos run's TIME-WAIT entries
+    // cannot block the bind.
+    let base = tally_lab::ports::free_loopback_port_run(9).unwrap_or_else(|e| panic!("{e}"));
     let control: SocketAddr = ([127, 0, 0, 1], base).into();
     let mut cluster = Command::new(exe)
         .arg("cluster")
@@ -437,7 +416,7 @@ fn chaos_attaches_to_a_running_tally_cluster() {
 fn chaos_attach_without_a_cluster_is_a_clear_error() {
     let addr = format!(
         "127.0.0.1:{}",
-        tally_lab::launcher::free_loopback_ports(1).unwrap()[0]
+        tally_lab::ports::free_loopback_port().unwrap()
     );
     let dir = tempfile::tempdir().unwrap();
     let out = Command::new(env!("CARGO_BIN_EXE_tally"))

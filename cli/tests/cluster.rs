@@ -28,15 +28,8 @@ use common::TallyProcess;
 use redis::aio::MultiplexedConnection;
 use support::postgres::PgServer;
 use tally::store::{self, Store};
+use tally_lab::testing::{FAST, eventually_blocking};
 
-/// Flush, refresh and heartbeat intervals of every node, in milliseconds.
-const FLUSH_INTERVAL_MS: &str = "20";
-const REFRESH_INTERVAL_MS: &str = "20";
-const HEARTBEAT_INTERVAL_MS: &str = "200";
-/// Longest wait for the nodes and the store to show the expected values.
-const SETTLE_TIMEOUT: Duration = Duration::from_secs(10);
-/// Pause between two polls of a wait.
-const POLL_INTERVAL: Duration = Duration::from_millis(20);
 /// Longest wait for any one reply: a node that hangs fails the test.
 const REPLY_TIMEOUT: Duration = Duration::from_secs(10);
 /// Heartbeat interval of the process that gets fenced, in milliseconds.
@@ -135,7 +128,11 @@ impl SharedStore {
 
     /// Starts a node process on this store.
     fn start_node(&self, node_id: &str, data_dir: &Path) -> TallyProcess {
-        self.start_node_with(node_id, data_dir, HEARTBEAT_INTERVAL_MS)
+        self.start_node_with(
+            node_id,
+            data_dir,
+            &FAST.heartbeat_interval.as_millis().to_string(),
+        )
     }
 
     /// [`SharedStore::start_node`] with another heartbeat interval.
@@ -145,21 +142,15 @@ impl SharedStore {
         data_dir: &Path,
         heartbeat_interval_ms: &str,
     ) -> TallyProcess {
-        TallyProcess::start(
-            data_dir,
-            &[
-                "--store",
-                &self.url,
-                "--node-id",
-                node_id,
-                "--flush-interval-ms",
-                FLUSH_INTERVAL_MS,
-                "--refresh-interval-ms",
-                REFRESH_INTERVAL_MS,
-                "--heartbeat-interval-ms",
-                heartbeat_interval_ms,
-            ],
-        )
+        let mut flags = FAST.serve_flags();
+        let heartbeat = flags
+            .iter()
+            .position(|f| f == "--heartbeat-interval-ms")
+            .expect("the timings include the heartbeat");
+        flags[heartbeat + 1] = heartbeat_interval_ms.to_string();
+        let mut args: Vec<&str> = vec!["--store", &self.url, "--node-id", node_id];
+        args.extend(flags.iter().map(String::as_str));
+        TallyProcess::start(data_dir, &args)
     }
 }
 
@@ -390,7 +381,7 @@ fn differences(seen: &BTreeMap<String, Totals>, expected: &Totals) -> (Vec<Strin
 }
 
 /// Polls every node until each reports `expected` for every counter; fails
-/// after [`SETTLE_TIMEOUT`], showing what differed.
+/// after `SETTLE_TIMEOUT`, showing what differed.
 fn wait_for_values(rt: &tokio::runtime::Runtime, nodes: &[&TallyProcess], expected: &Totals) {
     wait_for_values_or(rt, nodes, expected, "");
 }
@@ -403,23 +394,20 @@ fn wait_for_values_or(
     expected: &Totals,
     context: &str,
 ) {
-    let deadline = Instant::now() + SETTLE_TIMEOUT;
-    loop {
+    let what = format!(
+        "the nodes report the acknowledged totals of {} counters on {} nodes{context}",
+        expected.len(),
+        nodes.len()
+    );
+    eventually_blocking(&what, || {
         let seen = rt.block_on(values(nodes, expected));
         let (shown, n) = differences(&seen, expected);
         if n == 0 {
-            return;
+            Ok(())
+        } else {
+            Err(format!("{n} differences:\n{}", shown.join("\n")))
         }
-        assert!(
-            Instant::now() < deadline,
-            "after {SETTLE_TIMEOUT:?} the nodes still do not report the acknowledged totals \
-             ({n} differences of {} counters on {} nodes){context}:\n{}",
-            expected.len(),
-            nodes.len(),
-            shown.join("\n")
-        );
-        std::thread::sleep(POLL_INTERVAL);
-    }
+    })
 }
 
 /// The store's rows for the counters of `by_node`, by counter, then node,
@@ -439,7 +427,7 @@ fn stored_shares(
 }
 
 /// Polls the store until each node's row of each counter holds that node's
-/// acknowledged sum; fails after [`SETTLE_TIMEOUT`], showing what differed.
+/// acknowledged sum; fails after `SETTLE_TIMEOUT`, showing what differed.
 fn wait_for_shares(store: &SharedStore, by_node: &BTreeMap<String, Totals>) {
     let mut expected: BTreeMap<String, BTreeMap<String, i64>> = BTreeMap::new();
     for (node_id, totals) in by_node {
@@ -451,19 +439,17 @@ fn wait_for_shares(store: &SharedStore, by_node: &BTreeMap<String, Totals>) {
         }
     }
     let counters: BTreeSet<String> = expected.keys().cloned().collect();
-    let deadline = Instant::now() + SETTLE_TIMEOUT;
-    loop {
-        let seen = stored_shares(store, &counters);
-        if seen == expected {
-            return;
-        }
-        assert!(
-            Instant::now() < deadline,
-            "after {SETTLE_TIMEOUT:?} the store's shard rows still differ from each node's \
-             acknowledged sums\nexpected: {expected:#?}\nstored: {seen:#?}"
-        );
-        std::thread::sleep(POLL_INTERVAL);
-    }
+    eventually_blocking(
+        "the store's shard rows equal each node's acknowledged sums",
+        || {
+            let seen = stored_shares(store, &counters);
+            if seen == expected {
+                Ok(())
+            } else {
+                Err(format!("expected: {expected:#?}\nstored: {seen:#?}"))
+            }
+        },
+    )
 }
 
 /// Waits (bounded) for a process to exit on its own.
@@ -476,7 +462,7 @@ fn wait_for_exit(node: &mut TallyProcess, limit: Duration) -> Option<ExitStatus>
         if Instant::now() >= deadline {
             return None;
         }
-        std::thread::sleep(POLL_INTERVAL);
+        std::thread::sleep(tally_lab::testing::POLL_INTERVAL);
     }
 }
 
@@ -579,8 +565,7 @@ fn other_nodes_read_every_flushed_row(backend: Backend) {
     assert_eq!(expected.len(), FRESH_WRITERS * FRESH_COUNTERS_PER_WRITER);
     // The store first (one read of the writer's whole shard), then the
     // other node's reads of it.
-    let deadline = Instant::now() + SETTLE_TIMEOUT;
-    loop {
+    eventually_blocking("the store holds n1's rows as acknowledged", || {
         let stored: Totals = store
             .reader()
             .load_shard("n1")
@@ -589,19 +574,17 @@ fn other_nodes_read_every_flushed_row(backend: Backend) {
             .map(|r| (r.counter, r.value))
             .collect();
         if stored == expected {
-            break;
+            return Ok(());
         }
-        assert!(
-            Instant::now() < deadline,
-            "after {SETTLE_TIMEOUT:?} the store holds {} of n1's {} rows as acknowledged",
+        Err(format!(
+            "{} of {} rows as acknowledged",
             expected
                 .iter()
                 .filter(|(c, v)| stored.get(*c) == Some(*v))
                 .count(),
             expected.len()
-        );
-        std::thread::sleep(POLL_INTERVAL);
-    }
+        ))
+    });
     wait_for_values_or(&rt, &[&writer, &reader], &expected, CACHE_MISSED_ROWS);
 }
 
@@ -1067,7 +1050,7 @@ fn store_outage_local_continues_replicated_fails_fast() {
     while replicated_since_back.load(Ordering::SeqCst) < 2 * OUTAGE_CONNECTIONS
         && Instant::now() < deadline
     {
-        std::thread::sleep(POLL_INTERVAL);
+        std::thread::sleep(tally_lab::testing::POLL_INTERVAL);
     }
     stop.store(true, Ordering::SeqCst);
     let attempts: Vec<Attempt> = tasks
@@ -1197,22 +1180,20 @@ fn store_outage_local_continues_replicated_fails_fast() {
     }
     // The store first, then what each node reports from it.
     let expected = global(&by_node);
-    let deadline = Instant::now() + SETTLE_TIMEOUT;
-    loop {
-        let stored: Totals = expected
-            .keys()
-            .map(|c| (c.clone(), store.shares(c).values().sum()))
-            .collect();
-        if stored == expected {
-            break;
-        }
-        assert!(
-            Instant::now() < deadline,
-            "after the outage the store's rows do not sum to the acknowledged totals\n\
-             expected: {expected:?}\nstored: {stored:?}"
-        );
-        std::thread::sleep(POLL_INTERVAL);
-    }
+    eventually_blocking(
+        "after the outage the store's rows sum to the acknowledged totals",
+        || {
+            let stored: Totals = expected
+                .keys()
+                .map(|c| (c.clone(), store.shares(c).values().sum()))
+                .collect();
+            if stored == expected {
+                Ok(())
+            } else {
+                Err(format!("expected: {expected:?}\nstored: {stored:?}"))
+            }
+        },
+    );
     let refs: Vec<&TallyProcess> = nodes.iter().collect();
     wait_for_values_or(&rt, &refs, &expected, CACHE_MISSED_ROWS);
 }

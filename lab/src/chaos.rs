@@ -8,8 +8,10 @@
 //! told.
 //!
 //! The checker is a pure function of the request history ([`check`]), so it
-//! can be tested on a history made by hand. This module never signals a
+//! can be tested on a history made by hand, and so is the reading of each
+//! answer as applied, not applied or unknown. This module never signals a
 //! process itself: the launcher that started a node acts on it by its pid.
+//! It speaks to the cluster through [`crate::wire`]'s clients.
 
 use std::collections::BTreeMap;
 use std::fmt::Write as _;
@@ -21,11 +23,12 @@ use std::time::{Duration, Instant};
 
 use parking_lot::Mutex;
 use serde::{Deserialize, Serialize};
-use tokio::io::{AsyncReadExt, AsyncWriteExt};
-use tokio::net::TcpStream;
 
 use crate::control::RemoteCluster;
 use crate::launcher::{Action, LocalCluster, LocalClusterConfig};
+use crate::process::READY_TIMEOUT;
+use crate::wire::http::{self, HttpError};
+use crate::wire::resp::{self, Reply, RespError};
 
 /// How long one request through the load balancer may take.
 const REQUEST_TIMEOUT: Duration = Duration::from_secs(3);
@@ -36,8 +39,6 @@ const RETRY_DELAY: Duration = Duration::from_millis(100);
 /// After the load phase ends, how long clients may keep retrying
 /// unresolved increments with their keys.
 const RETRY_GRACE: Duration = Duration::from_secs(10);
-/// How long a restarted or wiped node may take to be ready again.
-const READY_TIMEOUT: Duration = Duration::from_secs(30);
 /// How long a paused node stays stopped: long enough for HAProxy to take
 /// it out of rotation (two failed checks of 200 ms plus their timeouts).
 const PAUSE: Duration = Duration::from_millis(1500);
@@ -508,58 +509,31 @@ impl Rng {
 }
 
 /// The answer to one attempt.
+#[derive(Debug, PartialEq, Eq)]
 enum Answer {
     Acked,
     Failed(String),
     Unknown(String),
 }
 
-async fn read_all(stream: &mut TcpStream) -> std::io::Result<Vec<u8>> {
-    let mut buf = Vec::new();
-    let mut chunk = [0u8; 4096];
-    loop {
-        let n = stream.read(&mut chunk).await?;
-        if n == 0 || buf.len() + n > RESPONSE_BYTES_MAX {
-            buf.extend_from_slice(&chunk[..n]);
-            return Ok(buf);
-        }
-        buf.extend_from_slice(&chunk[..n]);
-    }
-}
-
-/// One HTTP/1.1 request on a fresh connection (`Connection: close`), so the
-/// load balancer picks a server for each. Returns status and body.
-pub async fn http_request(
+/// One HTTP request through the load balancer, within [`REQUEST_TIMEOUT`]
+/// and [`RESPONSE_BYTES_MAX`]: a fresh connection, so that the load
+/// balancer picks a server for each.
+async fn http_request(
     addr: SocketAddr,
     method: &str,
     path: &str,
     body: Option<&str>,
-) -> Result<(u16, String), String> {
-    let work = async {
-        let mut s = TcpStream::connect(addr).await.map_err(|e| e.to_string())?;
-        let body = body.unwrap_or("");
-        let req = format!(
-            "{method} {path} HTTP/1.1\r\nHost: 127.0.0.1\r\nContent-Type: application/json\r\nContent-Length: {}\r\nConnection: close\r\n\r\n{body}",
-            body.len()
-        );
-        s.write_all(req.as_bytes())
-            .await
-            .map_err(|e| e.to_string())?;
-        let raw = read_all(&mut s).await.map_err(|e| e.to_string())?;
-        let text = String::from_utf8_lossy(&raw).into_owned();
-        let (head, body) = text
-            .split_once("\r\n\r\n")
-            .ok_or_else(|| format!("incomplete response: {text:?}"))?;
-        let status = head
-            .split_whitespace()
-            .nth(1)
-            .and_then(|s| s.parse::<u16>().ok())
-            .ok_or_else(|| format!("no status line: {head:?}"))?;
-        Ok((status, body.to_string()))
-    };
-    tokio::time::timeout(REQUEST_TIMEOUT, work)
-        .await
-        .unwrap_or_else(|_| Err("timed out".into()))
+) -> Result<http::Response, HttpError> {
+    http::request_async(
+        addr,
+        method,
+        path,
+        body,
+        REQUEST_TIMEOUT,
+        RESPONSE_BYTES_MAX,
+    )
+    .await
 }
 
 async fn http_increment(addr: SocketAddr, r: &Request, level: Level) -> Answer {
@@ -570,8 +544,17 @@ async fn http_increment(addr: SocketAddr, r: &Request, level: Level) -> Answer {
     })
     .to_string();
     let path = format!("/v1/counters/{}/increment", r.counter);
-    match http_request(addr, "POST", &path, Some(&body)).await {
-        Err(e) => Answer::Unknown(e),
+    http_answer(
+        http_request(addr, "POST", &path, Some(&body))
+            .await
+            .map(|a| (a.status, a.body)),
+    )
+}
+
+/// What an HTTP answer (or its absence) says about an increment.
+fn http_answer(answer: Result<(u16, String), HttpError>) -> Answer {
+    match answer {
+        Err(e) => Answer::Unknown(e.to_string()),
         Ok((200, body)) => match serde_json::from_str::<serde_json::Value>(&body) {
             Ok(v) if v.get("value").is_some() => Answer::Acked,
             _ => Answer::Unknown(format!("200 without a value: {body}")),
@@ -595,18 +578,11 @@ async fn http_increment(addr: SocketAddr, r: &Request, level: Level) -> Answer {
     }
 }
 
-fn resp_command(args: &[&str]) -> Vec<u8> {
-    let mut out = format!("*{}\r\n", args.len());
-    for a in args {
-        let _ = write!(out, "${}\r\n{a}\r\n", a.len());
-    }
-    out.into_bytes()
-}
-
-/// One `TALLY.INCRBY` on a fresh connection through the load balancer.
+/// One `TALLY.INCRBY` on a fresh connection through the load balancer,
+/// within [`REQUEST_TIMEOUT`] and [`RESPONSE_BYTES_MAX`].
 async fn resp_increment(addr: SocketAddr, r: &Request, level: Level) -> Answer {
     let delta = r.delta.to_string();
-    let cmd = resp_command(&[
+    let args = [
         "TALLY.INCRBY",
         &r.counter,
         &delta,
@@ -614,41 +590,26 @@ async fn resp_increment(addr: SocketAddr, r: &Request, level: Level) -> Answer {
         &r.key,
         "DURABILITY",
         level.wire(),
-    ]);
-    let work = async {
-        let mut s = TcpStream::connect(addr).await.map_err(|e| e.to_string())?;
-        s.write_all(&cmd).await.map_err(|e| e.to_string())?;
-        let mut buf = Vec::new();
-        let mut chunk = [0u8; 1024];
-        loop {
-            let text = String::from_utf8_lossy(&buf).into_owned();
-            let lines: Vec<&str> = text.split("\r\n").collect();
-            // Complete when the reply's lines have all arrived: one line
-            // for an error, three for `*2 :value :duplicate`.
-            let complete = lines.len() > 1
-                && (text.starts_with('-') || (text.starts_with('*') && lines.len() > 3));
-            if complete {
-                return Ok(text);
-            }
-            let n = s.read(&mut chunk).await.map_err(|e| e.to_string())?;
-            if n == 0 {
-                return Err(format!("connection closed after {text:?}"));
-            }
-            if buf.len() + n > RESPONSE_BYTES_MAX {
-                return Err("reply too large".into());
-            }
-            buf.extend_from_slice(&chunk[..n]);
-        }
-    };
-    let reply = tokio::time::timeout(REQUEST_TIMEOUT, work)
-        .await
-        .unwrap_or_else(|_| Err("timed out".into()));
+    ];
+    resp_answer(resp::command_once(addr, &args, REQUEST_TIMEOUT, RESPONSE_BYTES_MAX).await)
+}
+
+/// What a RESP reply (or its absence) says about an increment: applied
+/// when it is `*2 :value :duplicate`; not applied when it is an error
+/// other than `INDETERMINATE`; unknown otherwise.
+fn resp_answer(reply: Result<Reply, RespError>) -> Answer {
     match reply {
-        Err(e) => Answer::Unknown(e),
-        Ok(text) if text.starts_with("*2\r\n:") => Answer::Acked,
-        Ok(text) if text.starts_with("-INDETERMINATE") => Answer::Unknown(text.trim().into()),
-        Ok(text) if text.starts_with('-') => Answer::Failed(text.trim().into()),
-        Ok(text) => Answer::Unknown(format!("unexpected reply {text:?}")),
+        Err(e) => Answer::Unknown(e.to_string()),
+        Ok(Reply::Array(Some(items)))
+            if items.len() == 2 && matches!(items[0], Reply::Integer(_)) =>
+        {
+            Answer::Acked
+        }
+        Ok(Reply::Error(e)) if e.starts_with("INDETERMINATE") => {
+            Answer::Unknown(format!("-{}", e.trim_end()))
+        }
+        Ok(Reply::Error(e)) => Answer::Failed(format!("-{}", e.trim_end())),
+        Ok(other) => Answer::Unknown(format!("unexpected reply {other:?}")),
     }
 }
 
@@ -917,7 +878,8 @@ fn inject_faults(
 
 /// Reads one counter from one node; `None` if the node did not answer.
 async fn read_value(node: SocketAddr, counter: &str) -> Option<u64> {
-    match http_request(node, "GET", &format!("/v1/counters/{counter}"), None).await {
+    let answer = http_request(node, "GET", &format!("/v1/counters/{counter}"), None).await;
+    match answer.map(|a| (a.status, a.body)) {
         Ok((404, _)) => Some(0),
         Ok((200, body)) => serde_json::from_str::<serde_json::Value>(&body)
             .ok()?
@@ -1279,4 +1241,68 @@ fn run_on(target: &dyn Target, config: &ChaosConfig) -> anyhow::Result<ChaosRepo
         report.history_path = Some(path);
     }
     Ok(report)
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    // An RESP reply is applied only as `*2 :value :duplicate`, refused only
+    // as an error other than INDETERMINATE, and unknown in every other case
+    // (no reply, a cut connection, anything unexpected).
+    #[test]
+    fn resp_replies_are_classified() {
+        let acked = Reply::Array(Some(vec![Reply::Integer(7), Reply::Integer(0)]));
+        assert_eq!(resp_answer(Ok(acked)), Answer::Acked);
+        assert_eq!(
+            resp_answer(Ok(Reply::Error("INDETERMINATE store unreachable".into()))),
+            Answer::Unknown("-INDETERMINATE store unreachable".into())
+        );
+        assert_eq!(
+            resp_answer(Ok(Reply::Error("ERR not an integer".into()))),
+            Answer::Failed("-ERR not an integer".into())
+        );
+        for other in [
+            Reply::Simple("OK".into()),
+            Reply::Integer(7),
+            Reply::Array(Some(vec![Reply::Integer(7)])),
+            Reply::Array(Some(vec![Reply::Bulk(None), Reply::Integer(0)])),
+        ] {
+            assert!(matches!(resp_answer(Ok(other)), Answer::Unknown(_)));
+        }
+        assert!(matches!(
+            resp_answer(Err(RespError::Closed)),
+            Answer::Unknown(_)
+        ));
+    }
+
+    // An HTTP answer is applied only as a 200 with a value; a node's own
+    // JSON refusal is not applied unless it says the outcome is unknown;
+    // anything else (no answer, HAProxy's pages, 504) is unknown.
+    #[test]
+    fn http_answers_are_classified() {
+        let ok = |status: u16, body: &str| Ok((status, body.to_string()));
+        assert_eq!(http_answer(ok(200, r#"{"value":3}"#)), Answer::Acked);
+        assert!(matches!(http_answer(ok(200, "{}")), Answer::Unknown(_)));
+        assert!(matches!(
+            http_answer(ok(400, r#"{"error":"bad"}"#)),
+            Answer::Failed(_)
+        ));
+        assert!(matches!(
+            http_answer(ok(503, r#"{"error":"x","outcome":"unknown"}"#)),
+            Answer::Unknown(_)
+        ));
+        assert!(matches!(
+            http_answer(ok(502, "<html>bad gateway</html>")),
+            Answer::Unknown(_)
+        ));
+        assert!(matches!(
+            http_answer(ok(504, r#"{"error":"timeout"}"#)),
+            Answer::Unknown(_)
+        ));
+        assert!(matches!(
+            http_answer(Err(HttpError::TimedOut(REQUEST_TIMEOUT))),
+            Answer::Unknown(_)
+        ));
+    }
 }

@@ -28,6 +28,7 @@ use std::time::Duration;
 use serde::{Deserialize, Serialize};
 
 use crate::launcher::{Action, LocalCluster};
+use crate::wire::http::{self, HttpError};
 
 /// Default address of the endpoint.
 pub const DEFAULT_CONTROL_ADDR: &str = "127.0.0.1:7069";
@@ -344,46 +345,30 @@ fn call(
     path: &str,
     wait: Duration,
 ) -> Result<String, ControlError> {
-    let io = |source| ControlError::Io { addr, source };
-    let mut s = TcpStream::connect_timeout(&addr, CONTROL_IO_TIMEOUT).map_err(io)?;
-    s.set_read_timeout(Some(CONTROL_IO_TIMEOUT + wait))
-        .map_err(io)?;
-    s.set_write_timeout(Some(CONTROL_IO_TIMEOUT)).map_err(io)?;
-    write!(
-        s,
-        "{method} {path} HTTP/1.1\r\nhost: {addr}\r\ncontent-length: 0\r\nconnection: close\r\n\r\n"
-    )
-    .map_err(io)?;
-    let mut raw = Vec::new();
-    s.take(CONTROL_RESPONSE_BYTES_MAX as u64 + 1)
-        .read_to_end(&mut raw)
-        .map_err(io)?;
-    let protocol = |detail: &str| ControlError::Protocol {
-        addr,
-        detail: detail.to_string(),
+    let limits = http::Limits {
+        send_timeout: CONTROL_IO_TIMEOUT,
+        read_timeout: CONTROL_IO_TIMEOUT + wait,
+        response_bytes_max: CONTROL_RESPONSE_BYTES_MAX,
     };
-    if raw.len() > CONTROL_RESPONSE_BYTES_MAX {
-        return Err(protocol("answer too large"));
+    let answer = http::request(addr, method, path, None, limits).map_err(|e| match e {
+        HttpError::Io(source) => ControlError::Io { addr, source },
+        e @ (HttpError::TooLarge(_) | HttpError::Malformed(_) | HttpError::TimedOut(_)) => {
+            ControlError::Protocol {
+                addr,
+                detail: e.to_string(),
+            }
+        }
+    })?;
+    if answer.status == 200 {
+        return Ok(answer.body);
     }
-    let text = String::from_utf8(raw).map_err(|_| protocol("answer is not UTF-8"))?;
-    let (head, body) = text
-        .split_once("\r\n\r\n")
-        .ok_or_else(|| protocol("no header end"))?;
-    let status: u16 = head
-        .split(' ')
-        .nth(1)
-        .and_then(|s| s.parse().ok())
-        .ok_or_else(|| protocol("no status"))?;
-    if status == 200 {
-        return Ok(body.to_string());
-    }
-    let message = serde_json::from_str::<serde_json::Value>(body)
+    let message = serde_json::from_str::<serde_json::Value>(&answer.body)
         .ok()
         .and_then(|v| v.get("error")?.as_str().map(String::from))
-        .unwrap_or_else(|| body.to_string());
+        .unwrap_or(answer.body);
     Err(ControlError::Refused {
         addr,
-        status,
+        status: answer.status,
         message,
     })
 }

@@ -2,11 +2,12 @@
 //! one store, HAProxy in front of them, and a supervisor that restarts a
 //! node that dies.
 //!
-//! It owns the child processes it starts and signals them only by their
-//! pids; it never looks for processes by name. It must never restart a node
-//! whose data directory a caller is about to wipe before the wipe is done:
-//! every change to a node's process happens under that node's lock, and the
-//! supervisor only takes locks it can get without waiting.
+//! It owns the child processes it starts, each held by a [`ChildGuard`],
+//! and signals them only by their pids; it never looks for processes by
+//! name. It must never restart a node whose data directory a caller is
+//! about to wipe before the wipe is done: every change to a node's process
+//! happens under that node's lock, and the supervisor only takes locks it
+//! can get without waiting.
 //!
 //! The library is what a fault tool drives (`kill9`, `pause`,
 //! `kill9_and_wipe`, ...); the binary's `tally cluster` only prints the
@@ -14,17 +15,20 @@
 
 use std::fmt::Write as _;
 use std::fs::{self, File, OpenOptions};
-use std::io::{BufRead, BufReader, Read, Write};
 use std::net::{SocketAddr, TcpStream};
 use std::os::unix::process::CommandExt;
 use std::path::{Path, PathBuf};
-use std::process::{Child, Command, Stdio};
+use std::process::{Command, Stdio};
 use std::sync::Arc;
-use std::sync::atomic::{AtomicBool, AtomicU64, Ordering};
+use std::sync::atomic::{AtomicBool, Ordering};
 use std::thread::JoinHandle;
 use std::time::{Duration, Instant};
 
 use parking_lot::Mutex;
+
+use crate::ports::free_loopback_ports;
+use crate::process::{ChildGuard, READY_TIMEOUT, ReadyWatch};
+use crate::wire::http;
 
 /// How often the supervisor polls each node with `try_wait`.
 pub const SUPERVISE_INTERVAL: Duration = Duration::from_millis(100);
@@ -34,12 +38,12 @@ pub const RESTART_BACKOFF_MIN: Duration = Duration::from_millis(100);
 pub const RESTART_BACKOFF_MAX: Duration = Duration::from_secs(5);
 /// A node that stayed up this long starts again from the smallest back-off.
 pub const RESTART_BACKOFF_RESET: Duration = Duration::from_secs(10);
-/// How long `start` waits for a node's ready line.
-pub const READY_TIMEOUT: Duration = Duration::from_secs(30);
 /// How long a stopped process gets between SIGTERM and SIGKILL.
 pub const STOP_TIMEOUT: Duration = Duration::from_secs(10);
 /// How long `start` waits for HAProxy to listen.
 pub const HAPROXY_LISTEN_TIMEOUT: Duration = Duration::from_secs(10);
+/// How long one probe of HAProxy's frontends may take while `start` waits.
+const LB_PROBE_TIMEOUT: Duration = Duration::from_millis(500);
 /// Pause between two polls of any wait.
 const POLL_INTERVAL: Duration = Duration::from_millis(20);
 
@@ -161,17 +165,6 @@ impl LocalClusterConfig {
     }
 }
 
-/// `n` distinct free loopback ports: all are held until every one is
-/// chosen, then released for the caller to bind.
-pub fn free_loopback_ports(n: usize) -> std::io::Result<Vec<u16>> {
-    let held = (0..n)
-        .map(|_| std::net::TcpListener::bind("127.0.0.1:0"))
-        .collect::<std::io::Result<Vec<_>>>()?;
-    held.iter()
-        .map(|l| l.local_addr().map(|a| a.port()))
-        .collect()
-}
-
 /// What a caller can do to one node of a running cluster.
 #[derive(Debug, Clone, Copy, PartialEq, Eq)]
 pub enum Action {
@@ -226,7 +219,11 @@ pub struct NodeInfo {
 /// A node's process and restart bookkeeping; guarded by the slot's lock.
 #[derive(Debug)]
 struct Process {
-    child: Option<Child>,
+    child: Option<ChildGuard>,
+    /// The current process's stdout, read for its ready line. Taken away
+    /// when the process is killed: it is not ready until its successor
+    /// says so.
+    ready: Option<ReadyWatch>,
     started_at: Instant,
     /// When the supervisor may start the node again, once it has exited.
     restart_at: Option<Instant>,
@@ -238,9 +235,6 @@ struct Process {
 struct Slot {
     info: NodeInfo,
     process: Mutex<Process>,
-    /// Set by the stdout reader when the current process printed its
-    /// ready line; cleared at every start.
-    ready: Arc<AtomicBool>,
 }
 
 #[derive(Debug)]
@@ -251,8 +245,6 @@ struct Shared {
     node_args: Vec<String>,
     base_dir: PathBuf,
     stop: AtomicBool,
-    /// Increments at every node start; names the stdout readers' threads.
-    starts: AtomicU64,
 }
 
 /// A running local cluster. Dropping it stops every process it started.
@@ -260,33 +252,11 @@ struct Shared {
 pub struct LocalCluster {
     shared: Arc<Shared>,
     supervisor: Option<JoinHandle<()>>,
-    haproxy: Option<Child>,
+    haproxy: Option<ChildGuard>,
     haproxy_config: Option<PathBuf>,
     lb_http: SocketAddr,
     lb_resp: SocketAddr,
     stopped: bool,
-}
-
-fn signal(pid: u32, sig: libc::c_int) {
-    // SAFETY: kill(2) with the pid of a child this launcher started and has
-    // not yet reaped, so the pid cannot have been reused.
-    unsafe { libc::kill(pid as libc::pid_t, sig) };
-}
-
-/// Waits for `child` to exit, up to `timeout`; SIGKILLs it after that.
-fn reap(child: &mut Child, timeout: Duration) {
-    let deadline = Instant::now() + timeout;
-    loop {
-        match child.try_wait() {
-            Ok(Some(_)) | Err(_) => return,
-            Ok(None) if Instant::now() >= deadline => {
-                let _ = child.kill();
-                let _ = child.wait();
-                return;
-            }
-            Ok(None) => std::thread::sleep(POLL_INTERVAL),
-        }
-    }
 }
 
 impl Shared {
@@ -302,7 +272,6 @@ impl Shared {
             .append(true)
             .open(&log_path)
             .map_err(io_err(format!("opening {}", log_path.display())))?;
-        slot.ready.store(false, Ordering::SeqCst);
         let mut cmd = Command::new(&self.exe);
         cmd.arg("serve")
             .arg("--node-id")
@@ -322,25 +291,14 @@ impl Shared {
             // A process group of its own: Ctrl-C in the terminal reaches
             // only the launcher, which then stops the nodes in order.
             .process_group(0);
-        let mut child = cmd
-            .spawn()
+        let mut child = ChildGuard::spawn(&mut cmd, &info.node_id)
             .map_err(io_err(format!("starting {}", self.exe.display())))?;
-        let stdout = child.stdout.take().expect("stdout is piped");
-        let ready = slot.ready.clone();
-        let n = self.starts.fetch_add(1, Ordering::Relaxed);
-        std::thread::Builder::new()
-            .name(format!("{}-stdout-{n}", info.node_id))
-            .spawn(move || {
-                // Reads until the process exits: a full pipe would block it.
-                for line in BufReader::new(stdout).lines() {
-                    let Ok(line) = line else { break };
-                    if line.starts_with("tally ready") {
-                        ready.store(true, Ordering::SeqCst);
-                    }
-                }
-            })
+        // Reads until the process exits: a full pipe would block it.
+        let ready = child
+            .watch_ready_line()
             .map_err(io_err("starting a stdout reader thread"))?;
         process.child = Some(child);
+        process.ready = Some(ready);
         process.started_at = Instant::now();
         process.restart_at = None;
         Ok(())
@@ -365,6 +323,7 @@ impl Shared {
                 tracing::warn!(node = %slot.info.node_id, %status, up_ms = up.as_millis() as u64,
                     backoff_ms = p.backoff.as_millis() as u64, "node exited; restarting after back-off");
                 p.child = None;
+                p.ready = None;
                 p.restart_at = Some(now + p.backoff);
                 p.backoff = (p.backoff * 2).min(RESTART_BACKOFF_MAX);
             }
@@ -457,24 +416,6 @@ fn haproxy_installed() -> bool {
         .is_ok()
 }
 
-/// The status code of `GET path` on `addr`, or `None` if no answer came
-/// within `timeout`. Plain HTTP/1.0 so the launcher needs no client.
-pub fn http_status(addr: SocketAddr, path: &str, timeout: Duration) -> Option<u16> {
-    let mut s = TcpStream::connect_timeout(&addr, timeout).ok()?;
-    s.set_read_timeout(Some(timeout)).ok()?;
-    s.set_write_timeout(Some(timeout)).ok()?;
-    write!(s, "GET {path} HTTP/1.0\r\nHost: {addr}\r\n\r\n").ok()?;
-    let mut head = [0u8; 32];
-    let mut n = 0;
-    while n < 12 {
-        match s.read(&mut head[n..]) {
-            Ok(0) | Err(_) => return None,
-            Ok(k) => n += k,
-        }
-    }
-    std::str::from_utf8(&head[9..12]).ok()?.parse().ok()
-}
-
 impl LocalCluster {
     /// Starts every node, waits for each ready line, then starts HAProxy.
     pub fn start(config: LocalClusterConfig) -> Result<LocalCluster> {
@@ -527,12 +468,12 @@ impl LocalCluster {
                 },
                 process: Mutex::new(Process {
                     child: None,
+                    ready: None,
                     started_at: Instant::now(),
                     restart_at: None,
                     backoff: RESTART_BACKOFF_MIN,
                     restarts: 0,
                 }),
-                ready: Arc::new(AtomicBool::new(false)),
             });
         }
         let shared = Arc::new(Shared {
@@ -542,7 +483,6 @@ impl LocalCluster {
             node_args: config.node_args,
             base_dir: base_dir.clone(),
             stop: AtomicBool::new(false),
-            starts: AtomicU64::new(0),
         });
         let mut cluster = LocalCluster {
             shared: shared.clone(),
@@ -576,16 +516,18 @@ impl LocalCluster {
             let log2 = log
                 .try_clone()
                 .map_err(io_err(format!("opening {}", log_path.display())))?;
-            let child = Command::new("haproxy")
-                .arg("-f")
-                .arg(&path)
-                .arg("-db")
-                .stdin(Stdio::null())
-                .stdout(Stdio::from(log))
-                .stderr(Stdio::from(log2))
-                .process_group(0)
-                .spawn()
-                .map_err(io_err("starting haproxy"))?;
+            let child = ChildGuard::spawn(
+                Command::new("haproxy")
+                    .arg("-f")
+                    .arg(&path)
+                    .arg("-db")
+                    .stdin(Stdio::null())
+                    .stdout(Stdio::from(log))
+                    .stderr(Stdio::from(log2))
+                    .process_group(0),
+                "haproxy",
+            )
+            .map_err(io_err("starting haproxy"))?;
             cluster.haproxy = Some(child);
             cluster.haproxy_config = Some(path);
             cluster.wait_lb(HAPROXY_LISTEN_TIMEOUT, &log_path)?;
@@ -618,8 +560,8 @@ impl LocalCluster {
                     fs::read_to_string(log_path).unwrap_or_default()
                 )));
             }
-            if http_status(self.lb_http, "/readyz", Duration::from_millis(500)) == Some(200)
-                && TcpStream::connect_timeout(&self.lb_resp, Duration::from_millis(500)).is_ok()
+            if http::status(self.lb_http, "/readyz", LB_PROBE_TIMEOUT) == Some(200)
+                && TcpStream::connect_timeout(&self.lb_resp, LB_PROBE_TIMEOUT).is_ok()
             {
                 return Ok(());
             }
@@ -650,7 +592,7 @@ impl LocalCluster {
 
     /// HAProxy's pid, when it runs.
     pub fn haproxy_pid(&self) -> Option<u32> {
-        self.haproxy.as_ref().map(Child::id)
+        self.haproxy.as_ref().map(ChildGuard::pid)
     }
 
     /// Every node, with its current pid.
@@ -660,7 +602,7 @@ impl LocalCluster {
             .iter()
             .map(|s| {
                 let mut info = s.info.clone();
-                info.pid = s.process.lock().child.as_ref().map(Child::id);
+                info.pid = s.process.lock().child.as_ref().map(ChildGuard::pid);
                 info
             })
             .collect()
@@ -682,7 +624,7 @@ impl LocalCluster {
         loop {
             {
                 let mut p = slot.process.lock();
-                if slot.ready.load(Ordering::SeqCst) && p.child.is_some() {
+                if p.child.is_some() && p.ready.as_ref().is_some_and(|r| r.ready().is_some()) {
                     return Ok(());
                 }
                 // Exited before its ready line: say why, from its log.
@@ -713,16 +655,19 @@ impl LocalCluster {
     /// Sends `sig` to node `i`'s process; returns its pid.
     fn signal_node(&self, i: usize, sig: libc::c_int) -> Result<u32> {
         let slot = self.slot(i)?;
-        let p = slot.process.lock();
-        let pid = p.child.as_ref().map(Child::id).ok_or_else(|| {
+        let mut guard = slot.process.lock();
+        let p = &mut *guard;
+        let child = p.child.as_mut().ok_or_else(|| {
             LauncherError::NotReady(format!("node {} has no running process", i + 1))
         })?;
         if sig == libc::SIGKILL {
             // Not ready until the restarted process says so.
-            slot.ready.store(false, Ordering::SeqCst);
+            p.ready = None;
         }
-        signal(pid, sig);
-        Ok(pid)
+        child
+            .signal(sig)
+            .map_err(io_err(format!("signalling {}", slot.info.node_id)))?;
+        Ok(child.pid())
     }
 
     /// `kill -9` node `i`; the supervisor restarts it. Returns the old pid.
@@ -736,11 +681,12 @@ impl LocalCluster {
     pub fn restart(&self, i: usize) -> Result<()> {
         let slot = self.slot(i)?;
         let mut p = slot.process.lock();
-        slot.ready.store(false, Ordering::SeqCst);
+        p.ready = None;
         if let Some(mut child) = p.child.take() {
-            signal(child.id(), libc::SIGTERM);
-            signal(child.id(), libc::SIGCONT);
-            reap(&mut child, STOP_TIMEOUT);
+            let _ = child.signal(libc::SIGTERM);
+            // A paused node handles SIGTERM only once it runs again.
+            let _ = child.signal(libc::SIGCONT);
+            let _ = child.wait_or_kill(STOP_TIMEOUT);
         }
         p.restart_at = Some(Instant::now());
         p.backoff = RESTART_BACKOFF_MIN;
@@ -763,10 +709,9 @@ impl LocalCluster {
     pub fn kill9_and_wipe(&self, i: usize) -> Result<()> {
         let slot = self.slot(i)?;
         let mut p = slot.process.lock();
-        slot.ready.store(false, Ordering::SeqCst);
+        p.ready = None;
         if let Some(mut child) = p.child.take() {
-            signal(child.id(), libc::SIGKILL);
-            let _ = child.wait();
+            let _ = child.kill();
         }
         match fs::remove_dir_all(&slot.info.data_dir) {
             Ok(()) => {}
@@ -807,22 +752,23 @@ impl LocalCluster {
         }
         // HAProxy first, so that no client is sent to a stopping node.
         if let Some(mut h) = self.haproxy.take() {
-            signal(h.id(), libc::SIGTERM);
-            reap(&mut h, STOP_TIMEOUT);
+            let _ = h.stop(libc::SIGTERM, STOP_TIMEOUT);
         }
-        let mut children: Vec<Child> = self
+        let mut children: Vec<ChildGuard> = self
             .shared
             .slots
             .iter()
             .filter_map(|s| s.process.lock().child.take())
             .collect();
-        for c in &children {
-            signal(c.id(), libc::SIGTERM);
+        // Every node is told first and then waited for, so that they stop
+        // side by side rather than one after another.
+        for c in &mut children {
+            let _ = c.signal(libc::SIGTERM);
             // A paused node handles SIGTERM only once it runs again.
-            signal(c.id(), libc::SIGCONT);
+            let _ = c.signal(libc::SIGCONT);
         }
         for c in &mut children {
-            reap(c, STOP_TIMEOUT);
+            let _ = c.wait_or_kill(STOP_TIMEOUT);
         }
     }
 }

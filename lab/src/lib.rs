@@ -5,6 +5,10 @@
 //! - [`control`]: the launcher's loopback control endpoint and its client;
 //! - [`chaos`]: `tally chaos`, the fault test and its checker;
 //! - [`pgserver`]: a private PostgreSQL server in a directory of its own;
+//! - [`process`]: the one guard for every child process, and the wait for
+//!   a node's ready line;
+//! - [`ports`]: free loopback ports;
+//! - [`wire`]: the HTTP and RESP clients the tools and tests speak with;
 //! - [`testing`]: the harnesses the test suites share.
 //!
 //! Nothing here is needed to run a node: the library (`tally`) never
@@ -14,4 +18,7 @@ pub mod chaos;
 pub mod control;
 pub mod launcher;
 pub mod pgserver;
+pub mod ports;
+pub mod process;
 pub mod testing;
+pub mod wire;

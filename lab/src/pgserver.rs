@@ -32,11 +32,14 @@
 //! may be opened up for it; any other that is closed is an error
 //! ([`PgError::Unreachable`]).
 //!
-//! **Signals.** The server is only ever signalled by the process id of the
-//! child this process started and has not yet reaped, so the signal can
-//! never reach another process; nothing is looked up or signalled by name.
-//! A stop is a fast shutdown (SIGINT: sessions are ended, a checkpoint is
-//! written, the server exits), and SIGKILL after [`STOP_TIMEOUT`].
+//! **Signals.** The postmaster is held by a [`ChildGuard`]: it is only ever
+//! signalled by the process id of the child this process started and has
+//! not yet reaped, so the signal can never reach another process; nothing
+//! is looked up or signalled by name. It runs in a process group of its
+//! own, so a Ctrl-C in the terminal does not reach it; only the signal of
+//! its owner does. A stop is a fast shutdown (SIGINT: sessions are ended, a
+//! checkpoint is written, the server exits), and SIGKILL after
+//! [`STOP_TIMEOUT`].
 //!
 //! **Durability.** [`PgOptions::durable`] chooses between PostgreSQL's own
 //! defaults (`fsync`, `synchronous_commit` and `full_page_writes` on: a
@@ -51,19 +54,20 @@
 use std::ffi::CString;
 use std::fs::File;
 use std::io::{Read, Seek, SeekFrom};
-use std::net::TcpListener;
 use std::os::unix::fs::PermissionsExt as _;
 use std::os::unix::process::CommandExt as _;
 use std::path::{Path, PathBuf};
-use std::process::{Child, Command, ExitStatus, Output, Stdio};
+use std::process::{Command, ExitStatus, Output, Stdio};
 use std::sync::atomic::{AtomicU64, Ordering};
 use std::time::{Duration, Instant};
 
 use parking_lot::Mutex;
 
+use crate::process::{ChildGuard, RunError, run_with_timeout, tail_lines};
+
 /// How long the server may take to accept connections after it starts
 /// (crash recovery after a killed server happens before that).
-pub const READY_TIMEOUT: Duration = Duration::from_secs(60);
+pub const POSTGRES_START_TIMEOUT: Duration = Duration::from_secs(60);
 /// How long a fast shutdown (SIGINT) may take before the server is killed.
 /// A durable server writes a checkpoint of its dirty buffers first.
 pub const STOP_TIMEOUT: Duration = Duration::from_secs(60);
@@ -92,8 +96,6 @@ const TEMP_PARENT: &str = "/tmp";
 const TEMP_PREFIX: &str = "tally-pg-";
 /// How often the start loop tries to connect.
 const READY_POLL_INTERVAL: Duration = Duration::from_millis(50);
-/// How often a stop looks whether the server has exited.
-const EXIT_POLL_INTERVAL: Duration = Duration::from_millis(20);
 /// Lines of the server's log quoted in an error.
 const LOG_TAIL_LINES: usize = 20;
 /// Buffer for one `getpwnam_r` record; far more than a passwd line needs.
@@ -247,7 +249,7 @@ pub struct PgServer {
 
 struct State {
     /// The postmaster, while it runs.
-    child: Option<Child>,
+    child: Option<ChildGuard>,
     /// The temporary directory, when the server made its own; removing
     /// it is the last step of a shutdown.
     temp: Option<tempfile::TempDir>,
@@ -346,7 +348,8 @@ impl PgServer {
         server.initdb()?;
         let mut last_error = None;
         for _ in 0..PORT_ATTEMPTS_MAX {
-            server.port = free_port()?;
+            server.port = crate::ports::free_loopback_port()
+                .map_err(io_err("finding a free loopback port"))?;
             match server.spawn_and_wait() {
                 Ok(()) => return Ok(server),
                 // Most likely another process took the port: try another.
@@ -588,16 +591,18 @@ impl PgServer {
         if self.stat_statements {
             cmd.args(["-c", "shared_preload_libraries=pg_stat_statements"]);
         }
-        let child = cmd
-            .stdout(Stdio::from(log))
-            .stderr(Stdio::from(log_err))
-            // A process group of its own: a Ctrl-C in the terminal reaches
-            // only its owner, which stops it after the nodes that use it.
-            .process_group(0)
-            .spawn()
-            .map_err(io_err("starting postgres"))?;
+        let child = ChildGuard::spawn(
+            cmd.stdout(Stdio::from(log))
+                .stderr(Stdio::from(log_err))
+                // A process group of its own: a Ctrl-C in the terminal
+                // reaches only its owner, which stops it after the nodes
+                // that use it.
+                .process_group(0),
+            "postgres",
+        )
+        .map_err(io_err("starting postgres"))?;
         self.state.lock().child = Some(child);
-        let deadline = Instant::now() + READY_TIMEOUT;
+        let deadline = Instant::now() + POSTGRES_START_TIMEOUT;
         loop {
             let exited = {
                 let mut state = self.state.lock();
@@ -623,7 +628,8 @@ impl PgServer {
             if Instant::now() >= deadline {
                 let _ = self.stop();
                 return Err(PgError::NotStarted(format!(
-                    "postgres did not accept connections on port {} within {READY_TIMEOUT:?}; \
+                    "postgres did not accept connections on port {} within \
+                     {POSTGRES_START_TIMEOUT:?}; \
                      its log ends:\n{}",
                     self.port,
                     self.log_since(log_start)
@@ -640,7 +646,7 @@ impl PgServer {
             let _ = f.seek(SeekFrom::Start(start));
             let _ = f.read_to_string(&mut text);
         }
-        tail(&text, LOG_TAIL_LINES)
+        tail_lines(&text, LOG_TAIL_LINES)
     }
 }
 
@@ -660,80 +666,36 @@ impl std::fmt::Debug for PgServer {
     }
 }
 
-/// Fast shutdown of `child`, by its pid, then SIGKILL after
-/// [`STOP_TIMEOUT`]; always reaps it.
-fn stop_child(mut child: Child) -> Result<()> {
-    let exited = |status: ExitStatus| {
-        if status.success() {
-            Ok(())
-        } else {
-            Err(PgError::Exited(status))
-        }
+/// Fast shutdown of `child` (SIGINT, by its pid), then SIGKILL after
+/// [`STOP_TIMEOUT`]; always reaps it (its guard kills and reaps it on any
+/// error).
+fn stop_child(mut child: ChildGuard) -> Result<()> {
+    let status = match child.try_wait() {
+        Ok(Some(status)) => status,
+        Ok(None) => match child.stop(libc::SIGINT, STOP_TIMEOUT) {
+            Ok(Some(status)) => status,
+            Ok(None) => return Err(PgError::StopTimeout(STOP_TIMEOUT)),
+            Err(e) => return Err(io_err("stopping postgres")(e)),
+        },
+        Err(e) => return Err(io_err("waiting for postgres")(e)),
     };
-    match child.try_wait() {
-        Ok(Some(status)) => return exited(status),
-        Ok(None) => {}
-        Err(e) => {
-            let _ = child.kill();
-            let _ = child.wait();
-            return Err(io_err("waiting for postgres")(e));
-        }
+    if status.success() {
+        Ok(())
+    } else {
+        Err(PgError::Exited(status))
     }
-    // The child is not reaped yet, so its pid cannot have been reused: the
-    // signal reaches our server and nothing else.
-    if let Ok(pid) = libc::pid_t::try_from(child.id()) {
-        // SAFETY: kill(2) on the pid of our own unreaped child.
-        unsafe { libc::kill(pid, libc::SIGINT) };
-    }
-    let deadline = Instant::now() + STOP_TIMEOUT;
-    while Instant::now() < deadline {
-        match child.try_wait() {
-            Ok(Some(status)) => return exited(status),
-            Ok(None) => std::thread::sleep(EXIT_POLL_INTERVAL),
-            Err(_) => break,
-        }
-    }
-    // Child::kill sends SIGKILL to the same pid.
-    let _ = child.kill();
-    let _ = child.wait();
-    Err(PgError::StopTimeout(STOP_TIMEOUT))
 }
 
 /// Runs `cmd` to completion with its output captured, killing it (by pid)
 /// if it runs longer than `timeout`. A failure status is an error quoting
 /// the output.
 fn run_bounded(cmd: &mut Command, program: &'static str, timeout: Duration) -> Result<Output> {
-    let mut child = cmd
-        .stdout(Stdio::piped())
-        .stderr(Stdio::piped())
-        .spawn()
-        .map_err(io_err(format!("starting {program}")))?;
-    // Both pipes are read on threads so that a chatty child never blocks
-    // on a full pipe while we wait for it.
-    let stdout = drain(child.stdout.take());
-    let stderr = drain(child.stderr.take());
-    let deadline = Instant::now() + timeout;
-    let status = loop {
-        match child.try_wait() {
-            Ok(Some(status)) => break status,
-            Ok(None) if Instant::now() < deadline => std::thread::sleep(EXIT_POLL_INTERVAL),
-            Ok(None) => {
-                let _ = child.kill();
-                let _ = child.wait();
-                return Err(PgError::ProgramTimeout { program, timeout });
-            }
-            Err(e) => {
-                let _ = child.kill();
-                let _ = child.wait();
-                return Err(io_err(format!("waiting for {program}"))(e));
-            }
-        }
-    };
-    let output = Output {
-        status,
-        stdout: stdout.join().unwrap_or_default(),
-        stderr: stderr.join().unwrap_or_default(),
-    };
+    let output = run_with_timeout(cmd, program, timeout).map_err(|e| match e {
+        RunError::Timeout { .. } => PgError::ProgramTimeout { program, timeout },
+        RunError::Start { source, .. } => io_err(format!("starting {program}"))(source),
+        RunError::Wait { source, .. } => io_err(format!("waiting for {program}"))(source),
+    })?;
+    let status = output.status;
     if !status.success() {
         return Err(PgError::ProgramFailed {
             program,
@@ -746,30 +708,6 @@ fn run_bounded(cmd: &mut Command, program: &'static str, timeout: Duration) -> R
         });
     }
     Ok(output)
-}
-
-fn drain<R: Read + Send + 'static>(pipe: Option<R>) -> std::thread::JoinHandle<Vec<u8>> {
-    std::thread::spawn(move || {
-        let mut buf = Vec::new();
-        if let Some(mut p) = pipe {
-            let _ = p.read_to_end(&mut buf);
-        }
-        buf
-    })
-}
-
-/// The last `n` lines of `text`.
-fn tail(text: &str, n: usize) -> String {
-    let lines: Vec<&str> = text.lines().collect();
-    lines[lines.len().saturating_sub(n)..].join("\n")
-}
-
-/// A loopback port that was free a moment ago.
-fn free_port() -> Result<u16> {
-    TcpListener::bind("127.0.0.1:0")
-        .and_then(|l| l.local_addr())
-        .map(|a| a.port())
-        .map_err(io_err("finding a free loopback port"))
 }
 
 /// Checks that `user` can pass through every directory above `dir`,
@@ -907,14 +845,6 @@ fn unprivileged_user() -> Result<RunAs> {
 #[cfg(test)]
 mod tests {
     use super::*;
-
-    // Errors quote only the end of a long log.
-    #[test]
-    fn tail_keeps_the_last_lines() {
-        assert_eq!(tail("a\nb\nc\n", 2), "b\nc");
-        assert_eq!(tail("a", 5), "a");
-        assert_eq!(tail("", 3), "");
-    }
 
     // A missing server names the package that has it.
     #[test]
