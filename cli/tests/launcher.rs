@@ -359,18 +359,7 @@ fn generated_haproxy_config_is_valid() {
     }
     let path = dir.path().join("haproxy.cfg");
     std::fs::write(&path, &cfg).unwrap();
-    let out = std::process::Command::new("haproxy")
-        .arg("-c")
-        .arg("-f")
-        .arg(&path)
-        .output()
-        .expect("running haproxy -c (is haproxy installed?)");
-    assert!(
-        out.status.success(),
-        "haproxy rejects the configuration: {}{}",
-        String::from_utf8_lossy(&out.stdout),
-        String::from_utf8_lossy(&out.stderr)
-    );
+    tally_lab::testing::assert_haproxy_accepts(&path);
 }
 
 // Proves: without HAProxy on the PATH, `tally cluster` starts nothing and

@@ -108,3 +108,21 @@ pub fn eventually_blocking<T>(what: &str, mut check: impl FnMut() -> Result<T, S
         }
     }
 }
+
+/// Fails the test unless `haproxy -c` accepts the configuration at `path`
+/// (a missing HAProxy fails it too, naming the package to install).
+pub fn assert_haproxy_accepts(path: &std::path::Path) {
+    let out = std::process::Command::new("haproxy")
+        .arg("-c")
+        .arg("-f")
+        .arg(path)
+        .output()
+        .expect("running haproxy -c (is haproxy installed? apt-get install haproxy)");
+    assert!(
+        out.status.success(),
+        "haproxy rejects {}: {}{}",
+        path.display(),
+        String::from_utf8_lossy(&out.stdout),
+        String::from_utf8_lossy(&out.stderr)
+    );
+}
