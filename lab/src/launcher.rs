@@ -134,20 +134,11 @@ impl Default for LocalClusterConfig {
     }
 }
 
-/// Flush, refresh and heartbeat intervals short enough that a fault test's
-/// cluster settles within a second of the load stopping.
-pub const FAULT_TEST_NODE_ARGS: [&str; 6] = [
-    "--flush-interval-ms",
-    "20",
-    "--refresh-interval-ms",
-    "20",
-    "--heartbeat-interval-ms",
-    "200",
-];
-
 impl LocalClusterConfig {
     /// What fault tests run: `nodes` nodes and HAProxy on free loopback
-    /// ports, SQLite in `base_dir`, and [`FAULT_TEST_NODE_ARGS`].
+    /// ports, SQLite in `base_dir`, and the test timings
+    /// ([`crate::testing::FAST`]), short enough that the cluster settles
+    /// within a second of the load stopping.
     pub fn for_fault_tests(nodes: usize, base_dir: &Path) -> std::io::Result<LocalClusterConfig> {
         let ports = free_loopback_ports(2 * nodes + 2)?;
         Ok(LocalClusterConfig {
@@ -159,7 +150,7 @@ impl LocalClusterConfig {
             lb_http: ([127, 0, 0, 1], ports[2 * nodes]).into(),
             lb_resp: ([127, 0, 0, 1], ports[2 * nodes + 1]).into(),
             haproxy: true,
-            node_args: FAULT_TEST_NODE_ARGS.map(String::from).to_vec(),
+            node_args: crate::testing::FAST.serve_flags(),
             ..Default::default()
         })
     }
