@@ -38,6 +38,13 @@ pub const LOCK_FILE: &str = "LOCK";
 pub const NODE_ID_BYTES_MAX: usize = 64;
 /// How often the background thread looks for work (snapshots, key expiry).
 const HOUSEKEEPING_INTERVAL: Duration = Duration::from_millis(50);
+/// First wait before registering again with a store that could not be
+/// reached; doubles up to [`REGISTER_RETRY_MAX`].
+const REGISTER_RETRY_MIN: Duration = Duration::from_millis(100);
+/// Longest wait between two registration attempts.
+const REGISTER_RETRY_MAX: Duration = Duration::from_secs(5);
+/// A node still waiting for its store says so in its log at most this often.
+const REGISTER_LOG_INTERVAL: Duration = Duration::from_secs(10);
 /// How often expired idempotency keys are purged.
 const KEY_PURGE_INTERVAL: Duration = Duration::from_secs(60);
 /// Wait after a failed snapshot before trying again.
@@ -123,13 +130,48 @@ pub struct NodeStats {
     pub flush_lag_lsns: Option<u64>,
 }
 
+/// Whether a node with a shared store has registered there. A node without
+/// one is always [`Registration::NotNeeded`].
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub enum Registration {
+    /// The node runs without a shared store.
+    NotNeeded,
+    /// Not yet: the store could not be reached (the reason); the node
+    /// retries with back-off and serves nothing until it succeeds.
+    Pending(String),
+    /// Registered: the node has its epoch and has settled with the store.
+    Done,
+    /// Registration failed in a way retrying cannot mend (the reason); the
+    /// node serves nothing and should be stopped.
+    Failed(String),
+}
+
+/// What [`Node::open`] does when the shared store cannot be reached.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum StoreWait {
+    /// Fail: `open` returns the error.
+    FailFast,
+    /// Open anyway after local recovery and keep registering in the
+    /// background; until it succeeds the node refuses every request that
+    /// needs its global state, and [`Node::readiness`] says why.
+    Retry,
+}
+
 /// What every clone of a [`Node`] shares.
 struct Shared {
     config: Config,
     node_id: String,
     engine: Arc<Engine>,
-    /// The link to the shared store, for a node with one.
-    cluster: Option<Arc<Cluster>>,
+    /// The link to the shared store, set once the node has registered
+    /// there (at open, or later by the registration thread).
+    cluster: std::sync::OnceLock<Arc<Cluster>>,
+    /// Where registration stands; watched by `tally serve`, which prints
+    /// its ready line only once it is done.
+    registration: tokio::sync::watch::Sender<Registration>,
+    /// Store connections the caller built, reused by every attempt.
+    stores: Option<Stores>,
+    /// Retries registration while the store cannot be reached.
+    registering: Mutex<Option<std::thread::JoinHandle<()>>>,
     metrics: Arc<Metrics>,
     shutting_down: AtomicBool,
     /// Stops the housekeeping thread.
@@ -185,12 +227,39 @@ impl Node {
             )
         })?;
         let lock = lock_data_dir(&config.data_dir)?;
-        Self::open_on(config, Arc::new(FsStorage), Some(lock), None)
+        Self::open_on(
+            config,
+            Arc::new(FsStorage),
+            Some(lock),
+            None,
+            StoreWait::FailFast,
+        )
+    }
+
+    /// [`Node::open`] that does not fail when the shared store cannot be
+    /// reached yet: it recovers locally, returns, and keeps registering in
+    /// the background ([`StoreWait::Retry`]). Watch
+    /// [`Node::registration`] to know when the node can serve.
+    pub fn open_waiting_for_store(config: Config) -> Result<Node> {
+        std::fs::create_dir_all(&config.data_dir).map_err(|e| {
+            Error::io(
+                format!("creating data directory {}", config.data_dir.display()),
+                e,
+            )
+        })?;
+        let lock = lock_data_dir(&config.data_dir)?;
+        Self::open_on(
+            config,
+            Arc::new(FsStorage),
+            Some(lock),
+            None,
+            StoreWait::Retry,
+        )
     }
 
     /// Opens the node on any [`Storage`] (tests use the simulated one).
     pub fn open_with_storage(config: Config, storage: Arc<dyn Storage>) -> Result<Node> {
-        Self::open_on(config, storage, None, None)
+        Self::open_on(config, storage, None, None, StoreWait::FailFast)
     }
 
     /// Opens the node on the real file system with store connections the
@@ -204,7 +273,13 @@ impl Node {
             )
         })?;
         let lock = lock_data_dir(&config.data_dir)?;
-        Self::open_on(config, Arc::new(FsStorage), Some(lock), Some(stores))
+        Self::open_on(
+            config,
+            Arc::new(FsStorage),
+            Some(lock),
+            Some(stores),
+            StoreWait::FailFast,
+        )
     }
 
     fn open_on(
@@ -212,6 +287,7 @@ impl Node {
         storage: Arc<dyn Storage>,
         lock: Option<std::fs::File>,
         stores: Option<Stores>,
+        wait: StoreWait,
     ) -> Result<Node> {
         if config.durability == Durability::Replicated && config.cluster.is_none() {
             return Err(Error::InvalidConfig {
@@ -238,22 +314,19 @@ impl Node {
             recovery_ms = report.duration.as_millis() as u64,
             "recovered"
         );
-        let cluster = match config.cluster.clone() {
-            Some(cluster_config) => Some(Cluster::start(
-                &engine,
-                &node_id,
-                cluster_config,
-                stores,
-                &report,
-                metrics.clone(),
-            )?),
-            None => None,
-        };
+        let (registration, _) = tokio::sync::watch::channel(if config.cluster.is_some() {
+            Registration::Pending("registering".into())
+        } else {
+            Registration::NotNeeded
+        });
         let shared = Arc::new(Shared {
             config,
             node_id,
             engine,
-            cluster,
+            cluster: std::sync::OnceLock::new(),
+            registration,
+            stores,
+            registering: Mutex::new(None),
             metrics,
             shutting_down: AtomicBool::new(false),
             stop: (Mutex::new(false), Condvar::new()),
@@ -268,7 +341,74 @@ impl Node {
             .spawn(move || housekeeping_main(weak))
             .map_err(|e| Error::io("starting the housekeeping thread", e))?;
         *shared.housekeeping.lock() = Some(handle);
+        if shared.config.cluster.is_some() {
+            match (shared.register().map_err(retryable), wait) {
+                (Ok(()), _) => {}
+                (Err(Ok(reason)), StoreWait::Retry) => {
+                    tracing::warn!(%reason, "shared store unreachable; recovered locally, registering again with back-off");
+                    shared
+                        .registration
+                        .send_replace(Registration::Pending(reason));
+                    let weak = Arc::downgrade(&shared);
+                    let handle = std::thread::Builder::new()
+                        .name("tally-register".into())
+                        .spawn(move || registration_main(weak))
+                        .map_err(|e| Error::io("starting the registration thread", e))?;
+                    *shared.registering.lock() = Some(handle);
+                }
+                (Err(Ok(reason)), StoreWait::FailFast) => {
+                    Node { shared }.abandon();
+                    return Err(Error::StoreUnavailable(reason));
+                }
+                (Err(Err(e)), _) => {
+                    Node { shared }.abandon();
+                    return Err(e);
+                }
+            }
+        }
         Ok(Node { shared })
+    }
+
+    /// Where registration with the shared store stands; changes once it
+    /// succeeds or fails for good.
+    pub fn registration(&self) -> tokio::sync::watch::Receiver<Registration> {
+        self.shared.registration.subscribe()
+    }
+
+    /// Why the node cannot serve yet, while it waits to register with its
+    /// shared store (`None` once registered, or without a store).
+    pub fn starting_reason(&self) -> Option<String> {
+        self.cluster().err().map(|e| e.to_string())
+    }
+
+    /// The cluster, or why the node cannot serve requests that need it:
+    /// `None` for a node without a store.
+    fn cluster(&self) -> Result<Option<&Cluster>> {
+        match self.shared.cluster.get() {
+            Some(c) => Ok(Some(c)),
+            None if self.shared.config.cluster.is_none() => Ok(None),
+            None => Err(Error::StoreUnavailable(format!(
+                "the node has not registered with the shared store yet ({}); \
+                 nothing was applied",
+                self.shared.registration_reason()
+            ))),
+        }
+    }
+
+    /// Stops the threads of a node that failed to open, without the final
+    /// snapshot of a shutdown (nothing was served).
+    fn abandon(self) {
+        let shared = &*self.shared;
+        shared.shutting_down.store(true, Ordering::Release);
+        {
+            let (lock, cv) = &shared.stop;
+            *lock.lock() = true;
+            cv.notify_all();
+        }
+        if let Some(h) = shared.housekeeping.lock().take() {
+            let _ = h.join();
+        }
+        shared.engine.journal().close();
     }
 
     /// The node's id.
@@ -326,7 +466,7 @@ impl Node {
         if shared.shutting_down.load(Ordering::Acquire) {
             return Err(Error::ShuttingDown);
         }
-        let cluster = shared.cluster.as_deref();
+        let cluster = self.cluster()?;
         if let Some(c) = cluster {
             if let Some(reason) = c.fenced_reason() {
                 return Err(Error::Fenced(reason));
@@ -409,11 +549,7 @@ impl Node {
     /// This node's shard plus the other nodes' (from the cache).
     fn global_value(&self, name: &str) -> Option<i64> {
         let local = self.shared.engine.table().get(name).map(|e| e.value);
-        let others = self
-            .shared
-            .cluster
-            .as_deref()
-            .and_then(|c| c.cache.others(name));
+        let others = self.shared.cluster.get().and_then(|c| c.cache.others(name));
         match (local, others) {
             (None, None) => None,
             (l, o) => Some(l.unwrap_or(0).wrapping_add(o.unwrap_or(0))),
@@ -436,6 +572,7 @@ impl Node {
     /// plus the refresh interval old).
     pub fn get(&self, name: &str) -> Result<Option<i64>> {
         table::validate_name(name)?;
+        self.cluster()?;
         Ok(self.global_value(name))
     }
 
@@ -453,7 +590,7 @@ impl Node {
         if let Some(v) = local {
             shards.push((self.shared.node_id.clone(), v));
         }
-        if let Some(c) = self.shared.cluster.as_deref() {
+        if let Some(c) = self.cluster()? {
             let others = match consistency {
                 Consistency::Store => c.read_from_store(name)?,
                 Consistency::Cache => c.cache.breakdown(name),
@@ -476,13 +613,16 @@ impl Node {
     /// store.
     pub fn cluster_view(&self) -> Option<Result<ClusterView>> {
         let applied = self.shared.engine.applied_lsn();
-        self.shared.cluster.as_deref().map(|c| c.view(applied))
+        match self.cluster() {
+            Ok(cluster) => cluster.map(|c| c.view(applied)),
+            Err(e) => Some(Err(e)),
+        }
     }
 
     /// Completes with the reason when this node is fenced (never, for a
     /// node without a store).
     pub fn fenced_signal(&self) -> Option<tokio::sync::watch::Receiver<Option<String>>> {
-        self.shared.cluster.as_deref().map(|c| c.fenced_signal())
+        self.shared.cluster.get().map(|c| c.fenced_signal())
     }
 
     /// Why `replicated` increments cannot be made durable now (`None`
@@ -490,7 +630,7 @@ impl Node {
     pub fn replicated_unavailable(&self) -> Option<String> {
         self.shared
             .cluster
-            .as_deref()
+            .get()
             .and_then(|c| c.replicated_unavailable())
     }
 
@@ -502,7 +642,7 @@ impl Node {
     /// Costs a scan of the table and, with a store, of the cache: call it
     /// from a blocking thread when the node holds many counters.
     pub fn list(&self, prefix: &str, after: Option<&str>, limit: usize) -> Vec<(String, i64)> {
-        let Some(cluster) = self.shared.cluster.as_deref() else {
+        let Some(cluster) = self.shared.cluster.get().map(|c| &**c) else {
             return self.shared.engine.table().list(prefix, after, limit);
         };
         // The first `limit` names of the union are among the first `limit`
@@ -536,7 +676,7 @@ impl Node {
     /// cache; without one, this node's, at no cost.
     pub fn counter_count(&self) -> usize {
         let own = self.shared.engine.table().len();
-        let Some(cluster) = self.shared.cluster.as_deref() else {
+        let Some(cluster) = self.shared.cluster.get().map(|c| &**c) else {
             return own;
         };
         let others_only = cluster
@@ -561,12 +701,13 @@ impl Node {
     /// Ready when the journal can make writes durable and the node is not
     /// shutting down.
     pub fn readiness(&self) -> Readiness {
-        if let Some(reason) = self
-            .shared
-            .cluster
-            .as_deref()
-            .and_then(|c| c.fenced_reason())
-        {
+        if let Err(e) = self.cluster() {
+            return Readiness {
+                ready: false,
+                reason: Some(e.to_string()),
+            };
+        }
+        if let Some(reason) = self.shared.cluster.get().and_then(|c| c.fenced_reason()) {
             return Readiness {
                 ready: false,
                 reason: Some(reason),
@@ -634,7 +775,7 @@ impl Node {
             store_errors: m.store_errors.load(Ordering::Relaxed),
             flush_lag_lsns: shared
                 .cluster
-                .as_ref()
+                .get()
                 .map(|c| engine.applied_lsn().saturating_sub(c.flushed().lsn)),
         }
     }
@@ -662,7 +803,10 @@ impl Node {
             let _ = h.join();
         }
         // The committer makes a last flush while the journal still runs.
-        if let Some(c) = &shared.cluster {
+        if let Some(h) = shared.registering.lock().take() {
+            let _ = h.join();
+        }
+        if let Some(c) = shared.cluster.get() {
             c.stop();
         }
         let journal = shared.engine.journal();
@@ -670,7 +814,10 @@ impl Node {
         if let Some(reason) = journal.failure() {
             return Err(Error::JournalFailed(reason));
         }
-        if journal.end_pos() > shared.engine.last_snapshot_pos() {
+        // Not before registration settled the journal's replicated records
+        // with the store (see `Shared::snapshot`); the journal keeps them.
+        let settled = shared.cluster.get().is_some() || shared.config.cluster.is_none();
+        if settled && journal.end_pos() > shared.engine.last_snapshot_pos() {
             shared.snapshot()?;
         }
         // Everything is durable: another process may now open the directory.
@@ -681,12 +828,66 @@ impl Node {
 }
 
 impl Shared {
+    /// One attempt to register with the store and settle with it (see
+    /// `Cluster::start`); on success the node serves.
+    fn register(&self) -> Result<()> {
+        let cluster_config = self
+            .config
+            .cluster
+            .clone()
+            .ok_or_else(|| Error::InvalidConfig {
+                field: "cluster",
+                reason: "registering needs a shared store".into(),
+            })?;
+        let cluster = Cluster::start(
+            &self.engine,
+            &self.node_id,
+            cluster_config,
+            self.stores.clone(),
+            &self.recovery,
+            self.metrics.clone(),
+        )
+        // A journal that failed while settling is not a store outage: never
+        // worth another attempt.
+        .map_err(|e| match self.engine.journal().failure() {
+            Some(reason) => Error::JournalFailed(reason),
+            None => e,
+        })?;
+        if self.cluster.set(cluster).is_err() {
+            return Err(Error::InvalidConfig {
+                field: "cluster",
+                reason: "the node registered twice".into(),
+            });
+        }
+        self.registration.send_replace(Registration::Done);
+        Ok(())
+    }
+
+    /// Why the node is not registered (for errors and readiness).
+    fn registration_reason(&self) -> String {
+        match &*self.registration.borrow() {
+            Registration::Pending(reason) => {
+                format!("waiting for the shared store: {reason}")
+            }
+            Registration::Failed(reason) => format!("registration failed: {reason}"),
+            Registration::NotNeeded | Registration::Done => "registering".into(),
+        }
+    }
+
     /// A snapshot, never while a replicated transaction's outcome is open
     /// (see `Cluster::snapshot_gate`): the gate is held for the whole
     /// snapshot.
     fn snapshot(&self) -> Result<PathBuf> {
-        let _gate = match &self.cluster {
+        let _gate = match self.cluster.get() {
             Some(c) => Some(c.snapshot_gate()?),
+            // Not registered yet: the journal may hold replicated records
+            // that registration has still to settle with the store.
+            None if self.config.cluster.is_some() => {
+                return Err(Error::LimitExceeded(
+                    "snapshot postponed: the node has not registered with the shared store yet"
+                        .into(),
+                ));
+            }
             None => None,
         };
         self.engine.snapshot()
@@ -698,8 +899,67 @@ impl Drop for Shared {
         // Without an explicit shutdown: the cluster's threads stop at their
         // next look (they hold the engine weakly), and the engine syncs
         // what is queued when the last reference goes.
-        if let Some(c) = &self.cluster {
+        if let Some(c) = self.cluster.get() {
             c.signal_stop();
+        }
+    }
+}
+
+/// Whether a failed registration is worth trying again: `Ok(reason)` for a
+/// store that could not be reached or whose commit outcome is unknown
+/// (registering again only takes another epoch), `Err` for anything else.
+fn retryable(e: Error) -> std::result::Result<String, Error> {
+    match e {
+        Error::StoreUnavailable(reason) => Ok(reason),
+        Error::Indeterminate(reason) => Ok(reason.to_string()),
+        other => Err(other),
+    }
+}
+
+/// Registers with a store that could not be reached at open, with back-off,
+/// until it succeeds, fails for good, or the node stops.
+fn registration_main(shared: std::sync::Weak<Shared>) {
+    let mut backoff = REGISTER_RETRY_MIN;
+    let mut last_log = Instant::now();
+    loop {
+        {
+            let Some(shared) = shared.upgrade() else {
+                return;
+            };
+            let (lock, cv) = &shared.stop;
+            let mut stop = lock.lock();
+            if !*stop {
+                cv.wait_for(&mut stop, backoff);
+            }
+            if *stop {
+                return;
+            }
+        }
+        let Some(shared) = shared.upgrade() else {
+            return;
+        };
+        match shared.register().map_err(retryable) {
+            Ok(()) => {
+                tracing::info!(node_id = %shared.node_id, "registered with the shared store; serving");
+                return;
+            }
+            Err(Ok(reason)) => {
+                if last_log.elapsed() >= REGISTER_LOG_INTERVAL {
+                    tracing::warn!(%reason, "still waiting for the shared store");
+                    last_log = Instant::now();
+                }
+                shared
+                    .registration
+                    .send_replace(Registration::Pending(reason));
+                backoff = (backoff * 2).min(REGISTER_RETRY_MAX);
+            }
+            Err(Err(e)) => {
+                tracing::error!(error = %e, "registering with the shared store failed; the node cannot serve");
+                shared
+                    .registration
+                    .send_replace(Registration::Failed(e.to_string()));
+                return;
+            }
         }
     }
 }

@@ -1,9 +1,14 @@
 //! Runs a node with its front ends: the lifecycle of `tally serve`.
 //!
-//! Order matters. Recovery runs to completion before any listener is bound,
-//! so nothing can reach a node that has not recovered. On SIGTERM or SIGINT
-//! the listeners stop accepting, in-flight requests finish, and only then
-//! does the node make everything durable and stop.
+//! Order matters. The listeners are bound first, so that a port in use is
+//! reported before the data directory is touched, but nothing is accepted
+//! until recovery has run to completion: nothing can reach a node that has
+//! not recovered. A node with a shared store that cannot be reached yet
+//! then serves only its readiness (503 on `/readyz`, `-LOADING` to `PING`)
+//! while it registers again with back-off; the ready line is printed once
+//! it has registered. On SIGTERM or SIGINT the listeners stop accepting,
+//! in-flight requests finish, and only then does the node make everything
+//! durable and stop.
 
 use std::net::SocketAddr;
 use std::sync::Arc;
@@ -14,6 +19,7 @@ use tokio::net::TcpListener;
 use crate::settings::ServeSettings;
 use crate::signals::Signals;
 use tally::Node;
+use tally::node::Registration;
 use tally::shutdown::{self, Shutdown};
 
 /// Installs the tracing subscriber: text or JSON lines on stderr.
@@ -43,8 +49,18 @@ async fn bind(addr: Option<SocketAddr>, what: &str) -> anyhow::Result<Option<Tcp
 
 /// Runs `tally serve` until a termination signal or `stop` fires.
 pub async fn run(settings: ServeSettings, mut stop: Option<Shutdown>) -> anyhow::Result<()> {
+    // Caught from the start: a SIGTERM while the node recovers or waits for
+    // its store stops it cleanly.
+    let mut signals = Signals::install()?;
+    let server_config = Arc::new(settings.server.clone());
+    // Bound before the data directory is touched: a port in use fails at
+    // once and changes nothing. Nothing is accepted until the node opened.
+    let resp = bind(server_config.resp_addr, "RESP").await?;
+    let http = bind(server_config.http_addr, "HTTP").await?;
+    let resp_addr = resp.as_ref().map(|l| l.local_addr()).transpose()?;
+    let http_addr = http.as_ref().map(|l| l.local_addr()).transpose()?;
     let config = settings.node.clone();
-    let node = tokio::task::spawn_blocking(move || Node::open(config))
+    let node = tokio::task::spawn_blocking(move || Node::open_waiting_for_store(config))
         .await
         .context("recovery task panicked")?
         .with_context(|| {
@@ -53,11 +69,6 @@ pub async fn run(settings: ServeSettings, mut stop: Option<Shutdown>) -> anyhow:
                 settings.node.data_dir.display()
             )
         })?;
-    let server_config = Arc::new(settings.server.clone());
-    let resp = bind(server_config.resp_addr, "RESP").await?;
-    let http = bind(server_config.http_addr, "HTTP").await?;
-    let resp_addr = resp.as_ref().map(|l| l.local_addr()).transpose()?;
-    let http_addr = http.as_ref().map(|l| l.local_addr()).transpose()?;
 
     let (trigger, listener) = shutdown::channel();
     let mut tasks = tokio::task::JoinSet::new();
@@ -77,7 +88,32 @@ pub async fn run(settings: ServeSettings, mut stop: Option<Shutdown>) -> anyhow:
             listener.clone(),
         ));
     }
-    let mut signals = Signals::install()?;
+
+    // A node whose store cannot be reached yet serves only its readiness
+    // (503 on /readyz, -LOADING to PING) until it registers; the ready line
+    // waits for that.
+    let mut registration = node.registration();
+    let registered = tokio::select! {
+        r = registration.wait_for(|r| !matches!(r, Registration::Pending(_))) => {
+            match r.map(|r| r.clone()) {
+                Ok(Registration::Failed(reason)) => Err(reason),
+                _ => Ok(true),
+            }
+        }
+        _ = stop_requested(&mut signals, &mut stop) => Ok(false),
+    };
+    let serving = match registered {
+        Ok(serving) => serving,
+        Err(reason) => {
+            stop_serving(trigger, tasks, node).await?;
+            anyhow::bail!("registering with the shared store failed: {reason}");
+        }
+    };
+    if !serving {
+        tracing::info!("stopped before the shared store could be reached");
+        return stop_serving(trigger, tasks, node).await;
+    }
+
     let show = |a: Option<SocketAddr>| a.map_or("off".to_string(), |a| a.to_string());
     tracing::info!(node_id = node.node_id(), resp = %show(resp_addr), http = %show(http_addr), "ready");
     // One line on stdout for scripts and tests that start the binary.
@@ -88,12 +124,6 @@ pub async fn run(settings: ServeSettings, mut stop: Option<Shutdown>) -> anyhow:
     };
     println!("{ready}");
 
-    let stop_fired = async {
-        match stop.as_mut() {
-            Some(s) => s.fired().await,
-            None => std::future::pending().await,
-        }
-    };
     let mut fenced = node.fenced_signal();
     let fenced_fired = async {
         match fenced.as_mut() {
@@ -105,13 +135,37 @@ pub async fn run(settings: ServeSettings, mut stop: Option<Shutdown>) -> anyhow:
     };
     let mut was_fenced = false;
     tokio::select! {
-        _ = signals.received() => {}
-        _ = stop_fired => {}
+        _ = stop_requested(&mut signals, &mut stop) => {}
         _ = fenced_fired => {
             tracing::error!("this process was fenced by a newer one with the same node id; exiting");
             was_fenced = true;
         }
     }
+    let stopped = stop_serving(trigger, tasks, node).await;
+    if was_fenced {
+        anyhow::bail!("fenced: another process registered this node id in the shared store");
+    }
+    stopped
+}
+
+/// Completes at the first SIGTERM or SIGINT, or when `stop` fires.
+async fn stop_requested(signals: &mut Signals, stop: &mut Option<Shutdown>) {
+    match stop.as_mut() {
+        Some(s) => tokio::select! {
+            _ = signals.received() => {}
+            _ = s.fired() => {}
+        },
+        None => signals.received().await,
+    }
+}
+
+/// Stops the front ends, waits for the requests in flight, then shuts the
+/// node down (everything durable, a final snapshot).
+async fn stop_serving(
+    trigger: shutdown::ShutdownTrigger,
+    mut tasks: tokio::task::JoinSet<std::io::Result<()>>,
+    node: Node,
+) -> anyhow::Result<()> {
     trigger.fire();
     while let Some(r) = tasks.join_next().await {
         match r {
@@ -120,12 +174,8 @@ pub async fn run(settings: ServeSettings, mut stop: Option<Shutdown>) -> anyhow:
             Ok(Ok(())) => {}
         }
     }
-    let shutdown = tokio::task::spawn_blocking(move || node.shutdown())
+    tokio::task::spawn_blocking(move || node.shutdown())
         .await
-        .context("shutdown task panicked")?;
-    if was_fenced {
-        anyhow::bail!("fenced: another process registered this node id in the shared store");
-    }
-    shutdown.context("final sync failed")?;
-    Ok(())
+        .context("shutdown task panicked")?
+        .context("final sync failed")
 }

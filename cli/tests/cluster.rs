@@ -1287,3 +1287,95 @@ mod on_postgres {
         super::store_outage_local_continues_replicated_fails_fast();
     }
 }
+
+/// A blocking RESP command on a fresh connection to `addr`.
+fn resp_command(addr: std::net::SocketAddr, args: &[&str]) -> tally_lab::wire::resp::Reply {
+    tally_lab::wire::resp::Client::connect_with_timeout(addr, REPLY_TIMEOUT)
+        .and_then(|mut c| c.command(args))
+        .unwrap_or_else(|e| panic!("{args:?} to {addr}: {e}"))
+}
+
+/// Longest a node may take to notice that its store is back (its
+/// registration back-off is at most 5 s) and print its ready line.
+const REGISTERED_AFTER_OUTAGE_MAX: Duration = Duration::from_secs(20);
+/// How long the test keeps the store down once the node waits for it:
+/// long enough for several registration attempts to fail.
+const OUTAGE_AT_START: Duration = Duration::from_secs(2);
+
+// Proves: a node started while its PostgreSQL store is down does not exit.
+// It recovers locally and, until it can register, answers `/readyz` with
+// 503 naming the store, `PING` with `-LOADING` and increments with
+// "unavailable" (nothing applied); once the store is back it registers,
+// prints its ready line and serves every increment acknowledged before.
+#[test]
+fn node_started_during_store_outage_waits_for_the_store() {
+    use tally_lab::wire::resp::Reply;
+    let server = PgServer::new();
+    let url = server.url(&server.create_database());
+    let data = tempfile::tempdir().unwrap();
+    let data_dir = data.path().to_str().unwrap();
+    let base = [
+        "--data-dir",
+        data_dir,
+        "--store",
+        url.as_str(),
+        "--node-id",
+        "n1",
+    ];
+    let mut first = TallyProcess::start_with(&base, &[]);
+    for _ in 0..5 {
+        resp_command(first.resp.unwrap(), &["INCR", "waited"]);
+    }
+    assert!(first.terminate().success(), "{}", stderr_of(&first));
+
+    server.stop();
+    let [http, resp] = [0, 1].map(|_| {
+        format!(
+            "127.0.0.1:{}",
+            tally_lab::ports::free_loopback_port().unwrap()
+        )
+    });
+    let mut args = base.to_vec();
+    args.extend(["--http-addr", http.as_str(), "--resp-addr", resp.as_str()]);
+    let mut starting = TallyProcess::spawn_with(&args, &[]);
+    let (http, resp) = (http.parse().unwrap(), resp.parse().unwrap());
+    let limits = tally_lab::wire::http::Limits {
+        send_timeout: REPLY_TIMEOUT,
+        read_timeout: REPLY_TIMEOUT,
+        response_bytes_max: 64 * 1024,
+    };
+    let readyz = eventually_blocking("/readyz answers while the store is down", || {
+        tally_lab::wire::http::request(http, "GET", "/readyz", None, limits)
+            .map_err(|e| e.to_string())
+    });
+    assert_eq!(readyz.status, 503, "{readyz:?}");
+    assert!(readyz.body.contains("shared store"), "{readyz:?}");
+    match resp_command(resp, &["PING"]) {
+        Reply::Error(e) => assert!(e.starts_with("LOADING "), "{e}"),
+        other => panic!("PING answered {other:?} before the node registered"),
+    }
+    match resp_command(resp, &["INCR", "waited"]) {
+        Reply::Error(e) => assert!(e.starts_with("UNAVAILABLE "), "{e}"),
+        other => panic!("INCR answered {other:?} before the node registered"),
+    }
+    std::thread::sleep(OUTAGE_AT_START);
+    assert!(
+        starting.child.try_wait().unwrap().is_none(),
+        "the node exited while the store was down:\n{}",
+        starting.stderr()
+    );
+    assert!(!starting.is_ready(), "ready line before registering");
+
+    server.start();
+    let mut node = starting.wait_ready(REGISTERED_AFTER_OUTAGE_MAX);
+    assert_eq!(resp_command(resp, &["GET", "waited"]).text().unwrap(), "5");
+    assert_eq!(
+        resp_command(resp, &["INCR", "waited"]).integer().unwrap(),
+        6
+    );
+    assert_eq!(
+        tally_lab::wire::http::status(http, "/readyz", REPLY_TIMEOUT),
+        Some(200)
+    );
+    assert!(node.terminate().success(), "{}", stderr_of(&node));
+}

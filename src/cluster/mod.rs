@@ -196,6 +196,19 @@ fn store_err(e: StoreError) -> Error {
     }
 }
 
+/// [`store_err`] for start-up, where a misconfigured store (a bad URL, a
+/// schema newer than this build) is a setting to change, not an outage to
+/// wait out.
+fn start_err(e: StoreError) -> Error {
+    match e {
+        StoreError::Invalid(reason) => Error::InvalidConfig {
+            field: "cluster",
+            reason,
+        },
+        other => store_err(other),
+    }
+}
+
 impl Cluster {
     /// Connects to the store, takes a new epoch, restores from the store
     /// what it knows better than the local disk, settles the replicated
@@ -214,16 +227,16 @@ impl Cluster {
         let (store, reader) = match stores {
             Some(s) => (s.writer, s.reader),
             None => (
-                store::open(&config.store_url).map_err(store_err)?,
-                store::open(&config.store_url).map_err(store_err)?,
+                store::open(&config.store_url).map_err(start_err)?,
+                store::open(&config.store_url).map_err(start_err)?,
             ),
         };
         let node_id = node_id.to_string();
         let registration = store
             .register(&node_id, &config.address, now_ms())
-            .map_err(store_err)?;
+            .map_err(start_err)?;
         let epoch = registration.epoch;
-        let rows = store.load_shard(&node_id).map_err(store_err)?;
+        let rows = store.load_shard(&node_id).map_err(start_err)?;
         let stored: HashMap<&str, (i64, Version)> = rows
             .iter()
             .map(|r| (r.counter.as_str(), (r.value, r.version)))
@@ -310,11 +323,13 @@ impl Cluster {
             threads: Mutex::new(Vec::new()),
             metrics,
         };
-        // Reads are global from the first request on.
-        cluster
-            .cache
-            .refresh(cluster.reader.as_ref())
-            .map_err(store_err)?;
+        // Reads are global from the first request on. The engine has been
+        // changed above (reverts, adoptions), so from here on nothing may
+        // fail in a way that makes the caller register again: a failed first
+        // refresh is left to the cache thread.
+        if let Err(e) = cluster.cache.refresh(cluster.reader.as_ref()) {
+            tracing::warn!(error = %e, "first read of the other nodes' shards failed; the cache thread retries");
+        }
         let cluster = Arc::new(cluster);
         // The committer holds the engine weakly, so that dropping the node
         // (a crash in tests, or an embedder that never calls shutdown)

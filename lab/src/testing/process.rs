@@ -5,7 +5,7 @@ use std::net::SocketAddr;
 use std::path::{Path, PathBuf};
 use std::process::{Command, Stdio};
 
-use crate::process::{ChildGuard, READY_TIMEOUT};
+use crate::process::{ChildGuard, READY_TIMEOUT, ReadyWatch};
 
 /// A `tally serve` child process, killed by pid when dropped.
 pub struct TallyProcess {
@@ -33,6 +33,12 @@ impl TallyProcess {
     /// unless the args or environment set them) and extra environment,
     /// and waits up to [`READY_TIMEOUT`] for its ready line.
     pub fn start_with(args: &[&str], env: &[(&str, &str)]) -> TallyProcess {
+        Self::spawn_with(args, env).wait_ready(READY_TIMEOUT)
+    }
+
+    /// Starts `tally serve` like [`TallyProcess::start_with`], without
+    /// waiting for its ready line.
+    pub fn spawn_with(args: &[&str], env: &[(&str, &str)]) -> Starting {
         let log_dir = tempfile::Builder::new()
             .prefix("tally-log")
             .tempdir()
@@ -63,25 +69,12 @@ impl TallyProcess {
         .expect("starting the tally binary");
         let ready = child
             .watch_ready_line()
-            .expect("reading the tally binary's stdout")
-            .wait(READY_TIMEOUT);
-        let line = match ready {
-            Ok(line) => line,
-            Err(e) => {
-                let _ = child.kill();
-                panic!(
-                    "tally did not become ready ({e}); stderr:\n{}",
-                    std::fs::read_to_string(&stderr_path).unwrap_or_default()
-                );
-            }
-        };
-        TallyProcess {
-            resp: line.resp,
-            http: line.http,
-            node_id: line.node_id,
+            .expect("reading the tally binary's stdout");
+        Starting {
             child,
+            ready,
             stderr_path,
-            _log_dir: log_dir,
+            log_dir,
         }
     }
 
@@ -102,5 +95,48 @@ impl TallyProcess {
 
     pub fn resp_url(&self) -> String {
         format!("redis://{}/", self.resp.expect("RESP is on"))
+    }
+}
+
+/// A `tally serve` child that has not printed its ready line yet.
+pub struct Starting {
+    pub child: ChildGuard,
+    ready: ReadyWatch,
+    pub stderr_path: PathBuf,
+    log_dir: tempfile::TempDir,
+}
+
+impl Starting {
+    /// Whether the ready line has come.
+    pub fn is_ready(&self) -> bool {
+        self.ready.ready().is_some()
+    }
+
+    /// What the process wrote on stderr so far.
+    pub fn stderr(&self) -> String {
+        std::fs::read_to_string(&self.stderr_path).unwrap_or_default()
+    }
+
+    /// Waits up to `timeout` for the ready line; fails the test (killing
+    /// the process) if it does not come.
+    pub fn wait_ready(mut self, timeout: std::time::Duration) -> TallyProcess {
+        let line = match self.ready.wait(timeout) {
+            Ok(line) => line,
+            Err(e) => {
+                let _ = self.child.kill();
+                panic!(
+                    "tally did not become ready ({e}); stderr:\n{}",
+                    self.stderr()
+                );
+            }
+        };
+        TallyProcess {
+            resp: line.resp,
+            http: line.http,
+            node_id: line.node_id,
+            child: self.child,
+            stderr_path: self.stderr_path,
+            _log_dir: self.log_dir,
+        }
     }
 }

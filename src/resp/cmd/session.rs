@@ -87,6 +87,13 @@ pub enum ClientCommand {
 impl SessionCommand {
     pub fn apply(self, cx: &mut Context<'_>) -> Result<Frame, ReplyError> {
         let session = &mut *cx.session;
+        // As Redis answers while it loads its dataset: a health check that
+        // expects +PONG keeps a node that cannot serve yet out of rotation.
+        if let SessionCommand::Ping(_) = self
+            && let Some(reason) = cx.shared.node.starting_reason()
+        {
+            return Err(ReplyError::raw(format!("LOADING {reason}")));
+        }
         Ok(match self {
             SessionCommand::Ping(None) => Frame::Simple("PONG".into()),
             SessionCommand::Ping(Some(message)) | SessionCommand::Echo(message) => {
