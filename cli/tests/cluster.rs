@@ -1018,6 +1018,35 @@ fn store_outage_local_continues_replicated_fails_fast() {
     let mut nodes: Vec<TallyProcess> = (1..=2)
         .map(|i| store.start_node(&format!("n{i}"), &dir.path().join(format!("n{i}"))))
         .collect();
+    ride_through_store_fault(
+        &rt,
+        &mut nodes,
+        || {
+            store.server().stop();
+            let down_at = Instant::now();
+            std::thread::sleep(OUTAGE);
+            let up_at = Instant::now();
+            store.server().start();
+            (down_at, up_at)
+        },
+        |counter| store.shares(counter),
+    );
+}
+
+/// Sends `local` and `replicated` increments to every node while `fault`
+/// takes the store away and brings it back (returning when it went down and
+/// came back), then checks: no node exited; `local` was never refused and
+/// was acknowledged while the store was down; no `replicated` increment was
+/// acknowledged while it was down, each was refused at once as unavailable,
+/// and none was falsely answered "duplicate"; after retrying every unknown
+/// outcome with its key, the store's rows (read through `shares`) and every
+/// node report exactly the acknowledged totals.
+fn ride_through_store_fault(
+    rt: &tokio::runtime::Runtime,
+    nodes: &mut [TallyProcess],
+    fault: impl FnOnce() -> (Instant, Instant),
+    shares: impl Fn(&str) -> BTreeMap<String, i64>,
+) {
     let urls: Vec<String> = nodes.iter().map(|n| n.resp_url()).collect();
     let stop = Arc::new(AtomicBool::new(false));
     let store_back = Arc::new(AtomicBool::new(false));
@@ -1040,11 +1069,7 @@ fn store_outage_local_continues_replicated_fails_fast() {
     }
 
     std::thread::sleep(LOAD_BEFORE_OUTAGE);
-    store.server().stop();
-    let down_at = Instant::now();
-    std::thread::sleep(OUTAGE);
-    let up_at = Instant::now();
-    store.server().start();
+    let (down_at, up_at) = fault();
     store_back.store(true, Ordering::SeqCst);
     let deadline = Instant::now() + RECOVERY_TIMEOUT;
     while replicated_since_back.load(Ordering::SeqCst) < 2 * OUTAGE_CONNECTIONS
@@ -1185,7 +1210,7 @@ fn store_outage_local_continues_replicated_fails_fast() {
         || {
             let stored: Totals = expected
                 .keys()
-                .map(|c| (c.clone(), store.shares(c).values().sum()))
+                .map(|c| (c.clone(), shares(c).values().sum()))
                 .collect();
             if stored == expected {
                 Ok(())
@@ -1195,7 +1220,90 @@ fn store_outage_local_continues_replicated_fails_fast() {
         },
     );
     let refs: Vec<&TallyProcess> = nodes.iter().collect();
-    wait_for_values_or(&rt, &refs, &expected, CACHE_MISSED_ROWS);
+    wait_for_values_or(rt, &refs, &expected, CACHE_MISSED_ROWS);
+}
+
+// Proves: nodes given a multi-host store URL (`target_session_attrs=
+// read-write`) ride through a failover: the primary, which waits for a
+// synchronous standby on every commit, is killed with SIGKILL under load and
+// the standby promoted. `local` never stops; `replicated` is refused at once
+// (or its outcome is unknown, settled by a retry with its key) until the
+// nodes reach the new primary; nothing acknowledged is lost or counted
+// twice, in the new primary's rows and on every node.
+#[test]
+fn multi_host_url_rides_through_a_failover() {
+    use tally_lab::pgserver::{PgOptions, PgServer as Server};
+    let rt = runtime();
+    let primary = Server::new(PgOptions {
+        synchronous_standby: true,
+        ..PgOptions::default()
+    })
+    .unwrap_or_else(|e| panic!("{e}"));
+    let standby = Server::new(PgOptions {
+        standby_of: Some(primary.port()),
+        ..PgOptions::default()
+    })
+    .unwrap_or_else(|e| panic!("{e}"));
+    let sync_state = eventually_blocking("the primary has a synchronous standby", || {
+        let rows = primary
+            .connect("postgres")
+            .map_err(|e| e.to_string())?
+            .query("SELECT sync_state FROM pg_stat_replication", &[])
+            .map_err(|e| e.to_string())?;
+        let states: Vec<String> = rows.iter().map(|r| r.get(0)).collect();
+        if states.iter().any(|s| s == "sync") {
+            Ok(states)
+        } else {
+            Err(format!("replication states {states:?}"))
+        }
+    });
+    assert_eq!(sync_state, ["sync"]);
+    let db = primary.create_database().unwrap_or_else(|e| panic!("{e}"));
+    let url = format!(
+        "postgres://{}@127.0.0.1:{},127.0.0.1:{}/{db}?target_session_attrs=read-write",
+        tally_lab::pgserver::SUPERUSER,
+        primary.port(),
+        standby.port()
+    );
+    let dir = tempfile::tempdir().unwrap();
+    let mut nodes: Vec<TallyProcess> = (1..=2)
+        .map(|i| {
+            let mut args: Vec<String> = [
+                "--data-dir",
+                dir.path().join(format!("n{i}")).to_str().unwrap(),
+                "--store",
+                &url,
+                "--node-id",
+                &format!("n{i}"),
+            ]
+            .map(String::from)
+            .to_vec();
+            args.extend(FAST.serve_flags());
+            let args: Vec<&str> = args.iter().map(String::as_str).collect();
+            TallyProcess::start_with(&args, &[])
+        })
+        .collect();
+    ride_through_store_fault(
+        &rt,
+        &mut nodes,
+        || {
+            primary.kill9().unwrap_or_else(|e| panic!("{e}"));
+            let down_at = Instant::now();
+            standby.promote().unwrap_or_else(|e| panic!("{e}"));
+            (down_at, Instant::now())
+        },
+        |counter| {
+            // Opened for each read: the URL leads to whichever server is
+            // the primary now.
+            store::open(&url)
+                .unwrap_or_else(|e| panic!("opening {url}: {e}"))
+                .read_counter(counter)
+                .unwrap_or_else(|e| panic!("reading {counter} from the new primary: {e}"))
+                .into_iter()
+                .map(|r| (r.node_id, r.value))
+                .collect()
+        },
+    );
 }
 
 // ---------------------------------------------------------------------------

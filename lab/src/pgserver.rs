@@ -85,6 +85,8 @@ pub const CONNECTIONS_MAX_DEFAULT: u32 = 100;
 pub const CONNECT_TIMEOUT_SECS: u32 = 5;
 /// The server's superuser; authentication is `trust` on loopback.
 pub const SUPERUSER: &str = "tally";
+/// Longest a standby may take to become a primary once promoted.
+const PROMOTE_TIMEOUT: Duration = Duration::from_secs(60);
 
 /// Unprivileged users tried, in order, when running as root; the last one
 /// is created (as a system user) if none exists.
@@ -216,6 +218,13 @@ pub struct PgOptions {
     /// other users cannot pass through are given `o+x`; directories above
     /// it are never changed.
     pub reachable_from: Option<PathBuf>,
+    /// Commits wait until a standby has the commit's WAL
+    /// (`synchronous_standby_names = '*'`, given on the command line so
+    /// that a standby cloned from this server does not inherit it).
+    pub synchronous_standby: bool,
+    /// `Some(port)`: instead of a new cluster, a streaming standby of the
+    /// private server on that loopback port, cloned with `pg_basebackup`.
+    pub standby_of: Option<u16>,
 }
 
 impl Default for PgOptions {
@@ -226,6 +235,8 @@ impl Default for PgOptions {
             preload_stat_statements: false,
             dir: None,
             reachable_from: None,
+            synchronous_standby: false,
+            standby_of: None,
         }
     }
 }
@@ -243,6 +254,7 @@ pub struct PgServer {
     durable: bool,
     connections_max: u32,
     stat_statements: bool,
+    synchronous_standby: bool,
     version: String,
     state: Mutex<State>,
 }
@@ -337,6 +349,7 @@ impl PgServer {
             durable: options.durable,
             connections_max: options.connections_max,
             stat_statements,
+            synchronous_standby: options.synchronous_standby,
             version: String::new(),
             state: Mutex::new(State {
                 child: None,
@@ -345,7 +358,10 @@ impl PgServer {
             }),
         };
         server.version = server.read_version()?;
-        server.initdb()?;
+        match options.standby_of {
+            Some(primary_port) => server.clone_from(primary_port)?,
+            None => server.initdb()?,
+        }
         let mut last_error = None;
         for _ in 0..PORT_ATTEMPTS_MAX {
             server.port = crate::ports::free_loopback_port()
@@ -562,6 +578,53 @@ impl PgServer {
         run_bounded(&mut cmd, "initdb", INITDB_TIMEOUT).map(drop)
     }
 
+    /// Clones the server on `primary_port` into the data directory as a
+    /// streaming standby (`-R` writes `standby.signal` and the connection
+    /// to the primary).
+    fn clone_from(&self, primary_port: u16) -> Result<()> {
+        let mut cmd = self.command("pg_basebackup");
+        cmd.arg("-D")
+            .arg(self.data_dir())
+            .args(["-h", "127.0.0.1", "-p", &primary_port.to_string()])
+            .args(["-U", SUPERUSER, "-R", "-X", "stream", "--no-sync"]);
+        run_bounded(&mut cmd, "pg_basebackup", INITDB_TIMEOUT).map(drop)
+    }
+
+    /// `kill -9` of the postmaster: a crash, nothing shut down cleanly.
+    /// The server can be started again with [`PgServer::start`].
+    pub fn kill9(&self) -> Result<()> {
+        let child = self.state.lock().child.take();
+        if let Some(mut child) = child {
+            child
+                .kill()
+                .map_err(io_err("killing postgres with SIGKILL"))?;
+        }
+        Ok(())
+    }
+
+    /// Promotes a standby to a primary and waits until it is one.
+    pub fn promote(&self) -> Result<()> {
+        let promoted: bool = self
+            .connect("postgres")?
+            .query_one(
+                &format!("SELECT pg_promote(true, {})", PROMOTE_TIMEOUT.as_secs()),
+                &[],
+            )
+            .map_err(|source| PgError::Sql {
+                what: "promoting the standby (pg_promote)".into(),
+                source,
+            })?
+            .get(0);
+        if promoted {
+            Ok(())
+        } else {
+            Err(PgError::NotStarted(format!(
+                "the standby on port {} was not promoted within {PROMOTE_TIMEOUT:?}",
+                self.port
+            )))
+        }
+    }
+
     /// Starts `postgres` on the data directory and port and waits until it
     /// accepts connections. Any failure to come up is
     /// [`PgError::NotStarted`], and leaves no process behind.
@@ -590,6 +653,9 @@ impl PgServer {
         }
         if self.stat_statements {
             cmd.args(["-c", "shared_preload_libraries=pg_stat_statements"]);
+        }
+        if self.synchronous_standby {
+            cmd.args(["-c", "synchronous_standby_names=*"]);
         }
         let child = ChildGuard::spawn(
             cmd.stdout(Stdio::from(log))
