@@ -30,6 +30,7 @@ pub fn start(work: &Path, dir: &Path) -> Result<PgServer> {
         preload_stat_statements: false,
         dir: Some(dir.to_path_buf()),
         reachable_from: Some(work.to_path_buf()),
+        ..PgOptions::default()
     })
     .map_err(|e| {
         let hint = matches!(e, PgError::Unreachable { .. });

@@ -1223,17 +1223,22 @@ fn ride_through_store_fault(
     wait_for_values_or(rt, &refs, &expected, CACHE_MISSED_ROWS);
 }
 
-// Proves: nodes given a multi-host store URL (`target_session_attrs=
-// read-write`) ride through a failover: the primary, which waits for a
-// synchronous standby on every commit, is killed with SIGKILL under load and
-// the standby promoted. `local` never stops; `replicated` is refused at once
-// (or its outcome is unknown, settled by a retry with its key) until the
-// nodes reach the new primary; nothing acknowledged is lost or counted
-// twice, in the new primary's rows and on every node.
-#[test]
-fn multi_host_url_rides_through_a_failover() {
+/// How long the synchronous standby stays down in the stall scenario:
+/// longer than a store call's bound, so that commits time out.
+const STALL: Duration = Duration::from_secs(8);
+/// Longest a `replicated` increment may wait for its answer while commits
+/// stall: one store call's bound (5 s) for the round it is in, one for the
+/// round before it, and a margin.
+const STALLED_REPLY_MAX: Duration = Duration::from_secs(13);
+
+/// A synchronous primary and its standby, private to the test, and the
+/// multi-host URL of one database on them.
+fn primary_with_sync_standby() -> (
+    tally_lab::pgserver::PgServer,
+    tally_lab::pgserver::PgServer,
+    String,
+) {
     use tally_lab::pgserver::{PgOptions, PgServer as Server};
-    let rt = runtime();
     let primary = Server::new(PgOptions {
         synchronous_standby: true,
         ..PgOptions::default()
@@ -1244,7 +1249,7 @@ fn multi_host_url_rides_through_a_failover() {
         ..PgOptions::default()
     })
     .unwrap_or_else(|e| panic!("{e}"));
-    let sync_state = eventually_blocking("the primary has a synchronous standby", || {
+    let states = eventually_blocking("the primary has a synchronous standby", || {
         let rows = primary
             .connect("postgres")
             .map_err(|e| e.to_string())?
@@ -1257,7 +1262,7 @@ fn multi_host_url_rides_through_a_failover() {
             Err(format!("replication states {states:?}"))
         }
     });
-    assert_eq!(sync_state, ["sync"]);
+    assert_eq!(states, ["sync"]);
     let db = primary.create_database().unwrap_or_else(|e| panic!("{e}"));
     let url = format!(
         "postgres://{}@127.0.0.1:{},127.0.0.1:{}/{db}?target_session_attrs=read-write",
@@ -1265,14 +1270,18 @@ fn multi_host_url_rides_through_a_failover() {
         primary.port(),
         standby.port()
     );
-    let dir = tempfile::tempdir().unwrap();
-    let mut nodes: Vec<TallyProcess> = (1..=2)
+    (primary, standby, url)
+}
+
+/// Two nodes on `url` with the test timings, in `dir`.
+fn nodes_on(url: &str, dir: &Path) -> Vec<TallyProcess> {
+    (1..=2)
         .map(|i| {
             let mut args: Vec<String> = [
                 "--data-dir",
-                dir.path().join(format!("n{i}")).to_str().unwrap(),
+                dir.join(format!("n{i}")).to_str().unwrap(),
                 "--store",
-                &url,
+                url,
                 "--node-id",
                 &format!("n{i}"),
             ]
@@ -1282,7 +1291,34 @@ fn multi_host_url_rides_through_a_failover() {
             let args: Vec<&str> = args.iter().map(String::as_str).collect();
             TallyProcess::start_with(&args, &[])
         })
-        .collect();
+        .collect()
+}
+
+/// The rows of `counter` in the store at `url`, by node; the store is
+/// opened for each read, so the URL leads to whichever server is primary.
+fn shares_at(url: &str, counter: &str) -> BTreeMap<String, i64> {
+    store::open(url)
+        .unwrap_or_else(|e| panic!("opening {url}: {e}"))
+        .read_counter(counter)
+        .unwrap_or_else(|e| panic!("reading {counter}: {e}"))
+        .into_iter()
+        .map(|r| (r.node_id, r.value))
+        .collect()
+}
+
+// Proves: nodes given a multi-host store URL (`target_session_attrs=
+// read-write`) ride through a failover: the primary, which waits for a
+// synchronous standby on every commit, is killed with SIGKILL under load and
+// the standby promoted. `local` never stops; `replicated` is refused at once
+// (or its outcome is unknown, settled by a retry with its key) until the
+// nodes reach the new primary; nothing acknowledged is lost or counted
+// twice, in the new primary's rows and on every node.
+#[test]
+fn multi_host_url_rides_through_a_failover() {
+    let rt = runtime();
+    let (primary, standby, url) = primary_with_sync_standby();
+    let dir = tempfile::tempdir().unwrap();
+    let mut nodes = nodes_on(&url, dir.path());
     ride_through_store_fault(
         &rt,
         &mut nodes,
@@ -1292,18 +1328,143 @@ fn multi_host_url_rides_through_a_failover() {
             standby.promote().unwrap_or_else(|e| panic!("{e}"));
             (down_at, Instant::now())
         },
-        |counter| {
-            // Opened for each read: the URL leads to whichever server is
-            // the primary now.
-            store::open(&url)
-                .unwrap_or_else(|e| panic!("opening {url}: {e}"))
-                .read_counter(counter)
-                .unwrap_or_else(|e| panic!("reading {counter} from the new primary: {e}"))
-                .into_iter()
-                .map(|r| (r.node_id, r.value))
-                .collect()
-        },
+        |counter| shares_at(&url, counter),
     );
+}
+
+// Proves: when the primary cannot commit (its synchronous standby is gone),
+// no node waits for it without bound or reports a false success: every
+// `replicated` increment is answered within a bounded time as unavailable
+// or of unknown outcome, `local` goes on, and the cluster view names the
+// stall; once the standby is back, the stalled commits finish, each unknown
+// outcome is settled with the server before anything else is written, and
+// after retrying the unknown ones with their keys, the store's rows and
+// every node report exactly the acknowledged totals.
+#[test]
+fn stalled_commits_are_bounded_and_settled() {
+    let rt = runtime();
+    let (_primary, standby, url) = primary_with_sync_standby();
+    let dir = tempfile::tempdir().unwrap();
+    let nodes = nodes_on(&url, dir.path());
+    let urls: Vec<String> = nodes.iter().map(|n| n.resp_url()).collect();
+    let stop = Arc::new(AtomicBool::new(false));
+    let store_back = Arc::new(AtomicBool::new(false));
+    let replicated_since_back = Arc::new(AtomicUsize::new(0));
+    let mut tasks = Vec::new();
+    for (n, node_url) in urls.iter().enumerate() {
+        for level in [Level::Local, Level::Replicated] {
+            tasks.push(rt.spawn(outage_load(
+                node_url.clone(),
+                n,
+                0,
+                level,
+                stop.clone(),
+                store_back.clone(),
+                replicated_since_back.clone(),
+            )));
+        }
+    }
+    std::thread::sleep(LOAD_BEFORE_OUTAGE);
+    standby.kill9().unwrap_or_else(|e| panic!("{e}"));
+    let down_at = Instant::now();
+    let http = nodes[0].http.expect("HTTP is on");
+    let stalled = eventually_blocking("the cluster view names the stall", || {
+        let limits = tally_lab::wire::http::Limits {
+            send_timeout: REPLY_TIMEOUT,
+            read_timeout: REPLY_TIMEOUT,
+            response_bytes_max: 1 << 20,
+        };
+        let view = tally_lab::wire::http::request(http, "GET", "/v1/cluster", None, limits)
+            .map_err(|e| e.to_string())?;
+        let view: serde_json::Value =
+            serde_json::from_str(&view.body).map_err(|e| e.to_string())?;
+        if view["replicated_available"] == false {
+            Ok(view["store_error"].to_string())
+        } else {
+            Err(view.to_string())
+        }
+    });
+    std::thread::sleep(STALL.saturating_sub(down_at.elapsed()));
+    standby.start().unwrap_or_else(|e| panic!("{e}"));
+    let up_at = Instant::now();
+    store_back.store(true, Ordering::SeqCst);
+    let deadline = Instant::now() + RECOVERY_TIMEOUT + STALL;
+    while replicated_since_back.load(Ordering::SeqCst) < 2 && Instant::now() < deadline {
+        std::thread::sleep(tally_lab::testing::POLL_INTERVAL);
+    }
+    stop.store(true, Ordering::SeqCst);
+    let attempts: Vec<Attempt> = tasks
+        .into_iter()
+        .flat_map(|t| rt.block_on(t).expect("a load task failed"))
+        .collect();
+    assert!(
+        stalled.contains("commit") || stalled.contains("answer"),
+        "the cluster view's store error does not say commits stall: {stalled}"
+    );
+    assert!(
+        replicated_since_back.load(Ordering::SeqCst) > 0,
+        "no replicated increment succeeded after the standby came back"
+    );
+    let mut by_node: BTreeMap<String, Totals> = BTreeMap::new();
+    let mut unknown = 0;
+    for a in &attempts {
+        if a.op.level == Level::Local {
+            assert!(a.result.is_ok(), "a local increment failed: {:?}", a.result);
+        } else {
+            assert!(
+                a.latency < STALLED_REPLY_MAX,
+                "{:?} waited {:?} for its answer",
+                a.op,
+                a.latency
+            );
+            assert_ne!(a.result, Ok(true), "{:?} falsely answered duplicate", a.op);
+            let replied = a.started + a.latency;
+            if a.started >= down_at && replied < up_at {
+                assert!(
+                    a.result.is_err(),
+                    "{:?} was acknowledged while the primary could not commit",
+                    a.op
+                );
+            }
+        }
+        let counts = match &a.result {
+            Ok(_) => true,
+            Err((code, _)) if code == "INDETERMINATE" => {
+                unknown += 1;
+                rt.block_on(retry_until_definite(&urls[(a.node + 1) % 2], &a.op));
+                true
+            }
+            Err((code, message)) => {
+                assert_eq!(code, "UNAVAILABLE", "{:?}: {message}", a.op);
+                false
+            }
+        };
+        if counts {
+            *by_node
+                .entry("all".into())
+                .or_default()
+                .entry(a.op.counter.clone())
+                .or_default() += a.op.delta;
+        }
+    }
+    assert!(
+        unknown > 0,
+        "no commit was left with an unknown outcome by the stall"
+    );
+    let expected = global(&by_node);
+    eventually_blocking("the store's rows sum to the acknowledged totals", || {
+        let stored: Totals = expected
+            .keys()
+            .map(|c| (c.clone(), shares_at(&url, c).values().sum()))
+            .collect();
+        if stored == expected {
+            Ok(())
+        } else {
+            Err(format!("expected: {expected:?}\nstored: {stored:?}"))
+        }
+    });
+    let refs: Vec<&TallyProcess> = nodes.iter().collect();
+    wait_for_values_or(&rt, &refs, &expected, CACHE_MISSED_ROWS);
 }
 
 // ---------------------------------------------------------------------------

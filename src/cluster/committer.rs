@@ -406,6 +406,23 @@ fn resolve(
     u: Unresolved,
     backlog: &mut HashMap<CompactString, (i64, u64)>,
 ) -> Result<(), (Unresolved, StoreError)> {
+    // The transaction may still be waiting on the server (for a
+    // synchronous standby, say), invisible to readers until it ends: its
+    // rows tell nothing until the server says it is over.
+    match cluster.store.commit_settled() {
+        Ok(true) => {}
+        Ok(false) => {
+            return Err((
+                u,
+                StoreError::Unavailable(
+                    "an earlier commit is still in progress on the store \
+                     (a primary waiting for a synchronous standby?)"
+                        .into(),
+                ),
+            ));
+        }
+        Err(e) => return Err((u, e)),
+    }
     let probe = u
         .applied
         .first()

@@ -131,6 +131,11 @@ impl Store for FaultyStore {
         self.check()?;
         self.inner.purge_expired_keys(now_ms, limit)
     }
+
+    fn commit_settled(&self) -> Result<bool, StoreError> {
+        self.check()?;
+        self.inner.commit_settled()
+    }
 }
 
 struct FaultyTx<'a> {

@@ -218,6 +218,16 @@ pub trait Store: Send + Sync {
     /// Deletes at most `limit` keys whose expiry is at or before `now_ms`,
     /// oldest first; returns how many were deleted.
     fn purge_expired_keys(&self, now_ms: u64, limit: usize) -> Result<u64, StoreError>;
+
+    /// Whether the last commit whose outcome this store left unknown
+    /// ([`StoreError::Indeterminate`]) can no longer take effect: `false`
+    /// while the server still has that transaction in progress (a primary
+    /// waiting for a synchronous standby, say). Reading a row to learn
+    /// whether the commit happened means something only once this is
+    /// `true`. A store whose commits cannot outlive their call says `true`.
+    fn commit_settled(&self) -> Result<bool, StoreError> {
+        Ok(true)
+    }
 }
 
 /// A write transaction of one node, fenced by its epoch (see
@@ -250,7 +260,8 @@ pub trait StoreTx {
     fn set_flushed(&mut self, flushed: Version, now_ms: u64) -> Result<(), StoreError>;
 
     /// Commits. [`StoreError::Indeterminate`] means the commit was sent and
-    /// its outcome is unknown.
+    /// its outcome is unknown; ask [`Store::commit_settled`] before deciding
+    /// it from the rows it wrote.
     fn commit(self: Box<Self>) -> Result<(), StoreError>;
 }
 

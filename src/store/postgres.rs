@@ -26,13 +26,14 @@
 //! `postgres` crate blocks on a runtime of its own, which panics there.
 
 use std::collections::{HashMap, HashSet};
+use std::sync::Arc;
 use std::time::Duration;
 
-use ::postgres::config::SslMode;
-use ::postgres::error::SqlState;
-use ::postgres::types::ToSql;
-use ::postgres::{Client, Config, NoTls, Row, Statement};
 use parking_lot::{Mutex, MutexGuard};
+use tokio_postgres::config::SslMode;
+use tokio_postgres::error::SqlState;
+use tokio_postgres::types::ToSql;
+use tokio_postgres::{Client, Config, NoTls, Row, Statement};
 
 use super::{
     KeyRow, NodeRow, Registration, ShardRow, Store, StoreError, StoreTx, Version, from_stored,
@@ -49,6 +50,15 @@ pub const CONNECT_TIMEOUT: Duration = Duration::from_secs(5);
 /// host vanished would hang for the kernel's default of many minutes.
 pub const TCP_USER_TIMEOUT: Duration = Duration::from_secs(30);
 
+/// Longest a call (a statement, `COMMIT`, or connecting) may take before
+/// the connection is given up: dropped, never cancelled. A server that
+/// stalls (a frozen host, or a primary that waits for a synchronous standby
+/// that is gone) thus fails a call in bounded time; a `COMMIT` that times
+/// out has an unknown outcome ([`StoreError::Indeterminate`]). The server is
+/// never sent a cancel request: a cancelled wait for a synchronous standby
+/// commits locally anyway, and reports success as a warning.
+pub const CALL_TIMEOUT: Duration = Duration::from_secs(5);
+
 /// Most rows sent in one statement by [`StoreTx::upsert_shards`] or
 /// [`StoreTx::insert_keys`]. A larger batch is sent as several statements
 /// in the same transaction (still atomic). It bounds one message to a few
@@ -62,24 +72,45 @@ const MIGRATION_RETRY_DELAY: Duration = Duration::from_millis(20);
 /// A store in a PostgreSQL database.
 pub struct PostgresStore {
     config: Config,
+    /// Runs this store's connection: a runtime of its own, driven only
+    /// while a call blocks on it, so the store can be called from any
+    /// thread that is not itself inside a runtime.
+    runtime: Arc<tokio::runtime::Runtime>,
     /// `None` until the first call, and again after a failure broke the
     /// connection. A blocking mutex: every holder blocks on the server.
     conn: Mutex<Option<Conn>>,
+    /// The transaction id of a commit whose outcome was left unknown
+    /// (timed out or cut off): until the server says that transaction is
+    /// no longer in progress, its effect may still appear, so
+    /// [`Store::commit_settled`] says "not yet".
+    unsettled_xid: Mutex<Option<i64>>,
 }
 
 /// A connection and the statements prepared on it (they die with it).
 struct Conn {
     client: Client,
+    /// Drives the connection; aborted when the `Conn` is dropped, which
+    /// closes the socket.
+    driver: tokio::task::JoinHandle<()>,
+    runtime: Arc<tokio::runtime::Runtime>,
     statements: HashMap<&'static str, Statement>,
     /// The connection's transaction state is unknown (a `ROLLBACK`
-    /// failed): it must not be used again.
+    /// failed, or a call timed out): it must not be used again.
     broken: bool,
+}
+
+impl Drop for Conn {
+    fn drop(&mut self) {
+        self.driver.abort();
+    }
 }
 
 /// Why a step failed: a driver error (with what was being done) or a
 /// decision of ours (fenced, invalid value).
 enum Fail {
-    Pg(&'static str, ::postgres::Error),
+    Pg(&'static str, tokio_postgres::Error),
+    /// No answer within [`CALL_TIMEOUT`]; the connection is broken.
+    TimedOut(&'static str),
     Store(StoreError),
 }
 
@@ -94,7 +125,7 @@ trait Context<T> {
     fn ctx(self, what: &'static str) -> Result<T, Fail>;
 }
 
-impl<T> Context<T> for Result<T, ::postgres::Error> {
+impl<T> Context<T> for Result<T, tokio_postgres::Error> {
     fn ctx(self, what: &'static str) -> Result<T, Fail> {
         self.map_err(|e| Fail::Pg(what, e))
     }
@@ -102,7 +133,7 @@ impl<T> Context<T> for Result<T, ::postgres::Error> {
 
 /// A driver error in words: the server's code and message when it sent
 /// one, else the whole cause chain (the driver's own text is terse).
-fn describe(e: &::postgres::Error) -> String {
+fn describe(e: &tokio_postgres::Error) -> String {
     if let Some(db) = e.as_db_error() {
         let mut s = format!("{} {}: {}", db.severity(), db.code().code(), db.message());
         if let Some(detail) = db.detail() {
@@ -122,12 +153,35 @@ fn describe(e: &::postgres::Error) -> String {
     s
 }
 
+/// Runs one call of a connection on its runtime, bounded by
+/// [`CALL_TIMEOUT`].
+fn bounded<T>(
+    runtime: &tokio::runtime::Runtime,
+    what: &'static str,
+    call: impl std::future::Future<Output = Result<T, tokio_postgres::Error>>,
+) -> Result<T, Fail> {
+    match runtime.block_on(async { tokio::time::timeout(CALL_TIMEOUT, call).await }) {
+        Ok(result) => result.ctx(what),
+        Err(_) => Err(Fail::TimedOut(what)),
+    }
+}
+
 impl Conn {
-    fn statement(&mut self, sql: &'static str) -> Result<Statement, ::postgres::Error> {
+    /// A call that timed out leaves the connection in an unknown state: it
+    /// is marked broken, and its owner drops it, closing the socket.
+    fn note<T>(&mut self, result: Result<T, Fail>) -> Result<T, Fail> {
+        if let Err(Fail::TimedOut(_)) = &result {
+            self.broken = true;
+        }
+        result
+    }
+
+    fn statement(&mut self, sql: &'static str, what: &'static str) -> Result<Statement, Fail> {
         if let Some(s) = self.statements.get(sql) {
             return Ok(s.clone());
         }
-        let s = self.client.prepare(sql)?;
+        let r = bounded(&self.runtime, what, self.client.prepare(sql));
+        let s = self.note(r)?;
         self.statements.insert(sql, s.clone());
         Ok(s)
     }
@@ -138,8 +192,20 @@ impl Conn {
         params: &[&(dyn ToSql + Sync)],
         what: &'static str,
     ) -> Result<Vec<Row>, Fail> {
-        let stmt = self.statement(sql).ctx(what)?;
-        self.client.query(&stmt, params).ctx(what)
+        let stmt = self.statement(sql, what)?;
+        let r = bounded(&self.runtime, what, self.client.query(&stmt, params));
+        self.note(r)
+    }
+
+    fn query_one(
+        &mut self,
+        sql: &'static str,
+        params: &[&(dyn ToSql + Sync)],
+        what: &'static str,
+    ) -> Result<Row, Fail> {
+        let stmt = self.statement(sql, what)?;
+        let r = bounded(&self.runtime, what, self.client.query_one(&stmt, params));
+        self.note(r)
     }
 
     fn execute(
@@ -148,18 +214,20 @@ impl Conn {
         params: &[&(dyn ToSql + Sync)],
         what: &'static str,
     ) -> Result<u64, Fail> {
-        let stmt = self.statement(sql).ctx(what)?;
-        self.client.execute(&stmt, params).ctx(what)
+        let stmt = self.statement(sql, what)?;
+        let r = bounded(&self.runtime, what, self.client.execute(&stmt, params));
+        self.note(r)
     }
 
     fn batch(&mut self, sql: &str, what: &'static str) -> Result<(), Fail> {
-        self.client.batch_execute(sql).ctx(what)
+        let r = bounded(&self.runtime, what, self.client.batch_execute(sql));
+        self.note(r)
     }
 
     /// Ends a transaction that must not commit. If even that fails, the
     /// connection's state is unknown and it is marked broken.
     fn rollback(&mut self) {
-        if self.client.batch_execute("ROLLBACK").is_err() {
+        if self.batch("ROLLBACK", "rolling back").is_err() {
             self.broken = true;
         }
     }
@@ -174,9 +242,26 @@ impl Conn {
                  the transaction was rolled back"
             )));
         }
-        match self.client.batch_execute("COMMIT") {
-            Ok(()) => Ok(()),
-            Err(e) => {
+        let sent = bounded(
+            &self.runtime,
+            "committing",
+            self.client.batch_execute("COMMIT"),
+        );
+        let e = match sent {
+            Ok(()) => return Ok(()),
+            Err(Fail::TimedOut(_)) => {
+                self.broken = true;
+                return Err(StoreError::Indeterminate(format!(
+                    "{what}: the server did not answer COMMIT within {CALL_TIMEOUT:?} \
+                     (a stalled server, or a primary waiting for a synchronous standby); \
+                     the connection was dropped"
+                )));
+            }
+            Err(Fail::Pg(_, e)) => e,
+            Err(Fail::Store(e)) => return Err(e),
+        };
+        {
+            {
                 let rolled_back = e.as_db_error().is_some_and(|db| {
                     let class = &db.code().code()[..2];
                     // 40: transaction rollback (serialization failure,
@@ -207,6 +292,7 @@ impl Conn {
 fn breaks(fail: &Fail, conn: &Conn) -> bool {
     conn.broken
         || conn.client.is_closed()
+        || matches!(fail, Fail::TimedOut(_))
         || matches!(fail, Fail::Pg(_, e) if e.as_db_error().is_none())
 }
 
@@ -214,10 +300,14 @@ fn into_store_error(fail: Fail) -> StoreError {
     match fail {
         Fail::Store(e) => e,
         Fail::Pg(what, e) => StoreError::Unavailable(format!("{what}: {}", describe(&e))),
+        // No COMMIT was sent: the transaction never commits.
+        Fail::TimedOut(what) => StoreError::Unavailable(format!(
+            "{what}: no answer within {CALL_TIMEOUT:?}; the connection was dropped"
+        )),
     }
 }
 
-fn col<T: for<'a> ::postgres::types::FromSql<'a>>(
+fn col<T: for<'a> tokio_postgres::types::FromSql<'a>>(
     row: &Row,
     i: usize,
     what: &'static str,
@@ -268,7 +358,11 @@ const SELECT_NODE_FOR_UPDATE: &str = "SELECT node_id, epoch, address, started_at
      WHERE node_id = $1 FOR UPDATE";
 const BUMP_EPOCH: &str = "UPDATE tally_nodes SET epoch = epoch + 1, address = $2, \
      started_at_ms = $3, heartbeat_at_ms = $3 WHERE node_id = $1 RETURNING epoch";
-const LOCK_NODE: &str = "SELECT epoch FROM tally_nodes WHERE node_id = $1 FOR UPDATE";
+// `txid_current()` names the transaction, so that a commit whose outcome is
+// left unknown can be asked about later (`txid_status`).
+const LOCK_NODE: &str =
+    "SELECT epoch, txid_current() FROM tally_nodes WHERE node_id = $1 FOR UPDATE";
+const TXID_STATUS: &str = "SELECT txid_status($1)";
 const SELECT_EPOCH: &str = "SELECT epoch FROM tally_nodes WHERE node_id = $1";
 const HEARTBEAT: &str = "UPDATE tally_nodes SET heartbeat_at_ms = $3, applied_lsn = $4 \
      WHERE node_id = $1 AND epoch = $2";
@@ -334,9 +428,15 @@ impl PostgresStore {
         if config.get_application_name().is_none() {
             config.application_name("tally");
         }
+        let runtime = tokio::runtime::Builder::new_current_thread()
+            .enable_all()
+            .build()
+            .map_err(|e| StoreError::Unavailable(format!("starting the store's runtime: {e}")))?;
         let store = PostgresStore {
             config,
+            runtime: Arc::new(runtime),
             conn: Mutex::new(None),
+            unsettled_xid: Mutex::new(None),
         };
         {
             let mut guard = store.conn.lock();
@@ -362,11 +462,35 @@ impl PostgresStore {
             **guard = None;
         }
         if guard.is_none() {
-            let client = self.config.connect(NoTls).map_err(|e| {
-                StoreError::Unavailable(format!("connecting to PostgreSQL: {}", describe(&e)))
-            })?;
+            // Each host's socket connect is bounded by `connect_timeout`;
+            // the whole (the startup exchange with a server that stopped
+            // answering included) by a call's bound per host.
+            let hosts = self.config.get_hosts().len().max(1) as u32;
+            let connecting = self.runtime.block_on(async {
+                tokio::time::timeout(CALL_TIMEOUT * hosts, self.config.connect(NoTls)).await
+            });
+            let (client, connection) = match connecting {
+                Ok(Ok(pair)) => pair,
+                Ok(Err(e)) => {
+                    return Err(StoreError::Unavailable(format!(
+                        "connecting to PostgreSQL: {}",
+                        describe(&e)
+                    )));
+                }
+                Err(_) => {
+                    return Err(StoreError::Unavailable(format!(
+                        "connecting to PostgreSQL: no answer within {:?}",
+                        CALL_TIMEOUT * hosts
+                    )));
+                }
+            };
+            let driver = self.runtime.spawn(async move {
+                let _ = connection.await;
+            });
             **guard = Some(Conn {
                 client,
+                driver,
+                runtime: self.runtime.clone(),
                 statements: HashMap::new(),
                 broken: false,
             });
@@ -460,9 +584,7 @@ fn migrate_once(c: &mut Conn) -> Result<(), Fail> {
     c.batch("BEGIN", "starting the migration")?;
     c.batch(schema::VERSION_TABLE, "creating the schema version table")?;
     let found: Option<i64> = col(
-        &c.client
-            .query_one(schema::SELECT_VERSION, &[])
-            .ctx("reading the schema version")?,
+        &c.query_one(schema::SELECT_VERSION, &[], "reading the schema version")?,
         0,
         "schema version",
     )?;
@@ -472,9 +594,11 @@ fn migrate_once(c: &mut Conn) -> Result<(), Fail> {
         c.batch(m.postgres, "applying a migration")?;
         let version = to_stored(m.version, "schema version")?;
         let now = to_stored(crate::engine::idempotency::now_ms(), "time")?;
-        c.client
-            .execute(schema::INSERT_VERSION_POSTGRES, &[&version, &now])
-            .ctx("recording a migration")?;
+        c.execute(
+            schema::INSERT_VERSION_POSTGRES,
+            &[&version, &now],
+            "recording a migration",
+        )?;
     }
     c.batch("COMMIT", "committing the migration")
 }
@@ -557,22 +681,57 @@ impl Store for PostgresStore {
                     current: from_stored(current, "epoch")?,
                 }));
             }
-            Ok(())
+            col::<i64>(row, 1, "transaction id")
         })();
-        if let Err(fail) = checked {
-            conn.rollback();
-            if breaks(&fail, conn) {
-                *guard = None;
+        let xid = match checked {
+            Ok(xid) => xid,
+            Err(fail) => {
+                conn.rollback();
+                if breaks(&fail, conn) {
+                    *guard = None;
+                }
+                return Err(into_store_error(fail));
             }
-            return Err(into_store_error(fail));
-        }
+        };
         Ok(Box::new(PgTx {
             guard,
+            unsettled_xid: &self.unsettled_xid,
+            xid,
             node_id: node_id.to_string(),
             epoch,
             failed: false,
             finished: false,
         }))
+    }
+
+    fn commit_settled(&self) -> Result<bool, StoreError> {
+        let Some(xid) = *self.unsettled_xid.lock() else {
+            return Ok(true);
+        };
+        let status =
+            self.call(
+                |c| match c.query_one(TXID_STATUS, &[&xid], "asking about a commit") {
+                    Ok(row) => Ok(col::<Option<String>>(&row, 0, "transaction status")?),
+                    // A transaction id beyond this server's: it never saw the
+                    // transaction (it is a promoted standby the commit never
+                    // reached), so its effect can never appear here.
+                    Err(Fail::Pg(_, e)) if e.code() == Some(&SqlState::INVALID_PARAMETER_VALUE) => {
+                        Ok(Some("unknown to this server".into()))
+                    }
+                    Err(fail) => Err(fail),
+                },
+            )?;
+        // `None`: too old for the server to remember, so long finished.
+        let settled = status.as_deref() != Some("in progress");
+        if settled {
+            *self.unsettled_xid.lock() = None;
+        } else {
+            tracing::info!(
+                xid,
+                "a commit whose outcome is unknown is still in progress on the server"
+            );
+        }
+        Ok(settled)
     }
 
     fn heartbeat(
@@ -699,6 +858,11 @@ impl Store for PostgresStore {
 /// store's connection until it ends.
 struct PgTx<'a> {
     guard: MutexGuard<'a, Option<Conn>>,
+    /// The store's record of a commit left unknown; set from `xid` when
+    /// this transaction's commit is.
+    unsettled_xid: &'a Mutex<Option<i64>>,
+    /// This transaction's id on the server.
+    xid: i64,
     node_id: String,
     epoch: u64,
     /// A statement failed: the transaction must never commit.
@@ -830,6 +994,9 @@ impl StoreTx for PgTx<'_> {
             return Err(poisoned());
         }
         let result = conn.commit("committing");
+        if let Err(StoreError::Indeterminate(_)) = &result {
+            *self.unsettled_xid.lock() = Some(self.xid);
+        }
         if result.is_err() && (conn.broken || conn.client.is_closed()) {
             *self.guard = None;
         }
