@@ -338,6 +338,12 @@ async fn info_cluster_reports_the_store_and_every_node() {
         );
     }
     assert!(!info.contains("store_error"), "{info}");
+    // One SQLite file is one copy: the view says what that means.
+    assert!(
+        info.contains("\r\nstore_warning:the store is one SQLite file"),
+        "{info}"
+    );
+    assert!(!info.contains("store_standbys"), "{info}");
     assert!(!info.contains("# Server"), "{info}");
     for all in [&["INFO"][..], &["INFO", "all"], &["INFO", "everything"]] {
         let text: String = query(&mut con, all).await;

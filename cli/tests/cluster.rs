@@ -1035,7 +1035,7 @@ fn store_outage_local_continues_replicated_fails_fast() {
 
 /// Sends `local` and `replicated` increments to every node while `fault`
 /// takes the store away and brings it back (returning when it went down and
-/// came back), then checks: no node exited; `local` was never refused and
+/// when it began to come back), then checks: no node exited; `local` was never refused and
 /// was acknowledged while the store was down; no `replicated` increment was
 /// acknowledged while it was down, each was refused at once as unavailable,
 /// and none was falsely answered "duplicate"; after retrying every unknown
@@ -1143,7 +1143,9 @@ fn ride_through_store_fault(
         .collect();
     let replicated_during: Vec<&&Attempt> = replicated
         .iter()
-        .filter(|a| a.started >= down_at && a.started < up_at)
+        // Answered before the store began to come back: nothing could
+        // commit then.
+        .filter(|a| a.started >= down_at && a.started + a.latency < up_at)
         .collect();
     assert!(
         !replicated_during.is_empty(),
@@ -1319,17 +1321,57 @@ fn multi_host_url_rides_through_a_failover() {
     let (primary, standby, url) = primary_with_sync_standby();
     let dir = tempfile::tempdir().unwrap();
     let mut nodes = nodes_on(&url, dir.path());
+    let http = nodes[0].http.expect("HTTP is on");
+    let view = cluster_view(http);
+    assert_eq!(
+        view["store_replication"],
+        serde_json::json!({"standbys": 1, "synchronous_standbys": 1}),
+        "{view}"
+    );
+    assert!(view["store_warning"].is_null(), "{view}");
     ride_through_store_fault(
         &rt,
         &mut nodes,
         || {
             primary.kill9().unwrap_or_else(|e| panic!("{e}"));
             let down_at = Instant::now();
+            std::thread::sleep(OUTAGE);
+            // The new primary may take writes before `promote` returns.
+            let back_at = Instant::now();
             standby.promote().unwrap_or_else(|e| panic!("{e}"));
-            (down_at, Instant::now())
+            (down_at, back_at)
         },
         |counter| shares_at(&url, counter),
     );
+    // The promoted standby has no standby of its own: the view says that
+    // `replicated` now rests on one server.
+    let view = eventually_blocking("the view reports the lone new primary", || {
+        let view = cluster_view(http);
+        if view["store_replication"]["synchronous_standbys"] == 0 {
+            Ok(view)
+        } else {
+            Err(view.to_string())
+        }
+    });
+    assert!(
+        view["store_warning"]
+            .as_str()
+            .is_some_and(|w| w.contains("no synchronous standby")),
+        "{view}"
+    );
+}
+
+/// `GET /v1/cluster` on a node's HTTP address, as JSON.
+fn cluster_view(http: std::net::SocketAddr) -> serde_json::Value {
+    let limits = tally_lab::wire::http::Limits {
+        send_timeout: REPLY_TIMEOUT,
+        read_timeout: REPLY_TIMEOUT,
+        response_bytes_max: 1 << 20,
+    };
+    let reply = tally_lab::wire::http::request(http, "GET", "/v1/cluster", None, limits)
+        .unwrap_or_else(|e| panic!("GET /v1/cluster: {e}"));
+    serde_json::from_str(&reply.body)
+        .unwrap_or_else(|e| panic!("/v1/cluster is not JSON ({e}): {}", reply.body))
 }
 
 // Proves: when the primary cannot commit (its synchronous standby is gone),
@@ -1385,8 +1427,8 @@ fn stalled_commits_are_bounded_and_settled() {
         }
     });
     std::thread::sleep(STALL.saturating_sub(down_at.elapsed()));
-    standby.start().unwrap_or_else(|e| panic!("{e}"));
     let up_at = Instant::now();
+    standby.start().unwrap_or_else(|e| panic!("{e}"));
     store_back.store(true, Ordering::SeqCst);
     let deadline = Instant::now() + RECOVERY_TIMEOUT + STALL;
     while replicated_since_back.load(Ordering::SeqCst) < 2 && Instant::now() < deadline {

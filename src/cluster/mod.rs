@@ -140,6 +140,12 @@ pub struct ClusterView {
     pub last_refresh_age_ms: Option<u64>,
     pub replicated_available: bool,
     pub store_error: Option<String>,
+    /// The store's own replication, as its primary reports it (`None`
+    /// for one SQLite file, or when it could not be read).
+    pub store_replication: Option<store::Replication>,
+    /// Set when `replicated` increments are acknowledged by a single
+    /// server: what a reader should know about their durability.
+    pub store_warning: Option<String>,
     pub nodes: Vec<NodeView>,
 }
 
@@ -454,6 +460,23 @@ impl Cluster {
             }
         };
         let store_error = self.replicated_unavailable();
+        let replication = self.reader.replication().map_err(store_err)?;
+        let store_warning = match replication {
+            None => Some(
+                "the store is one SQLite file: replicated increments survive the loss of a \
+                 node's disk, not of the machine that holds the file"
+                    .to_string(),
+            ),
+            Some(store::Replication {
+                synchronous_standbys: Some(0),
+                ..
+            }) => Some(
+                "the store has no synchronous standby: replicated increments are acknowledged \
+                 by a single database server"
+                    .to_string(),
+            ),
+            Some(_) => None,
+        };
         Ok(ClusterView {
             node_id: self.node_id.clone(),
             epoch: self.epoch,
@@ -463,6 +486,8 @@ impl Cluster {
             last_refresh_age_ms: self.cache.last_refresh_age().map(|d| d.as_millis() as u64),
             replicated_available: store_error.is_none(),
             store_error,
+            store_replication: replication,
+            store_warning,
             nodes: nodes.iter().map(view_of).collect(),
         })
     }

@@ -136,6 +136,11 @@ impl Store for FaultyStore {
         self.check()?;
         self.inner.commit_settled()
     }
+
+    fn replication(&self) -> Result<Option<super::Replication>, StoreError> {
+        self.check()?;
+        self.inner.replication()
+    }
 }
 
 struct FaultyTx<'a> {

@@ -68,6 +68,17 @@ impl std::fmt::Display for Version {
     }
 }
 
+/// The store's replication, as its primary sees it.
+#[derive(Debug, Clone, Copy, PartialEq, Eq, serde::Serialize)]
+pub struct Replication {
+    /// Standbys streaming from the primary.
+    pub standbys: u32,
+    /// Those that must have each commit before it is reported
+    /// (synchronous); `None` when the store's user may not see it (grant
+    /// it `pg_monitor`).
+    pub synchronous_standbys: Option<u32>,
+}
+
 /// One node's shard of one counter, as stored.
 #[derive(Debug, Clone, PartialEq, Eq)]
 pub struct ShardRow {
@@ -227,6 +238,12 @@ pub trait Store: Send + Sync {
     /// `true`. A store whose commits cannot outlive their call says `true`.
     fn commit_settled(&self) -> Result<bool, StoreError> {
         Ok(true)
+    }
+
+    /// How the store's own data is replicated, as its primary reports it;
+    /// `None` for a backend without replication (one SQLite file).
+    fn replication(&self) -> Result<Option<Replication>, StoreError> {
+        Ok(None)
     }
 }
 

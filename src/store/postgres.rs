@@ -363,6 +363,11 @@ const BUMP_EPOCH: &str = "UPDATE tally_nodes SET epoch = epoch + 1, address = $2
 const LOCK_NODE: &str =
     "SELECT epoch, txid_current() FROM tally_nodes WHERE node_id = $1 FOR UPDATE";
 const TXID_STATUS: &str = "SELECT txid_status($1)";
+// `sync_state` is NULL to a user that may not see other sessions' details.
+const REPLICATION: &str = "SELECT count(*), \
+     count(*) FILTER (WHERE sync_state IN ('sync', 'quorum')), \
+     count(*) FILTER (WHERE sync_state IS NULL) \
+     FROM pg_stat_replication";
 const SELECT_EPOCH: &str = "SELECT epoch FROM tally_nodes WHERE node_id = $1";
 const HEARTBEAT: &str = "UPDATE tally_nodes SET heartbeat_at_ms = $3, applied_lsn = $4 \
      WHERE node_id = $1 AND epoch = $2";
@@ -702,6 +707,21 @@ impl Store for PostgresStore {
             failed: false,
             finished: false,
         }))
+    }
+
+    fn replication(&self) -> Result<Option<super::Replication>, StoreError> {
+        self.call(|c| {
+            let row = c.query_one(REPLICATION, &[], "reading the replication state")?;
+            let count = |i: usize| -> Result<u32, Fail> {
+                let n: i64 = col(&row, i, "replication count")?;
+                Ok(u32::try_from(n).unwrap_or(u32::MAX))
+            };
+            let (standbys, synchronous, hidden) = (count(0)?, count(1)?, count(2)?);
+            Ok(Some(super::Replication {
+                standbys,
+                synchronous_standbys: (hidden == 0).then_some(synchronous),
+            }))
+        })
     }
 
     fn commit_settled(&self) -> Result<bool, StoreError> {

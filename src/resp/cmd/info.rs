@@ -243,6 +243,15 @@ fn cluster_fields(
             if let Some(error) = &view.store_error {
                 lines.field("store_error", error);
             }
+            if let Some(r) = &view.store_replication {
+                lines.field("store_standbys", r.standbys);
+                if let Some(n) = r.synchronous_standbys {
+                    lines.field("store_synchronous_standbys", n);
+                }
+            }
+            if let Some(warning) = &view.store_warning {
+                lines.field("store_warning", warning);
+            }
             for n in &view.nodes {
                 // The value is a comma-separated list: the address, which
                 // the node chose, goes last so that nothing follows it.
