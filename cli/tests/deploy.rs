@@ -102,3 +102,78 @@ fn systemd_unit_runs_the_node_with_that_environment_and_always_restarts_it() {
         "ReadWritePaths must include {data_dir}"
     );
 }
+
+// Proves: the Patroni configuration is one Patroni accepts, and it asks for
+// what the README promises: a synchronous standby for every commit, no
+// acknowledgement by the primary alone, etcd's v3 API, a leader TTL of at
+// least 20 s, and no promotion of a standby that lags.
+#[test]
+fn patroni_config_is_valid_and_synchronous() {
+    let path = Path::new(env!("CARGO_MANIFEST_DIR"))
+        .join("..")
+        .join("deploy/patroni.yml");
+    let out = Command::new("patroni")
+        .arg("--validate-config")
+        .arg(&path)
+        .output()
+        .expect("running patroni --validate-config (is patroni installed? apt-get install patroni)");
+    assert!(
+        out.status.success(),
+        "patroni rejects deploy/patroni.yml: {}{}",
+        String::from_utf8_lossy(&out.stdout),
+        String::from_utf8_lossy(&out.stderr)
+    );
+    let text = deploy_file("patroni.yml");
+    let lines = settings(&text);
+    for expected in [
+        "synchronous_mode: true",
+        "synchronous_mode_strict: true",
+        "maximum_lag_on_failover: 0",
+        "synchronous_commit: \"on\"",
+        "etcd3:",
+    ] {
+        assert!(lines.contains(&expected), "missing `{expected}`");
+    }
+    let ttl: u64 = lines
+        .iter()
+        .find_map(|l| l.strip_prefix("ttl: "))
+        .expect("a ttl")
+        .parse()
+        .unwrap();
+    assert!(ttl >= 20, "ttl {ttl} s is below Patroni's advice");
+}
+
+// Proves: the store's HAProxy configuration is valid and sends connections
+// only to the member Patroni says is the primary.
+#[test]
+fn store_haproxy_routes_to_the_patroni_primary() {
+    let path = Path::new(env!("CARGO_MANIFEST_DIR"))
+        .join("..")
+        .join("deploy/haproxy-store.cfg");
+    tally_lab::testing::assert_haproxy_accepts(&path);
+    let text = deploy_file("haproxy-store.cfg");
+    let lines = settings(&text);
+    assert!(lines.contains(&"option httpchk OPTIONS /primary"));
+    assert!(lines.contains(&"http-check expect status 200"));
+    let servers: Vec<&&str> = lines.iter().filter(|l| l.starts_with("server ")).collect();
+    assert_eq!(servers.len(), 3, "{servers:?}");
+    for s in servers {
+        let words: Vec<&str> = s.split_whitespace().collect();
+        assert!(
+            words.contains(&"check") && words.windows(2).any(|w| w == ["port", "8008"]),
+            "{s} is not checked on Patroni's REST port"
+        );
+    }
+    // The example environment points the nodes at this listener.
+    let env = deploy_file("tally.env");
+    let bind = lines
+        .iter()
+        .find_map(|l| l.strip_prefix("bind "))
+        .expect("a bind line");
+    assert!(
+        settings(&env)
+            .iter()
+            .any(|l| l.starts_with("TALLY_STORE=") && l.contains(&format!("@{bind}/"))),
+        "tally.env's TALLY_STORE does not use the store listener {bind}"
+    );
+}
