@@ -8,6 +8,9 @@ need_pkgs=()
 command -v redis-server >/dev/null || need_pkgs+=(redis-server)
 command -v redis-cli >/dev/null || need_pkgs+=(redis-tools)
 command -v haproxy >/dev/null || need_pkgs+=(haproxy)
+# The highly available store: Patroni managing PostgreSQL, with etcd.
+command -v patroni >/dev/null || need_pkgs+=(patroni)
+command -v etcd >/dev/null || need_pkgs+=(etcd-server)
 # The store tests start a private PostgreSQL server; they need the server
 # binaries (initdb, postgres), which Debian keeps in /usr/lib/postgresql/*/bin.
 if ! command -v initdb >/dev/null && ! compgen -G '/usr/lib/postgresql/*/bin/initdb' >/dev/null; then
