@@ -8,6 +8,10 @@ need_pkgs=()
 command -v redis-server >/dev/null || need_pkgs+=(redis-server)
 command -v redis-cli >/dev/null || need_pkgs+=(redis-tools)
 command -v haproxy >/dev/null || need_pkgs+=(haproxy)
+# The local HA store test (lab/tests/hastore.rs) runs three etcd members and
+# Patroni-managed PostgreSQL members.
+command -v etcd >/dev/null || need_pkgs+=(etcd-server)
+command -v patroni >/dev/null || need_pkgs+=(patroni)
 # The highly available store: Patroni managing PostgreSQL, with etcd.
 command -v patroni >/dev/null || need_pkgs+=(patroni)
 command -v etcd >/dev/null || need_pkgs+=(etcd-server)

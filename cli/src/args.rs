@@ -51,7 +51,10 @@ pub struct ClusterArgs {
     /// HAProxy configuration and the logs
     #[arg(long, default_value = "tally-cluster")]
     pub dir: PathBuf,
-    /// Shared store [default: sqlite://DIR/store.db]
+    /// Shared store [default: sqlite://DIR/store.db]; `private-ha-postgres`
+    /// starts a highly available store in DIR/ha (etcd, Patroni,
+    /// PostgreSQL with a synchronous standby, HAProxy) and stops it with
+    /// the cluster
     #[arg(long)]
     pub store: Option<String>,
     /// Load balancer's HTTP address
@@ -106,7 +109,11 @@ pub struct ChaosArgs {
     pub duration: Duration,
     /// Shared store of the cluster it starts [default: sqlite://DIR/store.db];
     /// `private-postgres` starts a PostgreSQL server of the run's own in
-    /// DIR/postgres, which the store fault stops and starts
+    /// DIR/postgres, which the store fault stops and starts;
+    /// `private-ha-postgres` starts a highly available store of its own in
+    /// DIR/ha (etcd, Patroni, PostgreSQL with a synchronous standby,
+    /// HAProxy), which the primary-kill9, primary-freeze, switchover and
+    /// etcd-kill9 faults act on
     #[arg(long, conflicts_with = "attach")]
     pub store: Option<String>,
     /// Drive the cluster that `tally cluster` runs, through its control
@@ -114,8 +121,11 @@ pub struct ChaosArgs {
     #[arg(long)]
     pub attach: Option<std::net::SocketAddr>,
     /// Fault kinds to inject, each at least once: any of kill9, restart,
-    /// pause, wipe, store
-    #[arg(long, value_delimiter = ',', default_value = "kill9,restart,pause,wipe,store",
+    /// pause, wipe, store, primary-kill9, primary-freeze, switchover,
+    /// etcd-kill9. Store kinds the run cannot inject (no store of its own)
+    /// are left out and said so
+    #[arg(long, value_delimiter = ',',
+          default_value = "kill9,restart,pause,wipe,store,primary-kill9,primary-freeze,switchover,etcd-kill9",
           value_parser = parse_fault)]
     pub faults: Vec<tally_lab::chaos::Fault>,
     /// Shell command that stops the store (for the store fault); must
@@ -142,8 +152,13 @@ pub struct ChaosArgs {
 }
 
 fn parse_fault(s: &str) -> std::result::Result<tally_lab::chaos::Fault, String> {
-    tally_lab::chaos::Fault::from_name(s.trim())
-        .ok_or_else(|| format!("unknown fault '{s}': one of kill9, restart, pause, wipe, store"))
+    tally_lab::chaos::Fault::from_name(s.trim()).ok_or_else(|| {
+        let names: Vec<&str> = tally_lab::chaos::Fault::ALL
+            .iter()
+            .map(|f| f.name())
+            .collect();
+        format!("unknown fault '{s}': one of {}", names.join(", "))
+    })
 }
 
 /// Parses `500ms`, `20s`, `10m` or a bare number of seconds.

@@ -54,7 +54,30 @@ fn cluster(args: crate::args::ClusterArgs) -> anyhow::Result<ExitCode> {
     // Signals are caught from before the first node starts: a Ctrl-C while
     // starting must stop what has started, not leave it running.
     let signals = signals::BlockingSignals::install()?;
-    let mut cluster = tally_lab::launcher::LocalCluster::start(args.config())?;
+    let mut config = args.config();
+    let ha = if config.store.as_deref() == Some(tally_lab::chaos::PRIVATE_HA_POSTGRES) {
+        let dir = std::path::absolute(config.base_dir.join("ha"))?;
+        println!("starting a highly available store in {}", dir.display());
+        let ha = tally_lab::hastore::HaStore::start(tally_lab::hastore::HaOptions::new(dir))?;
+        let url = ha
+            .store_url_haproxy()
+            .unwrap_or_else(|| ha.store_url_multi_host());
+        println!("store (Patroni primary through HAProxy)  {url}");
+        println!("store (every member)  {}", ha.store_url_multi_host());
+        config.store = Some(url);
+        Some(ha)
+    } else {
+        None
+    };
+    let mut cluster = match tally_lab::launcher::LocalCluster::start(config) {
+        Ok(cluster) => cluster,
+        Err(e) => {
+            if let Some(ha) = &ha {
+                let _ = ha.shutdown();
+            }
+            return Err(e.into());
+        }
+    };
     if haproxy {
         println!("load balancer (HAProxy):");
         println!("  HTTP  http://{}", cluster.lb_http());
@@ -98,6 +121,9 @@ fn cluster(args: crate::args::ClusterArgs) -> anyhow::Result<ExitCode> {
     });
     tracing::info!("stopping the cluster");
     cluster.shutdown();
+    if let Some(ha) = ha {
+        ha.shutdown()?;
+    }
     Ok(ExitCode::SUCCESS)
 }
 
@@ -143,17 +169,29 @@ fn chaos(args: crate::args::ChaosArgs) -> anyhow::Result<ExitCode> {
         exe: None,
         base_dir: args.dir,
         store_control,
+        ha_store: None,
         attach: args.attach,
         faults: args.faults,
         mislabel_memory_as_local: false,
         interrupt: Some(interrupt),
     };
-    if config.faults.contains(&Fault::StoreOutage)
-        && !tally_lab::chaos::required_faults(&config).contains(&Fault::StoreOutage)
-    {
+    let required = tally_lab::chaos::required_faults(&config);
+    if config.faults.contains(&Fault::StoreOutage) && !required.contains(&Fault::StoreOutage) {
         println!(
             "chaos: the store fault is not injected: give --store-stop-cmd and --store-start-cmd, \
              or --store private-postgres"
+        );
+    }
+    let ha_left_out: Vec<&str> = config
+        .faults
+        .iter()
+        .filter(|f| f.on_ha_store() && !required.contains(f))
+        .map(|f| f.name())
+        .collect();
+    if !ha_left_out.is_empty() {
+        println!(
+            "chaos: {} not injected: they need --store private-ha-postgres",
+            ha_left_out.join(", ")
         );
     }
     let report = tally_lab::chaos::run(config)?;

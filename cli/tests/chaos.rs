@@ -260,6 +260,41 @@ fn chaos_run_postgres() {
     );
 }
 
+/// The same on a highly available store of the run's own (etcd, Patroni,
+/// PostgreSQL with a synchronous standby, HAProxy): every node fault and
+/// every HA store fault (the primary killed, frozen past the leader TTL,
+/// switched over, an etcd member killed) runs, and nothing acknowledged is
+/// lost or counted twice; the report says, per store fault, how long
+/// `replicated` went unacknowledged.
+#[test]
+fn chaos_run_ha_postgres() {
+    let (status, output, report) = run_binary(&["--store", "private-ha-postgres"]);
+    assert_clean(
+        status,
+        &output,
+        &report,
+        &[
+            "Kill9",
+            "Restart",
+            "Pause",
+            "Wipe",
+            "PrimaryKill9",
+            "PrimaryFreeze",
+            "Switchover",
+            "EtcdKill9",
+        ],
+    );
+    let gaps = report["store_faults"]
+        .as_array()
+        .unwrap_or_else(|| panic!("no store fault figures:\n{output}"));
+    assert!(gaps.len() >= 4, "{output}");
+    assert!(
+        gaps.iter()
+            .all(|g| g["replicated_unavailable_ms"].as_u64().is_some()),
+        "{output}"
+    );
+}
+
 /// The checker catches real loss, not only hand-made histories: clients
 /// send `memory` increments but record them as `local`, and `kill -9`
 /// destroys those still waiting for the background sync (up to 100 ms of

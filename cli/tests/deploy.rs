@@ -116,7 +116,9 @@ fn patroni_config_is_valid_and_synchronous() {
         .arg("--validate-config")
         .arg(&path)
         .output()
-        .expect("running patroni --validate-config (is patroni installed? apt-get install patroni)");
+        .expect(
+            "running patroni --validate-config (is patroni installed? apt-get install patroni)",
+        );
     assert!(
         out.status.success(),
         "patroni rejects deploy/patroni.yml: {}{}",

@@ -69,15 +69,29 @@ pub enum Fault {
     /// Stop the store for `STORE_OUTAGE` (2 s), then start it again; only when
     /// the run was given a [`StoreControl`] (the store is its own).
     StoreOutage,
+    /// `kill -9` of the HA store's primary PostgreSQL; Patroni promotes
+    /// the synchronous standby. Only on a run's own HA store.
+    PrimaryKill9,
+    /// SIGSTOP of the HA store primary's Patroni and PostgreSQL for longer
+    /// than the leader TTL, then SIGCONT: it must come back as a standby.
+    PrimaryFreeze,
+    /// A planned switchover through Patroni's REST API.
+    Switchover,
+    /// `kill -9` of one etcd member of three, restarted after a pause.
+    EtcdKill9,
 }
 
 impl Fault {
-    pub const ALL: [Fault; 5] = [
+    pub const ALL: [Fault; 9] = [
         Fault::Kill9,
         Fault::Restart,
         Fault::Pause,
         Fault::Wipe,
         Fault::StoreOutage,
+        Fault::PrimaryKill9,
+        Fault::PrimaryFreeze,
+        Fault::Switchover,
+        Fault::EtcdKill9,
     ];
 
     /// The name `--faults` takes.
@@ -88,7 +102,24 @@ impl Fault {
             Fault::Pause => "pause",
             Fault::Wipe => "wipe",
             Fault::StoreOutage => "store",
+            Fault::PrimaryKill9 => "primary-kill9",
+            Fault::PrimaryFreeze => "primary-freeze",
+            Fault::Switchover => "switchover",
+            Fault::EtcdKill9 => "etcd-kill9",
         }
+    }
+
+    /// Whether the fault acts on the HA store (not on a node).
+    pub fn on_ha_store(self) -> bool {
+        matches!(
+            self,
+            Fault::PrimaryKill9 | Fault::PrimaryFreeze | Fault::Switchover | Fault::EtcdKill9
+        )
+    }
+
+    /// Whether the fault acts on the store rather than on a node.
+    pub fn on_store(self) -> bool {
+        self == Fault::StoreOutage || self.on_ha_store()
     }
 
     pub fn from_name(name: &str) -> Option<Fault> {
@@ -156,6 +187,22 @@ impl StoreControl for crate::pgserver::PgServer {
 /// The `--store` value that makes a run start a private PostgreSQL server
 /// of its own in `DIR/postgres`, and stop and start it as a fault.
 pub const PRIVATE_POSTGRES: &str = "private-postgres";
+
+/// The `--store` value that makes a run start a highly available store of
+/// its own in `DIR/ha` (etcd, Patroni, PostgreSQL with a synchronous
+/// standby, HAProxy; see [`crate::hastore`]) and inject the HA store faults.
+pub const PRIVATE_HA_POSTGRES: &str = "private-ha-postgres";
+
+/// How long the HA store's primary stays frozen: longer than the leader
+/// TTL, so that a standby is promoted while it is stopped.
+const PRIMARY_FREEZE: Duration = Duration::from_secs(
+    crate::hastore::DCS_TTL_SECS as u64 + 2 * crate::hastore::DCS_LOOP_WAIT_SECS as u64 + 3,
+);
+/// How long a killed etcd member stays down.
+const ETCD_DOWN: Duration = Duration::from_secs(2);
+/// Longest wait for the HA store to have a primary with a synchronous
+/// standby again after a fault.
+const HA_RECOVERY_TIMEOUT: Duration = Duration::from_secs(60);
 
 /// Marks a directory as a chaos run's own, so a later run may clear it.
 const RUN_DIR_MARKER: &str = ".tally-chaos";
@@ -305,6 +352,46 @@ pub struct Request {
     pub last_error: Option<String>,
 }
 
+/// How long `replicated` increments went unacknowledged after a store
+/// fault: the longest gap between acknowledgements of `replicated`
+/// increments (counted from the fault's start) until the next fault or the
+/// end of the load.
+#[derive(Debug, Clone, Serialize, Deserialize, PartialEq, Eq)]
+pub struct StoreFaultGap {
+    pub fault: Fault,
+    pub at_ms: u64,
+    pub replicated_unavailable_ms: u64,
+}
+
+/// The [`StoreFaultGap`] of every store fault in `events`.
+fn replicated_gaps(events: &[FaultEvent], history: &[Request], load_ms: u64) -> Vec<StoreFaultGap> {
+    let mut acked: Vec<u64> = history
+        .iter()
+        .filter(|r| r.level == Level::Replicated && r.outcome == Outcome::Acked)
+        .map(|r| r.done_ms)
+        .collect();
+    acked.sort_unstable();
+    events
+        .iter()
+        .enumerate()
+        .filter(|(_, e)| e.fault.on_store())
+        .map(|(i, e)| {
+            let end = events.get(i + 1).map_or(load_ms, |next| next.at_ms);
+            let mut last = e.at_ms;
+            let mut longest = 0;
+            for done in acked.iter().copied().filter(|d| *d > e.at_ms && *d <= end) {
+                longest = longest.max(done - last);
+                last = done;
+            }
+            StoreFaultGap {
+                fault: e.fault,
+                at_ms: e.at_ms,
+                replicated_unavailable_ms: longest.max(end.saturating_sub(last)),
+            }
+        })
+        .collect()
+}
+
 /// One injected fault.
 #[derive(Debug, Clone, Serialize, Deserialize)]
 pub struct FaultEvent {
@@ -331,6 +418,9 @@ pub struct ChaosConfig {
     pub base_dir: PathBuf,
     /// Enables the store-outage fault.
     pub store_control: Option<Arc<dyn StoreControl>>,
+    /// The run's own HA store ([`PRIVATE_HA_POSTGRES`]), set by the run;
+    /// enables the HA store faults.
+    pub ha_store: Option<Arc<crate::hastore::HaStore>>,
     /// Drive the cluster behind this control endpoint (`tally cluster`)
     /// instead of starting one.
     pub attach: Option<SocketAddr>,
@@ -357,6 +447,7 @@ impl Default for ChaosConfig {
             exe: None,
             base_dir: PathBuf::from("tally-chaos"),
             store_control: None,
+            ha_store: None,
             attach: None,
             faults: Fault::ALL.to_vec(),
             mislabel_memory_as_local: false,
@@ -751,6 +842,12 @@ fn store_fault_possible(config: &ChaosConfig) -> bool {
         || (config.attach.is_none() && config.store.as_deref() == Some(PRIVATE_POSTGRES))
 }
 
+/// Whether a run with `config` owns an HA store to inject faults into.
+fn ha_faults_possible(config: &ChaosConfig) -> bool {
+    config.ha_store.is_some()
+        || (config.attach.is_none() && config.store.as_deref() == Some(PRIVATE_HA_POSTGRES))
+}
+
 /// The fault kinds a run with `config` must inject: the ones asked for,
 /// without the store fault when nothing can stop the store.
 pub fn required_faults(config: &ChaosConfig) -> Vec<Fault> {
@@ -758,6 +855,7 @@ pub fn required_faults(config: &ChaosConfig) -> Vec<Fault> {
         .into_iter()
         .filter(|f| config.faults.contains(f))
         .filter(|f| *f != Fault::StoreOutage || store_fault_possible(config))
+        .filter(|f| !f.on_ha_store() || ha_faults_possible(config))
         .collect();
     kinds.dedup();
     kinds
@@ -772,6 +870,7 @@ fn inject_faults(
     duration: Duration,
     kinds: &[Fault],
     store: Option<&dyn StoreControl>,
+    ha: Option<&crate::hastore::HaStore>,
 ) -> Vec<FaultEvent> {
     let nodes = target.node_http().len();
     let mut events = Vec::new();
@@ -825,7 +924,7 @@ fn inject_faults(
         };
         let node = rng.below(nodes as u64) as usize;
         let at_ms = load.ms();
-        let on = if fault == Fault::StoreOutage {
+        let on = if fault.on_store() {
             "store".to_string()
         } else {
             format!("node{}", node + 1)
@@ -849,6 +948,10 @@ fn inject_faults(
                     store.start()
                 }),
                 None => Err(anyhow::anyhow!("no store control")),
+            },
+            kind => match ha {
+                Some(ha) => ha_fault(ha, kind, rng),
+                None => Err(anyhow::anyhow!("no HA store of the run's own")),
             },
         };
         let resumed = if fault == Fault::Pause {
@@ -874,6 +977,32 @@ fn inject_faults(
         });
     }
     events
+}
+
+/// Injects one HA store fault and waits until the store has a primary
+/// with a synchronous standby again, so that faults never pile up.
+fn ha_fault(ha: &crate::hastore::HaStore, fault: Fault, rng: &mut Rng) -> anyhow::Result<()> {
+    match fault {
+        Fault::PrimaryKill9 => {
+            let killed = ha.kill9_primary_postgres()?;
+            ha.wait_for_new_primary(killed.member, HA_RECOVERY_TIMEOUT)?;
+        }
+        Fault::PrimaryFreeze => {
+            ha.freeze_primary(PRIMARY_FREEZE)?;
+        }
+        Fault::Switchover => {
+            ha.switchover(None)?;
+        }
+        Fault::EtcdKill9 => {
+            let member = rng.below(crate::hastore::ETCD_MEMBERS as u64) as usize;
+            ha.kill9_etcd(member)?;
+            std::thread::sleep(ETCD_DOWN);
+            ha.restart_etcd(member)?;
+        }
+        other => anyhow::bail!("{other:?} is not an HA store fault"),
+    }
+    ha.wait_for_sync(HA_RECOVERY_TIMEOUT)?;
+    Ok(())
 }
 
 /// Reads one counter from one node; `None` if the node did not answer.
@@ -928,6 +1057,9 @@ pub struct Tally {
 /// Everything a run produced.
 #[derive(Debug, Clone, Serialize)]
 pub struct ChaosReport {
+    /// For each store fault, how long `replicated` increments could not be
+    /// acknowledged after it was injected.
+    pub store_faults: Vec<StoreFaultGap>,
     pub seed: u64,
     pub duration_ms: u64,
     pub by_kind: BTreeMap<String, Tally>,
@@ -987,6 +1119,15 @@ impl ChaosReport {
             "longest without an ack        {} ms",
             self.longest_without_ack_ms
         );
+        for g in &self.store_faults {
+            let _ = writeln!(
+                o,
+                "  {:<13} at {:>7.1} s: replicated unavailable for {} ms",
+                format!("{:?}", g.fault),
+                g.at_ms as f64 / 1000.0,
+                g.replicated_unavailable_ms
+            );
+        }
         let _ = writeln!(
             o,
             "memory increments lost        {} (allowed)",
@@ -1109,10 +1250,45 @@ pub fn run(config: ChaosConfig) -> anyhow::Result<ChaosReport> {
                 config.store_control = Some(pg.clone());
                 private_pg = Some(pg);
             }
+            let mut private_ha = None;
+            if config.store.as_deref() == Some(PRIVATE_HA_POSTGRES) {
+                if config.store_control.is_some() {
+                    anyhow::bail!(
+                        "{PRIVATE_HA_POSTGRES} has faults of its own: give no store commands with it"
+                    );
+                }
+                let dir = std::path::absolute(config.base_dir.join("ha"))?;
+                println!(
+                    "chaos: starting a highly available store (etcd, Patroni, PostgreSQL, \
+                     HAProxy) in {}",
+                    dir.display()
+                );
+                let ha = Arc::new(crate::hastore::HaStore::start(
+                    crate::hastore::HaOptions::new(dir),
+                )?);
+                // Both ways to reach the primary are exercised, one per
+                // seed parity: through HAProxy, or with every host named.
+                let url = match (config.seed % 2, ha.store_url_haproxy()) {
+                    (0, Some(url)) => {
+                        println!("chaos: nodes reach the primary through HAProxy");
+                        url
+                    }
+                    _ => {
+                        println!("chaos: nodes reach the primary with a multi-host URL");
+                        ha.store_url_multi_host()
+                    }
+                };
+                config.store = Some(url);
+                config.ha_store = Some(ha.clone());
+                private_ha = Some(ha);
+            }
             let mut cluster = LocalCluster::start(cluster_config(&config)?)?;
             let report = run_on(&cluster, &config);
             cluster.shutdown();
             drop(config);
+            if let Some(ha) = private_ha.and_then(|ha| Arc::try_unwrap(ha).ok()) {
+                ha.shutdown()?;
+            }
             // The server is kept on error paths too (its directory holds
             // its log); here it is stopped and a failure to stop reported.
             if let Some(pg) = private_pg.and_then(|pg| Arc::try_unwrap(pg).ok()) {
@@ -1163,6 +1339,7 @@ fn run_on(target: &dyn Target, config: &ChaosConfig) -> anyhow::Result<ChaosRepo
         config.duration,
         &required_faults,
         config.store_control.as_deref(),
+        config.ha_store.as_deref(),
     );
     let load_ms = load.ms();
     load.stop.store(true, Ordering::SeqCst);
@@ -1210,7 +1387,9 @@ fn run_on(target: &dyn Target, config: &ChaosConfig) -> anyhow::Result<ChaosRepo
             ));
         }
     }
+    let store_faults = replicated_gaps(&events, &history, load_ms);
     let mut report = ChaosReport {
+        store_faults,
         seed: config.seed,
         duration_ms: load_ms,
         by_kind: tally_history(&history),

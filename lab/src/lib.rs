@@ -5,6 +5,7 @@
 //! - [`control`]: the launcher's loopback control endpoint and its client;
 //! - [`chaos`]: `tally chaos`, the fault test and its checker;
 //! - [`pgserver`]: a private PostgreSQL server in a directory of its own;
+//! - [`hastore`]: a local HA store: etcd, Patroni, synchronous PostgreSQL;
 //! - [`process`]: the one guard for every child process, and the wait for
 //!   a node's ready line;
 //! - [`ports`]: free loopback ports;
@@ -16,6 +17,7 @@
 
 pub mod chaos;
 pub mod control;
+pub mod hastore;
 pub mod launcher;
 pub mod pgserver;
 pub mod ports;
