@@ -8,10 +8,6 @@ need_pkgs=()
 command -v redis-server >/dev/null || need_pkgs+=(redis-server)
 command -v redis-cli >/dev/null || need_pkgs+=(redis-tools)
 command -v haproxy >/dev/null || need_pkgs+=(haproxy)
-# The local HA store test (lab/tests/hastore.rs) runs three etcd members and
-# Patroni-managed PostgreSQL members.
-command -v etcd >/dev/null || need_pkgs+=(etcd-server)
-command -v patroni >/dev/null || need_pkgs+=(patroni)
 # The highly available store: Patroni managing PostgreSQL, with etcd.
 command -v patroni >/dev/null || need_pkgs+=(patroni)
 command -v etcd >/dev/null || need_pkgs+=(etcd-server)
@@ -49,4 +45,4 @@ RUSTDOCFLAGS="-D warnings" cargo doc --workspace --no-deps --quiet
 # so that a change that breaks it is caught here, not when someone needs
 # the figures.
 cargo run --release -p tally-bench -- --quick > /dev/null
-cargo test --workspace --features tally-cli/long-tests
+cargo test --workspace --features tally-cli/long-tests,tally-lab/long-tests

@@ -28,14 +28,16 @@
 //! `primary_start_timeout` is 0, so a primary whose PostgreSQL crashes is
 //! failed over at once instead of being restarted in place.
 //!
-//! **The DCS.** etcd 3.4 turns its v2 API off, so Patroni uses its `etcd3`
-//! section ([`EtcdApi::V3`], the default). Patroni before 3.0.3 has a bug
+//! **The DCS.** etcd 3.4 turns its v2 API off, so Patroni would use its
+//! `etcd3` section ([`EtcdApi::V3`]). But Patroni before 3.0.3 has a bug
 //! there (patroni/patroni#2689): a primary whose lease expired while it was
 //! stopped may, when it runs again, overwrite the new leader's key and take
 //! the leadership back, and the commits the new primary acknowledged in
 //! between are rewound away. [`HaStore::freeze_primary`] can cause exactly
-//! that; [`EtcdApi::V2`] (etcd with `--enable-v2`, Patroni's `etcd`
-//! section, whose leader update is a compare-and-swap) does not.
+//! that (seen here with Debian 12's Patroni 3.0.2, in 3 of 7 freezes). So
+//! the default is [`EtcdApi::V2`] (etcd with `--enable-v2`, Patroni's
+//! `etcd` section, whose leader update is a compare-and-swap), which did
+//! not (0 of 5 freezes by hand, 4 of 4 test runs).
 //!
 //! **Processes.** Every etcd member, every Patroni and HAProxy is a child
 //! of this process, held by a [`ChildGuard`] in a process group of its own
@@ -47,6 +49,13 @@
 //! pidfd refers to still runs with that data directory on its command
 //! line; signals go through the pidfd, so they can only reach that
 //! process. Nothing is looked up or signalled by name.
+//!
+//! **Ports.** One run of consecutive free loopback ports below the
+//! kernel's ephemeral range ([`free_loopback_port_run`]), so that a member
+//! restarted after many client connections finds its port free. All are
+//! bound once [`HaStore::start`] returns; until then no other store of
+//! this process starts, but another caller of [`free_loopback_port_run`]
+//! could be offered the same run.
 //!
 //! **Root.** PostgreSQL refuses to run as root, so when this process is
 //! root, etcd and Patroni (and the PostgreSQL it starts) run as the
@@ -304,10 +313,14 @@ pub enum EtcdApi {
     /// The v3 API (Patroni's `etcd3` section), etcd 3.4's only API by
     /// default. See the module documentation for the Patroni < 3.0.3 bug
     /// that [`HaStore::freeze_primary`] can set off with it.
-    #[default]
     V3,
     /// The v2 API (etcd `--enable-v2`, Patroni's `etcd` section), whose
-    /// leader-key update is a compare-and-swap.
+    /// leader-key update is a compare-and-swap. The default: the Patroni
+    /// this stack runs (Debian bookworm's 3.0.2) can, with the v3 API, let a
+    /// primary thawed after its lease ran out take the leader key back from
+    /// the standby promoted meanwhile, rewinding away what that one
+    /// acknowledged (fixed in Patroni 3.0.3).
+    #[default]
     V2,
 }
 
@@ -331,14 +344,14 @@ pub struct HaOptions {
 }
 
 impl HaOptions {
-    /// [`POSTGRES_MEMBERS_DEFAULT`] members, HAProxy, the etcd v3 API and
+    /// [`POSTGRES_MEMBERS_DEFAULT`] members, HAProxy, the etcd API of [`EtcdApi::default`] and
     /// [`READY_TIMEOUT_DEFAULT`], in `dir`.
     pub fn new(dir: impl Into<PathBuf>) -> HaOptions {
         HaOptions {
             dir: dir.into(),
             postgres_members: POSTGRES_MEMBERS_DEFAULT,
             haproxy: true,
-            etcd_api: EtcdApi::V3,
+            etcd_api: EtcdApi::default(),
             ready_timeout: READY_TIMEOUT_DEFAULT,
         }
     }
@@ -459,6 +472,11 @@ impl HaStore {
         };
         let dir = prepare_dir(&options.dir, run_as.as_ref())?;
 
+        // A run of free ports is only free until someone binds it, and two
+        // stores of one process would be offered the same run: one store
+        // starts at a time, and its ports are all bound when it is up.
+        static STARTING: Mutex<()> = Mutex::new(());
+        let _starting = STARTING.lock();
         // One run of consecutive ports below the ephemeral range, so that
         // a restarted member finds its port free even after many client
         // connections: etcd client and peer, Patroni REST and PostgreSQL,
@@ -1272,7 +1290,9 @@ impl HaStore {
         )))?;
         client
             .batch_execute(&format!(
-                "CREATE ROLE {STORE_USER} LOGIN PASSWORD '{STORE_PASSWORD}'"
+                // pg_monitor: the nodes read how many synchronous standbys
+                // the primary has, for their cluster view.
+                "CREATE ROLE {STORE_USER} LOGIN PASSWORD '{STORE_PASSWORD}' IN ROLE pg_monitor"
             ))
             .map_err(sql_err(format!("creating the role {STORE_USER}")))?;
         // CREATE DATABASE refuses to run inside a transaction block, so

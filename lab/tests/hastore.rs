@@ -202,7 +202,6 @@ fn committed_rows_survive_failover_and_switchover() {
 // Patroni before 3.0.3 may let the thawed primary take its leader key back
 // (see `tally_lab::hastore`). Long, so only on request.
 #[test]
-#[ignore = "about a minute; run with --ignored"]
 fn a_frozen_primary_is_replaced_and_rejoins() {
     let started = Instant::now();
     let run = RunDir::new();
