@@ -220,20 +220,7 @@ impl Node {
     /// Opens the node on the real file system: locks the data directory,
     /// recovers, starts the journal writer. Returns once the node is ready.
     pub fn open(config: Config) -> Result<Node> {
-        std::fs::create_dir_all(&config.data_dir).map_err(|e| {
-            Error::io(
-                format!("creating data directory {}", config.data_dir.display()),
-                e,
-            )
-        })?;
-        let lock = lock_data_dir(&config.data_dir)?;
-        Self::open_on(
-            config,
-            Arc::new(FsStorage),
-            Some(lock),
-            None,
-            StoreWait::FailFast,
-        )
+        Self::open_on_disk(config, None, StoreWait::FailFast)
     }
 
     /// [`Node::open`] that does not fail when the shared store cannot be
@@ -241,20 +228,7 @@ impl Node {
     /// the background ([`StoreWait::Retry`]). Watch
     /// [`Node::registration`] to know when the node can serve.
     pub fn open_waiting_for_store(config: Config) -> Result<Node> {
-        std::fs::create_dir_all(&config.data_dir).map_err(|e| {
-            Error::io(
-                format!("creating data directory {}", config.data_dir.display()),
-                e,
-            )
-        })?;
-        let lock = lock_data_dir(&config.data_dir)?;
-        Self::open_on(
-            config,
-            Arc::new(FsStorage),
-            Some(lock),
-            None,
-            StoreWait::Retry,
-        )
+        Self::open_on_disk(config, None, StoreWait::Retry)
     }
 
     /// Opens the node on any [`Storage`] (tests use the simulated one).
@@ -266,6 +240,12 @@ impl Node {
     /// caller built, instead of opening `config.cluster`'s URL (tests wrap a
     /// real store in a fault-injecting one this way).
     pub fn open_with_stores(config: Config, stores: Stores) -> Result<Node> {
+        Self::open_on_disk(config, Some(stores), StoreWait::FailFast)
+    }
+
+    /// On the real file system: creates and locks the data directory, then
+    /// opens the node there.
+    fn open_on_disk(config: Config, stores: Option<Stores>, wait: StoreWait) -> Result<Node> {
         std::fs::create_dir_all(&config.data_dir).map_err(|e| {
             Error::io(
                 format!("creating data directory {}", config.data_dir.display()),
@@ -273,13 +253,7 @@ impl Node {
             )
         })?;
         let lock = lock_data_dir(&config.data_dir)?;
-        Self::open_on(
-            config,
-            Arc::new(FsStorage),
-            Some(lock),
-            Some(stores),
-            StoreWait::FailFast,
-        )
+        Self::open_on(config, Arc::new(FsStorage), Some(lock), stores, wait)
     }
 
     fn open_on(

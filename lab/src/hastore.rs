@@ -74,7 +74,6 @@
 
 #![cfg(target_os = "linux")]
 
-use std::ffi::CString;
 use std::fmt::Write as _;
 use std::fs::{File, OpenOptions};
 use std::net::SocketAddr;
@@ -167,8 +166,6 @@ const UNPRIVILEGED_USERS: [&str; 2] = ["nobody", "tally-postgres"];
 const POLL_INTERVAL: Duration = Duration::from_millis(100);
 /// Lines of a log quoted in an error.
 const LOG_TAIL_LINES: usize = 20;
-/// Buffer for one `getpwnam_r` record; far more than a passwd line needs.
-const PASSWD_BUFFER_BYTES: usize = 16 * 1024;
 /// PostgreSQL programs Patroni runs; the binary directory must hold all.
 const POSTGRES_PROGRAMS: [&str; 7] = [
     "postgres",
@@ -1660,18 +1657,11 @@ fn prepare_dir(dir: &Path, run_as: Option<&RunAs>) -> Result<PathBuf> {
     Ok(dir)
 }
 
-fn find_in_path(program: &str) -> Option<PathBuf> {
-    let path = std::env::var_os("PATH")?;
-    std::env::split_paths(&path)
-        .map(|d| d.join(program))
-        .find(|p| p.is_file())
-}
-
 /// etcd, Patroni, HAProxy (if wanted) and the PostgreSQL binaries; the
 /// first one missing is an error naming its Debian package.
 fn find_programs(haproxy: bool) -> Result<Programs> {
     let need = |program: &'static str, package: &'static str| {
-        find_in_path(program).ok_or(HaError::Missing { program, package })
+        crate::pgserver::find_in_path(program).ok_or(HaError::Missing { program, package })
     };
     let etcd = need("etcd", "etcd-server")?;
     let patroni = need("patroni", "patroni")?;
@@ -1680,10 +1670,11 @@ fn find_programs(haproxy: bool) -> Result<Programs> {
     } else {
         None
     };
-    let postgres_bin = find_postgres_bin().ok_or(HaError::Missing {
-        program: "postgres",
-        package: "postgresql",
-    })?;
+    let postgres_bin =
+        crate::pgserver::postgres_bin_dir(&POSTGRES_PROGRAMS).ok_or(HaError::Missing {
+            program: "postgres",
+            package: "postgresql",
+        })?;
     Ok(Programs {
         etcd,
         patroni,
@@ -1692,62 +1683,11 @@ fn find_programs(haproxy: bool) -> Result<Programs> {
     })
 }
 
-/// The directory holding every program Patroni runs: the one `pg_ctl` in
-/// `PATH` resolves into, else the newest `/usr/lib/postgresql/*/bin`.
-fn find_postgres_bin() -> Option<PathBuf> {
-    let complete = |d: &Path| POSTGRES_PROGRAMS.iter().all(|p| d.join(p).is_file());
-    if let Some(pg_ctl) = find_in_path("pg_ctl") {
-        let real = std::fs::canonicalize(&pg_ctl).unwrap_or(pg_ctl);
-        if let Some(dir) = real.parent()
-            && complete(dir)
-        {
-            return Some(dir.to_path_buf());
-        }
-    }
-    let mut versions: Vec<(Vec<u32>, PathBuf)> = std::fs::read_dir("/usr/lib/postgresql")
-        .into_iter()
-        .flatten()
-        .flatten()
-        .filter_map(|e| {
-            let name = e.file_name().into_string().ok()?;
-            let version: Vec<u32> = name
-                .split('.')
-                .map(|p| p.parse().ok())
-                .collect::<Option<_>>()?;
-            let bin = e.path().join("bin");
-            complete(&bin).then_some((version, bin))
-        })
-        .collect();
-    versions.sort();
-    versions.pop().map(|(_, bin)| bin)
-}
-
-/// `name`'s uid and gid, if the user exists.
-fn lookup_user(name: &str) -> Option<(u32, u32)> {
-    let c = CString::new(name).ok()?;
-    let mut buf = vec![0 as libc::c_char; PASSWD_BUFFER_BYTES];
-    // SAFETY: passwd is plain data; all-zero is a valid value to overwrite.
-    let mut record: libc::passwd = unsafe { std::mem::zeroed() };
-    let mut found: *mut libc::passwd = std::ptr::null_mut();
-    // SAFETY: every pointer is valid for the call, and `buf.len()` is the
-    // buffer's size; getpwnam_r (unlike getpwnam) is thread-safe.
-    let rc = unsafe {
-        libc::getpwnam_r(
-            c.as_ptr(),
-            &mut record,
-            buf.as_mut_ptr(),
-            buf.len(),
-            &mut found,
-        )
-    };
-    (rc == 0 && !found.is_null()).then_some((record.pw_uid, record.pw_gid))
-}
-
 fn unprivileged_user() -> Result<RunAs> {
     UNPRIVILEGED_USERS
         .iter()
         .find_map(|&name| {
-            lookup_user(name).map(|(uid, gid)| RunAs {
+            crate::pgserver::lookup_user(name).map(|(uid, gid)| RunAs {
                 name: name.to_string(),
                 uid,
                 gid,

@@ -805,7 +805,7 @@ fn let_user_reach(dir: &Path, reachable_from: Option<&Path>, user: &RunAs) -> Re
     Ok(())
 }
 
-fn find_in_path(program: &str) -> Option<PathBuf> {
+pub(crate) fn find_in_path(program: &str) -> Option<PathBuf> {
     let path = std::env::var_os("PATH")?;
     std::env::split_paths(&path)
         .map(|d| d.join(program))
@@ -814,16 +814,23 @@ fn find_in_path(program: &str) -> Option<PathBuf> {
 
 /// The directory holding both `initdb` and `postgres`.
 fn find_bin_dir() -> Result<PathBuf> {
-    let has_both = |d: &Path| d.join("initdb").is_file() && d.join("postgres").is_file();
-    if let Some(initdb) = find_in_path("initdb") {
+    postgres_bin_dir(&["initdb", "postgres"]).ok_or(PgError::BinariesMissing)
+}
+
+/// The directory of PostgreSQL programs that holds every one of
+/// `programs`: the one the first of them on `PATH` resolves into, else the
+/// newest `/usr/lib/postgresql/*/bin`.
+pub(crate) fn postgres_bin_dir(programs: &[&str]) -> Option<PathBuf> {
+    let complete = |d: &Path| programs.iter().all(|p| d.join(p).is_file());
+    if let Some(first) = programs.first().and_then(|p| find_in_path(p)) {
         // PATH often holds symlinks (e.g. /usr/local/bin/initdb); the real
-        // directory also holds `postgres` and `pgbench`, and leads to the
+        // directory also holds the other programs, and leads to the
         // libraries.
-        let real = std::fs::canonicalize(&initdb).unwrap_or(initdb);
+        let real = std::fs::canonicalize(&first).unwrap_or(first);
         if let Some(dir) = real.parent()
-            && has_both(dir)
+            && complete(dir)
         {
-            return Ok(dir.to_path_buf());
+            return Some(dir.to_path_buf());
         }
     }
     let mut versions: Vec<(Vec<u32>, PathBuf)> = std::fs::read_dir("/usr/lib/postgresql")
@@ -837,18 +844,15 @@ fn find_bin_dir() -> Result<PathBuf> {
                 .map(|p| p.parse().ok())
                 .collect::<Option<_>>()?;
             let bin = e.path().join("bin");
-            has_both(&bin).then_some((version, bin))
+            complete(&bin).then_some((version, bin))
         })
         .collect();
     versions.sort();
-    versions
-        .pop()
-        .map(|(_, bin)| bin)
-        .ok_or(PgError::BinariesMissing)
+    versions.pop().map(|(_, bin)| bin)
 }
 
 /// `name`'s uid and gid, if the user exists.
-fn lookup_user(name: &str) -> Option<(u32, u32)> {
+pub(crate) fn lookup_user(name: &str) -> Option<(u32, u32)> {
     let c = CString::new(name).ok()?;
     let mut buf = vec![0 as libc::c_char; PASSWD_BUFFER_BYTES];
     // SAFETY: passwd is plain data; all-zero is a valid value to overwrite.
