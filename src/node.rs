@@ -441,20 +441,27 @@ impl Node {
             return Err(Error::ShuttingDown);
         }
         let cluster = self.cluster()?;
-        if let Some(c) = cluster {
-            if let Some(reason) = c.fenced_reason() {
-                return Err(Error::Fenced(reason));
-            }
-            if let Some(key) = options.idempotency_key
-                && c.key_unresolved(key)
-            {
-                return Err(Error::Indeterminate(
+        if let Some(c) = cluster
+            && let Some(reason) = c.fenced_reason()
+        {
+            return Err(Error::Fenced(reason));
+        }
+        // A key this node has seen may belong to a `replicated` increment
+        // whose store transaction is still open, or whose outcome is
+        // unknown: it may yet be reverted, so a retry is not told
+        // "duplicate" until it is settled. The committer marks the key
+        // unresolved before it records it, so checking after finding the
+        // key seen leaves no window.
+        let unsettled = |key: Option<&str>| -> Result<()> {
+            match (cluster, key) {
+                (Some(c), Some(key)) if c.key_unresolved(key) => Err(Error::Indeterminate(
                     "an earlier attempt with this idempotency key has an unknown outcome \
                      that the node is still settling with the store; retry shortly"
                         .into(),
-                ));
+                )),
+                _ => Ok(()),
             }
-        }
+        };
         if durability == Durability::Replicated {
             let Some(c) = cluster else {
                 return Err(Error::DurabilityUnavailable {
@@ -465,6 +472,7 @@ impl Node {
             if let Some(key) = options.idempotency_key
                 && engine.keys().with_key(key, now_ms(), |slot| slot.seen())
             {
+                unsettled(Some(key))?;
                 return Ok(IncrementOutcome {
                     value: self.global_value(name).unwrap_or(0),
                     duplicate: true,
@@ -500,13 +508,16 @@ impl Node {
             ),
             // The first request with this key may still be waiting for its
             // fsync; answer only once everything queued is durable.
-            Applied::Duplicate { value } => (
-                IncrementOutcome {
-                    value,
-                    duplicate: true,
-                },
-                engine.journal().end_pos(),
-            ),
+            Applied::Duplicate { value } => {
+                unsettled(options.idempotency_key)?;
+                (
+                    IncrementOutcome {
+                        value,
+                        duplicate: true,
+                    },
+                    engine.journal().end_pos(),
+                )
+            }
         };
         if urgency == Urgency::Now {
             if outcome.duplicate {

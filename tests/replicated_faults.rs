@@ -145,6 +145,42 @@ async fn lost_commit_is_reverted_and_the_retry_applies_once() {
     assert_eq!(stored_value(&env.url, "c"), 5);
 }
 
+// While a replicated increment's store transaction is still open (its
+// commit held, as by a primary waiting for a standby), a retry with its key
+// on the same node is answered "outcome unknown", never "duplicate": the
+// increment may yet be reverted. Here it is (the held commit is cut off and
+// never lands), and the retry then applies it exactly once.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn retry_while_the_commit_is_open_is_not_a_duplicate() {
+    let env = env();
+    let node = open(&env, true);
+    env.faulty.set_fault(Some(Fault::CommitHeld));
+    let first = tokio::spawn({
+        let node = node.clone();
+        async move { node.increment("open", 5, replicated("k-open")).await }
+    });
+    tally_lab::testing::eventually("the first attempt's commit is held", async || {
+        match env.faulty.commits_held() {
+            0 => Err("no commit held yet".to_string()),
+            _ => Ok(()),
+        }
+    })
+    .await;
+    let retry = node.increment("open", 5, replicated("k-open")).await;
+    assert!(
+        matches!(retry, Err(Error::Indeterminate(_))),
+        "a retry during the open commit was answered {retry:?}"
+    );
+    env.faulty.set_fault(None);
+    let first = first.await.unwrap();
+    assert!(matches!(first, Err(Error::Indeterminate(_))), "{first:?}");
+    let (value, duplicate) = until_definite(&node, "open", 5, "k-open").await;
+    assert!(!duplicate, "the cut-off attempt was counted");
+    assert_eq!(value, 5);
+    node.shutdown().unwrap();
+    assert_eq!(stored_value(&env.url, "open"), 5);
+}
+
 // A commit that landed but whose acknowledgement was lost is found
 // committed: the retry is a duplicate and the increment counts once.
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]

@@ -187,22 +187,18 @@ pub(crate) fn run(cluster: Arc<Cluster>, engine: Weak<Engine>) {
                         .fetch_add(1, Ordering::Relaxed);
                 }
                 match &e {
+                    // The keys stay unresolved until `resolve` knows.
                     StoreError::Indeterminate(_) if !applied.is_empty() => {
-                        {
-                            let mut state = cluster.state.lock();
-                            for a in &applied {
-                                if let Some((k, _)) = &a.key {
-                                    state.unresolved_keys.insert(k.clone());
-                                }
-                            }
-                        }
                         unresolved = Some(Unresolved {
                             flushed,
                             rows: backlog.keys().cloned().collect(),
                             applied,
                         });
                     }
-                    _ => revert_all(&engine, &applied),
+                    _ => {
+                        revert_all(&engine, &applied);
+                        settle_keys(cluster, &applied);
+                    }
                 }
                 if let StoreError::Fenced { .. } = e {
                     let reason = e.to_string();
@@ -317,6 +313,14 @@ fn round(
             continue;
         }
         let key = r.key.as_deref().map(|k| (k, expiry));
+        // From the moment the increment is applied here (its key recorded
+        // in the engine) until this transaction's outcome is known, a retry
+        // with the key must hear "unknown", not "duplicate": the increment
+        // may yet be reverted. Marked before applying, so no retry can slip
+        // in between.
+        if let Some(k) = &r.key {
+            cluster.state.lock().unresolved_keys.insert(k.clone());
+        }
         let change = Change::Replicated {
             name: &r.name,
             delta: r.delta,
@@ -334,10 +338,16 @@ fn round(
                 });
             }
             // Seen on this node at another level: already counted here.
-            Ok(EngineApplied::Duplicate { .. }) => answers[i] = Answer::Duplicate,
+            Ok(EngineApplied::Duplicate { .. }) => {
+                if let Some(k) = &r.key {
+                    cluster.state.lock().unresolved_keys.remove(k);
+                }
+                answers[i] = Answer::Duplicate;
+            }
             Err(e) => {
                 if let Some(k) = r.key.as_deref() {
                     undo_keys.push(k);
+                    cluster.state.lock().unresolved_keys.remove(k);
                 }
                 answers[i] = Answer::Failed(e);
             }
@@ -390,6 +400,7 @@ fn round(
         }
     }
     backlog.clear();
+    settle_keys(cluster, &applied);
     let mut state = cluster.state.lock();
     debug_assert!(flushed >= state.flushed, "the flushed mark never lowers");
     state.flushed = flushed;
@@ -452,12 +463,7 @@ fn resolve(
             "unknown commit outcome resolved: not committed, reverted"
         );
     }
-    let mut state = cluster.state.lock();
-    for a in &u.applied {
-        if let Some((k, _)) = &a.key {
-            state.unresolved_keys.remove(k);
-        }
-    }
+    settle_keys(cluster, &u.applied);
     Ok(())
 }
 
@@ -479,6 +485,17 @@ fn heartbeat(cluster: &Cluster, engine: &Engine, backoff: &mut Duration) {
             let _ = cluster.fenced.send(Some(reason));
         }
         Err(e) => store_failed(cluster, &e, backoff),
+    }
+}
+
+/// The outcome of these increments' transaction is known: retries with
+/// their keys may be answered from the keys again.
+fn settle_keys(cluster: &Cluster, applied: &[Applied]) {
+    let mut state = cluster.state.lock();
+    for a in applied {
+        if let Some((k, _)) = &a.key {
+            state.unresolved_keys.remove(k);
+        }
     }
 }
 

@@ -26,12 +26,20 @@ pub enum Fault {
     /// Commits are carried out, and report [`StoreError::Indeterminate`]:
     /// the connection died before the acknowledgement came back.
     CommitUnacknowledged,
+    /// Commits wait until the fault is changed (a primary waiting for a
+    /// standby, a frozen server), then behave as the new fault says; with
+    /// no fault, as [`Fault::CommitLost`] (the wait was cut off).
+    CommitHeld,
 }
 
 /// A [`Store`] with a switchable [`Fault`].
 pub struct FaultyStore {
     inner: Arc<dyn Store>,
     fault: Mutex<Option<Fault>>,
+    /// Wakes commits held by [`Fault::CommitHeld`] when the fault changes.
+    changed: parking_lot::Condvar,
+    /// Commits held right now.
+    held: std::sync::atomic::AtomicUsize,
 }
 
 impl FaultyStore {
@@ -39,12 +47,20 @@ impl FaultyStore {
         FaultyStore {
             inner,
             fault: Mutex::new(None),
+            changed: parking_lot::Condvar::new(),
+            held: std::sync::atomic::AtomicUsize::new(0),
         }
     }
 
     /// Sets (or with `None`, clears) the fault for every later call.
     pub fn set_fault(&self, fault: Option<Fault>) {
         *self.fault.lock() = fault;
+        self.changed.notify_all();
+    }
+
+    /// How many commits [`Fault::CommitHeld`] holds right now.
+    pub fn commits_held(&self) -> usize {
+        self.held.load(std::sync::atomic::Ordering::SeqCst)
     }
 
     fn fault(&self) -> Option<Fault> {
@@ -170,10 +186,26 @@ impl StoreTx for FaultyTx<'_> {
     }
 
     fn commit(self: Box<Self>) -> Result<(), StoreError> {
+        let mut fault = self.store.fault.lock();
+        if *fault == Some(Fault::CommitHeld) {
+            let held = &self.store.held;
+            held.fetch_add(1, std::sync::atomic::Ordering::SeqCst);
+            while *fault == Some(Fault::CommitHeld) {
+                self.store.changed.wait(&mut fault);
+            }
+            held.fetch_sub(1, std::sync::atomic::Ordering::SeqCst);
+            if fault.is_none() {
+                // Dropping the inner transaction rolls it back.
+                return Err(StoreError::Indeterminate(
+                    "injected fault: a held commit was cut off".into(),
+                ));
+            }
+        }
+        drop(fault);
         // Dropping the inner transaction rolls it back.
         match self.store.fault() {
             Some(Fault::Outage) => Err(outage()),
-            Some(Fault::CommitLost) => Err(StoreError::Indeterminate(
+            Some(Fault::CommitLost | Fault::CommitHeld) => Err(StoreError::Indeterminate(
                 "injected fault: the commit was lost on the way".into(),
             )),
             Some(Fault::CommitUnacknowledged) => {
