@@ -950,3 +950,49 @@ fn postgres_commit_during_an_outage_is_never_reported_as_done() {
     flush(s.as_ref(), "n", e, &[("c", 2, v(e, 2))]);
     assert_eq!(shard(s.as_ref(), "n")["c"], (2, v(e, 2)));
 }
+
+#[test]
+fn postgres_multi_host_url_skips_a_host_that_never_answers() {
+    // The first host of a multi-host URL accepts connections and then
+    // says nothing (a frozen server: the kernel completes the handshake
+    // for a stopped process). Each host's attempt is bounded on its own,
+    // so the store connects to the second host instead of waiting on the
+    // first for ever, and says which hosts it tried when none answers.
+    let silent = std::net::TcpListener::bind("127.0.0.1:0").unwrap();
+    let silent_port = silent.local_addr().unwrap().port();
+    let server = support::postgres::shared();
+    let db = server.create_database();
+    let url = server.url(&db);
+    let multi = url.replacen(
+        &format!("127.0.0.1:{}", server.port()),
+        &format!("127.0.0.1:{silent_port},127.0.0.1:{}", server.port()),
+        1,
+    );
+    assert_ne!(multi, url, "the URL names the server as 127.0.0.1:PORT");
+    let started = std::time::Instant::now();
+    let s = store::open(&format!("{multi}?target_session_attrs=read-write")).unwrap();
+    let waited = started.elapsed();
+    assert!(
+        waited < tally::store::postgres::CALL_TIMEOUT * 2,
+        "connecting took {waited:?}"
+    );
+    let e = s.register("n", "addr", 1).unwrap().epoch;
+    flush(s.as_ref(), "n", e, &[("c", 7, v(e, 1))]);
+    assert_eq!(shard(s.as_ref(), "n")["c"], (7, v(e, 1)));
+
+    // Only the silent host: the attempt ends, naming it.
+    let only = url.replacen(
+        &format!("127.0.0.1:{}", server.port()),
+        &format!("127.0.0.1:{silent_port}"),
+        1,
+    );
+    match store::open(&only) {
+        Err(StoreError::Unavailable(msg)) => {
+            assert!(msg.contains(&silent_port.to_string()), "{msg}");
+            assert!(msg.contains("no answer"), "{msg}");
+        }
+        Err(other) => panic!("a silent host gave {other:?}"),
+        Ok(_) => panic!("a silent host gave a store"),
+    }
+    drop(silent);
+}

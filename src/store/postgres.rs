@@ -30,7 +30,7 @@ use std::sync::Arc;
 use std::time::Duration;
 
 use parking_lot::{Mutex, MutexGuard};
-use tokio_postgres::config::SslMode;
+use tokio_postgres::config::{Host, LoadBalanceHosts, SslMode};
 use tokio_postgres::error::SqlState;
 use tokio_postgres::types::ToSql;
 use tokio_postgres::{Client, Config, NoTls, Row, Statement};
@@ -71,7 +71,9 @@ const MIGRATION_RETRY_DELAY: Duration = Duration::from_millis(20);
 
 /// A store in a PostgreSQL database.
 pub struct PostgresStore {
-    config: Config,
+    /// One configuration per host of the URL, tried in order (see
+    /// [`connect_first`]).
+    hosts: Vec<Config>,
     /// Runs this store's connection: a runtime of its own, driven only
     /// while a call blocks on it, so the store can be called from any
     /// thread that is not itself inside a runtime.
@@ -407,6 +409,143 @@ const SET_FLUSHED: &str = "UPDATE tally_nodes SET \
      heartbeat_at_ms = GREATEST(heartbeat_at_ms, $4::int8) \
      WHERE node_id = $1";
 
+/// Splits a configuration naming several hosts (a multi-host URL) into one
+/// configuration per host, each carrying every other setting, so that each
+/// host's attempt can be bounded on its own: the client library tries the
+/// hosts in turn but bounds only each socket connect, so a host that
+/// accepts the connection and then never answers (a frozen server) would
+/// hold the whole attempt, and the hosts after it would never be tried.
+fn per_host(config: &Config) -> Result<Vec<Config>, StoreError> {
+    let hosts = config.get_hosts();
+    let addrs = config.get_hostaddrs();
+    let ports = config.get_ports();
+    let n = hosts.len().max(addrs.len());
+    if n == 0 {
+        return Err(StoreError::Invalid("PostgreSQL URL names no host".into()));
+    }
+    if !hosts.is_empty() && !addrs.is_empty() && hosts.len() != addrs.len() {
+        return Err(StoreError::Invalid(format!(
+            "PostgreSQL URL names {} hosts but {} hostaddrs",
+            hosts.len(),
+            addrs.len()
+        )));
+    }
+    if ports.len() > 1 && ports.len() != n {
+        return Err(StoreError::Invalid(format!(
+            "PostgreSQL URL names {n} hosts but {} ports",
+            ports.len()
+        )));
+    }
+    let mut out = Vec::with_capacity(n);
+    for i in 0..n {
+        let mut c = Config::new();
+        match hosts.get(i) {
+            Some(Host::Tcp(h)) => {
+                c.host(h);
+            }
+            #[cfg(unix)]
+            Some(Host::Unix(path)) => {
+                c.host_path(path);
+            }
+            None => {}
+        }
+        if let Some(a) = addrs.get(i) {
+            c.hostaddr(*a);
+        }
+        if let Some(p) = ports.get(i).or(ports.first()) {
+            c.port(*p);
+        }
+        if let Some(v) = config.get_user() {
+            c.user(v);
+        }
+        if let Some(v) = config.get_password() {
+            c.password(v);
+        }
+        if let Some(v) = config.get_dbname() {
+            c.dbname(v);
+        }
+        if let Some(v) = config.get_options() {
+            c.options(v);
+        }
+        if let Some(v) = config.get_application_name() {
+            c.application_name(v);
+        }
+        if let Some(v) = config.get_connect_timeout() {
+            c.connect_timeout(*v);
+        }
+        if let Some(v) = config.get_tcp_user_timeout() {
+            c.tcp_user_timeout(*v);
+        }
+        c.keepalives(config.get_keepalives());
+        c.keepalives_idle(config.get_keepalives_idle());
+        if let Some(v) = config.get_keepalives_interval() {
+            c.keepalives_interval(v);
+        }
+        if let Some(v) = config.get_keepalives_retries() {
+            c.keepalives_retries(v);
+        }
+        c.ssl_mode(config.get_ssl_mode());
+        c.ssl_negotiation(config.get_ssl_negotiation());
+        c.channel_binding(config.get_channel_binding());
+        c.target_session_attrs(config.get_target_session_attrs());
+        out.push(c);
+    }
+    Ok(out)
+}
+
+/// Connects to the first host that accepts (and, with
+/// `target_session_attrs=read-write`, is writable), trying them in the
+/// URL's order (from a varying start with `load_balance_hosts=random`).
+/// Each host gets at most [`CALL_TIMEOUT`], the startup exchange included.
+async fn connect_first(
+    hosts: &[Config],
+) -> Result<
+    (
+        Client,
+        tokio_postgres::Connection<tokio_postgres::Socket, tokio_postgres::tls::NoTlsStream>,
+    ),
+    StoreError,
+> {
+    let start =
+        if hosts.first().map(Config::get_load_balance_hosts) == Some(LoadBalanceHosts::Random) {
+            std::time::SystemTime::now()
+                .duration_since(std::time::UNIX_EPOCH)
+                .map_or(0, |d| d.subsec_nanos() as usize)
+                % hosts.len()
+        } else {
+            0
+        };
+    let mut failures = Vec::with_capacity(hosts.len());
+    for i in 0..hosts.len() {
+        let config = &hosts[(start + i) % hosts.len()];
+        let name = host_name(config);
+        match tokio::time::timeout(CALL_TIMEOUT, config.connect(NoTls)).await {
+            Ok(Ok(pair)) => return Ok(pair),
+            Ok(Err(e)) => failures.push(format!("{name}: {}", describe(&e))),
+            Err(_) => failures.push(format!("{name}: no answer within {CALL_TIMEOUT:?}")),
+        }
+    }
+    Err(StoreError::Unavailable(format!(
+        "connecting to PostgreSQL: {}",
+        failures.join("; ")
+    )))
+}
+
+/// `host:port` of a one-host configuration, for messages.
+fn host_name(config: &Config) -> String {
+    let host = match (config.get_hostaddrs().first(), config.get_hosts().first()) {
+        (Some(a), _) => a.to_string(),
+        (None, Some(Host::Tcp(h))) => h.clone(),
+        #[cfg(unix)]
+        (None, Some(Host::Unix(p))) => p.display().to_string(),
+        (None, None) => "?".into(),
+    };
+    format!(
+        "{host}:{}",
+        config.get_ports().first().copied().unwrap_or(5432)
+    )
+}
+
 impl PostgresStore {
     /// Parses a `postgres://` URL, connects, and brings the schema up to
     /// date. The URL accepts libpq's parameters (`connect_timeout`,
@@ -437,8 +576,9 @@ impl PostgresStore {
             .enable_all()
             .build()
             .map_err(|e| StoreError::Unavailable(format!("starting the store's runtime: {e}")))?;
+        let hosts = per_host(&config)?;
         let store = PostgresStore {
-            config,
+            hosts,
             runtime: Arc::new(runtime),
             conn: Mutex::new(None),
             unsettled_xid: Mutex::new(None),
@@ -467,28 +607,7 @@ impl PostgresStore {
             **guard = None;
         }
         if guard.is_none() {
-            // Each host's socket connect is bounded by `connect_timeout`;
-            // the whole (the startup exchange with a server that stopped
-            // answering included) by a call's bound per host.
-            let hosts = self.config.get_hosts().len().max(1) as u32;
-            let connecting = self.runtime.block_on(async {
-                tokio::time::timeout(CALL_TIMEOUT * hosts, self.config.connect(NoTls)).await
-            });
-            let (client, connection) = match connecting {
-                Ok(Ok(pair)) => pair,
-                Ok(Err(e)) => {
-                    return Err(StoreError::Unavailable(format!(
-                        "connecting to PostgreSQL: {}",
-                        describe(&e)
-                    )));
-                }
-                Err(_) => {
-                    return Err(StoreError::Unavailable(format!(
-                        "connecting to PostgreSQL: no answer within {:?}",
-                        CALL_TIMEOUT * hosts
-                    )));
-                }
-            };
+            let (client, connection) = self.runtime.block_on(connect_first(&self.hosts))?;
             let driver = self.runtime.spawn(async move {
                 let _ = connection.await;
             });
