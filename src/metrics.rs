@@ -115,6 +115,9 @@ pub struct Metrics {
     pub store_indeterminate_commits: AtomicU64,
     /// Store calls that failed (the node retries with back-off).
     pub store_errors: AtomicU64,
+    /// Times the store was found behind what this node had committed, and
+    /// the node registered again and wrote its shard anew.
+    pub store_regressions_repaired: AtomicU64,
 }
 
 impl Default for Metrics {
@@ -138,6 +141,7 @@ impl Default for Metrics {
             replicated_batch_requests: Histogram::new(BATCH_BOUNDS),
             store_indeterminate_commits: AtomicU64::new(0),
             store_errors: AtomicU64::new(0),
+            store_regressions_repaired: AtomicU64::new(0),
         }
     }
 }
@@ -275,6 +279,12 @@ impl Metrics {
             "tally_store_errors",
             "Store calls that failed.",
             self.store_errors.load(Relaxed),
+        );
+        counter(
+            out,
+            "tally_store_regressions_repaired",
+            "Times the store came back older than what this node had committed, and the node wrote its shard and live replicated keys again.",
+            self.store_regressions_repaired.load(Relaxed),
         );
     }
 }

@@ -197,15 +197,73 @@ fn superseded_epoch_cannot_begin_or_heartbeat(t: &Target) {
     assert_eq!(s.heartbeat("n", old, 3, 0), Err(fenced));
     s.heartbeat("n", new, 3, 0).unwrap();
     s.begin("n", new).unwrap().commit().unwrap();
-    // A node that never registered cannot write at all.
+    // A node the store holds no row for cannot write at all: to a process
+    // that holds an epoch, the store has gone back in time.
     assert!(matches!(
         s.begin("stranger", 1).err(),
-        Some(StoreError::Invalid(_))
+        Some(StoreError::Regressed(_))
     ));
     assert!(matches!(
         s.heartbeat("stranger", 1, 3, 0),
-        Err(StoreError::Invalid(_))
+        Err(StoreError::Regressed(_))
     ));
+}
+
+fn a_store_behind_the_process_is_reported_as_regressed(t: &Target) {
+    // The store refuses, as Regressed, a process whose epoch is above the
+    // node row's (the registration was lost) or that committed more than
+    // the row records (the writes were lost), in begin and heartbeat
+    // alike; nothing is written. Registering above the held epoch then
+    // gives an epoch never handed out before.
+    let s = t.open();
+    let e = s.register("n", "addr", 1).unwrap().epoch;
+    let mut tx = s.begin_at("n", e, Version::default()).unwrap();
+    tx.upsert_shards(&[("c", 5, v(e, 9))]).unwrap();
+    tx.set_marks(v(e, 9), v(e, 9), 2).unwrap();
+    tx.commit().unwrap();
+    assert_eq!(s.nodes().unwrap()[0].written, v(e, 9));
+    // What this process committed is there: it goes on.
+    s.begin_at("n", e, v(e, 9)).unwrap().commit().unwrap();
+    s.heartbeat_at("n", e, v(e, 9), 3, 9).unwrap();
+    // The process committed up to lsn 12, the store knows 9.
+    assert!(matches!(
+        s.begin_at("n", e, v(e, 12)).err(),
+        Some(StoreError::Regressed(_))
+    ));
+    assert!(matches!(
+        s.heartbeat_at("n", e, v(e, 12), 4, 12),
+        Err(StoreError::Regressed(_))
+    ));
+    assert_eq!(s.nodes().unwrap()[0].heartbeat_at_ms, 3, "nothing written");
+    // The process holds a later epoch than the row (its registration lost).
+    assert!(matches!(
+        s.begin_at("n", e + 3, Version::default()).err(),
+        Some(StoreError::Regressed(_))
+    ));
+    // A row with a later epoch still fences, whatever was written.
+    let newer = s.register("n", "addr", 5).unwrap().epoch;
+    assert!(matches!(
+        s.begin_at("n", e, v(e, 12)).err(),
+        Some(StoreError::Fenced { .. })
+    ));
+    // Registering above an epoch the store has forgotten skips it.
+    let again = s.register_above("n", "addr", 6, newer + 10).unwrap();
+    assert_eq!(again.epoch, newer + 11);
+    assert_eq!(again.previous.map(|p| p.written), Some(v(e, 9)));
+    let fresh = s.register_above("m", "addr", 6, 41).unwrap();
+    assert_eq!((fresh.epoch, fresh.previous), (42, None));
+    // The written version never lowers.
+    let e2 = again.epoch;
+    let mut tx = s.begin_at("n", e2, Version::default()).unwrap();
+    tx.set_marks(v(e2, 1), v(e, 3), 7).unwrap();
+    tx.commit().unwrap();
+    let row = s
+        .nodes()
+        .unwrap()
+        .into_iter()
+        .find(|r| r.node_id == "n")
+        .unwrap();
+    assert_eq!((row.flushed, row.written), (v(e2, 1), v(e, 9)));
 }
 
 fn registration_waits_for_an_open_transaction_of_the_old_epoch(t: &Target) {
@@ -706,6 +764,37 @@ fn a_schema_newer_than_the_build_is_refused(t: &Target) {
     }
 }
 
+fn a_version_one_store_is_migrated_in_place(t: &Target) {
+    // A store written by a build that knew schema version 1 keeps its
+    // rows: opening it adds the written version (as (0, 0), nothing known
+    // to be written) and the node registers on.
+    let v1 = &schema::MIGRATIONS[0];
+    assert_eq!(v1.version, 1);
+    let script = match t.backend {
+        Backend::Sqlite { .. } => v1.sqlite,
+        Backend::Postgres(..) => v1.postgres,
+    };
+    t.raw_execute(&format!(
+        "{}; {script}; INSERT INTO tally_schema_version (version, applied_at_ms) VALUES (1, 0); \
+         INSERT INTO tally_nodes (node_id, epoch, address, started_at_ms, heartbeat_at_ms, \
+         flushed_epoch, flushed_lsn, applied_lsn) VALUES ('n', 4, 'addr', 1, 1, 4, 9, 9); \
+         INSERT INTO tally_shards (counter, node_id, value, epoch, lsn) VALUES ('c', 'n', 7, 4, 9);",
+        schema::VERSION_TABLE
+    ));
+    let s = t.open();
+    assert_eq!(
+        t.raw_i64("SELECT MAX(version) FROM tally_schema_version"),
+        schema::SCHEMA_VERSION as i64
+    );
+    let row = s.nodes().unwrap().remove(0);
+    assert_eq!((row.epoch, row.flushed, row.written), (4, v(4, 9), v(0, 0)));
+    assert_eq!(shard(s.as_ref(), "n")["c"], (7, v(4, 9)));
+    let e = s.register("n", "addr", 2).unwrap().epoch;
+    assert_eq!(e, 5);
+    flush(s.as_ref(), "n", e, &[("c", 8, v(e, 1))]);
+    assert_eq!(shard(s.as_ref(), "n")["c"], (8, v(e, 1)));
+}
+
 fn racing_migrators_on_a_fresh_store_all_succeed(t: &Target) {
     // Several nodes starting at once against an empty store all open it,
     // and each migration is recorded once.
@@ -751,6 +840,8 @@ conformance!(
     register_takes_epochs_one_two_three_per_node_id,
     concurrent_registrations_of_one_id_get_distinct_epochs,
     superseded_epoch_cannot_begin_or_heartbeat,
+    a_store_behind_the_process_is_reported_as_regressed,
+    a_version_one_store_is_migrated_in_place,
     registration_waits_for_an_open_transaction_of_the_old_epoch,
     upsert_replaces_a_row_only_with_a_higher_version,
     repeated_and_reordered_batches_end_the_same,

@@ -8,6 +8,8 @@
 //! other node the cache reads the node's mark first, then every row above
 //! the version it has read up to, and then moves its cursor to that mark,
 //! never past it. A row above the mark may be read twice; none is missed.
+//! A mark that goes back (the store came back older) sends the cursor back
+//! to the start, so the node's shard is read whole again.
 
 use std::collections::HashMap;
 use std::time::{Duration, Instant};
@@ -96,6 +98,13 @@ impl Cache {
                         inner.nodes.len() - 1
                     }
                 };
+                // A mark below what was read before: the store went back
+                // (restored from an older copy, or an asynchronous
+                // failover). Read the node's whole shard again; the node
+                // rewrites it at a higher epoch once it notices.
+                if node.flushed < inner.cursors[index] {
+                    inner.cursors[index] = Version::default();
+                }
                 (index, inner.cursors[index])
             };
             let start = cursor;

@@ -52,9 +52,15 @@ struct Applied {
     key: Option<(String, u64)>,
 }
 
+/// Most idempotency keys written again per round after a store regression
+/// (see [`repair`]); the rest go in the following rounds.
+const REINSERT_KEYS_PER_ROUND: usize = 10_000;
+
 /// A transaction whose commit outcome is unknown.
 struct Unresolved {
+    epoch: u64,
     flushed: Version,
+    written: Version,
     applied: Vec<Applied>,
     rows: Vec<CompactString>,
 }
@@ -68,9 +74,20 @@ enum Answer {
     Failed(Error),
 }
 
+/// The `replicated` idempotency keys this process has committed, with
+/// their counter and expiry: what a store regression may have lost and
+/// [`repair`] writes again. Expired keys are dropped at each heartbeat.
+type CommittedKeys = HashMap<String, (String, u64)>;
+
 pub(crate) fn run(cluster: Arc<Cluster>, engine: Weak<Engine>) {
     let mut backlog: HashMap<CompactString, (i64, u64)> = HashMap::new();
-    let mut unresolved: Option<Unresolved> = None;
+    let mut unresolved: Option<Box<Unresolved>> = None;
+    let mut committed_keys: CommittedKeys = HashMap::new();
+    // Set when the store was found behind this node; the next iteration
+    // repairs before anything else.
+    let mut regressed = false;
+    // Keys to write again after a repair, a bounded number per round.
+    let mut reinsert: Vec<KeyRow> = Vec::new();
     // Heartbeats carry the applied lsn, which the cluster view's flush lag
     // needs; they are sent every interval, busy or not.
     let mut last_heartbeat = Instant::now();
@@ -104,9 +121,31 @@ pub(crate) fn run(cluster: Arc<Cluster>, engine: Weak<Engine>) {
             return;
         }
 
+        if regressed {
+            match repair(cluster, &engine, &committed_keys, &mut backlog) {
+                Ok(keys) => {
+                    regressed = false;
+                    reinsert = keys;
+                    backoff = Duration::ZERO;
+                }
+                Err(e) => {
+                    if let StoreError::Fenced { .. } = e {
+                        fence(cluster, &e);
+                        continue;
+                    }
+                    store_failed(cluster, &e, &mut backoff);
+                    fail_queued(cluster, &e);
+                    if stopping {
+                        return;
+                    }
+                    continue;
+                }
+            }
+        }
+
         // An unknown outcome is settled before anything else is written.
         if let Some(u) = unresolved.take() {
-            match resolve(cluster, &engine, u, &mut backlog) {
+            match resolve(cluster, &engine, u, &mut backlog, &mut committed_keys) {
                 Ok(()) => backoff = Duration::ZERO,
                 Err((u, e)) => {
                     unresolved = Some(u);
@@ -138,7 +177,7 @@ pub(crate) fn run(cluster: Arc<Cluster>, engine: Weak<Engine>) {
         engine
             .table()
             .take_dirty(cluster.config.flush_rows_max, &mut taken);
-        let complete = Some(Version::new(cluster.epoch, mark.saturating_sub(1)))
+        let complete = Some(Version::new(cluster.epoch(), mark.saturating_sub(1)))
             .filter(|_| taken.len() < cluster.config.flush_rows_max);
         for (name, value, lsn) in taken.drain(..) {
             merge(&mut backlog, name, value, lsn);
@@ -149,12 +188,12 @@ pub(crate) fn run(cluster: Arc<Cluster>, engine: Weak<Engine>) {
         // nothing to write raises it in a transaction of its own, so that an
         // idle node's flush lag reaches zero.
         let mark_behind = complete.is_some_and(|m| m > cluster.flushed());
-        if batch.is_empty() && backlog.is_empty() && !mark_behind {
+        if batch.is_empty() && backlog.is_empty() && !mark_behind && reinsert.is_empty() {
             if stopping {
                 return;
             }
             if last_heartbeat.elapsed() >= cluster.config.heartbeat_interval {
-                heartbeat(cluster, &engine, &mut backoff);
+                regressed = heartbeat(cluster, &engine, &mut backoff, &mut committed_keys);
                 last_heartbeat = Instant::now();
             }
             continue;
@@ -163,8 +202,22 @@ pub(crate) fn run(cluster: Arc<Cluster>, engine: Weak<Engine>) {
             *cluster.replication_open.lock() = true;
         }
         let started = Instant::now();
-        match round(cluster, &engine, &batch, &mut backlog, complete) {
-            Ok(answers) => {
+        let reinsert_now = reinsert.len().min(REINSERT_KEYS_PER_ROUND);
+        match round(
+            cluster,
+            &engine,
+            &batch,
+            &mut backlog,
+            complete,
+            &reinsert[..reinsert_now],
+        ) {
+            Ok((answers, applied)) => {
+                reinsert.drain(..reinsert_now);
+                for a in applied {
+                    if let Some((k, expiry)) = a.key {
+                        committed_keys.insert(k, (a.name, expiry));
+                    }
+                }
                 let m = &cluster.metrics;
                 m.store_round_seconds
                     .observe(started.elapsed().as_secs_f64());
@@ -172,14 +225,14 @@ pub(crate) fn run(cluster: Arc<Cluster>, engine: Weak<Engine>) {
                     m.replicated_batch_requests.observe(batch.len() as f64);
                 }
                 backoff = Duration::ZERO;
+                cluster.state.lock().store_error = None;
                 if last_heartbeat.elapsed() >= cluster.config.heartbeat_interval {
-                    heartbeat(cluster, &engine, &mut backoff);
+                    regressed = heartbeat(cluster, &engine, &mut backoff, &mut committed_keys);
                     last_heartbeat = Instant::now();
                 }
-                cluster.state.lock().store_error = None;
                 reply(batch, answers);
             }
-            Err((e, applied, flushed, answers)) => {
+            Err((e, applied, flushed, written, answers)) => {
                 if let StoreError::Indeterminate(_) = e {
                     cluster
                         .metrics
@@ -189,23 +242,26 @@ pub(crate) fn run(cluster: Arc<Cluster>, engine: Weak<Engine>) {
                 match &e {
                     // The keys stay unresolved until `resolve` knows.
                     StoreError::Indeterminate(_) if !applied.is_empty() => {
-                        unresolved = Some(Unresolved {
+                        unresolved = Some(Box::new(Unresolved {
+                            epoch: cluster.epoch(),
                             flushed,
+                            written,
                             rows: backlog.keys().cloned().collect(),
                             applied,
-                        });
+                        }));
                     }
                     _ => {
                         revert_all(&engine, &applied);
                         settle_keys(cluster, &applied);
                     }
                 }
-                if let StoreError::Fenced { .. } = e {
-                    let reason = e.to_string();
-                    tracing::error!(%reason, "fenced: another process holds this node id; no more writes");
-                    let _ = cluster.fenced.send(Some(reason));
-                } else {
-                    store_failed(cluster, &e, &mut backoff);
+                match &e {
+                    StoreError::Fenced { .. } => fence(cluster, &e),
+                    StoreError::Regressed(_) => {
+                        regressed = true;
+                        store_failed(cluster, &e, &mut backoff);
+                    }
+                    _ => store_failed(cluster, &e, &mut backoff),
                 }
                 let outcome_err = store_err(e);
                 let answers = answers
@@ -248,7 +304,7 @@ fn merge(
     }
 }
 
-type RoundError = (StoreError, Vec<Applied>, Version, Vec<Answer>);
+type RoundError = (StoreError, Vec<Applied>, Version, Version, Vec<Answer>);
 
 /// One transaction: keys, local applies, rows, flushed version, commit.
 ///
@@ -262,18 +318,34 @@ fn round(
     batch: &[ReplicatedRequest],
     backlog: &mut HashMap<CompactString, (i64, u64)>,
     complete: Option<Version>,
-) -> Result<Vec<Answer>, RoundError> {
+    reinsert: &[KeyRow],
+) -> Result<(Vec<Answer>, Vec<Applied>), RoundError> {
     let mut answers: Vec<Answer> = batch.iter().map(|_| Answer::Undecided).collect();
     let mut applied: Vec<Applied> = Vec::new();
-    let mut flushed = cluster.state.lock().flushed;
-    let fail = |e: StoreError, applied: Vec<Applied>, flushed, answers| {
-        Err((e, applied, flushed, answers))
+    let (mut flushed, mut written) = {
+        let state = cluster.state.lock();
+        (state.flushed, state.written)
     };
+    let fail = |e: StoreError, applied: Vec<Applied>, flushed, written, answers| {
+        Err((e, applied, flushed, written, answers))
+    };
+    let epoch = cluster.epoch();
 
-    let mut tx: Box<dyn StoreTx + '_> = match cluster.store.begin(&cluster.node_id, cluster.epoch) {
-        Ok(tx) => tx,
-        Err(e) => return fail(e, applied, flushed, answers),
-    };
+    let mut tx: Box<dyn StoreTx + '_> =
+        match cluster.store.begin_at(&cluster.node_id, epoch, written) {
+            Ok(tx) => tx,
+            Err(e) => return fail(e, applied, flushed, written, answers),
+        };
+    // Keys a store regression lost, written again under this epoch.
+    if !reinsert.is_empty() {
+        let rows: Vec<KeyRow> = reinsert
+            .iter()
+            .map(|k| KeyRow { epoch, ..k.clone() })
+            .collect();
+        if let Err(e) = tx.insert_keys(&rows) {
+            return fail(e, applied, flushed, written, answers);
+        }
+    }
     let now = now_ms();
     let expiry = engine.key_expiry(now);
     let keyed: Vec<(usize, KeyRow)> = batch
@@ -286,7 +358,7 @@ fn round(
                     KeyRow {
                         key: k.clone(),
                         node_id: cluster.node_id.clone(),
-                        epoch: cluster.epoch,
+                        epoch,
                         counter: r.name.clone(),
                         expires_at_ms: expiry,
                     },
@@ -303,7 +375,7 @@ fn round(
                     fresh[*i] = ok;
                 }
             }
-            Err(e) => return fail(e, applied, flushed, answers),
+            Err(e) => return fail(e, applied, flushed, written, answers),
         }
     }
     let mut undo_keys: Vec<&str> = Vec::new();
@@ -325,7 +397,7 @@ fn round(
             name: &r.name,
             delta: r.delta,
             key,
-            epoch: cluster.epoch,
+            epoch,
         };
         match engine.apply(change) {
             Ok(EngineApplied::New { lsn, .. }) => {
@@ -356,7 +428,7 @@ fn round(
     if !undo_keys.is_empty()
         && let Err(e) = tx.delete_keys(&undo_keys)
     {
-        return fail(e, applied, flushed, answers);
+        return fail(e, applied, flushed, written, answers);
     }
     // The applied increments' rows go in this transaction whatever the
     // dirty list holds, so that their keys never commit without them.
@@ -372,21 +444,24 @@ fn round(
     }
     let rows: Vec<(&str, i64, Version)> = backlog
         .iter()
-        .map(|(n, (v, lsn))| (n.as_str(), *v, Version::new(cluster.epoch, *lsn)))
+        .map(|(n, (v, lsn))| (n.as_str(), *v, Version::new(epoch, *lsn)))
         .collect();
     if let Some(mark) = complete {
         flushed = flushed.max(mark);
     }
+    if let Some(top) = rows.iter().map(|r| r.2).max() {
+        written = written.max(top);
+    }
     if !rows.is_empty()
         && let Err(e) = tx.upsert_shards(&rows)
     {
-        return fail(e, applied, flushed, answers);
+        return fail(e, applied, flushed, written, answers);
     }
-    if let Err(e) = tx.set_flushed(flushed, now) {
-        return fail(e, applied, flushed, answers);
+    if let Err(e) = tx.set_marks(flushed, written, now) {
+        return fail(e, applied, flushed, written, answers);
     }
     if let Err(e) = tx.commit() {
-        return fail(e, applied, flushed, answers);
+        return fail(e, applied, flushed, written, answers);
     }
     cluster
         .metrics
@@ -404,7 +479,9 @@ fn round(
     let mut state = cluster.state.lock();
     debug_assert!(flushed >= state.flushed, "the flushed mark never lowers");
     state.flushed = flushed;
-    Ok(answers)
+    state.written = written;
+    drop(state);
+    Ok((answers, applied))
 }
 
 /// Asks the store whether an unresolved transaction committed: it did if
@@ -414,9 +491,10 @@ fn round(
 fn resolve(
     cluster: &Cluster,
     engine: &Engine,
-    u: Unresolved,
+    u: Box<Unresolved>,
     backlog: &mut HashMap<CompactString, (i64, u64)>,
-) -> Result<(), (Unresolved, StoreError)> {
+    committed_keys: &mut CommittedKeys,
+) -> Result<(), (Box<Unresolved>, StoreError)> {
     // The transaction may still be waiting on the server (for a
     // synchronous standby, say), invisible to readers until it ends: its
     // rows tell nothing until the server says it is over.
@@ -442,16 +520,25 @@ fn resolve(
         Ok(r) => r,
         Err(e) => return Err((u, e)),
     };
-    let committed = rows.iter().any(|r| {
-        r.node_id == cluster.node_id && r.version >= Version::new(cluster.epoch, probe.lsn)
-    });
+    let committed = rows
+        .iter()
+        .any(|r| r.node_id == cluster.node_id && r.version >= Version::new(u.epoch, probe.lsn));
     if committed {
         for name in &u.rows {
             backlog.remove(name);
         }
         let mut state = cluster.state.lock();
         state.flushed = state.flushed.max(u.flushed);
+        // A repair in between (a new epoch) starts `written` afresh.
+        if u.epoch == cluster.epoch() {
+            state.written = state.written.max(u.written);
+        }
         drop(state);
+        for a in &u.applied {
+            if let Some((k, expiry)) = &a.key {
+                committed_keys.insert(k.clone(), (a.name.clone(), *expiry));
+            }
+        }
         tracing::info!(
             applied = u.applied.len(),
             "unknown commit outcome resolved: committed"
@@ -468,24 +555,108 @@ fn resolve(
 }
 
 /// Proves the node alive and records its applied lsn; a superseded epoch
-/// fences the node.
-fn heartbeat(cluster: &Cluster, engine: &Engine, backoff: &mut Duration) {
+/// fences the node. Also drops expired keys from `committed_keys`. Returns
+/// whether the store was found behind this node (see [`repair`]).
+fn heartbeat(
+    cluster: &Cluster,
+    engine: &Engine,
+    backoff: &mut Duration,
+    committed_keys: &mut CommittedKeys,
+) -> bool {
+    let now = now_ms();
+    committed_keys.retain(|_, (_, expiry)| *expiry > now);
     let applied = engine.applied_lsn();
+    let written = cluster.state.lock().written;
     match cluster
         .store
-        .heartbeat(&cluster.node_id, cluster.epoch, now_ms(), applied)
+        .heartbeat_at(&cluster.node_id, cluster.epoch(), written, now, applied)
     {
         Ok(()) => {
             cluster.state.lock().store_error = None;
             *backoff = Duration::ZERO;
+            false
         }
         Err(e @ StoreError::Fenced { .. }) => {
-            let reason = e.to_string();
-            tracing::error!(%reason, "fenced: another process holds this node id; no more writes");
-            let _ = cluster.fenced.send(Some(reason));
+            fence(cluster, &e);
+            false
         }
-        Err(e) => store_failed(cluster, &e, backoff),
+        Err(e @ StoreError::Regressed(_)) => {
+            store_failed(cluster, &e, backoff);
+            true
+        }
+        Err(e) => {
+            store_failed(cluster, &e, backoff);
+            false
+        }
     }
+}
+
+/// The store came back older than what this process committed to it (see
+/// `docs/design.md`, "Store regression"). Registers again above the epoch
+/// it held, so that no epoch is handed out twice and every row written
+/// from now on outranks whatever the store kept; lists every counter as
+/// changed, so that the next complete sweep writes the whole shard; and
+/// returns the live `replicated` keys to write again. Nothing of the
+/// node's own state is lost: the store is rebuilt from it.
+fn repair(
+    cluster: &Cluster,
+    engine: &Engine,
+    committed_keys: &CommittedKeys,
+    backlog: &mut HashMap<CompactString, (i64, u64)>,
+) -> Result<Vec<KeyRow>, StoreError> {
+    let old = cluster.epoch();
+    let registration =
+        cluster
+            .store
+            .register_above(&cluster.node_id, &cluster.config.address, now_ms(), old)?;
+    let epoch = registration.epoch;
+    cluster.epoch.store(epoch, Ordering::SeqCst);
+    {
+        let mut state = cluster.state.lock();
+        state.flushed = registration
+            .previous
+            .as_ref()
+            .map_or_else(Version::default, |p| p.flushed);
+        state.written = Version::default();
+    }
+    // The backlog's rows are in the table too, and every counter is
+    // listed again below.
+    backlog.clear();
+    engine.table().track_dirty_from(|_, _| true);
+    let now = now_ms();
+    let keys: Vec<KeyRow> = committed_keys
+        .iter()
+        .filter(|(_, (_, expiry))| *expiry > now)
+        .map(|(key, (counter, expiry))| KeyRow {
+            key: key.clone(),
+            node_id: cluster.node_id.clone(),
+            epoch,
+            counter: counter.clone(),
+            expires_at_ms: *expiry,
+        })
+        .collect();
+    cluster
+        .metrics
+        .store_regressions_repaired
+        .fetch_add(1, Ordering::Relaxed);
+    tracing::warn!(
+        node_id = %cluster.node_id,
+        old_epoch = old,
+        epoch,
+        counters = engine.table().len(),
+        keys = keys.len(),
+        "the store is behind what this node committed (restored from an older copy, or an \
+         asynchronous failover); registered again and writing the whole shard and the live \
+         replicated keys anew"
+    );
+    Ok(keys)
+}
+
+/// Stops every write for good: another process holds this node id.
+fn fence(cluster: &Cluster, e: &StoreError) {
+    let reason = e.to_string();
+    tracing::error!(%reason, "fenced: another process holds this node id; no more writes");
+    let _ = cluster.fenced.send(Some(reason));
 }
 
 /// The outcome of these increments' transaction is known: retries with

@@ -158,13 +158,20 @@ pub(crate) struct State {
     /// known yet: a retry must not be told "duplicate" before it is.
     pub unresolved_keys: HashSet<String>,
     pub flushed: Version,
+    /// The highest version of any row this process has committed, this
+    /// epoch: the store must hold at least this much of the node's writes
+    /// (`Store::begin_at`).
+    pub written: Version,
 }
 
 /// The node's link to the store. See the module docs.
 pub struct Cluster {
     pub(crate) config: ClusterConfig,
     pub(crate) node_id: String,
-    pub(crate) epoch: u64,
+    /// The epoch this process holds; changed only by the committer, when it
+    /// registers again after finding the store behind it (see
+    /// `committer::repair`).
+    pub(crate) epoch: std::sync::atomic::AtomicU64,
     /// Written only by the committer thread.
     pub(crate) store: Arc<dyn Store>,
     /// A second connection for reads (cache refresh, cluster view,
@@ -216,6 +223,11 @@ fn start_err(e: StoreError) -> Error {
 }
 
 impl Cluster {
+    /// The epoch this process holds now.
+    pub(crate) fn epoch(&self) -> u64 {
+        self.epoch.load(std::sync::atomic::Ordering::SeqCst)
+    }
+
     /// Connects to the store, takes a new epoch, restores from the store
     /// what it knows better than the local disk, settles the replicated
     /// increments the journal holds, and starts the committer and cache
@@ -311,7 +323,7 @@ impl Cluster {
             cache: Cache::new(&node_id),
             config,
             node_id,
-            epoch,
+            epoch: std::sync::atomic::AtomicU64::new(epoch),
             store,
             reader,
             queue: Mutex::new(VecDeque::new()),
@@ -479,7 +491,7 @@ impl Cluster {
         };
         Ok(ClusterView {
             node_id: self.node_id.clone(),
-            epoch: self.epoch,
+            epoch: self.epoch(),
             store: self.store.backend(),
             staleness_bound_ms: (self.config.flush_interval + self.config.refresh_interval)
                 .as_millis() as u64,

@@ -84,33 +84,41 @@ impl Store for FaultyStore {
         self.inner.backend()
     }
 
-    fn register(
+    fn register_above(
         &self,
         node_id: &str,
         address: &str,
         now_ms: u64,
+        floor: u64,
     ) -> Result<Registration, StoreError> {
         self.check()?;
-        self.inner.register(node_id, address, now_ms)
+        self.inner.register_above(node_id, address, now_ms, floor)
     }
 
-    fn begin(&self, node_id: &str, epoch: u64) -> Result<Box<dyn StoreTx + '_>, StoreError> {
+    fn begin_at(
+        &self,
+        node_id: &str,
+        epoch: u64,
+        written: Version,
+    ) -> Result<Box<dyn StoreTx + '_>, StoreError> {
         self.check()?;
         Ok(Box::new(FaultyTx {
-            inner: self.inner.begin(node_id, epoch)?,
+            inner: self.inner.begin_at(node_id, epoch, written)?,
             store: self,
         }))
     }
 
-    fn heartbeat(
+    fn heartbeat_at(
         &self,
         node_id: &str,
         epoch: u64,
+        written: Version,
         now_ms: u64,
         applied_lsn: u64,
     ) -> Result<(), StoreError> {
         self.check()?;
-        self.inner.heartbeat(node_id, epoch, now_ms, applied_lsn)
+        self.inner
+            .heartbeat_at(node_id, epoch, written, now_ms, applied_lsn)
     }
 
     fn load_shard(&self, node_id: &str) -> Result<Vec<ShardRow>, StoreError> {
@@ -180,9 +188,14 @@ impl StoreTx for FaultyTx<'_> {
         self.inner.upsert_shards(rows)
     }
 
-    fn set_flushed(&mut self, flushed: Version, now_ms: u64) -> Result<(), StoreError> {
+    fn set_marks(
+        &mut self,
+        flushed: Version,
+        written: Version,
+        now_ms: u64,
+    ) -> Result<(), StoreError> {
         self.store.check()?;
-        self.inner.set_flushed(flushed, now_ms)
+        self.inner.set_marks(flushed, written, now_ms)
     }
 
     fn commit(self: Box<Self>) -> Result<(), StoreError> {

@@ -101,6 +101,9 @@ pub struct NodeRow {
     pub heartbeat_at_ms: u64,
     /// How far the node's flushes have reached ([`StoreTx::set_flushed`]).
     pub flushed: Version,
+    /// The highest version of any row the node has committed
+    /// ([`StoreTx::set_marks`]); `(0, 0)` when none is recorded.
+    pub written: Version,
     /// The node's applied lsn as of its last heartbeat.
     pub applied_lsn: u64,
 }
@@ -155,6 +158,15 @@ pub enum StoreError {
     #[error("store commit outcome unknown: {0}")]
     Indeterminate(String),
 
+    /// The store is behind what this process committed to it: the node's
+    /// row is missing, holds an older epoch than this process's, or records
+    /// fewer of its writes than this process made. The store came back
+    /// older (an asynchronous failover, a restored backup, an SQLite file
+    /// copied back); nothing was written. The node must register again and
+    /// write its shard anew (see `docs/design.md`, "Store regression").
+    #[error("the store is behind what this node committed to it: {0}")]
+    Regressed(String),
+
     /// Bad configuration, URL or schema (e.g. a newer schema version than
     /// this build knows), or a value the store cannot hold. Retrying does
     /// not help; the message says what to change.
@@ -182,6 +194,21 @@ pub trait Store: Send + Sync {
         node_id: &str,
         address: &str,
         now_ms: u64,
+    ) -> Result<Registration, StoreError> {
+        self.register_above(node_id, address, now_ms, 0)
+    }
+
+    /// [`Store::register`], taking an epoch above `floor` too: epoch =
+    /// max(previous + 1, floor + 1). A node that finds the store behind it
+    /// ([`StoreError::Regressed`]) registers again above the epoch it
+    /// holds, so that no epoch is ever handed out twice even when the
+    /// store has forgotten it.
+    fn register_above(
+        &self,
+        node_id: &str,
+        address: &str,
+        now_ms: u64,
+        floor: u64,
     ) -> Result<Registration, StoreError>;
 
     /// Starts a write transaction for this node. Fails with
@@ -190,7 +217,20 @@ pub trait Store: Send + Sync {
     /// the epoch waits until the transaction ends (PostgreSQL: the node row
     /// is locked `FOR UPDATE`; SQLite: `BEGIN IMMEDIATE` takes the write
     /// lock). Dropping the transaction without committing rolls it back.
-    fn begin(&self, node_id: &str, epoch: u64) -> Result<Box<dyn StoreTx + '_>, StoreError>;
+    fn begin(&self, node_id: &str, epoch: u64) -> Result<Box<dyn StoreTx + '_>, StoreError> {
+        self.begin_at(node_id, epoch, Version::default())
+    }
+
+    /// [`Store::begin`] for a process that has committed rows up to version
+    /// `written` ([`StoreTx::set_marks`]): fails with
+    /// [`StoreError::Regressed`] if the node's row is missing, holds an
+    /// epoch below `epoch`, or records a written version below `written`.
+    fn begin_at(
+        &self,
+        node_id: &str,
+        epoch: u64,
+        written: Version,
+    ) -> Result<Box<dyn StoreTx + '_>, StoreError>;
 
     /// Records that the node is alive and how far it has applied; fails with
     /// [`StoreError::Fenced`] if `epoch` has been superseded.
@@ -198,6 +238,20 @@ pub trait Store: Send + Sync {
         &self,
         node_id: &str,
         epoch: u64,
+        now_ms: u64,
+        applied_lsn: u64,
+    ) -> Result<(), StoreError> {
+        self.heartbeat_at(node_id, epoch, Version::default(), now_ms, applied_lsn)
+    }
+
+    /// [`Store::heartbeat`], checking the store against `written` as
+    /// [`Store::begin_at`] does ([`StoreError::Regressed`]), so that an idle
+    /// node notices a store that went back.
+    fn heartbeat_at(
+        &self,
+        node_id: &str,
+        epoch: u64,
+        written: Version,
         now_ms: u64,
         applied_lsn: u64,
     ) -> Result<(), StoreError>;
@@ -274,7 +328,18 @@ pub trait StoreTx {
     /// Records how far this node's flushes have reached; never lowers it.
     /// Also counts as a heartbeat at `now_ms` (a flush is proof of life);
     /// the heartbeat time never goes back either.
-    fn set_flushed(&mut self, flushed: Version, now_ms: u64) -> Result<(), StoreError>;
+    fn set_flushed(&mut self, flushed: Version, now_ms: u64) -> Result<(), StoreError> {
+        self.set_marks(flushed, Version::default(), now_ms)
+    }
+
+    /// [`StoreTx::set_flushed`], also raising the node's written version
+    /// (the highest version of any row it has committed; never lowered).
+    fn set_marks(
+        &mut self,
+        flushed: Version,
+        written: Version,
+        now_ms: u64,
+    ) -> Result<(), StoreError>;
 
     /// Commits. [`StoreError::Indeterminate`] means the commit was sent and
     /// its outcome is unknown; ask [`Store::commit_settled`] before deciding
@@ -323,9 +388,42 @@ pub(crate) fn from_stored(value: i64, what: &str) -> Result<u64, StoreError> {
 
 #[cfg_attr(not(any(feature = "sqlite", feature = "postgres")), allow(dead_code))]
 pub(crate) fn not_registered(node_id: &str) -> StoreError {
-    StoreError::Invalid(format!(
-        "node '{node_id}' is not registered in the store; register it before writing"
+    StoreError::Regressed(format!(
+        "it holds no row for node '{node_id}' (register it before writing)"
     ))
+}
+
+/// What a write or heartbeat of `node_id` at `ours` (having written up to
+/// `written`) meets in a store whose node row says `stored` epoch and
+/// `stored_written`: `None` when it may go on.
+#[cfg_attr(not(any(feature = "sqlite", feature = "postgres")), allow(dead_code))]
+pub(crate) fn check_node(
+    node_id: &str,
+    ours: u64,
+    written: Version,
+    stored: u64,
+    stored_written: Version,
+) -> Option<StoreError> {
+    if stored > ours {
+        return Some(StoreError::Fenced {
+            node_id: node_id.to_string(),
+            ours,
+            current: stored,
+        });
+    }
+    if stored < ours {
+        return Some(StoreError::Regressed(format!(
+            "the row of node '{node_id}' holds epoch {stored}, but this process registered \
+             epoch {ours}"
+        )));
+    }
+    if stored_written < written {
+        return Some(StoreError::Regressed(format!(
+            "it records the writes of node '{node_id}' up to version {stored_written}, but \
+             this process committed up to {written}"
+        )));
+    }
+    None
 }
 
 /// What every call on a transaction returns after one of its steps failed.

@@ -345,6 +345,10 @@ fn decode_node(row: &Row) -> Result<NodeRow, Fail> {
             lsn: stored(row, 6, "flushed lsn")?,
         },
         applied_lsn: stored(row, 7, "applied lsn")?,
+        written: Version {
+            epoch: stored(row, 8, "written epoch")?,
+            lsn: stored(row, 9, "written lsn")?,
+        },
     })
 }
 
@@ -353,26 +357,27 @@ fn limit_param(limit: usize) -> i64 {
 }
 
 const INSERT_NODE: &str = "INSERT INTO tally_nodes (node_id, epoch, address, started_at_ms, \
-     heartbeat_at_ms, flushed_epoch, flushed_lsn, applied_lsn) \
-     VALUES ($1, 1, $2, $3, $3, 0, 0, 0) ON CONFLICT (node_id) DO NOTHING";
+     heartbeat_at_ms, flushed_epoch, flushed_lsn, applied_lsn, written_epoch, written_lsn) \
+     VALUES ($1, $4, $2, $3, $3, 0, 0, 0, 0, 0) ON CONFLICT (node_id) DO NOTHING";
 const SELECT_NODE_FOR_UPDATE: &str = "SELECT node_id, epoch, address, started_at_ms, \
-     heartbeat_at_ms, flushed_epoch, flushed_lsn, applied_lsn FROM tally_nodes \
-     WHERE node_id = $1 FOR UPDATE";
-const BUMP_EPOCH: &str = "UPDATE tally_nodes SET epoch = epoch + 1, address = $2, \
+     heartbeat_at_ms, flushed_epoch, flushed_lsn, applied_lsn, written_epoch, written_lsn \
+     FROM tally_nodes WHERE node_id = $1 FOR UPDATE";
+const BUMP_EPOCH: &str = "UPDATE tally_nodes SET epoch = GREATEST(epoch + 1, $4), address = $2, \
      started_at_ms = $3, heartbeat_at_ms = $3 WHERE node_id = $1 RETURNING epoch";
 // `txid_current()` names the transaction, so that a commit whose outcome is
 // left unknown can be asked about later (`txid_status`).
-const LOCK_NODE: &str =
-    "SELECT epoch, txid_current() FROM tally_nodes WHERE node_id = $1 FOR UPDATE";
+const LOCK_NODE: &str = "SELECT epoch, txid_current(), written_epoch, written_lsn FROM tally_nodes \
+     WHERE node_id = $1 FOR UPDATE";
 const TXID_STATUS: &str = "SELECT txid_status($1)";
 // `sync_state` is NULL to a user that may not see other sessions' details.
 const REPLICATION: &str = "SELECT count(*), \
      count(*) FILTER (WHERE sync_state IN ('sync', 'quorum')), \
      count(*) FILTER (WHERE sync_state IS NULL) \
      FROM pg_stat_replication";
-const SELECT_EPOCH: &str = "SELECT epoch FROM tally_nodes WHERE node_id = $1";
+const SELECT_EPOCH: &str =
+    "SELECT epoch, written_epoch, written_lsn FROM tally_nodes WHERE node_id = $1";
 const HEARTBEAT: &str = "UPDATE tally_nodes SET heartbeat_at_ms = $3, applied_lsn = $4 \
-     WHERE node_id = $1 AND epoch = $2";
+     WHERE node_id = $1 AND epoch = $2 AND (written_epoch, written_lsn) >= ($5::int8, $6::int8)";
 const LOAD_SHARD: &str =
     "SELECT counter, node_id, value, epoch, lsn FROM tally_shards WHERE node_id = $1";
 const CHANGES: &str = "SELECT counter, node_id, value, epoch, lsn FROM tally_shards \
@@ -383,7 +388,8 @@ const CHANGES_TIES: &str = "SELECT counter, node_id, value, epoch, lsn FROM tall
 const READ_COUNTER: &str =
     "SELECT counter, node_id, value, epoch, lsn FROM tally_shards WHERE counter = $1";
 const NODES: &str = "SELECT node_id, epoch, address, started_at_ms, heartbeat_at_ms, \
-     flushed_epoch, flushed_lsn, applied_lsn FROM tally_nodes ORDER BY node_id";
+     flushed_epoch, flushed_lsn, applied_lsn, written_epoch, written_lsn FROM tally_nodes \
+     ORDER BY node_id";
 const KEY: &str =
     "SELECT key, node_id, epoch, counter, expires_at_ms FROM tally_keys WHERE key = $1";
 const PURGE_KEYS: &str = "DELETE FROM tally_keys WHERE key IN (SELECT key FROM tally_keys \
@@ -406,6 +412,10 @@ const SET_FLUSHED: &str = "UPDATE tally_nodes SET \
          THEN $2::int8 ELSE flushed_epoch END, \
      flushed_lsn = CASE WHEN (flushed_epoch, flushed_lsn) < ($2::int8, $3::int8) \
          THEN $3::int8 ELSE flushed_lsn END, \
+     written_epoch = CASE WHEN (written_epoch, written_lsn) < ($5::int8, $6::int8) \
+         THEN $5::int8 ELSE written_epoch END, \
+     written_lsn = CASE WHEN (written_epoch, written_lsn) < ($5::int8, $6::int8) \
+         THEN $6::int8 ELSE written_lsn END, \
      heartbeat_at_ms = GREATEST(heartbeat_at_ms, $4::int8) \
      WHERE node_id = $1";
 
@@ -727,16 +737,47 @@ fn migrate_once(c: &mut Conn) -> Result<(), Fail> {
     c.batch("COMMIT", "committing the migration")
 }
 
-fn fenced_or_unknown(c: &mut Conn, node_id: &str, ours: u64) -> Result<StoreError, Fail> {
+/// Why a write or heartbeat of a process at `ours` that has written up to
+/// `written` may not go on (see [`super::check_node`]); a missing row is a
+/// regression.
+fn why_refused(
+    c: &mut Conn,
+    node_id: &str,
+    ours: u64,
+    written: Version,
+) -> Result<StoreError, Fail> {
     let rows = c.query(SELECT_EPOCH, &[&node_id], "reading the node's epoch")?;
-    match rows.first() {
-        Some(row) => Ok(StoreError::Fenced {
-            node_id: node_id.to_string(),
-            ours,
-            current: stored(row, 0, "epoch")?,
+    let Some(row) = rows.first() else {
+        return Ok(not_registered(node_id));
+    };
+    Ok(
+        node_refusal(node_id, ours, written, row, 0, 1)?.unwrap_or_else(|| {
+            StoreError::Unavailable("the node's row changed while it was being written".into())
         }),
-        None => Ok(not_registered(node_id)),
-    }
+    )
+}
+
+/// [`super::check_node`] on a row holding the epoch at column `epoch_col`
+/// and the written version at `written_col` and the next.
+fn node_refusal(
+    node_id: &str,
+    ours: u64,
+    written: Version,
+    row: &Row,
+    epoch_col: usize,
+    written_col: usize,
+) -> Result<Option<StoreError>, Fail> {
+    let stored_written = Version::new(
+        stored(row, written_col, "written epoch")?,
+        stored(row, written_col + 1, "written lsn")?,
+    );
+    Ok(super::check_node(
+        node_id,
+        ours,
+        written,
+        stored(row, epoch_col, "epoch")?,
+        stored_written,
+    ))
 }
 
 impl Store for PostgresStore {
@@ -744,21 +785,30 @@ impl Store for PostgresStore {
         "postgres"
     }
 
-    fn register(
+    fn register_above(
         &self,
         node_id: &str,
         address: &str,
         now_ms: u64,
+        floor: u64,
     ) -> Result<Registration, StoreError> {
         let now = to_stored(now_ms, "time")?;
+        let first = floor.checked_add(1).ok_or_else(|| {
+            StoreError::Invalid(format!("epoch floor {floor} leaves no epoch above it"))
+        })?;
+        let first_stored = to_stored(first, "epoch")?;
         self.call_in_tx("registering the node", |c| {
             // First start: the insert creates the row at epoch 1. A
             // concurrent first start waits for this insert's transaction,
             // then finds the row and bumps it below.
-            let inserted = c.execute(INSERT_NODE, &[&node_id, &address, &now], "registering")?;
+            let inserted = c.execute(
+                INSERT_NODE,
+                &[&node_id, &address, &now, &first_stored],
+                "registering",
+            )?;
             if inserted == 1 {
                 return Ok(Registration {
-                    epoch: 1,
+                    epoch: first,
                     previous: None,
                 });
             }
@@ -770,7 +820,11 @@ impl Store for PostgresStore {
                     "the node row vanished during registration".into(),
                 ))
             })?)?;
-            let rows = c.query(BUMP_EPOCH, &[&node_id, &address, &now], "taking an epoch")?;
+            let rows = c.query(
+                BUMP_EPOCH,
+                &[&node_id, &address, &now, &first_stored],
+                "taking an epoch",
+            )?;
             let epoch = stored(
                 rows.first().ok_or_else(|| {
                     Fail::Store(StoreError::Unavailable(
@@ -787,8 +841,13 @@ impl Store for PostgresStore {
         })
     }
 
-    fn begin(&self, node_id: &str, epoch: u64) -> Result<Box<dyn StoreTx + '_>, StoreError> {
-        let ours = to_stored(epoch, "epoch")?;
+    fn begin_at(
+        &self,
+        node_id: &str,
+        epoch: u64,
+        written: Version,
+    ) -> Result<Box<dyn StoreTx + '_>, StoreError> {
+        to_stored(epoch, "epoch")?;
         let mut guard = self.conn.lock();
         let conn = self.connected(&mut guard)?;
         let checked = (|| {
@@ -797,13 +856,8 @@ impl Store for PostgresStore {
             let Some(row) = rows.first() else {
                 return Err(Fail::Store(not_registered(node_id)));
             };
-            let current: i64 = col(row, 0, "epoch")?;
-            if current != ours {
-                return Err(Fail::Store(StoreError::Fenced {
-                    node_id: node_id.to_string(),
-                    ours: epoch,
-                    current: from_stored(current, "epoch")?,
-                }));
+            if let Some(refused) = node_refusal(node_id, epoch, written, row, 0, 2)? {
+                return Err(Fail::Store(refused));
             }
             col::<i64>(row, 1, "transaction id")
         })();
@@ -873,22 +927,31 @@ impl Store for PostgresStore {
         Ok(settled)
     }
 
-    fn heartbeat(
+    fn heartbeat_at(
         &self,
         node_id: &str,
         epoch: u64,
+        written: Version,
         now_ms: u64,
         applied_lsn: u64,
     ) -> Result<(), StoreError> {
         let ours = to_stored(epoch, "epoch")?;
         let now = to_stored(now_ms, "time")?;
         let applied = to_stored(applied_lsn, "applied lsn")?;
+        let (w_epoch, w_lsn) = (
+            to_stored(written.epoch, "epoch")?,
+            to_stored(written.lsn, "lsn")?,
+        );
         self.call(|c| {
-            let changed = c.execute(HEARTBEAT, &[&node_id, &ours, &now, &applied], "heartbeat")?;
+            let changed = c.execute(
+                HEARTBEAT,
+                &[&node_id, &ours, &now, &applied, &w_epoch, &w_lsn],
+                "heartbeat",
+            )?;
             if changed == 1 {
                 return Ok(());
             }
-            Err(Fail::Store(fenced_or_unknown(c, node_id, epoch)?))
+            Err(Fail::Store(why_refused(c, node_id, epoch, written)?))
         })
     }
 
@@ -1105,14 +1168,21 @@ impl StoreTx for PgTx<'_> {
         })
     }
 
-    fn set_flushed(&mut self, flushed: Version, now_ms: u64) -> Result<(), StoreError> {
+    fn set_marks(
+        &mut self,
+        flushed: Version,
+        written: Version,
+        now_ms: u64,
+    ) -> Result<(), StoreError> {
         let epoch = to_stored(flushed.epoch, "epoch")?;
         let lsn = to_stored(flushed.lsn, "lsn")?;
+        let w_epoch = to_stored(written.epoch, "epoch")?;
+        let w_lsn = to_stored(written.lsn, "lsn")?;
         let now = to_stored(now_ms, "time")?;
         self.step(|c, node_id, _| {
             c.execute(
                 SET_FLUSHED,
-                &[&node_id, &epoch, &lsn, &now],
+                &[&node_id, &epoch, &lsn, &now, &w_epoch, &w_lsn],
                 "recording the flushed version",
             )?;
             Ok(())

@@ -19,7 +19,7 @@
 use super::StoreError;
 
 /// The newest schema version this build knows.
-pub const SCHEMA_VERSION: u64 = 1;
+pub const SCHEMA_VERSION: u64 = 2;
 
 /// How many times a migrator that lost a race retries before giving up.
 pub const MIGRATION_ATTEMPTS_MAX: u32 = 5;
@@ -41,11 +41,18 @@ pub struct Migration {
 }
 
 /// Every migration, in order. Never edit a released one: add the next.
-pub const MIGRATIONS: &[Migration] = &[Migration {
-    version: 1,
-    sqlite: V1_SQLITE,
-    postgres: V1_POSTGRES,
-}];
+pub const MIGRATIONS: &[Migration] = &[
+    Migration {
+        version: 1,
+        sqlite: V1_SQLITE,
+        postgres: V1_POSTGRES,
+    },
+    Migration {
+        version: 2,
+        sqlite: V2_SQLITE,
+        postgres: V2_POSTGRES,
+    },
+];
 
 // Version 1. Types: BIGINT for every epoch, lsn, value and unix-ms time
 // (tally's u64s are stored as signed, see `STORED_INT_MAX`); TEXT for names.
@@ -119,6 +126,24 @@ CREATE TABLE IF NOT EXISTS tally_keys (
     expires_at_ms BIGINT NOT NULL
 );
 CREATE INDEX IF NOT EXISTS tally_keys_by_expiry ON tally_keys (expires_at_ms);
+";
+
+// Version 2. tally_nodes gains the node's written version: the highest
+// version of any row it has committed (its flushed mark trails it), so that
+// a store that comes back older than what the node wrote is recognised
+// (see `Store::begin_at`). Existing rows start at (0, 0): nothing is known
+// to be written until the node's next commit.
+//
+// SQLite's ALTER TABLE has no IF NOT EXISTS; its migrations run under the
+// database's write lock, so two migrators never race there.
+const V2_SQLITE: &str = "
+ALTER TABLE tally_nodes ADD COLUMN written_epoch BIGINT NOT NULL DEFAULT 0;
+ALTER TABLE tally_nodes ADD COLUMN written_lsn BIGINT NOT NULL DEFAULT 0;
+";
+
+const V2_POSTGRES: &str = "
+ALTER TABLE tally_nodes ADD COLUMN IF NOT EXISTS written_epoch BIGINT NOT NULL DEFAULT 0;
+ALTER TABLE tally_nodes ADD COLUMN IF NOT EXISTS written_lsn BIGINT NOT NULL DEFAULT 0;
 ";
 
 /// Records one applied migration.

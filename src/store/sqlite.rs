@@ -40,7 +40,7 @@ pub struct SqliteStore {
 
 const SHARD_COLUMNS: &str = "counter, node_id, value, epoch, lsn";
 const NODE_COLUMNS: &str = "node_id, epoch, address, started_at_ms, heartbeat_at_ms, \
-                            flushed_epoch, flushed_lsn, applied_lsn";
+                            flushed_epoch, flushed_lsn, applied_lsn, written_epoch, written_lsn";
 
 impl SqliteStore {
     /// Opens (creating if needed) the database file at `path` and brings
@@ -221,7 +221,7 @@ fn decode_shard(
     })
 }
 
-type RawNode = (String, i64, String, i64, i64, i64, i64, i64);
+type RawNode = (String, i64, String, i64, i64, i64, i64, i64, i64, i64);
 
 fn node_row(r: &rusqlite::Row<'_>) -> rusqlite::Result<RawNode> {
     Ok((
@@ -233,11 +233,14 @@ fn node_row(r: &rusqlite::Row<'_>) -> rusqlite::Result<RawNode> {
         r.get(5)?,
         r.get(6)?,
         r.get(7)?,
+        r.get(8)?,
+        r.get(9)?,
     ))
 }
 
 fn decode_node(raw: RawNode) -> Result<NodeRow, StoreError> {
-    let (node_id, epoch, address, started, heartbeat, f_epoch, f_lsn, applied) = raw;
+    let (node_id, epoch, address, started, heartbeat, f_epoch, f_lsn, applied, w_epoch, w_lsn) =
+        raw;
     Ok(NodeRow {
         node_id,
         epoch: from_stored(epoch, "epoch")?,
@@ -249,6 +252,10 @@ fn decode_node(raw: RawNode) -> Result<NodeRow, StoreError> {
             lsn: from_stored(f_lsn, "flushed lsn")?,
         },
         applied_lsn: from_stored(applied, "applied lsn")?,
+        written: Version {
+            epoch: from_stored(w_epoch, "written epoch")?,
+            lsn: from_stored(w_lsn, "written lsn")?,
+        },
     })
 }
 
@@ -268,15 +275,39 @@ fn select_shards(
     raw.into_iter().map(decode_shard).collect()
 }
 
-/// The node's current epoch, or `Invalid` if it never registered.
-fn current_epoch(conn: &Connection, node_id: &str) -> Result<u64, StoreError> {
-    let epoch: Option<i64> = conn
-        .prepare_cached("SELECT epoch FROM tally_nodes WHERE node_id = ?1")
-        .and_then(|mut s| s.query_row([node_id], |r| r.get(0)).optional())
+/// Checks the node's row against a process at `ours` that has written up
+/// to `written` (see [`super::check_node`]); a missing row is a regression.
+fn check_row(
+    conn: &Connection,
+    node_id: &str,
+    ours: u64,
+    written: Version,
+) -> Result<(), StoreError> {
+    let row: Option<(i64, i64, i64)> = conn
+        .prepare_cached(
+            "SELECT epoch, written_epoch, written_lsn FROM tally_nodes WHERE node_id = ?1",
+        )
+        .and_then(|mut s| {
+            s.query_row([node_id], |r| Ok((r.get(0)?, r.get(1)?, r.get(2)?)))
+                .optional()
+        })
         .map_err(|e| unavailable("reading the node's epoch", e))?;
-    match epoch {
-        Some(e) => from_stored(e, "epoch"),
-        None => Err(not_registered(node_id)),
+    let Some((epoch, w_epoch, w_lsn)) = row else {
+        return Err(not_registered(node_id));
+    };
+    let stored_written = Version::new(
+        from_stored(w_epoch, "written epoch")?,
+        from_stored(w_lsn, "written lsn")?,
+    );
+    match super::check_node(
+        node_id,
+        ours,
+        written,
+        from_stored(epoch, "epoch")?,
+        stored_written,
+    ) {
+        Some(e) => Err(e),
+        None => Ok(()),
     }
 }
 
@@ -285,13 +316,18 @@ impl Store for SqliteStore {
         "sqlite"
     }
 
-    fn register(
+    fn register_above(
         &self,
         node_id: &str,
         address: &str,
         now_ms: u64,
+        floor: u64,
     ) -> Result<Registration, StoreError> {
         let now = to_stored(now_ms, "time")?;
+        let first = floor.checked_add(1).ok_or_else(|| {
+            StoreError::Invalid(format!("epoch floor {floor} leaves no epoch above it"))
+        })?;
+        let first_stored = to_stored(first, "epoch")?;
         let conn = self.conn.lock();
         conn.execute_batch("BEGIN IMMEDIATE")
             .map_err(|e| unavailable("starting the registration", e))?;
@@ -306,7 +342,7 @@ impl Store for SqliteStore {
                 .transpose()?;
             let epoch = match &previous {
                 Some(p) => {
-                    let epoch = p.epoch + 1;
+                    let epoch = (p.epoch + 1).max(first);
                     let stored = to_stored(epoch, "epoch")?;
                     conn.prepare_cached(
                         "UPDATE tally_nodes SET epoch = ?2, address = ?3, started_at_ms = ?4, \
@@ -319,11 +355,11 @@ impl Store for SqliteStore {
                 None => {
                     conn.prepare_cached(&format!(
                         "INSERT INTO tally_nodes ({NODE_COLUMNS}) \
-                         VALUES (?1, 1, ?2, ?3, ?3, 0, 0, 0)"
+                         VALUES (?1, ?4, ?2, ?3, ?3, 0, 0, 0, 0, 0)"
                     ))
-                    .and_then(|mut s| s.execute(params![node_id, address, now]))
+                    .and_then(|mut s| s.execute(params![node_id, address, now, first_stored]))
                     .map_err(|e| unavailable("inserting the node row", e))?;
-                    1
+                    first
                 }
             };
             Ok(Registration { epoch, previous })
@@ -337,22 +373,16 @@ impl Store for SqliteStore {
         }
     }
 
-    fn begin(&self, node_id: &str, epoch: u64) -> Result<Box<dyn StoreTx + '_>, StoreError> {
+    fn begin_at(
+        &self,
+        node_id: &str,
+        epoch: u64,
+        written: Version,
+    ) -> Result<Box<dyn StoreTx + '_>, StoreError> {
         let conn = self.conn.lock();
         conn.execute_batch("BEGIN IMMEDIATE")
             .map_err(|e| unavailable("starting a write transaction", e))?;
-        let checked = current_epoch(&conn, node_id).and_then(|current| {
-            if current == epoch {
-                Ok(())
-            } else {
-                Err(StoreError::Fenced {
-                    node_id: node_id.to_string(),
-                    ours: epoch,
-                    current,
-                })
-            }
-        });
-        if let Err(e) = checked {
+        if let Err(e) = check_row(&conn, node_id, epoch, written) {
             rollback(&conn);
             return Err(e);
         }
@@ -365,10 +395,11 @@ impl Store for SqliteStore {
         }))
     }
 
-    fn heartbeat(
+    fn heartbeat_at(
         &self,
         node_id: &str,
         epoch: u64,
+        written: Version,
         now_ms: u64,
         applied_lsn: u64,
     ) -> Result<(), StoreError> {
@@ -376,24 +407,25 @@ impl Store for SqliteStore {
         let changed = conn
             .prepare_cached(
                 "UPDATE tally_nodes SET heartbeat_at_ms = ?3, applied_lsn = ?4 \
-                 WHERE node_id = ?1 AND epoch = ?2",
+                 WHERE node_id = ?1 AND epoch = ?2 AND (written_epoch, written_lsn) >= (?5, ?6)",
             )
             .map_err(|e| unavailable("heartbeat", e))?
             .execute(params![
                 node_id,
                 to_stored(epoch, "epoch")?,
                 to_stored(now_ms, "time")?,
-                to_stored(applied_lsn, "applied lsn")?
+                to_stored(applied_lsn, "applied lsn")?,
+                to_stored(written.epoch, "epoch")?,
+                to_stored(written.lsn, "lsn")?
             ])
             .map_err(|e| unavailable("heartbeat", e))?;
         if changed == 1 {
             return Ok(());
         }
-        Err(StoreError::Fenced {
-            node_id: node_id.to_string(),
-            ours: epoch,
-            current: current_epoch(&conn, node_id)?,
-        })
+        check_row(&conn, node_id, epoch, written)?;
+        Err(StoreError::Unavailable(
+            "the heartbeat changed no row, yet the node's row allows it".into(),
+        ))
     }
 
     fn load_shard(&self, node_id: &str) -> Result<Vec<ShardRow>, StoreError> {
@@ -618,25 +650,38 @@ impl StoreTx for SqliteTx<'_> {
         })
     }
 
-    fn set_flushed(&mut self, flushed: Version, now_ms: u64) -> Result<(), StoreError> {
+    fn set_marks(
+        &mut self,
+        flushed: Version,
+        written: Version,
+        now_ms: u64,
+    ) -> Result<(), StoreError> {
         let (epoch, lsn) = (
             to_stored(flushed.epoch, "epoch")?,
             to_stored(flushed.lsn, "lsn")?,
         );
+        let (w_epoch, w_lsn) = (
+            to_stored(written.epoch, "epoch")?,
+            to_stored(written.lsn, "lsn")?,
+        );
         let now = to_stored(now_ms, "time")?;
         self.step(|conn, node_id, _| {
-            // Every SET expression reads the row as it was, so the
-            // comparison is made once against the old flushed version.
+            // Every SET expression reads the row as it was, so each
+            // comparison is made once against the old version.
             conn.prepare_cached(
                 "UPDATE tally_nodes SET \
                  flushed_epoch = CASE WHEN (flushed_epoch, flushed_lsn) < (?2, ?3) \
                      THEN ?2 ELSE flushed_epoch END, \
                  flushed_lsn = CASE WHEN (flushed_epoch, flushed_lsn) < (?2, ?3) \
                      THEN ?3 ELSE flushed_lsn END, \
+                 written_epoch = CASE WHEN (written_epoch, written_lsn) < (?5, ?6) \
+                     THEN ?5 ELSE written_epoch END, \
+                 written_lsn = CASE WHEN (written_epoch, written_lsn) < (?5, ?6) \
+                     THEN ?6 ELSE written_lsn END, \
                  heartbeat_at_ms = MAX(heartbeat_at_ms, ?4) \
                  WHERE node_id = ?1",
             )
-            .and_then(|mut s| s.execute(params![node_id, epoch, lsn, now]))
+            .and_then(|mut s| s.execute(params![node_id, epoch, lsn, now, w_epoch, w_lsn]))
             .map_err(|e| unavailable("recording the flushed version", e))?;
             Ok(())
         })
