@@ -9,7 +9,11 @@
 //! 4. flush: shard rows per second a node's flush writes to the shared
 //!    store, SQLite and PostgreSQL;
 //! 5. replicated: `replicated` increments per second from 50 clients
-//!    against PostgreSQL's own upsert of a row per counter.
+//!    against PostgreSQL's own upsert of a row per counter;
+//! 6. ha: the same on a highly available store (Patroni, a synchronous
+//!    standby, HAProxy) against a single server, and the time from the
+//!    primary's death to the first acknowledged `replicated` increment,
+//!    tally's against an upsert client's.
 //!
 //! Run it with `cargo run --release -p tally-bench`; it builds the release
 //! `tally` binary itself. Every server is a private child process on a
@@ -20,6 +24,7 @@
 //! that is not met is reported in the output, not as a failure.
 
 mod flush;
+mod ha;
 mod memory;
 mod parse;
 mod phases;
@@ -66,15 +71,17 @@ enum Part {
     Memory,
     Flush,
     Replicated,
+    Ha,
 }
 
 impl Part {
-    const ALL: [Part; 5] = [
+    const ALL: [Part; 6] = [
         Part::Throughput,
         Part::Recovery,
         Part::Memory,
         Part::Flush,
         Part::Replicated,
+        Part::Ha,
     ];
 }
 
@@ -91,7 +98,7 @@ struct RunArgs {
     #[arg(long)]
     requests: Option<u64>,
     /// Parallel client connections (redis-benchmark, and pgbench in the
-    /// replicated part)
+    /// replicated and ha parts)
     #[arg(long, default_value_t = 50)]
     clients: u32,
     /// Pipeline depth of the pipelined redis-benchmark run
@@ -121,16 +128,22 @@ struct RunArgs {
     /// [default: 1000000, --quick 100000]
     #[arg(long)]
     flush_rows: Option<usize>,
-    /// INCRs per redis-benchmark run in the replicated part
+    /// INCRs per redis-benchmark run in the replicated and ha parts
     /// [default: 200000, --quick 20000]
     #[arg(long)]
     replicated_requests: Option<u64>,
-    /// Seconds per pgbench run in the replicated part [default: 10, --quick 3]
+    /// Seconds per pgbench run in the replicated and ha parts
+    /// [default: 10, --quick 3]
     #[arg(long)]
     pgbench_seconds: Option<u32>,
-    /// Rounds of the replicated part (median reported) [default: 3, --quick 1]
+    /// Rounds of the replicated part and of the ha part's increments per
+    /// second (median reported) [default: 3, --quick 1]
     #[arg(long)]
     replicated_rounds: Option<u32>,
+    /// Kills of the HA store's primary in the ha part (median reported)
+    /// [default: 3, --quick 1]
+    #[arg(long)]
+    failovers: Option<u32>,
     /// Use this tally binary instead of building one
     #[arg(long)]
     tally_bin: Option<PathBuf>,
@@ -184,7 +197,10 @@ fn run(args: RunArgs) -> Result<bool> {
     } else {
         tools::version(std::path::Path::new("redis-server")).unwrap_or_else(|_| "none".into())
     };
-    if parts.contains(&Part::Throughput) || parts.contains(&Part::Replicated) {
+    if parts.contains(&Part::Throughput)
+        || parts.contains(&Part::Replicated)
+        || parts.contains(&Part::Ha)
+    {
         tools::require("redis-benchmark")?;
     }
     let tally_bin = match &args.tally_bin {
@@ -240,15 +256,15 @@ fn run(args: RunArgs) -> Result<bool> {
                     batch_rows: vec![1_000, 100_000],
                 },
             ),
-            Part::Replicated => replicated::run(
+            Part::Replicated => {
+                replicated::run(&tally_bin, work.path(), &replicated_settings(&args))
+            }
+            Part::Ha => ha::run(
                 &tally_bin,
                 work.path(),
-                &replicated::Settings {
-                    requests: size(args.replicated_requests, args.quick, 200_000, 20_000),
-                    clients: args.clients,
-                    pgbench_seconds: size(args.pgbench_seconds, args.quick, 10, 3).max(1),
-                    counters: SPREAD_COUNTERS,
-                    rounds: size(args.replicated_rounds, args.quick, 3, 1).max(1),
+                &ha::Settings {
+                    load: replicated_settings(&args),
+                    failovers: size(args.failovers, args.quick, 3, 1).max(1),
                 },
             ),
         };
@@ -256,6 +272,17 @@ fn run(args: RunArgs) -> Result<bool> {
         all_ok &= ok;
     }
     Ok(all_ok)
+}
+
+/// The sizes of the replicated part, which the ha part shares.
+fn replicated_settings(args: &RunArgs) -> replicated::Settings {
+    replicated::Settings {
+        requests: size(args.replicated_requests, args.quick, 200_000, 20_000),
+        clients: args.clients,
+        pgbench_seconds: size(args.pgbench_seconds, args.quick, 10, 3).max(1),
+        counters: SPREAD_COUNTERS,
+        rounds: size(args.replicated_rounds, args.quick, 3, 1).max(1),
+    }
 }
 
 /// One line saying what the figures were measured on.

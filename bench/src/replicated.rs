@@ -42,16 +42,16 @@ use crate::writer::counter_name;
 /// pgbench gets this long beyond its `-T` to connect and finish.
 const PGBENCH_GRACE: Duration = Duration::from_secs(120);
 /// pgbench threads (`-j`): one per core of the machine the brief names.
-const PGBENCH_THREADS: u32 = 2;
+pub(crate) const PGBENCH_THREADS: u32 = 2;
 /// The database of PostgreSQL's own upsert table.
 const UPSERT_DATABASE: &str = "upsert";
 /// The database that holds the tally node's store.
-const STORE_DATABASE: &str = "tally_store";
+pub(crate) const STORE_DATABASE: &str = "tally_store";
 /// "Many times PostgreSQL's single-row upsert rate" is read as at least
 /// this many times.
 const MANY_TIMES_RATIO: f64 = 5.0;
 /// The upsert, exactly as the brief states it.
-const UPSERT: &str =
+pub(crate) const UPSERT: &str =
     "INSERT INTO t(k, v) VALUES (:k, 1) ON CONFLICT (k) DO UPDATE SET v = t.v + 1;";
 
 pub struct Settings {
@@ -92,73 +92,115 @@ impl System {
 
 /// One hot counter, or increments spread at random over many.
 #[derive(Clone, Copy, PartialEq, Eq, Debug)]
-enum Keys {
+pub(crate) enum Keys {
     Hot,
     Spread,
 }
 
 impl Keys {
-    const ALL: [Keys; 2] = [Keys::Hot, Keys::Spread];
+    pub(crate) const ALL: [Keys; 2] = [Keys::Hot, Keys::Spread];
+
+    /// What a progress line calls the pattern.
+    pub(crate) fn describe(self, s: &Settings) -> String {
+        match self {
+            Keys::Hot => "one hot counter".to_string(),
+            Keys::Spread => format!("{} counters", thousands(s.counters.into())),
+        }
+    }
+
+    /// What the table's counters column says.
+    pub(crate) fn counters(self, s: &Settings) -> String {
+        match self {
+            Keys::Hot => "1".to_string(),
+            Keys::Spread => thousands(s.counters.into()),
+        }
+    }
 }
 
 /// One run's figures.
-struct Run {
-    requests_per_s: f64,
-    p50_ms: f64,
-    p99_ms: f64,
+pub(crate) struct Run {
+    pub(crate) requests_per_s: f64,
+    pub(crate) p50_ms: f64,
+    pub(crate) p99_ms: f64,
 }
 
-/// Every run of one system on one key pattern.
-struct Measured {
-    system: System,
-    keys: Keys,
-    runs: Vec<Run>,
+/// Every run of one system (of this part's, or another part's that reuses
+/// these drivers) on one key pattern.
+pub(crate) struct Measured<S> {
+    pub(crate) system: S,
+    pub(crate) keys: Keys,
+    pub(crate) runs: Vec<Run>,
     /// Increments the clients were told succeeded, over every run.
-    acknowledged: u64,
+    pub(crate) acknowledged: u64,
     /// Increments found afterwards (pgbench: after each run), if read.
-    counted: Option<u64>,
-    error: Option<String>,
+    pub(crate) counted: Option<u64>,
+    pub(crate) error: Option<String>,
 }
 
-impl Measured {
+impl<S: Copy> Measured<S> {
+    /// One empty entry per system and key pattern, systems first.
+    pub(crate) fn all(systems: &[S]) -> Vec<Measured<S>> {
+        systems
+            .iter()
+            .flat_map(|&system| {
+                Keys::ALL.iter().map(move |&keys| Measured {
+                    system,
+                    keys,
+                    runs: Vec::new(),
+                    acknowledged: 0,
+                    counted: None,
+                    error: None,
+                })
+            })
+            .collect()
+    }
+}
+
+impl<S> Measured<S> {
     /// The run with the median rate, so that its latencies belong to the
     /// same run as its rate.
-    fn median(&self) -> Option<&Run> {
+    pub(crate) fn median(&self) -> Option<&Run> {
         let mut runs: Vec<&Run> = self.runs.iter().collect();
         runs.sort_by(|a, b| a.requests_per_s.total_cmp(&b.requests_per_s));
         runs.get(runs.len() / 2).copied()
     }
 
-    fn ok(&self) -> Option<&Run> {
+    pub(crate) fn ok(&self) -> Option<&Run> {
         self.error.is_none().then(|| self.median()).flatten()
     }
 }
 
+/// The entry of `system` on `keys`.
+pub(crate) fn entry<S: PartialEq>(
+    measured: &mut [Measured<S>],
+    system: S,
+    keys: Keys,
+) -> &mut Measured<S> {
+    measured
+        .iter_mut()
+        .find(|m| m.system == system && m.keys == keys)
+        .expect("every pair is measured")
+}
+
 /// What the report says besides the table.
-struct Notes {
-    lines: Vec<String>,
-    errors: Vec<String>,
+pub(crate) struct Notes {
+    pub(crate) lines: Vec<String>,
+    pub(crate) errors: Vec<String>,
+}
+
+impl Notes {
+    pub(crate) fn new() -> Notes {
+        Notes {
+            lines: Vec::new(),
+            errors: Vec::new(),
+        }
+    }
 }
 
 pub fn run(tally_bin: &Path, work: &Path, s: &Settings) -> (String, bool) {
     let dir = work.join("replicated");
-    let mut measured: Vec<Measured> = System::ALL
-        .iter()
-        .flat_map(|&system| {
-            Keys::ALL.iter().map(move |&keys| Measured {
-                system,
-                keys,
-                runs: Vec::new(),
-                acknowledged: 0,
-                counted: None,
-                error: None,
-            })
-        })
-        .collect();
-    let mut notes = Notes {
-        lines: Vec::new(),
-        errors: Vec::new(),
-    };
+    let mut measured = Measured::all(&System::ALL);
+    let mut notes = Notes::new();
     match fsync_latency(work) {
         Ok((p50, p99)) => notes.lines.push(format!(
             "fdatasync of a 4 KiB append in the work directory: p50 {:.3} ms, p99 {:.3} ms",
@@ -197,7 +239,7 @@ pub fn run(tally_bin: &Path, work: &Path, s: &Settings) -> (String, bool) {
     );
 
     let mut pgbench = None;
-    let mut nodes: Vec<Node> = Vec::new();
+    let mut nodes: Vec<(System, Node)> = Vec::new();
     if let Some(pg) = &pg {
         match Pgbench::prepare(pg, &dir.join("pgbench"), s) {
             Ok(p) => pgbench = Some(p),
@@ -206,21 +248,15 @@ pub fn run(tally_bin: &Path, work: &Path, s: &Settings) -> (String, bool) {
         match pg
             .create_named_database(STORE_DATABASE)
             .map_err(anyhow::Error::from)
-            .and_then(|()| {
-                Node::start(
-                    tally_bin,
-                    &dir,
-                    System::TallyPostgres,
-                    &pg.url(STORE_DATABASE),
-                )
-            }) {
-            Ok(n) => nodes.push(n),
+            .and_then(|()| Node::start(tally_bin, &dir, "tally-postgres", &pg.url(STORE_DATABASE)))
+        {
+            Ok(n) => nodes.push((System::TallyPostgres, n)),
             Err(e) => fail(&mut measured, System::TallyPostgres, &format!("{e:#}")),
         }
     }
     let sqlite_url = format!("sqlite://{}", dir.join("store.db").display());
-    match Node::start(tally_bin, &dir, System::TallySqlite, &sqlite_url) {
-        Ok(n) => nodes.push(n),
+    match Node::start(tally_bin, &dir, "tally-sqlite", &sqlite_url) {
+        Ok(n) => nodes.push((System::TallySqlite, n)),
         Err(e) => fail(&mut measured, System::TallySqlite, &format!("{e:#}")),
     }
 
@@ -228,51 +264,33 @@ pub fn run(tally_bin: &Path, work: &Path, s: &Settings) -> (String, bool) {
         .into_iter()
         .filter(|&sys| match sys {
             System::PostgresUpsert => pgbench.is_some(),
-            _ => nodes.iter().any(|n| n.system == sys),
+            _ => nodes.iter().any(|(n, _)| *n == sys),
         })
         .collect();
-    for round in 0..s.rounds as usize {
-        for i in 0..systems.len() {
-            let system = systems[(i + round) % systems.len()];
-            for keys in Keys::ALL {
-                let m = measured
-                    .iter_mut()
-                    .find(|m| m.system == system && m.keys == keys)
-                    .expect("every pair is measured");
-                if m.error.is_some() {
-                    continue;
-                }
-                eprintln!(
-                    "replicated: round {}/{}, {}, {} ...",
-                    round + 1,
-                    s.rounds,
-                    system.label(),
-                    match keys {
-                        Keys::Hot => "one hot counter".to_string(),
-                        Keys::Spread => format!("{} counters", thousands(s.counters.into())),
-                    }
-                );
-                let result = match system {
-                    System::PostgresUpsert => pgbench
-                        .as_mut()
-                        .expect("only prepared systems run")
-                        .run(keys, s, m),
-                    _ => nodes
-                        .iter_mut()
-                        .find(|n| n.system == system)
-                        .expect("only started systems run")
-                        .run(keys, s, m),
-                };
-                if let Err(e) = result {
-                    m.error = Some(format!("{e:#}"));
-                }
-            }
-        }
-    }
+    interleave(
+        "replicated",
+        &systems,
+        |sys| sys.label().to_string(),
+        &mut measured,
+        s,
+        |system, keys, m| match system {
+            System::PostgresUpsert => pgbench
+                .as_mut()
+                .expect("only prepared systems run")
+                .run(keys, s, m),
+            _ => nodes
+                .iter_mut()
+                .find(|(n, _)| *n == system)
+                .expect("only started systems run")
+                .1
+                .run(keys, s, m),
+        },
+    );
 
-    for node in nodes {
-        let system = node.system;
-        if let Err(e) = node.verify_and_stop(s, &mut measured, &mut notes) {
+    for (system, node) in nodes {
+        let verified = node.verify(system, system.label(), s, &mut measured, &mut notes);
+        let stopped = node.stop();
+        if let Err(e) = verified.and(stopped) {
             fail(&mut measured, system, &format!("{e:#}"));
         }
     }
@@ -285,18 +303,65 @@ pub fn run(tally_bin: &Path, work: &Path, s: &Settings) -> (String, bool) {
     report(&measured, s, notes)
 }
 
+/// Runs each of `systems` on each key pattern, `s.rounds` times, with
+/// `run`. Each round visits the systems in turn, starting one further
+/// along each round, so that a change in background load touches all of
+/// them alike. A system's first error on a key pattern is kept and ends its
+/// runs there. `part` and `label` name the runs in the progress lines.
+pub(crate) fn interleave<S: Copy + PartialEq>(
+    part: &str,
+    systems: &[S],
+    label: impl Fn(S) -> String,
+    measured: &mut [Measured<S>],
+    s: &Settings,
+    mut run: impl FnMut(S, Keys, &mut Measured<S>) -> Result<()>,
+) {
+    for round in 0..s.rounds as usize {
+        for i in 0..systems.len() {
+            let system = systems[(i + round) % systems.len()];
+            for keys in Keys::ALL {
+                let m = entry(measured, system, keys);
+                if m.error.is_some() {
+                    continue;
+                }
+                eprintln!(
+                    "{part}: round {}/{}, {}, {} ...",
+                    round + 1,
+                    s.rounds,
+                    label(system),
+                    keys.describe(s)
+                );
+                if let Err(e) = run(system, keys, m) {
+                    m.error = Some(format!("{e:#}"));
+                }
+            }
+        }
+    }
+}
+
 /// Marks both key patterns of `system` as failed with `e`, keeping an
 /// earlier error.
-fn fail(measured: &mut [Measured], system: System, e: &str) {
+pub(crate) fn fail<S: PartialEq>(measured: &mut [Measured<S>], system: S, e: &str) {
     for m in measured.iter_mut().filter(|m| m.system == system) {
         m.error.get_or_insert_with(|| e.to_string());
     }
 }
 
+/// Where pgbench connects (a PostgreSQL server or a proxy in front of
+/// one, on loopback), and as whom.
+pub(crate) struct PgbenchTarget {
+    pub(crate) port: u16,
+    pub(crate) user: String,
+    /// Given to pgbench as `PGPASSWORD`; `None` where the server trusts
+    /// loopback connections.
+    pub(crate) password: Option<String>,
+    pub(crate) database: String,
+}
+
 /// PostgreSQL's upsert, driven by pgbench.
-struct Pgbench {
+pub(crate) struct Pgbench {
     program: PathBuf,
-    port: u16,
+    target: PgbenchTarget,
     dir: PathBuf,
     /// For emptying the table before a run and summing it after.
     client: ::postgres::Client,
@@ -304,15 +369,34 @@ struct Pgbench {
 }
 
 impl Pgbench {
-    /// Creates the table and the two scripts.
-    fn prepare(pg: &PgServer, dir: &Path, s: &Settings) -> Result<Pgbench> {
-        let program = pg.program("pgbench");
+    /// Creates a database of its own on the private server, the table in
+    /// it, and the two scripts.
+    pub(crate) fn prepare(pg: &PgServer, dir: &Path, s: &Settings) -> Result<Pgbench> {
+        pg.create_named_database(UPSERT_DATABASE)?;
+        let client = pg.connect(UPSERT_DATABASE)?;
+        let target = PgbenchTarget {
+            port: pg.port(),
+            user: SUPERUSER.to_string(),
+            password: None,
+            database: UPSERT_DATABASE.to_string(),
+        };
+        Pgbench::prepare_on(pg.program("pgbench"), target, client, dir, s)
+    }
+
+    /// Creates the table through `client`, a connection to `target`'s
+    /// database (which must not hold a table `t` yet), and the two scripts
+    /// in `dir`.
+    pub(crate) fn prepare_on(
+        program: PathBuf,
+        target: PgbenchTarget,
+        mut client: ::postgres::Client,
+        dir: &Path,
+        s: &Settings,
+    ) -> Result<Pgbench> {
         crate::tools::version(&program).context(
             "pgbench is needed and did not run; it comes with the PostgreSQL server package",
         )?;
         std::fs::create_dir_all(dir)?;
-        pg.create_named_database(UPSERT_DATABASE)?;
-        let mut client = pg.connect(UPSERT_DATABASE)?;
         client
             .batch_execute("CREATE TABLE t (k integer PRIMARY KEY, v bigint NOT NULL)")
             .context("creating the upsert table")?;
@@ -323,14 +407,14 @@ impl Pgbench {
         )?;
         Ok(Pgbench {
             program,
-            port: pg.port(),
+            target,
             dir: dir.to_path_buf(),
             client,
             runs: 0,
         })
     }
 
-    fn run(&mut self, keys: Keys, s: &Settings, m: &mut Measured) -> Result<()> {
+    pub(crate) fn run<S>(&mut self, keys: Keys, s: &Settings, m: &mut Measured<S>) -> Result<()> {
         self.client
             .batch_execute("TRUNCATE t")
             .context("emptying the upsert table")?;
@@ -341,15 +425,19 @@ impl Pgbench {
         };
         let log_dir = self.dir.join(format!("log-{}", self.runs));
         std::fs::create_dir_all(&log_dir)?;
+        let mut command = Command::new(&self.program);
+        if let Some(password) = &self.target.password {
+            command.env("PGPASSWORD", password);
+        }
         let output = run_with_timeout(
-            Command::new(&self.program)
+            command
                 .args([
                     "-h",
                     "127.0.0.1",
                     "-p",
-                    &self.port.to_string(),
+                    &self.target.port.to_string(),
                     "-U",
-                    SUPERUSER,
+                    &self.target.user,
                 ])
                 // No vacuum of pgbench's own tables (there are none); the
                 // statement is prepared once per connection, the fastest
@@ -362,7 +450,7 @@ impl Pgbench {
                 .arg(self.dir.join(format!("{script}.sql")))
                 .arg("-l")
                 .arg(format!("--log-prefix={}", log_dir.join(script).display()))
-                .arg(UPSERT_DATABASE)
+                .arg(&self.target.database)
                 .current_dir(&log_dir),
             "pgbench",
             Duration::from_secs(s.pgbench_seconds.into()) + PGBENCH_GRACE,
@@ -424,19 +512,15 @@ impl Pgbench {
 }
 
 /// A `tally serve --durability replicated` node with a store.
-struct Node {
-    system: System,
+pub(crate) struct Node {
     guard: ChildGuard,
     addr: SocketAddr,
     store_url: String,
 }
 
 impl Node {
-    fn start(tally_bin: &Path, dir: &Path, system: System, store_url: &str) -> Result<Node> {
-        let name = match system {
-            System::TallyPostgres => "tally-postgres",
-            _ => "tally-sqlite",
-        };
+    /// Starts a node with its data in `dir/name` and its log beside it.
+    pub(crate) fn start(tally_bin: &Path, dir: &Path, name: &str, store_url: &str) -> Result<Node> {
         let t = process::start_tally(
             tally_bin,
             &dir.join(name),
@@ -447,14 +531,18 @@ impl Node {
         )?;
         let addr = t.resp_addr.context("tally started without RESP")?;
         Ok(Node {
-            system,
             guard: t.guard,
             addr,
             store_url: store_url.to_string(),
         })
     }
 
-    fn run(&mut self, keys: Keys, s: &Settings, m: &mut Measured) -> Result<()> {
+    /// The node's RESP address.
+    pub(crate) fn addr(&self) -> SocketAddr {
+        self.addr
+    }
+
+    pub(crate) fn run<S>(&mut self, keys: Keys, s: &Settings, m: &mut Measured<S>) -> Result<()> {
         let space = match keys {
             Keys::Hot => None,
             Keys::Spread => Some(s.counters),
@@ -469,12 +557,15 @@ impl Node {
         Ok(())
     }
 
-    /// Reads every counter back through RESP and from the store, checks
-    /// both against the INCRs sent, and stops the node.
-    fn verify_and_stop(
-        self,
+    /// Reads every counter back through RESP and from the store and
+    /// checks both against the INCRs sent as `system`, named `label` in the
+    /// notes.
+    pub(crate) fn verify<S: Copy + PartialEq>(
+        &self,
+        system: S,
+        label: &str,
         s: &Settings,
-        measured: &mut [Measured],
+        measured: &mut [Measured<S>],
         notes: &mut Notes,
     ) -> Result<()> {
         let mut client = Client::connect(self.addr)?;
@@ -513,10 +604,7 @@ impl Node {
             (Keys::Hot, hot, hot_stored),
             (Keys::Spread, spread, spread_stored),
         ] {
-            let m = measured
-                .iter_mut()
-                .find(|m| m.system == self.system && m.keys == keys)
-                .expect("every pair is measured");
+            let m = entry(measured, system, keys);
             m.counted = Some(read);
             if read != m.acknowledged || in_store != m.acknowledged as i64 {
                 mismatches.push(format!(
@@ -528,21 +616,26 @@ impl Node {
         notes.lines.push(format!(
             "{}: read back through RESP, the hot counter is {} and the {} counters sum to {}; \
              the store's rows hold {} and {}",
-            self.system.label(),
+            label,
             thousands(hot),
             thousands(s.counters.into()),
             thousands(spread),
             thousands(hot_stored.max(0) as u64),
             thousands(spread_stored.max(0) as u64),
         ));
-        let name = self.guard.name().to_string();
-        let status = process::stop(self.guard)?;
         if !mismatches.is_empty() {
             bail!(
                 "increments were lost, refused or counted twice: {}",
                 mismatches.join("; ")
             );
         }
+        Ok(())
+    }
+
+    /// Stops the node gracefully; an unclean exit is an error.
+    pub(crate) fn stop(self) -> Result<()> {
+        let name = self.guard.name().to_string();
+        let status = process::stop(self.guard)?;
         if !status.success() {
             bail!("{name} exited with {status} at shutdown");
         }
@@ -552,7 +645,7 @@ impl Node {
 
 /// A counter's value from a GET reply; a counter never incremented (nil)
 /// is 0.
-fn integer_or_zero(reply: Reply) -> Result<u64> {
+pub(crate) fn integer_or_zero(reply: Reply) -> Result<u64> {
     match reply {
         Reply::Bulk(None) => Ok(0),
         other => {
@@ -563,7 +656,7 @@ fn integer_or_zero(reply: Reply) -> Result<u64> {
     }
 }
 
-fn report(measured: &[Measured], s: &Settings, notes: Notes) -> (String, bool) {
+fn report(measured: &[Measured<System>], s: &Settings, notes: Notes) -> (String, bool) {
     let mut out = format!(
         "### Replicated increments: {} clients, tally `redis-benchmark -t incr -n {}` against \
          PostgreSQL's upsert `pgbench -T {}`, one PostgreSQL server (median of {} rounds, \
@@ -590,10 +683,7 @@ fn report(measured: &[Measured], s: &Settings, notes: Notes) -> (String, bool) {
     ]);
     let mut errors = notes.errors;
     for m in measured {
-        let counters = match m.keys {
-            Keys::Hot => "1".to_string(),
-            Keys::Spread => thousands(s.counters.into()),
-        };
+        let counters = m.keys.counters(s);
         let counted = m.counted.map_or("n/a".into(), thousands);
         match (&m.error, m.median()) {
             (None, Some(r)) => table.row(vec![

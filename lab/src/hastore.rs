@@ -140,7 +140,13 @@ pub const SWITCHOVER_TIMEOUT: Duration = Duration::from_secs(60);
 /// take. A frozen member does not answer at all.
 pub const REST_TIMEOUT: Duration = Duration::from_secs(2);
 /// How often HAProxy checks each member's REST API (`OPTIONS /primary`).
-pub const HAPROXY_CHECK_INTERVAL_MS: u64 = 500;
+pub const HAPROXY_CHECK_INTERVAL_MS: u64 = 250;
+/// Consecutive connections through HAProxy that must each reach the
+/// writable primary before [`HaStore::start`] returns: HAProxy starts with
+/// every member in service until their checks fail and balances
+/// connections over those in service, so one writable connection does not
+/// show that the standbys are out.
+pub const HAPROXY_ROUTED_STREAK: u32 = 10;
 /// How long one connection attempt to PostgreSQL may take, in seconds
 /// (libpq's `connect_timeout`).
 pub const CONNECT_TIMEOUT_SECS: u32 = 5;
@@ -1131,6 +1137,12 @@ impl HaStore {
                     // 107 bytes, which a deep directory could exceed, and
                     // the system's socket directory is not ours.
                     "unix_socket_directories": "",
+                    // After a failover a standby reaches the new primary
+                    // at its next attempt to stream; PostgreSQL's default
+                    // pause between attempts (5 s) is most of the time
+                    // writes wait for a synchronous standby again
+                    // (synchronous_mode_strict).
+                    "wal_retrieve_retry_interval": "500ms",
                 },
                 "pg_hba": hba,
             },
@@ -1326,16 +1338,24 @@ impl HaStore {
         )
         .map_err(io_err(format!("starting {}", program.display())))?;
         *self.haproxy.lock() = Some(child);
-        // Ready once a connection through it reaches a primary.
-        let url = self
-            .store_url_haproxy()
-            .expect("HAProxy has a port when it runs");
+        self.wait_routed(HAPROXY_START_TIMEOUT)
+    }
+
+    /// Waits up to `timeout` until [`HAPROXY_ROUTED_STREAK`] connections in
+    /// a row through HAProxy reach the writable primary: every standby is
+    /// out of service. A no-op without HAProxy.
+    pub fn wait_routed(&self, timeout: Duration) -> Result<()> {
+        let Some(url) = self.store_url_haproxy() else {
+            return Ok(());
+        };
+        let log = self.dir.join("haproxy.log");
         let mut config: postgres::Config = url.parse().map_err(|source| HaError::Sql {
             what: "parsing HAProxy's store URL".into(),
             source,
         })?;
         config.connect_timeout(Duration::from_secs(CONNECT_TIMEOUT_SECS.into()));
-        let deadline = Instant::now() + HAPROXY_START_TIMEOUT;
+        let deadline = Instant::now() + timeout;
+        let mut streak = 0;
         loop {
             if let Some(h) = self.haproxy.lock().as_mut()
                 && let Ok(Some(status)) = h.try_wait()
@@ -1352,12 +1372,20 @@ impl HaStore {
                 .and_then(|mut c| c.query_one("SELECT pg_is_in_recovery()", &[]))
                 .is_ok_and(|row| !row.get::<_, bool>(0));
             if writable {
-                return Ok(());
+                streak += 1;
+                if streak >= HAPROXY_ROUTED_STREAK {
+                    return Ok(());
+                }
+                continue;
             }
+            streak = 0;
             if Instant::now() >= deadline {
                 return Err(HaError::Timeout {
-                    what: "HAProxy did not route a connection to the primary".into(),
-                    timeout: HAPROXY_START_TIMEOUT,
+                    what: format!(
+                        "HAProxy did not route {HAPROXY_ROUTED_STREAK} connections in a row to \
+                         the primary"
+                    ),
+                    timeout,
                     state: String::new(),
                     logs: vec![log],
                 });
@@ -1407,7 +1435,12 @@ global
 
 defaults
     mode tcp
+    # A connection refused by a member (its PostgreSQL just died) fails
+    # at once instead of being retried on it after a pause of the connect
+    # timeout: the client reconnects, and by then the member is out of
+    # service or the primary again.
     timeout connect 1s
+    retries 0
     timeout client 1h
     timeout server 1h
     timeout check {REST_TIMEOUT_MS}ms
