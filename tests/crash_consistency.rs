@@ -526,3 +526,82 @@ fn parallel_replay_matches_a_sequential_model_up_to_the_cut() {
         "a key after the cut is forgotten"
     );
 }
+
+// `settled` records (the store committed this node's rows up to a
+// version) change no counter; recovery reports the highest one, across
+// segments, and a torn one is dropped like any torn record: what remains
+// is the highest of those that reached the disk whole.
+#[test]
+fn settled_records_are_reported_and_change_nothing() {
+    use tally::engine::Engine;
+    use tally::metrics::Metrics;
+    let fs = SimStorage::new();
+    let storage: Arc<dyn Storage> = Arc::new(fs.clone());
+    let metrics = Arc::new(Metrics::default());
+    let (engine, report) = Engine::open(&config(), storage.clone(), metrics.clone()).unwrap();
+    assert_eq!(report.settled, None);
+    let rt = runtime();
+    for i in 0..20u64 {
+        engine
+            .apply(tally::engine::Change::Increment {
+                name: "c",
+                delta: 1,
+                key: None,
+                urgency: tally::engine::journal::Urgency::Now,
+            })
+            .unwrap();
+        // Out of order on purpose: recovery keeps the highest, not the last.
+        let (epoch, lsn) = if i == 10 { (3, 5) } else { (2, i) };
+        engine.journal_settled("c", epoch, lsn).unwrap();
+        // One write per round, so that the small segments rotate.
+        rt.block_on(engine.sync()).unwrap();
+    }
+    rt.block_on(engine.sync()).unwrap();
+    drop(engine);
+    let after = fs.crash(&[]);
+    let (engine, report) =
+        Engine::open(&config(), Arc::new(after), Arc::new(Metrics::default())).unwrap();
+    assert_eq!(report.settled, Some((3, 5)));
+    assert_eq!(engine.table().get("c").map(|e| e.value), Some(20));
+    assert!(report.segments.len() > 1, "the records span segments");
+
+    // Torn: the last settled record cut anywhere is dropped, the counter
+    // unharmed.
+    let fs = SimStorage::new();
+    let (engine, _) = Engine::open(&config(), Arc::new(fs.clone()), metrics).unwrap();
+    engine
+        .apply(tally::engine::Change::Increment {
+            name: "c",
+            delta: 1,
+            key: None,
+            urgency: tally::engine::journal::Urgency::Now,
+        })
+        .unwrap();
+    rt.block_on(engine.sync()).unwrap();
+    // Every later sync fails: the record is written, never synced.
+    let (_, syncs) = fs.op_counts();
+    fs.fail_from(SimOp::Sync, syncs + 1);
+    engine.journal_settled("c", 1, 1).unwrap();
+    assert!(
+        rt.block_on(engine.sync()).is_err(),
+        "the sync was made to fail"
+    );
+    let tail = last_segment(&fs).unwrap();
+    let unsynced = fs.unsynced_len(&tail);
+    drop(engine);
+    assert!(unsynced > 0, "the settled record is written but not synced");
+    for keep in 0..unsynced {
+        let after = fs.crash(&[(tail.clone(), keep)]);
+        let (engine, report) =
+            Engine::open(&config(), Arc::new(after), Arc::new(Metrics::default())).unwrap();
+        assert_eq!(report.settled, None, "keep {keep}");
+        assert_eq!(engine.table().get("c").map(|e| e.value), Some(1));
+    }
+    let (_, whole) = Engine::open(
+        &config(),
+        Arc::new(fs.crash(&[(tail, unsynced)])),
+        Arc::new(Metrics::default()),
+    )
+    .unwrap();
+    assert_eq!(whole.settled, Some((1, 1)), "the whole record is kept");
+}

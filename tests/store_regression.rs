@@ -5,7 +5,10 @@
 //! held, and writes its whole shard and its live `replicated` keys anew:
 //! afterwards the store, each node's reads and `consistency=store` reads
 //! give the exact totals, and a retry of a key the old copy had lost is
-//! still recognised on another node.
+//! still recognised on another node. And the same with the nodes down
+//! while the copy is put back (the usual way to restore a backup): at
+//! restart they keep the `replicated` increments their journal knows
+//! committed, instead of taking back what the older store lacks.
 
 use tally_lab::testing as support;
 
@@ -111,7 +114,48 @@ fn open_node(dir: &std::path::Path, id: &str, url: &str) -> Node {
     cluster.heartbeat_interval = Duration::from_millis(50);
     cluster.fail_fast_window = Duration::from_millis(20);
     c.cluster = Some(cluster);
-    Node::open(c).unwrap()
+    // A dropped node's threads may hold its directory for a moment.
+    let deadline = Instant::now() + Duration::from_secs(5);
+    loop {
+        match Node::open(c.clone()) {
+            Ok(node) => return node,
+            Err(e) if e.to_string().contains("in use") && Instant::now() < deadline => {
+                std::thread::sleep(Duration::from_millis(10));
+            }
+            Err(e) => panic!("opening node {id}: {e}"),
+        }
+    }
+}
+
+fn repaired(node: &Node) -> u64 {
+    node.metrics()
+        .store_regressions_repaired
+        .load(std::sync::atomic::Ordering::Relaxed)
+}
+
+/// A retry, on another node, of a key recorded in phase two is a
+/// duplicate: the key is in the store.
+async fn phase_two_keys_are_known(nodes: &[(&str, &Node)]) {
+    for (i, (retry_on, _)) in nodes.iter().enumerate() {
+        let recorded_by = nodes[(i + 1) % nodes.len()].0;
+        let key = format!("two-{recorded_by}-0-0");
+        let node = nodes[i].1;
+        let retried = node
+            .increment(
+                &counter("r", 0),
+                1,
+                IncrementOptions {
+                    durability: Some(Durability::Replicated),
+                    idempotency_key: Some(&key),
+                },
+            )
+            .await
+            .unwrap();
+        assert!(
+            retried.duplicate,
+            "the retry of {key} on node {retry_on} was counted again"
+        );
+    }
 }
 
 fn counter(level: &str, i: usize) -> String {
@@ -227,11 +271,7 @@ async fn store_goes_back_in_time(t: Target) {
     // Idle nodes notice through their heartbeats and rebuild the store.
     eventually("the store repaired", || {
         for (id, node) in &nodes {
-            let repaired = node
-                .metrics()
-                .store_regressions_repaired
-                .load(std::sync::atomic::Ordering::Relaxed);
-            if repaired == 0 {
+            if repaired(node) == 0 {
                 return Err(format!("node {id} has not repaired"));
             }
         }
@@ -243,23 +283,8 @@ async fn store_goes_back_in_time(t: Target) {
         assert!(after > *before, "node {id}: epoch {before} then {after}");
     }
 
-    // Phase two's keys are in the store again: a retry on the other node
-    // is a duplicate, not a second count.
-    for (retry_on, recorded_by) in [(&b, "a"), (&a, "b")] {
-        let key = format!("two-{recorded_by}-0-0");
-        let retried = retry_on
-            .increment(
-                &counter("r", 0),
-                1,
-                IncrementOptions {
-                    durability: Some(Durability::Replicated),
-                    idempotency_key: Some(&key),
-                },
-            )
-            .await
-            .unwrap();
-        assert!(retried.duplicate, "the retry of {key} was counted again");
-    }
+    // Phase two's keys are in the store again.
+    phase_two_keys_are_known(&nodes).await;
 
     // And the nodes go on as before.
     phase(&nodes, "three").await;
@@ -271,6 +296,67 @@ async fn store_goes_back_in_time(t: Target) {
             n.shutdown().unwrap();
         }
     });
+}
+
+async fn store_goes_back_while_nodes_are_down(t: Target) {
+    let dir = tempfile::tempdir().unwrap();
+    let url = t.url.clone();
+    let open_both = || {
+        tokio::task::block_in_place(|| {
+            (
+                open_node(dir.path(), "a", &url),
+                open_node(dir.path(), "b", &url),
+            )
+        })
+    };
+    let (a, b) = open_both();
+    let per_phase = (2 * PER_COUNTER) as i64;
+    {
+        let nodes = [("a", &a), ("b", &b)];
+        phase(&nodes, "one").await;
+        eventually("phase one flushed", || exact(&t, &nodes, per_phase)).await;
+        tokio::task::block_in_place(|| t.copy_tables());
+        phase(&nodes, "two").await;
+        eventually("phase two flushed", || exact(&t, &nodes, 2 * per_phase)).await;
+        for (_, n) in nodes {
+            n.sync().await.unwrap();
+        }
+    }
+    // Both crash (no shutdown, no snapshot: phase two's replicated
+    // increments are in the journals' tails), and the store is restored
+    // from the copy while they are down.
+    tokio::task::block_in_place(|| {
+        drop(a);
+        drop(b);
+        t.put_copy_back();
+    });
+    let (a, b) = open_both();
+    let nodes = [("a", &a), ("b", &b)];
+    for (id, node) in &nodes {
+        assert_eq!(repaired(node), 1, "node {id} saw the store behind it");
+    }
+    eventually("the store rebuilt after the restart", || {
+        exact(&t, &nodes, 2 * per_phase)
+    })
+    .await;
+    phase_two_keys_are_known(&nodes).await;
+    phase(&nodes, "three").await;
+    eventually("phase three flushed", || exact(&t, &nodes, 3 * per_phase)).await;
+    tokio::task::block_in_place(move || {
+        for n in [a, b] {
+            n.shutdown().unwrap();
+        }
+    });
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn sqlite_store_restored_while_the_nodes_are_down_is_repaired() {
+    store_goes_back_while_nodes_are_down(Target::sqlite()).await;
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn postgres_store_restored_while_the_nodes_are_down_is_repaired() {
+    store_goes_back_while_nodes_are_down(tokio::task::block_in_place(Target::postgres)).await;
 }
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]

@@ -88,6 +88,14 @@ pub(crate) fn run(cluster: Arc<Cluster>, engine: Weak<Engine>) {
     let mut regressed = false;
     // Keys to write again after a repair, a bounded number per round.
     let mut reinsert: Vec<KeyRow> = Vec::new();
+    if let Some((keys, behind)) = cluster.recovered_keys.lock().take() {
+        for k in &keys {
+            committed_keys.insert(k.key.clone(), (k.counter.clone(), k.expires_at_ms));
+        }
+        if behind {
+            reinsert = keys;
+        }
+    }
     // Heartbeats carry the applied lsn, which the cluster view's flush lag
     // needs; they are sent every interval, busy or not.
     let mut last_heartbeat = Instant::now();
@@ -121,6 +129,13 @@ pub(crate) fn run(cluster: Arc<Cluster>, engine: Weak<Engine>) {
             return;
         }
 
+        if regressed && stopping {
+            // A process on its way out does not take a new epoch: the next
+            // one finds the store behind it at start (see `Cluster::start`)
+            // and the journal keeps everything until then.
+            answer_all(cluster.queue.lock().drain(..), || Error::ShuttingDown);
+            return;
+        }
         if regressed {
             match repair(cluster, &engine, &committed_keys, &mut backlog) {
                 Ok(keys) => {
@@ -213,6 +228,7 @@ pub(crate) fn run(cluster: Arc<Cluster>, engine: Weak<Engine>) {
         ) {
             Ok((answers, applied)) => {
                 reinsert.drain(..reinsert_now);
+                settle_in_journal(cluster, &engine, &applied);
                 for a in applied {
                     if let Some((k, expiry)) = a.key {
                         committed_keys.insert(k, (a.name, expiry));
@@ -539,6 +555,7 @@ fn resolve(
                 committed_keys.insert(k.clone(), (a.name.clone(), *expiry));
             }
         }
+        settle_in_journal(cluster, engine, &u.applied);
         tracing::info!(
             applied = u.applied.len(),
             "unknown commit outcome resolved: committed"
@@ -650,6 +667,25 @@ fn repair(
          replicated keys anew"
     );
     Ok(keys)
+}
+
+/// Journals that the store committed this node's rows up to its written
+/// version, after a transaction that carried `replicated` increments, so
+/// that a restart knows they committed even if the store comes back older
+/// than them (see `Cluster::start`). Not waited for: it reaches the disk
+/// with the journal's next sync; a crash before that leaves the store's
+/// own rows as the only witness, as before.
+fn settle_in_journal(cluster: &Cluster, engine: &Engine, applied: &[Applied]) {
+    let Some(first) = applied.first() else {
+        return;
+    };
+    let written = cluster.state.lock().written;
+    if written.epoch != cluster.epoch() {
+        return;
+    }
+    if let Err(e) = engine.journal_settled(&first.name, written.epoch, written.lsn) {
+        tracing::warn!(error = %e, "could not journal the store's settled version");
+    }
 }
 
 /// Stops every write for good: another process holds this node id.

@@ -31,7 +31,7 @@ use crate::engine::recovery::RecoveryReport;
 use crate::engine::{Change, Engine};
 use crate::error::{Error, Result};
 use crate::metrics::Metrics;
-use crate::store::{self, NodeRow, Store, StoreError, Version};
+use crate::store::{self, KeyRow, NodeRow, Store, StoreError, Version};
 
 pub use cache::Cache;
 
@@ -189,6 +189,11 @@ pub struct Cluster {
     /// dropped with the segments the snapshot covers). See
     /// [`Cluster::snapshot_gate`].
     pub(crate) replication_open: Mutex<bool>,
+    /// The live keys of the journal's replicated increments that committed,
+    /// taken by the committer when it starts: it remembers them (see
+    /// `committer::repair`) and, when `true` (the store was found behind
+    /// at start), writes them again at once.
+    pub(crate) recovered_keys: Mutex<Option<(Vec<store::KeyRow>, bool)>>,
     /// Fires with the reason once this node's epoch is superseded.
     pub(crate) fenced: watch::Sender<Option<String>>,
     pub(crate) cache: Cache,
@@ -250,8 +255,17 @@ impl Cluster {
             ),
         };
         let node_id = node_id.to_string();
+        // What the journal says the store committed of this node's rows.
+        let settled = recovered.settled.map(|(e, l)| Version::new(e, l));
+        // Above every epoch the journal knows, even if the store has
+        // forgotten it (it came back older): no epoch is handed out twice.
         let registration = store
-            .register(&node_id, &config.address, now_ms())
+            .register_above(
+                &node_id,
+                &config.address,
+                now_ms(),
+                settled.map_or(0, |s| s.epoch),
+            )
             .map_err(start_err)?;
         let epoch = registration.epoch;
         let rows = store.load_shard(&node_id).map_err(start_err)?;
@@ -271,13 +285,36 @@ impl Cluster {
         engine.skip_lsns_through(store_max);
 
         // Replicated increments whose transaction did not commit are taken
-        // back: their effect is not in the store's row for the counter.
+        // back: their effect is not in the store's row for the counter. One
+        // at or below the journal's settled version did commit: if the
+        // store lacks it, the store came back older (§12.8 of the design),
+        // and the increment is kept and written again like the rest.
         let mut reverted = 0;
+        let mut lost_by_store = 0;
+        let mut committed_keys: Vec<KeyRow> = Vec::new();
+        let now = now_ms();
         for p in &recovered.replicated {
-            let committed = stored
+            let version = Version::new(p.epoch, p.lsn);
+            let witnessed = stored
                 .get(p.name.as_str())
-                .is_some_and(|(_, v)| *v >= Version::new(p.epoch, p.lsn));
-            if !committed {
+                .is_some_and(|(_, v)| *v >= version);
+            let known = settled.is_some_and(|s| version <= s);
+            if known && !witnessed {
+                lost_by_store += 1;
+            }
+            if witnessed || known {
+                if let Some((key, expiry)) = &p.key
+                    && *expiry > now
+                {
+                    committed_keys.push(KeyRow {
+                        key: key.clone(),
+                        node_id: node_id.clone(),
+                        epoch,
+                        counter: p.name.clone(),
+                        expires_at_ms: *expiry,
+                    });
+                }
+            } else {
                 engine.apply(Change::Revert {
                     name: &p.name,
                     delta: p.delta,
@@ -286,6 +323,23 @@ impl Cluster {
                 })?;
                 reverted += 1;
             }
+        }
+        let behind = lost_by_store > 0
+            || settled
+                .is_some_and(|s| registration.previous.as_ref().is_none_or(|p| p.written < s));
+        if behind {
+            metrics
+                .store_regressions_repaired
+                .fetch_add(1, std::sync::atomic::Ordering::Relaxed);
+            tracing::warn!(
+                node_id = %node_id,
+                epoch,
+                kept = lost_by_store,
+                keys = committed_keys.len(),
+                "the store is behind what this node committed before it stopped (restored from \
+                 an older copy, or an asynchronous failover); keeping the replicated increments \
+                 the journal knows committed and writing the shard and their keys again"
+            );
         }
 
         // Where the store knows a newer shard (lost or stale disk), the
@@ -335,6 +389,7 @@ impl Cluster {
                 ..State::default()
             }),
             replication_open: Mutex::new(false),
+            recovered_keys: Mutex::new(Some((committed_keys, behind))),
             fenced,
             stop: std::sync::atomic::AtomicBool::new(false),
             idle: (Mutex::new(()), Condvar::new()),

@@ -49,6 +49,12 @@ pub const KIND_REPLICATED: u8 = 3;
 /// Record kind byte: a replicated increment whose store transaction did
 /// not commit, taken back.
 pub const KIND_REVERT: u8 = 4;
+/// Record kind byte: the shared store committed this node's rows up to a
+/// version; no effect on any counter. Recovery keeps the highest, so that
+/// a store found older than it at the next start does not make the node
+/// take back replicated increments that did commit (see
+/// `docs/design.md`, "Store regression").
+pub const KIND_SETTLED: u8 = 5;
 /// Smallest payload: kind, lsn, delta, name length, key length.
 const PAYLOAD_BYTES_MIN: usize = 1 + 8 + 8 + 2 + 2;
 /// Largest valid payload (name, key with its expiry, and the kind's extra
@@ -67,6 +73,10 @@ pub enum Kind {
     /// Adds `delta` (the negation of the reverted increment's) and forgets
     /// the key; takes back the replicated increment with lsn `of_lsn`.
     Revert { of_lsn: u64 },
+    /// Changes nothing: the store committed this node's rows up to version
+    /// `(epoch, lsn)`, lsn being the record's (not a new one); `name` is a
+    /// counter of that commit and `delta` is 0.
+    Settled { epoch: u64 },
 }
 
 impl Kind {
@@ -76,6 +86,7 @@ impl Kind {
             Kind::Adopt => KIND_ADOPT,
             Kind::Replicated { .. } => KIND_REPLICATED,
             Kind::Revert { .. } => KIND_REVERT,
+            Kind::Settled { .. } => KIND_SETTLED,
         }
     }
 
@@ -84,6 +95,7 @@ impl Kind {
             Kind::Increment | Kind::Adopt => None,
             Kind::Replicated { epoch } => Some(epoch),
             Kind::Revert { of_lsn } => Some(of_lsn),
+            Kind::Settled { epoch } => Some(epoch),
         }
     }
 }
@@ -171,7 +183,7 @@ pub fn decode(buf: &[u8]) -> Decoded<'_> {
         return Decoded::Corrupt("record checksum mismatch".into());
     }
     let kind_byte = payload[0];
-    if !(KIND_INCREMENT..=KIND_REVERT).contains(&kind_byte) {
+    if !(KIND_INCREMENT..=KIND_SETTLED).contains(&kind_byte) {
         return Decoded::Corrupt(format!("unknown record kind {kind_byte}"));
     }
     let lsn = le_u64(&payload[1..]);
@@ -186,7 +198,7 @@ pub fn decode(buf: &[u8]) -> Decoded<'_> {
     };
     let key_len = le_u16(&rest[name_len..]);
     let rest = &rest[name_len + 2..];
-    let extra_len = if matches!(kind_byte, KIND_REPLICATED | KIND_REVERT) {
+    let extra_len = if matches!(kind_byte, KIND_REPLICATED | KIND_REVERT | KIND_SETTLED) {
         8
     } else {
         0
@@ -208,6 +220,7 @@ pub fn decode(buf: &[u8]) -> Decoded<'_> {
         (KIND_INCREMENT, _) => Kind::Increment,
         (KIND_ADOPT, _) => Kind::Adopt,
         (KIND_REPLICATED, Some(epoch)) => Kind::Replicated { epoch },
+        (KIND_SETTLED, Some(epoch)) => Kind::Settled { epoch },
         (_, Some(of_lsn)) => Kind::Revert { of_lsn },
         _ => unreachable!("kind checked above"),
     };
@@ -693,6 +706,7 @@ mod tests {
             Kind::Adopt,
             Kind::Replicated { epoch: 7 },
             Kind::Revert { of_lsn: 41 },
+            Kind::Settled { epoch: 9 },
         ];
         let mut all = Vec::new();
         for kind in kinds {

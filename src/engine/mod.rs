@@ -279,6 +279,21 @@ impl Engine {
         Ok((lsn, pos))
     }
 
+    /// Journals that the shared store committed this node's rows up to
+    /// `(epoch, lsn)` (a `settled` record, see [`Kind::Settled`]); `name`
+    /// is a counter of that commit. Changes no counter and takes no lsn;
+    /// synced with the journal's next sync, not waited for.
+    pub fn journal_settled(&self, name: &str, epoch: u64, lsn: u64) -> Result<()> {
+        let record = Record {
+            kind: Kind::Settled { epoch },
+            lsn,
+            delta: 0,
+            name,
+            key: None,
+        };
+        self.journal.append(&record, Urgency::Later).map(|_| ())
+    }
+
     /// When a key recorded now expires.
     pub fn key_expiry(&self, now_ms: u64) -> u64 {
         now_ms.saturating_add(self.key_retention.as_millis() as u64)

@@ -70,6 +70,11 @@ pub struct RecoveryReport {
     /// node with a store checks each against the store before it serves
     /// (was its transaction committed?).
     pub replicated: Vec<PendingReplicated>,
+    /// The highest `(epoch, lsn)` the journal says the shared store
+    /// committed of this node's rows (`settled` records), if any: every
+    /// replicated increment at or below it did commit, whatever a store
+    /// that came back older says.
+    pub settled: Option<(u64, u64)>,
     pub duration: Duration,
 }
 
@@ -100,6 +105,7 @@ struct Chunk {
     keys: Vec<KeyOp>,
     replicated: Vec<PendingReplicated>,
     reverted: Vec<u64>,
+    settled: Option<(u64, u64)>,
     max_lsn: u64,
     read: u64,
     /// Index (in the segment's record list) and reason of the first record
@@ -116,6 +122,7 @@ struct SegmentReplay {
     read: u64,
     applied: u64,
     max_lsn: u64,
+    settled: Option<(u64, u64)>,
 }
 
 /// Verifies and replays one segment (`bytes`, header included, starting at
@@ -180,6 +187,7 @@ fn replay_segment(
         chunk.keys.clear();
         chunk.replicated.clear();
         chunk.reverted.clear();
+        chunk.settled = None;
         chunk.max_lsn = 0;
         chunk.read = 0;
         chunk.bad = None;
@@ -197,6 +205,12 @@ fn replay_segment(
                             key: r.key.map(|(k, e)| (k.to_string(), e)),
                         }),
                         Kind::Revert { of_lsn } => chunk.reverted.push(of_lsn),
+                        // A fact about the store, not a change: never
+                        // replayed into the table.
+                        Kind::Settled { epoch } => {
+                            chunk.settled = chunk.settled.max(Some((epoch, r.lsn)));
+                            continue;
+                        }
                         Kind::Increment | Kind::Adopt => {}
                     }
                     if let Some((key, expiry)) = r.key {
@@ -252,6 +266,7 @@ fn replay_segment(
         read: chunks.iter().map(|c| c.read).sum(),
         applied: 0,
         max_lsn: chunks.iter().map(|c| c.max_lsn).max().unwrap_or(0),
+        settled: chunks.iter().filter_map(|c| c.settled).max(),
     };
     for chunk in chunks {
         for op in &chunk.keys {
@@ -346,6 +361,7 @@ pub fn recover(
         torn_tail: None,
         accepted_corruption: None,
         replicated: Vec::new(),
+        settled: None,
         duration: Duration::ZERO,
     };
     if let Some(&newest) = snapshots.last() {
@@ -464,6 +480,7 @@ pub fn recover(
         report.records_read += replayed.read;
         report.records_applied += replayed.applied;
         report.next_lsn = report.next_lsn.max(replayed.max_lsn + 1);
+        report.settled = report.settled.max(replayed.settled);
         let off = replayed.end;
         let bad = replayed.bad.map(|(_, reason)| reason);
         expected = start + (off - SEGMENT_HEADER_BYTES) as u64;
