@@ -984,8 +984,18 @@ fn inject_faults(
 fn ha_fault(ha: &crate::hastore::HaStore, fault: Fault, rng: &mut Rng) -> anyhow::Result<()> {
     match fault {
         Fault::PrimaryKill9 => {
+            // Patroni promotes the synchronous standby, or, when it judges
+            // no standby fit to take over (one lagging, or not answering
+            // under load), starts the old primary again in place: both
+            // are recoveries, and the run goes on once either is done.
             let killed = ha.kill9_primary_postgres()?;
-            ha.wait_for_new_primary(killed.member, HA_RECOVERY_TIMEOUT)?;
+            let primary = ha.wait_after_kill(killed, HA_RECOVERY_TIMEOUT)?;
+            if primary == killed.member {
+                tracing::info!(
+                    member = primary,
+                    "Patroni restarted the killed primary in place rather than fail over"
+                );
+            }
         }
         Fault::PrimaryFreeze => {
             ha.freeze_primary(PRIMARY_FREEZE)?;

@@ -136,6 +136,10 @@ pub const HAPROXY_STOP_TIMEOUT: Duration = Duration::from_secs(5);
 /// How long a switchover may take, from the request to the candidate
 /// answering as the primary. Patroni itself gives up after 20 s.
 pub const SWITCHOVER_TIMEOUT: Duration = Duration::from_secs(60);
+/// Most switchover requests [`HaStore::switchover`] sends when Patroni
+/// answers that the candidate is not (or no longer) the synchronous
+/// standby.
+pub const SWITCHOVER_ATTEMPTS: u32 = 5;
 /// How long one call to a Patroni REST API or an etcd health check may
 /// take. A frozen member does not answer at all.
 pub const REST_TIMEOUT: Duration = Duration::from_secs(2);
@@ -673,6 +677,25 @@ impl HaStore {
         })
     }
 
+    /// Waits up to `timeout` for the store to recover from
+    /// [`HaStore::kill9_primary_postgres`]: another member answers as the
+    /// primary (a failover), or the killed member does from a new
+    /// postmaster (Patroni restarted it in place, which it does when it
+    /// judges no standby fit to take over). Returns the primary.
+    pub fn wait_after_kill(&self, killed: Killed, timeout: Duration) -> Result<usize> {
+        let what = format!(
+            "no primary after {}'s postmaster was killed",
+            self.member(killed.member)?.name
+        );
+        self.wait_for(timeout, &what, |s| {
+            Ok(s.primary().ok().flatten().filter(|&p| {
+                p != killed.member
+                    || Postmaster::find(&s.members[p].data_dir())
+                        .is_some_and(|pm| pm.process.pid != killed.pid)
+            }))
+        })
+    }
+
     /// Waits up to `timeout` for a primary other than `old`: the end of a
     /// failover away from `old`.
     pub fn wait_for_new_primary(&self, old: usize, timeout: Duration) -> Result<usize> {
@@ -780,49 +803,73 @@ impl HaStore {
     pub fn switchover(&self, candidate: Option<usize>) -> Result<usize> {
         self.refuse_after_shutdown()?;
         let started = Instant::now();
-        let (primary, syncs) = self.wait_for_sync(SWITCHOVER_TIMEOUT)?;
-        let candidate = match candidate {
-            Some(c) => {
-                self.member(c)?;
-                c
+        let mut attempt = 1;
+        loop {
+            let (primary, syncs) = self.wait_for_sync(SWITCHOVER_TIMEOUT)?;
+            let candidate = match candidate {
+                Some(c) => {
+                    self.member(c)?;
+                    c
+                }
+                // Patroni accepts only the synchronous standby its DCS
+                // names, which can lag what the members themselves say
+                // for a moment after a change.
+                None => self.dcs_sync_standby().unwrap_or(syncs[0]),
+            };
+            let leader = &self.members[primary];
+            let body = json!({
+                "leader": leader.name,
+                "candidate": self.members[candidate].name,
+            })
+            .to_string();
+            let what = format!(
+                "the switchover from {} to {}",
+                leader.name, self.members[candidate].name
+            );
+            let response = self
+                .rest(
+                    primary,
+                    "POST",
+                    "/switchover",
+                    Some(&body),
+                    SWITCHOVER_TIMEOUT,
+                )
+                .map_err(|e| HaError::Rest {
+                    what: what.clone(),
+                    detail: e.to_string(),
+                    log: leader.log_path(),
+                })?;
+            // 412: the DCS named another synchronous standby by the time
+            // the request arrived; ask again.
+            if response.status == 412
+                && attempt < SWITCHOVER_ATTEMPTS
+                && started.elapsed() < SWITCHOVER_TIMEOUT
+            {
+                attempt += 1;
+                std::thread::sleep(POLL_INTERVAL * 5);
+                continue;
             }
-            None => syncs[0],
-        };
-        let leader = &self.members[primary];
-        let body = json!({
-            "leader": leader.name,
-            "candidate": self.members[candidate].name,
-        })
-        .to_string();
-        let what = format!(
-            "the switchover from {} to {}",
-            leader.name, self.members[candidate].name
-        );
-        let response = self
-            .rest(
-                primary,
-                "POST",
-                "/switchover",
-                Some(&body),
-                SWITCHOVER_TIMEOUT,
-            )
-            .map_err(|e| HaError::Rest {
-                what: what.clone(),
-                detail: e.to_string(),
-                log: leader.log_path(),
-            })?;
-        if response.status != 200 {
-            return Err(HaError::Refused {
-                what,
-                status: response.status,
-                body: response.body.trim().to_string(),
-                log: leader.log_path(),
+            if response.status != 200 {
+                return Err(HaError::Refused {
+                    what,
+                    status: response.status,
+                    body: response.body.trim().to_string(),
+                    log: leader.log_path(),
+                });
+            }
+            let left = SWITCHOVER_TIMEOUT.saturating_sub(started.elapsed());
+            return self.wait_for(left, &format!("{what} did not complete"), |s| {
+                Ok(s.primary().ok().flatten().filter(|&p| p == candidate))
             });
         }
-        let left = SWITCHOVER_TIMEOUT.saturating_sub(started.elapsed());
-        self.wait_for(left, &format!("{what} did not complete"), |s| {
-            Ok(s.primary().ok().flatten().filter(|&p| p == candidate))
-        })
+    }
+
+    /// The member the DCS names as the synchronous standby (`GET /cluster`),
+    /// if one answers and names one.
+    fn dcs_sync_standby(&self) -> Option<usize> {
+        let members = self.cluster_status().ok()?;
+        let name = members.iter().find(|m| m.role == "sync_standby")?.name.clone();
+        self.members.iter().position(|m| m.name == name)
     }
 
     /// Kills etcd member `member` with SIGKILL; returns its pid. The other

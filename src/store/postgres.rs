@@ -18,9 +18,10 @@
 //! Errors: an error before `COMMIT` is sent means nothing was written
 //! ([`StoreError::Unavailable`]); a failure while committing leaves the
 //! outcome unknown ([`StoreError::Indeterminate`]) unless the server said
-//! it rolled back. The SQL stays within what the PostgreSQL-wire
-//! distributed engines (CockroachDB, YugabyteDB) accept: no advisory locks,
-//! no PL/pgSQL, no `LISTEN`.
+//! it rolled back. It is tested against PostgreSQL only, and relies on
+//! PostgreSQL's own functions (`txid_current`, `txid_status`) and views
+//! (`pg_stat_replication`): other engines that speak its protocol are not
+//! claimed.
 //!
 //! This module must never be called from inside a Tokio runtime: the
 //! `postgres` crate blocks on a runtime of its own, which panics there.

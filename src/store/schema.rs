@@ -13,8 +13,8 @@
 //! on the catalog) rolls back and tries again, then finds the work done.
 //! The backends run the scripts; this module must never touch a connection.
 //!
-//! The SQL is plain enough for the PostgreSQL-wire distributed engines
-//! (CockroachDB, YugabyteDB) too: no advisory locks, no PL/pgSQL.
+//! The SQL is plain (no advisory locks, no PL/pgSQL); it is tested on
+//! SQLite and PostgreSQL only.
 
 use super::StoreError;
 
