@@ -139,7 +139,7 @@ async fn connection_commands_answer_as_redis() {
     );
     assert_eq!(hello[5], Value::Int(2));
     assert_eq!(hello[7], Value::Int(id));
-    let e = query::<Value>(&mut con, &["HELLO", "3"]).await.unwrap_err();
+    let e = query::<Value>(&mut con, &["HELLO", "4"]).await.unwrap_err();
     assert_eq!(e.code(), Some("NOPROTO"));
 
     let info: String = query(&mut con, &["INFO"]).await.unwrap();
@@ -425,5 +425,157 @@ async fn inline_commands_and_quit_behave_as_in_redis() {
         .unwrap();
     assert_eq!(resp_support::read_to_close(&mut s).await, b":1\r\n+OK\r\n");
     assert_eq!(server.node.get("after-quit").unwrap(), Some(1));
+    server.stop().await;
+}
+
+/// Reads from `s` until what was read ends with `end` (bounded in time).
+async fn read_until(s: &mut tokio::net::TcpStream, end: &[u8]) -> Vec<u8> {
+    let deadline = std::time::Instant::now() + std::time::Duration::from_secs(5);
+    let mut got = Vec::new();
+    while !got.ends_with(end) {
+        assert!(
+            std::time::Instant::now() < deadline,
+            "no reply ending in {:?}; got {:?}",
+            String::from_utf8_lossy(end),
+            String::from_utf8_lossy(&got)
+        );
+        got.extend(resp_support::read_at_least(s, 1).await);
+    }
+    got
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn hello_3_switches_the_connection_to_resp3_on_the_wire() {
+    // Proves the bytes: HELLO 3 is answered with a RESP3 map, and from then
+    // on (the rest of the same pipeline included) nulls are `_`, CONFIG GET
+    // is a map and INFO a verbatim string; a request before it in the
+    // pipeline is answered in RESP2; RESET switches back.
+    use resp_support::{exchange, request};
+    use tokio::io::AsyncWriteExt;
+    let dir = tempfile::tempdir().unwrap();
+    let server = ServedNode::open(dir.path()).await;
+    let mut s = server.raw().await;
+    let mut pipeline = request(&[b"GET", b"missing"]);
+    pipeline.extend(request(&[b"HELLO", b"3"]));
+    pipeline.extend(request(&[b"GET", b"missing"]));
+    pipeline.extend(request(&[b"MGET", b"missing", b"missing"]));
+    pipeline.extend(request(&[b"CONFIG", b"GET", b"appendonly"]));
+    s.write_all(&pipeline).await.unwrap();
+    let got = read_until(&mut s, b"$3\r\nyes\r\n").await;
+    let text = String::from_utf8_lossy(&got).into_owned();
+    let hello = "%7\r\n$6\r\nserver\r\n$5\r\ntally\r\n$7\r\nversion\r\n";
+    assert!(text.starts_with(&format!("$-1\r\n{hello}")), "{text:?}");
+    let after_hello = "$4\r\nmode\r\n$10\r\nstandalone\r\n$4\r\nrole\r\n$6\r\nmaster\r\n\
+        $7\r\nmodules\r\n*0\r\n\
+        _\r\n*2\r\n_\r\n_\r\n%1\r\n$10\r\nappendonly\r\n$3\r\nyes\r\n";
+    assert!(text.contains("$5\r\nproto\r\n:3\r\n"), "{text:?}");
+    assert!(text.ends_with(after_hello), "{text:?}");
+
+    s.write_all(&request(&[b"INFO", b"clients"])).await.unwrap();
+    let info = String::from_utf8(read_until(&mut s, b"\r\n\r\n").await).unwrap();
+    let (len, body) = info
+        .strip_prefix('=')
+        .and_then(|i| i.split_once("\r\n"))
+        .unwrap_or_else(|| panic!("INFO is not a verbatim string: {info:?}"));
+    assert!(body.starts_with("txt:# Clients\r\n"), "{info:?}");
+    assert_eq!(len.parse::<usize>().unwrap(), body.len() - 2, "{info:?}");
+
+    assert_eq!(
+        exchange(&mut s, &request(&[b"RESET"]), 8).await,
+        b"+RESET\r\n"
+    );
+    assert_eq!(
+        exchange(&mut s, &request(&[b"GET", b"missing"]), 5).await,
+        b"$-1\r\n"
+    );
+    server.stop().await;
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn the_redis_crate_speaks_resp3_with_tally() {
+    // Proves a stock client that asks for RESP3 (`?protocol=resp3`) gets
+    // the RESP3 types Redis 7 sends: a map from HELLO and CONFIG GET, nil
+    // for a missing key, a verbatim string from INFO, and the same values
+    // as in RESP2 for every counter command, pipelined or not.
+    let dir = tempfile::tempdir().unwrap();
+    let server = ServedNode::open(dir.path()).await;
+    let mut con = redis::Client::open(format!("{}?protocol=resp3", server.resp_url()))
+        .unwrap()
+        .get_multiplexed_async_connection()
+        .await
+        .unwrap();
+    let hello: Value = query(&mut con, &["HELLO", "3"]).await.unwrap();
+    let Value::Map(fields) = hello else {
+        panic!("HELLO 3 gave {hello:?}");
+    };
+    let proto = fields
+        .iter()
+        .find(|(k, _)| *k == Value::BulkString(b"proto".to_vec()))
+        .map(|(_, v)| v.clone());
+    assert_eq!(proto, Some(Value::Int(3)));
+    assert_eq!(
+        query::<i64>(&mut con, &["INCRBY", "r3", "41"])
+            .await
+            .unwrap(),
+        41
+    );
+    assert_eq!(query::<i64>(&mut con, &["INCR", "r3"]).await.unwrap(), 42);
+    assert_eq!(
+        query::<Value>(&mut con, &["GET", "r3"]).await.unwrap(),
+        Value::BulkString(b"42".to_vec())
+    );
+    assert_eq!(
+        query::<Value>(&mut con, &["GET", "none"]).await.unwrap(),
+        Value::Nil
+    );
+    assert_eq!(
+        query::<Vec<Option<i64>>>(&mut con, &["MGET", "r3", "none"])
+            .await
+            .unwrap(),
+        vec![Some(42), None]
+    );
+    let config: Value = query(&mut con, &["CONFIG", "GET", "appendonly"])
+        .await
+        .unwrap();
+    assert_eq!(
+        config,
+        Value::Map(vec![(
+            Value::BulkString(b"appendonly".to_vec()),
+            Value::BulkString(b"yes".to_vec())
+        )])
+    );
+    let info: Value = query(&mut con, &["INFO", "server"]).await.unwrap();
+    let Value::VerbatimString { format, text } = info else {
+        panic!("INFO gave {info:?}");
+    };
+    assert_eq!(format, redis::VerbatimFormat::Text);
+    assert!(text.starts_with("# Server\r\n"), "{text:?}");
+    let (value, duplicate): (i64, i64) =
+        query(&mut con, &["TALLY.INCRBY", "r3", "8", "IDEMPOTENCY", "k1"])
+            .await
+            .unwrap();
+    assert_eq!((value, duplicate), (50, 0));
+    let (value, duplicate): (i64, i64) =
+        query(&mut con, &["TALLY.INCRBY", "r3", "8", "IDEMPOTENCY", "k1"])
+            .await
+            .unwrap();
+    assert_eq!((value, duplicate), (50, 1));
+    let mut pipe = redis::pipe();
+    for _ in 0..100 {
+        pipe.cmd("INCR").arg("piped3");
+    }
+    let values: Vec<i64> = pipe.query_async(&mut con).await.unwrap();
+    assert_eq!(values, (1..=100).collect::<Vec<i64>>());
+    let e = query::<Value>(&mut con, &["INCRBY", "r3", "x"])
+        .await
+        .unwrap_err();
+    assert_eq!(
+        code_and_detail(&e),
+        (
+            "ERR".into(),
+            "value is not an integer or out of range".into()
+        )
+    );
+    assert_eq!(query::<i64>(&mut con, &["GET", "r3"]).await.unwrap(), 50);
     server.stop().await;
 }

@@ -16,7 +16,7 @@ use tokio::io::{AsyncReadExt, AsyncWriteExt};
 use tokio::net::TcpStream;
 use tokio::time::Instant;
 
-use super::frame::{Frame, Limits, Parser, ProtocolError};
+use super::frame::{Frame, Limits, Parser, Protocol, ProtocolError};
 
 /// Room made in the read buffer before each read. Large enough that a
 /// pipeline of small commands arrives in one read, small enough that an
@@ -137,9 +137,10 @@ impl Connection {
         }
     }
 
-    /// Encodes a reply into the write buffer; [`Connection::flush`] sends it.
-    pub fn queue(&mut self, reply: &Frame) {
-        reply.encode(&mut self.write_buf);
+    /// Encodes a reply in `protocol` into the write buffer;
+    /// [`Connection::flush`] sends it.
+    pub fn queue(&mut self, reply: &Frame, protocol: Protocol) {
+        reply.encode_as(&mut self.write_buf, protocol);
     }
 
     /// Writes every queued reply to the client.
@@ -154,11 +155,12 @@ impl Connection {
         Ok(())
     }
 
-    /// Sends what is queued plus `last` (an error, or `+OK` for `QUIT`),
-    /// then closes the connection without destroying that reply in flight.
+    /// Sends what is queued plus `last` (an error: the same in both
+    /// protocols), then closes the connection without destroying that
+    /// reply in flight.
     pub async fn close_with(mut self, last: Option<&Frame>) {
         if let Some(reply) = last {
-            self.queue(reply);
+            self.queue(reply, Protocol::Resp2);
         }
         if let Err(e) = self.flush().await {
             tracing::debug!(error = %e, "could not write the last reply");

@@ -1,4 +1,5 @@
-//! RESP2 frames: the reply type the server writes and the request parser
+//! RESP frames: the reply type the server writes, in RESP2 or RESP3 (the
+//! [`Protocol`] a connection chose with `HELLO`), and the request parser
 //! that turns bytes from a client into command frames.
 //!
 //! The parser is incremental and allocation-careful. A request is either an
@@ -55,10 +56,32 @@ impl Limits {
     }
 }
 
-/// One RESP2 value.
+/// The reply protocol of a connection: RESP2 until the client sends
+/// `HELLO 3`, and again after `HELLO 2` or `RESET`.
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Default)]
+pub enum Protocol {
+    #[default]
+    Resp2,
+    Resp3,
+}
+
+impl Protocol {
+    /// The number `HELLO` takes and reports.
+    pub fn version(self) -> i64 {
+        match self {
+            Protocol::Resp2 => 2,
+            Protocol::Resp3 => 3,
+        }
+    }
+}
+
+/// One RESP value.
 ///
 /// Requests are always an [`Frame::Array`] of [`Frame::Bulk`]; the other
-/// variants appear only in replies.
+/// variants appear only in replies. The RESP3 types ([`Frame::Map`],
+/// [`Frame::Set`], [`Frame::Verbatim`], and the null) have a RESP2 form,
+/// exactly as Redis sends each to a RESP2 client, so a command builds one
+/// reply and the connection's protocol decides its wire form.
 #[derive(Debug, Clone, PartialEq, Eq)]
 pub enum Frame {
     /// `+OK`: a short status line.
@@ -70,10 +93,20 @@ pub enum Frame {
     Integer(i64),
     /// `$5\r\nhello`: binary-safe.
     Bulk(Bytes),
-    /// `$-1`: the nil reply (`GET` of a missing key).
+    /// The nil reply (`GET` of a missing key): `$-1` in RESP2, `_` in
+    /// RESP3.
     Null,
     /// `*2\r\n...`
     Array(Vec<Frame>),
+    /// Field/value pairs: `%2` in RESP3, a flat array of twice as many
+    /// elements in RESP2 (`HELLO`, `CONFIG GET`).
+    Map(Vec<(Frame, Frame)>),
+    /// Unordered distinct elements: `~2` in RESP3, an array in RESP2
+    /// (`COMMAND`'s flags).
+    Set(Vec<Frame>),
+    /// Text meant for a person: `=N\r\ntxt:...` in RESP3, a bulk string in
+    /// RESP2 (`INFO`, `CLIENT INFO`).
+    Verbatim(Bytes),
 }
 
 impl Frame {
@@ -92,30 +125,61 @@ impl Frame {
         Frame::Bulk(Bytes::from(n.to_string()))
     }
 
-    /// Appends the wire form of this frame to `out`.
+    /// Appends the RESP2 wire form of this frame to `out`.
+    pub fn encode(&self, out: &mut BytesMut) {
+        self.encode_as(out, Protocol::Resp2);
+    }
+
+    /// Appends the wire form of this frame in `protocol` to `out`.
     ///
     /// Status and error lines cannot carry CR or LF on the wire, so any
     /// there are sent as spaces (Redis does the same); everything else is
     /// written as is.
-    pub fn encode(&self, out: &mut BytesMut) {
+    pub fn encode_as(&self, out: &mut BytesMut, protocol: Protocol) {
+        let resp3 = protocol == Protocol::Resp3;
         match self {
             Frame::Simple(s) => put_line(out, b'+', s.as_bytes()),
             Frame::Error(s) => put_line(out, b'-', s.as_bytes()),
             Frame::Integer(n) => put_header(out, b':', *n),
-            Frame::Bulk(b) => {
-                put_header(out, b'$', b.len() as i64);
-                out.put_slice(b);
-                out.put_slice(b"\r\n");
-            }
+            Frame::Bulk(b) => put_bulk(out, b'$', b"", b),
+            Frame::Null if resp3 => out.put_slice(b"_\r\n"),
             Frame::Null => out.put_slice(b"$-1\r\n"),
             Frame::Array(items) => {
                 put_header(out, b'*', items.len() as i64);
                 for item in items {
-                    item.encode(out);
+                    item.encode_as(out, protocol);
                 }
             }
+            Frame::Set(items) => {
+                put_header(out, if resp3 { b'~' } else { b'*' }, items.len() as i64);
+                for item in items {
+                    item.encode_as(out, protocol);
+                }
+            }
+            Frame::Map(pairs) => {
+                if resp3 {
+                    put_header(out, b'%', pairs.len() as i64);
+                } else {
+                    put_header(out, b'*', 2 * pairs.len() as i64);
+                }
+                for (field, value) in pairs {
+                    field.encode_as(out, protocol);
+                    value.encode_as(out, protocol);
+                }
+            }
+            Frame::Verbatim(text) if resp3 => put_bulk(out, b'=', b"txt:", text),
+            Frame::Verbatim(text) => put_bulk(out, b'$', b"", text),
         }
     }
+}
+
+/// A length-prefixed string: `kind`, the length of `prefix` and `body`
+/// together, then both.
+fn put_bulk(out: &mut BytesMut, kind: u8, prefix: &[u8], body: &[u8]) {
+    put_header(out, kind, (prefix.len() + body.len()) as i64);
+    out.put_slice(prefix);
+    out.put_slice(body);
+    out.put_slice(b"\r\n");
 }
 
 fn put_line(out: &mut BytesMut, kind: u8, text: &[u8]) {
@@ -526,6 +590,29 @@ mod tests {
             Err(e) => e.to_string(),
             Ok(frames) => panic!("expected a protocol error, parsed {frames:?}"),
         }
+    }
+
+    #[test]
+    fn resp3_types_have_redis_wire_forms_in_both_protocols() {
+        // Proves each RESP3 type is written as Redis writes it to a RESP3
+        // client, and as Redis writes the same reply to a RESP2 client.
+        let reply = Frame::Array(vec![
+            Frame::Null,
+            Frame::Map(vec![(Frame::bulk("proto"), Frame::Integer(3))]),
+            Frame::Set(vec![Frame::Simple("fast".into())]),
+            Frame::Verbatim(Bytes::from_static(b"# Server\r\n")),
+        ]);
+        let mut resp3 = BytesMut::new();
+        reply.encode_as(&mut resp3, Protocol::Resp3);
+        assert_eq!(
+            &resp3[..],
+            b"*4\r\n_\r\n%1\r\n$5\r\nproto\r\n:3\r\n~1\r\n+fast\r\n=14\r\ntxt:# Server\r\n\r\n"
+        );
+        assert_eq!(
+            &encoded(&reply)[..],
+            b"*4\r\n$-1\r\n*2\r\n$5\r\nproto\r\n:3\r\n*1\r\n+fast\r\n$10\r\n# Server\r\n\r\n"
+        );
+        assert_eq!(Protocol::default(), Protocol::Resp2);
     }
 
     #[test]

@@ -1,7 +1,7 @@
 //! The RESP (Redis protocol) front end: `redis-cli`, `redis-benchmark` and
 //! Redis client libraries talk to a node as they would to Redis.
 //!
-//! Laid out one concept per module: [`frame`] (RESP2 values and the
+//! Laid out one concept per module: [`frame`] (RESP2/RESP3 values and the
 //! incremental request parser), [`connection`] (buffers, frame timeout,
 //! closing), [`parse`] (a cursor over a request's arguments), [`cmd`] (the
 //! command table and one module per command family), [`pipeline`] (running
@@ -11,7 +11,9 @@
 //!
 //! # Dialect
 //!
-//! RESP2, with Redis 7's replies for `PING`, `ECHO`, `INCR`, `INCRBY`,
+//! RESP2, and RESP3 on a connection that sends `HELLO 3` (maps, `_` nulls,
+//! verbatim strings and sets where Redis 7 sends them; `HELLO 2` or `RESET`
+//! switch back), with Redis 7's replies for `PING`, `ECHO`, `INCR`, `INCRBY`,
 //! `DECR`, `DECRBY`, `GET`, `MGET`, `EXISTS`, `DBSIZE`, `INFO`, `COMMAND`,
 //! `CONFIG GET`, `CLIENT`, `SELECT`, `HELLO`, `AUTH`, `QUIT` and `RESET`,
 //! plus tally's own

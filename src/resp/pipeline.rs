@@ -26,7 +26,7 @@ use crate::error::Error;
 use crate::node::IncrementOptions;
 
 use super::cmd::{Command, Context};
-use super::frame::Frame;
+use super::frame::{Frame, Protocol};
 use super::reply::ReplyError;
 
 /// Whether the connection goes on after a round.
@@ -37,11 +37,18 @@ pub enum Flow {
     Quit,
 }
 
-/// Runs `frames` (drained) and appends one reply per request to `replies`.
+/// Runs `frames` (drained) and appends one reply per request to `replies`,
+/// each with the protocol to write it in: the connection's protocol once
+/// its request has run (`HELLO 3` is itself answered in RESP3, and the
+/// requests after it in the same round too).
 ///
 /// Requests after a `QUIT` are not run, as Redis stops reading a client
 /// that quits.
-pub async fn run(frames: &mut Vec<Frame>, cx: &mut Context<'_>, replies: &mut Vec<Frame>) -> Flow {
+pub async fn run(
+    frames: &mut Vec<Frame>,
+    cx: &mut Context<'_>,
+    replies: &mut Vec<(Frame, Protocol)>,
+) -> Flow {
     let mut commands: Vec<Result<Command, ReplyError>> =
         frames.drain(..).map(Command::from_frame).collect();
     let flow = match commands
@@ -87,7 +94,7 @@ pub async fn run(frames: &mut Vec<Frame>, cx: &mut Context<'_>, replies: &mut Ve
             }
             Ok(command) => command.apply(cx).await,
         };
-        replies.push(reply);
+        replies.push((reply, cx.session.protocol));
     }
     if riders.is_empty() {
         return flow;
@@ -102,7 +109,7 @@ pub async fn run(frames: &mut Vec<Frame>, cx: &mut Context<'_>, replies: &mut Ve
         })
         .into_frame();
         for i in riders {
-            replies[i] = uncertain.clone();
+            replies[i].0 = uncertain.clone();
         }
     }
     flow

@@ -215,8 +215,8 @@ async fn handle(
                 shared: &shared,
             };
             let flow = pipeline::run(&mut frames, &mut cx, &mut replies).await;
-            for reply in replies.drain(..) {
-                conn.queue(&reply);
+            for (reply, protocol) in replies.drain(..) {
+                conn.queue(&reply, protocol);
             }
             if flow == Flow::Quit {
                 conn.close_with(None).await;

@@ -70,7 +70,8 @@ impl Introspect {
                     .collect(),
             ),
             Introspect::Count => Frame::Integer(COMMANDS.len() as i64),
-            Introspect::Docs => Frame::Array(vec![]),
+            // A map, empty: tally ships no command docs.
+            Introspect::Docs => Frame::Map(vec![]),
             Introspect::List => {
                 Frame::Array(COMMANDS.iter().map(|s| Frame::bulk(s.name)).collect())
             }
@@ -79,8 +80,10 @@ impl Introspect {
 }
 
 fn entry(spec: &Spec) -> Frame {
+    // Flags and categories are sets in RESP3, arrays in RESP2, as Redis
+    // sends them.
     let statuses =
-        |words: &[&str]| Frame::Array(words.iter().map(|w| Frame::Simple(w.to_string())).collect());
+        |words: &[&str]| Frame::Set(words.iter().map(|w| Frame::Simple(w.to_string())).collect());
     let (first, last, step) = spec.keys;
     Frame::Array(vec![
         Frame::bulk(spec.name),

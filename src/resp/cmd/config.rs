@@ -62,14 +62,14 @@ impl ConfigCommand {
             ("proto-max-bulk-len", config.resp_bulk_bytes_max.to_string()),
             ("timeout", "0".into()),
         ];
+        // A map: Redis's RESP3 reply, a flat array of pairs in RESP2.
         let mut reply = Vec::new();
         for (name, value) in parameters {
             if patterns.iter().any(|p| glob_match(p, name.as_bytes())) {
-                reply.push(Frame::bulk(name));
-                reply.push(Frame::bulk(value));
+                reply.push((Frame::bulk(name), Frame::bulk(value)));
             }
         }
-        Ok(Frame::Array(reply))
+        Ok(Frame::Map(reply))
     }
 }
 

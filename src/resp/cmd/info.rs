@@ -220,7 +220,8 @@ impl Info {
                 _ => {}
             }
         }
-        Frame::bulk(text)
+        // Text for a person: a verbatim string in RESP3, as Redis sends it.
+        Frame::Verbatim(text.into())
     }
 }
 

@@ -2,18 +2,19 @@
 //! (Redis's "connection" group): `PING`, `ECHO`, `SELECT`, `HELLO`, `AUTH`,
 //! `CLIENT ID|GETNAME|SETNAME|SETINFO|INFO`, `QUIT`, `RESET`.
 //!
-//! tally has one keyspace, no users and speaks RESP2 only, and answers
-//! these the way a Redis server in that situation answers them: `SELECT 0`
-//! works and no other database exists; `AUTH` behaves as with no password
-//! configured; `HELLO 3` is refused with `NOPROTO`, which clients take as
-//! the cue to stay on RESP2. None of these touches the node.
+//! tally has one keyspace and no users, and answers these the way a Redis
+//! server in that situation answers them: `SELECT 0` works and no other
+//! database exists; `AUTH` behaves as with no password configured; `HELLO
+//! 3` switches the connection to RESP3 and `HELLO 2` (or `RESET`) back to
+//! RESP2, any other version is refused with `NOPROTO`. None of these
+//! touches the node.
 
 use std::net::SocketAddr;
 use std::time::Instant;
 
 use bytes::Bytes;
 
-use super::super::frame::{Frame, parse_i64};
+use super::super::frame::{Frame, Protocol, parse_i64};
 use super::super::parse::Args;
 use super::super::reply::{NAME_ECHO_BYTES_MAX, ReplyError, printable};
 use super::info::REDIS_COMPAT_VERSION;
@@ -30,6 +31,8 @@ pub struct Session {
     name: Option<Bytes>,
     lib_name: Option<Bytes>,
     lib_ver: Option<Bytes>,
+    /// The protocol replies are written in (`HELLO`).
+    pub protocol: Protocol,
 }
 
 impl Session {
@@ -42,6 +45,7 @@ impl Session {
             name: None,
             lib_name: None,
             lib_ver: None,
+            protocol: Protocol::Resp2,
         }
     }
 
@@ -63,8 +67,9 @@ pub enum SessionCommand {
     Echo(Bytes),
     /// `SELECT 0`; other indexes are refused while parsing.
     Select,
-    /// `HELLO [2] [AUTH user pass] [SETNAME name]`
+    /// `HELLO [2|3] [AUTH user pass] [SETNAME name]`
     Hello {
+        protocol: Option<Protocol>,
         set_name: Option<Bytes>,
     },
     /// `AUTH default <anything>`
@@ -100,16 +105,20 @@ impl SessionCommand {
                 Frame::Bulk(message)
             }
             SessionCommand::Select | SessionCommand::Auth | SessionCommand::Quit => Frame::ok(),
-            SessionCommand::Hello { set_name } => {
+            SessionCommand::Hello { protocol, set_name } => {
+                if let Some(protocol) = protocol {
+                    session.protocol = protocol;
+                }
                 if let Some(name) = set_name {
                     session.set_name(name);
                 }
-                hello_reply(session.id)
+                hello_reply(session.id, session.protocol)
             }
             SessionCommand::Reset => {
                 session.name = None;
                 session.lib_name = None;
                 session.lib_ver = None;
+                session.protocol = Protocol::Resp2;
                 Frame::Simple("RESET".into())
             }
             SessionCommand::Client(ClientCommand::Id) => Frame::Integer(session.id as i64),
@@ -129,30 +138,25 @@ impl SessionCommand {
                 *slot = (!value.is_empty()).then_some(value);
                 Frame::ok()
             }
-            SessionCommand::Client(ClientCommand::Info) => Frame::bulk(client_info(session)),
+            SessionCommand::Client(ClientCommand::Info) => {
+                Frame::Verbatim(client_info(session).into())
+            }
         })
     }
 }
 
-/// `HELLO`'s reply: Redis's RESP2 form of its map, a flat array of
-/// field/value pairs.
-fn hello_reply(id: u64) -> Frame {
+/// `HELLO`'s reply: Redis's map of the server's facts, in the protocol
+/// now in effect (a flat array of field/value pairs in RESP2).
+fn hello_reply(id: u64, protocol: Protocol) -> Frame {
     let field = |s: &'static str| Frame::bulk(s);
-    Frame::Array(vec![
-        field("server"),
-        field("tally"),
-        field("version"),
-        field(REDIS_COMPAT_VERSION),
-        field("proto"),
-        Frame::Integer(2),
-        field("id"),
-        Frame::Integer(id as i64),
-        field("mode"),
-        field("standalone"),
-        field("role"),
-        field("master"),
-        field("modules"),
-        Frame::Array(vec![]),
+    Frame::Map(vec![
+        (field("server"), field("tally")),
+        (field("version"), field(REDIS_COMPAT_VERSION)),
+        (field("proto"), Frame::Integer(protocol.version())),
+        (field("id"), Frame::Integer(id as i64)),
+        (field("mode"), field("standalone")),
+        (field("role"), field("master")),
+        (field("modules"), Frame::Array(vec![])),
     ])
 }
 
@@ -164,7 +168,7 @@ fn client_info(session: &Session) -> String {
             .unwrap_or_default()
     };
     format!(
-        "id={} addr={} laddr={} name={} age={} db=0 lib-name={} lib-ver={} resp=2\n",
+        "id={} addr={} laddr={} name={} age={} db=0 lib-name={} lib-ver={} resp={}\n",
         session.id,
         session.peer,
         session.local,
@@ -172,6 +176,7 @@ fn client_info(session: &Session) -> String {
         session.connected_at.elapsed().as_secs(),
         text(&session.lib_name),
         text(&session.lib_ver),
+        session.protocol.version(),
     )
 }
 
@@ -217,12 +222,15 @@ pub fn parse_select(args: &mut Args) -> Result<Command, ReplyError> {
 }
 
 pub fn parse_hello(args: &mut Args) -> Result<Command, ReplyError> {
+    let mut protocol = None;
     if args.remaining() > 0 {
         let version = parse_i64(&args.next_bytes()?)
             .ok_or_else(|| ReplyError::err("Protocol version is not an integer or out of range"))?;
-        if version != 2 {
-            return Err(ReplyError::raw("NOPROTO unsupported protocol version"));
-        }
+        protocol = Some(match version {
+            2 => Protocol::Resp2,
+            3 => Protocol::Resp3,
+            _ => return Err(ReplyError::raw("NOPROTO unsupported protocol version")),
+        });
     }
     let mut set_name = None;
     while args.remaining() > 0 {
@@ -240,7 +248,10 @@ pub fn parse_hello(args: &mut Args) -> Result<Command, ReplyError> {
             )));
         }
     }
-    Ok(Command::Session(SessionCommand::Hello { set_name }))
+    Ok(Command::Session(SessionCommand::Hello {
+        protocol,
+        set_name,
+    }))
 }
 
 pub fn parse_auth(args: &mut Args) -> Result<Command, ReplyError> {
@@ -354,22 +365,36 @@ mod tests {
     }
 
     #[test]
-    fn hello_accepts_resp2_only() {
-        // Proves HELLO negotiates RESP2 and refuses other versions with NOPROTO.
+    fn hello_negotiates_resp2_and_resp3_only() {
+        // Proves HELLO takes versions 2 and 3, keeps the current one when
+        // none is given, and refuses others with NOPROTO as Redis does.
         assert_eq!(
             parse(&["HELLO"]),
-            Ok(SessionCommand::Hello { set_name: None })
+            Ok(SessionCommand::Hello {
+                protocol: None,
+                set_name: None
+            })
         );
         assert_eq!(
             parse(&["HELLO", "2", "AUTH", "default", "pw", "SETNAME", "app"]),
             Ok(SessionCommand::Hello {
+                protocol: Some(Protocol::Resp2),
                 set_name: Some(Bytes::from_static(b"app"))
             })
         );
         assert_eq!(
-            parse(&["HELLO", "3"]).unwrap_err(),
-            "NOPROTO unsupported protocol version"
+            parse(&["HELLO", "3"]),
+            Ok(SessionCommand::Hello {
+                protocol: Some(Protocol::Resp3),
+                set_name: None
+            })
         );
+        for version in ["1", "4", "-3"] {
+            assert_eq!(
+                parse(&["HELLO", version]).unwrap_err(),
+                "NOPROTO unsupported protocol version"
+            );
+        }
         assert_eq!(
             parse(&["HELLO", "x"]).unwrap_err(),
             "ERR Protocol version is not an integer or out of range"
@@ -379,7 +404,7 @@ mod tests {
             "ERR Syntax error in HELLO option 'foo'"
         );
         assert_eq!(
-            parse(&["HELLO", "2", "AUTH", "bob", "pw"]).unwrap_err(),
+            parse(&["HELLO", "3", "AUTH", "bob", "pw"]).unwrap_err(),
             "WRONGPASS invalid username-password pair or user is disabled."
         );
     }
