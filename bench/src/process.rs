@@ -13,23 +13,14 @@ use std::time::{Duration, Instant};
 
 use anyhow::{Context as _, Result, bail};
 use tally_lab::process::{ChildGuard, ReadyLineError, tail_lines};
-use tally_lab::wire::resp::{Client, Reply};
 
 /// How long a server may take to exit after its stop signal before it gets
 /// SIGKILL.
 /// tally's graceful stop writes a final snapshot of up to a few million
 /// counters, which takes seconds, not minutes.
 pub const STOP_TIMEOUT: Duration = Duration::from_secs(60);
-/// How long a freshly started Redis may take to answer PING.
-const REDIS_START_TIMEOUT: Duration = Duration::from_secs(20);
-/// How often the wait for Redis looks again.
-const REDIS_POLL_INTERVAL: Duration = Duration::from_millis(50);
-/// Longest wait for a PING reply from a server that says it is ready.
-const PING_TIMEOUT: Duration = Duration::from_secs(5);
 /// Lines of a server's log quoted in an error.
 const LOG_TAIL_LINES: usize = 20;
-/// Lines of Redis's log quoted in an error.
-const REDIS_LOG_TAIL_LINES: usize = 10;
 
 /// Graceful stop: SIGTERM, then wait up to [`STOP_TIMEOUT`]; a child
 /// still running then is killed and the stop is an error.
@@ -128,63 +119,19 @@ pub fn start_tally(
 }
 
 /// A running private `redis-server`.
-pub struct Redis {
-    pub guard: ChildGuard,
-    pub addr: SocketAddr,
-}
+pub use tally_lab::redis_server::RedisServer as Redis;
 
 /// Starts a private `redis-server` on a free loopback port with its files
 /// in `dir` (RDB snapshots off), plus `extra_args` (persistence settings),
 /// and waits until it answers PING. Redis needs its port on the command
 /// line; tally is given port 0 and reports the port it bound.
 pub fn start_redis(dir: &Path, label: &str, extra_args: &[&str]) -> Result<Redis> {
-    std::fs::create_dir_all(dir)?;
-    let port = tally_lab::ports::free_loopback_port().context("finding a free loopback port")?;
-    let addr: SocketAddr = ([127, 0, 0, 1], port).into();
-    let mut guard = ChildGuard::spawn(
-        Command::new("redis-server")
-            .args(["--bind", "127.0.0.1", "--port", &port.to_string()])
-            .args(["--save", "", "--daemonize", "no"])
-            .arg("--dir")
-            .arg(dir)
-            .arg("--logfile")
-            .arg(dir.join("redis.log"))
-            .args(extra_args)
-            .stdin(Stdio::null())
-            .stdout(Stdio::null())
-            .stderr(Stdio::null()),
-        format!("redis-server ({label})"),
-    )
-    .context("starting redis-server")?;
-    let deadline = Instant::now() + REDIS_START_TIMEOUT;
-    loop {
-        if let Some(status) = guard.try_wait()? {
-            let log = std::fs::read_to_string(dir.join("redis.log")).unwrap_or_default();
-            bail!(
-                "redis-server exited ({status}) at start; its log ends:\n{}",
-                tail_lines(&log, REDIS_LOG_TAIL_LINES)
-            );
-        }
-        if ping(addr).is_ok() {
-            return Ok(Redis { guard, addr });
-        }
-        if Instant::now() >= deadline {
-            bail!(
-                "redis-server did not answer PING on {addr} within {} s",
-                REDIS_START_TIMEOUT.as_secs()
-            );
-        }
-        std::thread::sleep(REDIS_POLL_INTERVAL);
-    }
+    Redis::start(dir, label, extra_args).context("starting redis-server")
 }
 
-/// Sends PING and expects PONG within [`PING_TIMEOUT`].
+/// Sends PING and expects PONG.
 pub fn ping(addr: SocketAddr) -> Result<()> {
-    let reply = Client::connect_with_timeout(addr, PING_TIMEOUT)?.command(&["PING"])?;
-    if reply != Reply::Simple("PONG".into()) {
-        bail!("PING to {addr} answered {reply:?}");
-    }
-    Ok(())
+    Ok(tally_lab::redis_server::ping(addr)?)
 }
 
 /// Resident set size of process `pid`, in bytes.

@@ -868,7 +868,11 @@ impl HaStore {
     /// if one answers and names one.
     fn dcs_sync_standby(&self) -> Option<usize> {
         let members = self.cluster_status().ok()?;
-        let name = members.iter().find(|m| m.role == "sync_standby")?.name.clone();
+        let name = members
+            .iter()
+            .find(|m| m.role == "sync_standby")?
+            .name
+            .clone();
         self.members.iter().position(|m| m.name == name)
     }
 

@@ -22,5 +22,6 @@ pub mod launcher;
 pub mod pgserver;
 pub mod ports;
 pub mod process;
+pub mod redis_server;
 pub mod testing;
 pub mod wire;
