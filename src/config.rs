@@ -187,6 +187,12 @@ pub struct ServerConfig {
     pub http_batch_len_max: usize,
     /// Largest page of `GET /v1/counters`.
     pub http_page_len_max: usize,
+    /// Who may connect and what each may do; none (the default) means
+    /// every client may do everything (see [`crate::auth`]).
+    pub users: crate::auth::Users,
+    /// With users: whether `GET /metrics` stays open to clients without
+    /// credentials (scrapers that cannot send any).
+    pub metrics_without_auth: bool,
 }
 
 impl Default for ServerConfig {
@@ -204,6 +210,8 @@ impl Default for ServerConfig {
             http_body_bytes_max: 1 << 20,
             http_batch_len_max: 1000,
             http_page_len_max: 1000,
+            users: crate::auth::Users::none(),
+            metrics_without_auth: false,
         }
     }
 }

@@ -23,6 +23,7 @@
 //! (front ends), all on by default; `testkit` adds the test aids (simulated
 //! storage, the fault-injecting store, the flush timer).
 
+pub mod auth;
 pub mod cluster;
 pub mod config;
 pub mod engine;

@@ -118,6 +118,8 @@ pub struct Metrics {
     /// Times the store was found behind what this node had committed, and
     /// the node registered again and wrote its shard anew.
     pub store_regressions_repaired: AtomicU64,
+    /// Failed authentication attempts (RESP `AUTH`/`HELLO`, HTTP tokens).
+    pub auth_failures: AtomicU64,
 }
 
 impl Default for Metrics {
@@ -142,6 +144,7 @@ impl Default for Metrics {
             store_indeterminate_commits: AtomicU64::new(0),
             store_errors: AtomicU64::new(0),
             store_regressions_repaired: AtomicU64::new(0),
+            auth_failures: AtomicU64::new(0),
         }
     }
 }
@@ -285,6 +288,12 @@ impl Metrics {
             "tally_store_regressions_repaired",
             "Times the store came back older than what this node had committed, and the node wrote its shard and live replicated keys again.",
             self.store_regressions_repaired.load(Relaxed),
+        );
+        counter(
+            out,
+            "tally_auth_failures",
+            "Failed authentication attempts: RESP AUTH or HELLO with a wrong user or secret, HTTP requests with a bad bearer token.",
+            self.auth_failures.load(Relaxed),
         );
     }
 }

@@ -48,10 +48,36 @@ async fn bind(addr: Option<SocketAddr>, what: &str) -> anyhow::Result<Option<Tcp
 }
 
 /// Runs `tally serve` until a termination signal or `stop` fires.
+/// Without users, a node serves every client; on a loopback address only
+/// local processes can reach it, and that stays the default. On any other
+/// address serving without authentication must be asked for: an open node
+/// is a decision, not an accident.
+fn refuse_open_on_a_network(settings: &ServeSettings) -> anyhow::Result<()> {
+    if settings.server.users.enabled() || settings.insecure_no_auth {
+        return Ok(());
+    }
+    let open: Vec<String> = [settings.server.resp_addr, settings.server.http_addr]
+        .into_iter()
+        .flatten()
+        .filter(|a| !a.ip().is_loopback())
+        .map(|a| a.to_string())
+        .collect();
+    if open.is_empty() {
+        return Ok(());
+    }
+    anyhow::bail!(
+        "refusing to serve {} without authentication: give --users-file (TALLY_USERS_FILE), \
+         or --insecure-no-auth true (TALLY_INSECURE_NO_AUTH=true) to let every client that \
+         can reach it do everything",
+        open.join(" and ")
+    )
+}
+
 pub async fn run(settings: ServeSettings, mut stop: Option<Shutdown>) -> anyhow::Result<()> {
     // Caught from the start: a SIGTERM while the node recovers or waits for
     // its store stops it cleanly.
     let mut signals = Signals::install()?;
+    refuse_open_on_a_network(&settings)?;
     let server_config = Arc::new(settings.server.clone());
     // Bound before the data directory is touched: a port in use fails at
     // once and changes nothing. Nothing is accepted until the node opened.

@@ -271,6 +271,44 @@ settings! {
             Ok(())
         },
     }
+    /// File of users, one per line: NAME ROLE SECRET (roles read, write,
+    /// admin); it must be readable by its owner only. Without it every
+    /// client may do everything
+    users_file: PathBuf {
+        env: "TALLY_USERS_FILE",
+        sets: Some("ServerConfig::users"),
+        limit: false,
+        default: |_| None,
+        apply: |d, v| {
+            d.server.users = read_users_file(&v)?;
+            Ok(())
+        },
+    }
+    /// Serve clients without authentication on a non-loopback address
+    /// (true or false); without users the node otherwise refuses to start
+    /// there
+    insecure_no_auth: bool {
+        env: "TALLY_INSECURE_NO_AUTH",
+        sets: None,
+        limit: false,
+        default: |d| Some(d.insecure_no_auth.to_string()),
+        apply: |d, v| {
+            d.insecure_no_auth = v;
+            Ok(())
+        },
+    }
+    /// With users: leave GET /metrics open to clients without credentials
+    /// (true or false), for scrapers that cannot send any
+    metrics_without_auth: bool {
+        env: "TALLY_METRICS_WITHOUT_AUTH",
+        sets: Some("ServerConfig::metrics_without_auth"),
+        limit: false,
+        default: |d| Some(d.server.metrics_without_auth.to_string()),
+        apply: |d, v| {
+            d.server.metrics_without_auth = v;
+            Ok(())
+        },
+    }
     /// Shared store: sqlite://PATH (nodes on one machine) or
     /// postgres://... (across machines). Without it the node runs alone.
     store: String {
@@ -390,8 +428,30 @@ pub struct Draft {
     pub cluster: ClusterConfig,
     pub store: Option<String>,
     pub advertise_addr: Option<String>,
+    pub insecure_no_auth: bool,
     pub log_json: bool,
     pub log_filter: String,
+}
+
+/// Reads and parses a users file, refusing one that other users may read
+/// (it holds secrets). Errors never quote a secret.
+fn read_users_file(path: &Path) -> Result<tally::auth::Users, String> {
+    use std::os::unix::fs::PermissionsExt as _;
+    let meta = std::fs::metadata(path).map_err(|e| format!("{}: {e}", path.display()))?;
+    let mode = meta.permissions().mode();
+    if mode & 0o077 != 0 {
+        return Err(format!(
+            "{} may be read by other users (mode {:o}); it holds secrets: chmod 600 it",
+            path.display(),
+            mode & 0o777
+        ));
+    }
+    let text = std::fs::read_to_string(path).map_err(|e| format!("{}: {e}", path.display()))?;
+    let users = tally::auth::Users::parse(&text).map_err(|e| format!("{}: {e}", path.display()))?;
+    if !users.enabled() {
+        return Err(format!("{} names no user", path.display()));
+    }
+    Ok(users)
 }
 
 impl Draft {
@@ -405,6 +465,7 @@ impl Draft {
             cluster: ClusterConfig::new(String::new()),
             store: None,
             advertise_addr: None,
+            insecure_no_auth: false,
             log_json: false,
             log_filter: LOG_FILTER_DEFAULT.into(),
         }
@@ -418,6 +479,7 @@ impl Draft {
             mut cluster,
             store,
             advertise_addr,
+            insecure_no_auth,
             log_json,
             log_filter,
         } = self;
@@ -431,6 +493,7 @@ impl Draft {
         ServeSettings {
             node,
             server,
+            insecure_no_auth,
             log_json,
             log_filter,
         }
@@ -442,6 +505,8 @@ impl Draft {
 pub struct ServeSettings {
     pub node: Config,
     pub server: ServerConfig,
+    /// Serve without users on a non-loopback address.
+    pub insecure_no_auth: bool,
     pub log_json: bool,
     pub log_filter: String,
 }
@@ -769,7 +834,12 @@ mod tests {
         for s in SETTINGS {
             let as_number = toml::from_str::<Settings>(&format!("{} = 1", s.key));
             let as_text = toml::from_str::<Settings>(&format!("{} = \"1\"", s.key));
-            assert!(as_number.is_ok() || as_text.is_ok(), "{}", s.key);
+            let as_bool = toml::from_str::<Settings>(&format!("{} = true", s.key));
+            assert!(
+                as_number.is_ok() || as_text.is_ok() || as_bool.is_ok(),
+                "{}",
+                s.key
+            );
         }
         let err = toml::from_str::<Settings>("config = \"x.toml\"").unwrap_err();
         assert!(err.message().contains("unknown field"), "{err}");

@@ -39,6 +39,7 @@ fn haproxy_config_is_valid_and_checks_what_nodes_answer() {
     for expected in [
         "option httpchk GET /readyz",
         "http-check expect status 200",
+        "tcp-check expect string +OK",
         "tcp-check send PING\\r\\n",
         "tcp-check expect string +PONG",
     ] {
@@ -178,4 +179,59 @@ fn store_haproxy_routes_to_the_patroni_primary() {
             .any(|l| l.starts_with("TALLY_STORE=") && l.contains(&format!("@{bind}/"))),
         "tally.env's TALLY_STORE does not use the store listener {bind}"
     );
+}
+
+/// HAProxy's `tcp-check send` argument with its escapes undone: `\ ` is a
+/// space, `\r` and `\n` are CR and LF.
+fn unescape_haproxy(arg: &str) -> Vec<u8> {
+    arg.replace("\\ ", " ")
+        .replace("\\r", "\r")
+        .replace("\\n", "\n")
+        .into_bytes()
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn resp_health_check_authenticates_as_the_example_users_allow() {
+    // The RESP check of haproxy.cfg, byte for byte, against a node with the
+    // users of deploy/users: +OK to its AUTH, then +PONG to PING. And the
+    // example environment names the users file.
+    use tally_lab::testing::served::{ServedNode, read_at_least};
+    use tokio::io::AsyncWriteExt;
+    let users = tally::auth::Users::parse(&deploy_file("users")).expect("deploy/users parses");
+    assert!(users.authenticate(b"healthcheck", b"wrong").is_none());
+    let env = deploy_file("tally.env");
+    assert!(settings(&env).contains(&"TALLY_USERS_FILE=/etc/tally/users"));
+
+    let text = deploy_file("haproxy.cfg");
+    let sends: Vec<Vec<u8>> = settings(&text)
+        .iter()
+        .filter_map(|l| l.strip_prefix("tcp-check send "))
+        .map(unescape_haproxy)
+        .collect();
+    let expects: Vec<&str> = settings(&text)
+        .iter()
+        .filter_map(|l| l.strip_prefix("tcp-check expect string "))
+        .collect();
+    assert_eq!(sends.len(), expects.len(), "one expect per send");
+
+    let dir = tempfile::tempdir().unwrap();
+    let config = tally::ServerConfig {
+        resp_addr: Some(([127, 0, 0, 1], 0).into()),
+        http_addr: Some(([127, 0, 0, 1], 0).into()),
+        users,
+        ..tally::ServerConfig::default()
+    };
+    let server = ServedNode::open_with(dir.path(), config).await;
+    let mut s = server.raw().await;
+    for (send, expect) in sends.iter().zip(&expects) {
+        s.write_all(send).await.unwrap();
+        let reply = read_at_least(&mut s, expect.len() + 2).await;
+        assert_eq!(
+            String::from_utf8_lossy(&reply),
+            format!("{expect}\r\n"),
+            "reply to {:?}",
+            String::from_utf8_lossy(send)
+        );
+    }
+    server.stop().await;
 }

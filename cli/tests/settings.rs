@@ -193,3 +193,78 @@ fn refused_corruption_names_the_recovery_mode_flag() {
         "{err}"
     );
 }
+
+// Without users a node does not listen on a network address unless told
+// to; a users file others may read is refused; neither error quotes a
+// secret, and neither touches the data directory.
+#[test]
+fn an_open_node_on_a_network_is_a_decision() {
+    use std::os::unix::fs::PermissionsExt as _;
+    let dir = tempfile::tempdir().unwrap();
+    let data = dir.path().join("data");
+    let data_arg = data.to_str().unwrap();
+    let out = tally(&[
+        "serve",
+        "--data-dir",
+        data_arg,
+        "--resp-addr",
+        "off",
+        "--http-addr",
+        "0.0.0.0:0",
+    ]);
+    assert!(!out.status.success());
+    let err = String::from_utf8_lossy(&out.stderr);
+    assert!(
+        err.contains("refusing to serve 0.0.0.0:0 without authentication")
+            && err.contains("--users-file")
+            && err.contains("--insecure-no-auth true"),
+        "{err}"
+    );
+    assert!(
+        !data.exists(),
+        "the refused start created the data directory"
+    );
+
+    let secret = "a-secret-that-must-not-show-0123";
+    let users = dir.path().join("users");
+    std::fs::write(&users, format!("app write {secret}\n")).unwrap();
+    std::fs::set_permissions(&users, std::fs::Permissions::from_mode(0o644)).unwrap();
+    let out = tally(&[
+        "serve",
+        "--data-dir",
+        data_arg,
+        "--resp-addr",
+        "off",
+        "--http-addr",
+        "off",
+        "--users-file",
+        users.to_str().unwrap(),
+    ]);
+    assert!(!out.status.success());
+    let err = String::from_utf8_lossy(&out.stderr);
+    assert!(
+        err.contains("invalid --users-file") && err.contains("chmod 600"),
+        "{err}"
+    );
+    assert!(!err.contains(secret), "{err}");
+
+    std::fs::write(&users, "app write short\n").unwrap();
+    std::fs::set_permissions(&users, std::fs::Permissions::from_mode(0o600)).unwrap();
+    let out = tally(&[
+        "serve",
+        "--data-dir",
+        data_arg,
+        "--resp-addr",
+        "off",
+        "--http-addr",
+        "off",
+        "--users-file",
+        users.to_str().unwrap(),
+    ]);
+    let err = String::from_utf8_lossy(&out.stderr);
+    assert!(
+        err.contains("line 1: the secret of user 'app' is 5 bytes"),
+        "{err}"
+    );
+    assert!(!err.contains("short"), "{err}");
+}

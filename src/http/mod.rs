@@ -112,6 +112,7 @@
 //! [`Error::Indeterminate`]: crate::Error::Indeterminate
 //! [`Error::LimitExceeded`]: crate::Error::LimitExceeded
 
+mod auth;
 mod body;
 mod endpoint;
 mod error;
@@ -133,9 +134,16 @@ pub fn router(node: crate::Node, config: Arc<crate::ServerConfig>) -> axum::Rout
     for endpoint in Endpoint::ALL {
         router = router.route(endpoint.path(), routes::method_router(endpoint));
     }
-    router
+    let router = router
         // Must come after the routes: it is installed on the routes present.
         .method_not_allowed_fallback(routes::method_not_allowed)
-        .fallback(routes::no_route)
-        .with_state(routes::AppState { node, config })
+        .fallback(routes::no_route);
+    let state = routes::AppState { node, config };
+    router
+        // Around the routes and the fallbacks alike.
+        .layer(axum::middleware::from_fn_with_state(
+            state.clone(),
+            auth::require,
+        ))
+        .with_state(state)
 }

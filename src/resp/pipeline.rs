@@ -25,7 +25,7 @@ use crate::config::Durability;
 use crate::error::Error;
 use crate::node::IncrementOptions;
 
-use super::cmd::{Command, Context};
+use super::cmd::{Command, Context, command_name};
 use super::frame::{Frame, Protocol};
 use super::reply::ReplyError;
 
@@ -49,11 +49,13 @@ pub async fn run(
     cx: &mut Context<'_>,
     replies: &mut Vec<(Frame, Protocol)>,
 ) -> Flow {
-    let mut commands: Vec<Result<Command, ReplyError>> =
-        frames.drain(..).map(Command::from_frame).collect();
+    let mut commands: Vec<(&'static str, Result<Command, ReplyError>)> = frames
+        .drain(..)
+        .map(|f| (command_name(&f), Command::from_frame(f)))
+        .collect();
     let flow = match commands
         .iter()
-        .position(|c| c.as_ref().is_ok_and(Command::is_quit))
+        .position(|(_, c)| c.as_ref().is_ok_and(Command::is_quit))
     {
         Some(quit) => {
             commands.truncate(quit + 1);
@@ -68,7 +70,12 @@ pub async fn run(
     // Replies (by index in `replies`) of increments that wait for the
     // round's sync.
     let mut riders: Vec<usize> = Vec::new();
-    for command in commands {
+    for (name, command) in commands {
+        // Refused before it runs: nothing is applied.
+        let command = command.and_then(|c| {
+            c.check_access(name, cx.session, cx.shared)?;
+            Ok(c)
+        });
         let reply = match command {
             Err(e) => e.into_frame(),
             Ok(Command::Increment(inc)) => {
@@ -94,6 +101,12 @@ pub async fn run(
             }
             Ok(command) => command.apply(cx).await,
         };
+        if let Some(pause) = cx.session.take_delay() {
+            node.metrics()
+                .auth_failures
+                .fetch_add(1, std::sync::atomic::Ordering::Relaxed);
+            tokio::time::sleep(pause).await;
+        }
         replies.push((reply, cx.session.protocol));
     }
     if riders.is_empty() {

@@ -26,6 +26,7 @@ use super::frame::Frame;
 use super::parse::Args;
 use super::reply::{NAME_ECHO_BYTES_MAX, ReplyError, printable};
 use super::server::Shared;
+use crate::auth::Role;
 
 pub use session::Session;
 
@@ -77,6 +78,46 @@ impl Command {
         (spec.parse)(&mut args)
     }
 
+    /// The least role that may run this command, or `None` for the
+    /// commands a client may send before it authenticates (`AUTH`,
+    /// `HELLO`, `QUIT`, `RESET`, as in Redis).
+    pub fn role(&self) -> Option<Role> {
+        use session::SessionCommand as S;
+        match self {
+            Command::Increment(_) => Some(Role::Write),
+            Command::Session(S::Auth(_) | S::Hello { .. } | S::Quit | S::Reset) => None,
+            Command::Keyspace(_)
+            | Command::Session(_)
+            | Command::Info(_)
+            | Command::Command(_)
+            | Command::Config(_) => Some(Role::Read),
+        }
+    }
+
+    /// Whether the connection may run this command, named `name`: with
+    /// users, only after authenticating (`NOAUTH`), and only with a role
+    /// that allows it (`NOPERM`, in Redis 7.0's words).
+    pub fn check_access(
+        &self,
+        name: &str,
+        session: &Session,
+        shared: &Shared,
+    ) -> Result<(), ReplyError> {
+        if !shared.config.users.enabled() {
+            return Ok(());
+        }
+        let Some(needed) = self.role() else {
+            return Ok(());
+        };
+        match &session.identity {
+            None => Err(ReplyError::raw("NOAUTH Authentication required.")),
+            Some(identity) if identity.role < needed => Err(ReplyError::raw(format!(
+                "NOPERM this user has no permissions to run the '{name}' command"
+            ))),
+            Some(_) => Ok(()),
+        }
+    }
+
     /// Whether this is `QUIT`: the connection closes after its reply.
     pub fn is_quit(&self) -> bool {
         matches!(self, Command::Session(session::SessionCommand::Quit))
@@ -97,6 +138,18 @@ impl Command {
             Command::Config(config) => config.apply(cx.shared),
         };
         result.unwrap_or_else(ReplyError::into_frame)
+    }
+}
+
+/// The lowercase name of the command a request frame names, if the
+/// server knows it (for `NOPERM`).
+pub fn command_name(frame: &Frame) -> &'static str {
+    match frame {
+        Frame::Array(parts) => match parts.first() {
+            Some(Frame::Bulk(name)) => lookup(name).map_or("", |spec| spec.name),
+            _ => "",
+        },
+        _ => "",
     }
 }
 

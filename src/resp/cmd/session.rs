@@ -2,15 +2,19 @@
 //! (Redis's "connection" group): `PING`, `ECHO`, `SELECT`, `HELLO`, `AUTH`,
 //! `CLIENT ID|GETNAME|SETNAME|SETINFO|INFO`, `QUIT`, `RESET`.
 //!
-//! tally has one keyspace and no users, and answers these the way a Redis
-//! server in that situation answers them: `SELECT 0` works and no other
-//! database exists; `AUTH` behaves as with no password configured; `HELLO
-//! 3` switches the connection to RESP3 and `HELLO 2` (or `RESET`) back to
-//! RESP2, any other version is refused with `NOPROTO`. None of these
-//! touches the node.
+//! tally has one keyspace, and answers these the way a Redis server in that
+//! situation answers them: `SELECT 0` works and no other database exists;
+//! `HELLO 3` switches the connection to RESP3 and `HELLO 2` (or `RESET`)
+//! back to RESP2, any other version is refused with `NOPROTO`. Without
+//! users (see [`crate::auth`]) `AUTH` behaves as in a Redis with no
+//! password; with users, `AUTH [user] secret` and `HELLO ... AUTH user
+//! secret` authenticate the connection (a lone secret is the `default`
+//! user's), a failure is `WRONGPASS` after a pause that doubles with each
+//! failure on the connection, and `RESET` forgets who the client was.
+//! None of these touches the node.
 
 use std::net::SocketAddr;
-use std::time::Instant;
+use std::time::{Duration, Instant};
 
 use bytes::Bytes;
 
@@ -19,6 +23,7 @@ use super::super::parse::Args;
 use super::super::reply::{NAME_ECHO_BYTES_MAX, ReplyError, printable};
 use super::info::REDIS_COMPAT_VERSION;
 use super::{Command, Context};
+use crate::auth::Identity;
 
 /// What the server remembers about one connection.
 #[derive(Debug)]
@@ -33,7 +38,24 @@ pub struct Session {
     lib_ver: Option<Bytes>,
     /// The protocol replies are written in (`HELLO`).
     pub protocol: Protocol,
+    /// Who the client proved to be; `None` before it authenticated (or
+    /// on a node without users).
+    pub identity: Option<Identity>,
+    /// Failed authentication attempts on this connection.
+    auth_failures: u32,
+    /// How long to wait before the reply to a failed attempt; taken by
+    /// the pipeline ([`Session::take_delay`]).
+    delay: Option<Duration>,
 }
+
+/// Pause before answering the first failed authentication attempt of a
+/// connection; each further failure doubles it.
+pub const AUTH_FAILURE_DELAY_MIN: Duration = Duration::from_millis(100);
+/// Longest pause before answering a failed authentication attempt.
+pub const AUTH_FAILURE_DELAY_MAX: Duration = Duration::from_secs(5);
+
+/// Redis's reply to a wrong user or secret.
+pub const WRONGPASS: &str = "WRONGPASS invalid username-password pair or user is disabled.";
 
 impl Session {
     pub fn new(id: u64, peer: SocketAddr, local: SocketAddr) -> Self {
@@ -46,7 +68,28 @@ impl Session {
             lib_name: None,
             lib_ver: None,
             protocol: Protocol::Resp2,
+            identity: None,
+            auth_failures: 0,
+            delay: None,
         }
+    }
+
+    /// The pause owed before the reply just made, if it was to a failed
+    /// authentication attempt.
+    pub fn take_delay(&mut self) -> Option<Duration> {
+        self.delay.take()
+    }
+
+    /// Records a failed attempt: counted, and answered after a pause.
+    fn auth_failed(&mut self) -> ReplyError {
+        self.auth_failures = self.auth_failures.saturating_add(1);
+        let doublings = self.auth_failures.saturating_sub(1).min(16);
+        self.delay = Some(
+            AUTH_FAILURE_DELAY_MIN
+                .saturating_mul(1 << doublings)
+                .min(AUTH_FAILURE_DELAY_MAX),
+        );
+        ReplyError::raw(WRONGPASS)
     }
 
     /// The name set with `CLIENT SETNAME` or `HELLO ... SETNAME`.
@@ -70,13 +113,30 @@ pub enum SessionCommand {
     /// `HELLO [2|3] [AUTH user pass] [SETNAME name]`
     Hello {
         protocol: Option<Protocol>,
+        auth: Option<Credentials>,
         set_name: Option<Bytes>,
     },
-    /// `AUTH default <anything>`
-    Auth,
+    /// `AUTH [user] secret`
+    Auth(Credentials),
     Client(ClientCommand),
     Quit,
     Reset,
+}
+
+/// A user name (`None`: Redis's `default`) and a secret. Its `Debug` never
+/// shows the secret.
+#[derive(Clone, PartialEq, Eq)]
+pub struct Credentials {
+    pub user: Option<Bytes>,
+    secret: Bytes,
+}
+
+impl std::fmt::Debug for Credentials {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        f.debug_struct("Credentials")
+            .field("user", &self.user)
+            .finish_non_exhaustive()
+    }
 }
 
 /// A `CLIENT` subcommand.
@@ -91,6 +151,7 @@ pub enum ClientCommand {
 
 impl SessionCommand {
     pub fn apply(self, cx: &mut Context<'_>) -> Result<Frame, ReplyError> {
+        let users = &cx.shared.config.users;
         let session = &mut *cx.session;
         // As Redis answers while it loads its dataset: a health check that
         // expects +PONG keeps a node that cannot serve yet out of rotation.
@@ -104,8 +165,44 @@ impl SessionCommand {
             SessionCommand::Ping(Some(message)) | SessionCommand::Echo(message) => {
                 Frame::Bulk(message)
             }
-            SessionCommand::Select | SessionCommand::Auth | SessionCommand::Quit => Frame::ok(),
-            SessionCommand::Hello { protocol, set_name } => {
+            SessionCommand::Select | SessionCommand::Quit => Frame::ok(),
+            SessionCommand::Auth(credentials) => {
+                if !users.enabled() {
+                    return no_users_auth(credentials).map(|()| Frame::ok());
+                }
+                let user = credentials.user.as_deref().unwrap_or(b"default");
+                match users.authenticate(user, &credentials.secret) {
+                    Some(identity) => {
+                        session.identity = Some(identity);
+                        Frame::ok()
+                    }
+                    None => return Err(session.auth_failed()),
+                }
+            }
+            SessionCommand::Hello {
+                protocol,
+                auth,
+                set_name,
+            } => {
+                match auth {
+                    Some(credentials) if users.enabled() => {
+                        let user = credentials.user.as_deref().unwrap_or(b"default");
+                        match users.authenticate(user, &credentials.secret) {
+                            Some(identity) => session.identity = Some(identity),
+                            None => return Err(session.auth_failed()),
+                        }
+                    }
+                    Some(credentials) => no_users_auth(credentials)?,
+                    None if users.enabled() && session.identity.is_none() => {
+                        return Err(ReplyError::raw(
+                            "NOAUTH HELLO must be called with the client already authenticated, \
+                             otherwise the HELLO <proto> AUTH <user> <pass> option can be used to \
+                             authenticate the client and select the RESP protocol version at the \
+                             same time",
+                        ));
+                    }
+                    None => {}
+                }
                 if let Some(protocol) = protocol {
                     session.protocol = protocol;
                 }
@@ -119,6 +216,8 @@ impl SessionCommand {
                 session.lib_name = None;
                 session.lib_ver = None;
                 session.protocol = Protocol::Resp2;
+                // As Redis: the connection is no longer authenticated.
+                session.identity = None;
                 Frame::Simple("RESET".into())
             }
             SessionCommand::Client(ClientCommand::Id) => Frame::Integer(session.id as i64),
@@ -233,12 +332,16 @@ pub fn parse_hello(args: &mut Args) -> Result<Command, ReplyError> {
         });
     }
     let mut set_name = None;
+    let mut auth = None;
     while args.remaining() > 0 {
         let option = args.next_bytes()?;
         if option.eq_ignore_ascii_case(b"AUTH") && args.remaining() >= 2 {
             let user = args.next_bytes()?;
-            let _password = args.next_bytes()?;
-            check_user(&user)?;
+            let secret = args.next_bytes()?;
+            auth = Some(Credentials {
+                user: Some(user),
+                secret,
+            });
         } else if option.eq_ignore_ascii_case(b"SETNAME") && args.remaining() >= 1 {
             set_name = Some(client_name(args.next_bytes()?)?);
         } else {
@@ -250,33 +353,36 @@ pub fn parse_hello(args: &mut Args) -> Result<Command, ReplyError> {
     }
     Ok(Command::Session(SessionCommand::Hello {
         protocol,
+        auth,
         set_name,
     }))
 }
 
 pub fn parse_auth(args: &mut Args) -> Result<Command, ReplyError> {
-    match args.remaining() {
-        1 => Err(ReplyError::err(
-            "AUTH <password> called without any password configured for the default user. Are you sure your configuration is correct?",
-        )),
-        2 => {
-            let user = args.next_bytes()?;
-            check_user(&user)?;
-            Ok(Command::Session(SessionCommand::Auth))
-        }
-        _ => Err(ReplyError::syntax()),
-    }
+    let credentials = match args.remaining() {
+        1 => Credentials {
+            user: None,
+            secret: args.next_bytes()?,
+        },
+        2 => Credentials {
+            user: Some(args.next_bytes()?),
+            secret: args.next_bytes()?,
+        },
+        _ => return Err(ReplyError::syntax()),
+    };
+    Ok(Command::Session(SessionCommand::Auth(credentials)))
 }
 
-/// With no password configured only Redis's `default` user exists, and it
-/// takes any password.
-fn check_user(user: &[u8]) -> Result<(), ReplyError> {
-    if user == b"default" {
-        Ok(())
-    } else {
-        Err(ReplyError::raw(
-            "WRONGPASS invalid username-password pair or user is disabled.",
-        ))
+/// `AUTH` on a node without users, as Redis answers it with no password
+/// configured: only the `default` user exists, and it takes any secret;
+/// a lone secret is a configuration mistake worth saying.
+fn no_users_auth(credentials: Credentials) -> Result<(), ReplyError> {
+    match credentials.user.as_deref() {
+        None => Err(ReplyError::err(
+            "AUTH <password> called without any password configured for the default user. Are you sure your configuration is correct?",
+        )),
+        Some(b"default") => Ok(()),
+        Some(_) => Err(ReplyError::raw(WRONGPASS)),
     }
 }
 
@@ -367,11 +473,13 @@ mod tests {
     #[test]
     fn hello_negotiates_resp2_and_resp3_only() {
         // Proves HELLO takes versions 2 and 3, keeps the current one when
-        // none is given, and refuses others with NOPROTO as Redis does.
+        // none is given, carries AUTH's credentials to be checked when it
+        // runs, and refuses other versions with NOPROTO as Redis does.
         assert_eq!(
             parse(&["HELLO"]),
             Ok(SessionCommand::Hello {
                 protocol: None,
+                auth: None,
                 set_name: None
             })
         );
@@ -379,6 +487,10 @@ mod tests {
             parse(&["HELLO", "2", "AUTH", "default", "pw", "SETNAME", "app"]),
             Ok(SessionCommand::Hello {
                 protocol: Some(Protocol::Resp2),
+                auth: Some(Credentials {
+                    user: Some(Bytes::from_static(b"default")),
+                    secret: Bytes::from_static(b"pw"),
+                }),
                 set_name: Some(Bytes::from_static(b"app"))
             })
         );
@@ -386,6 +498,7 @@ mod tests {
             parse(&["HELLO", "3"]),
             Ok(SessionCommand::Hello {
                 protocol: Some(Protocol::Resp3),
+                auth: None,
                 set_name: None
             })
         );
@@ -403,10 +516,41 @@ mod tests {
             parse(&["HELLO", "2", "foo"]).unwrap_err(),
             "ERR Syntax error in HELLO option 'foo'"
         );
+        // Without users, only `default` exists (any secret), as in Redis.
+        let of = |user: Option<&'static [u8]>| Credentials {
+            user: user.map(Bytes::from_static),
+            secret: Bytes::from_static(b"pw"),
+        };
+        assert_eq!(no_users_auth(of(Some(b"default"))), Ok(()));
         assert_eq!(
-            parse(&["HELLO", "3", "AUTH", "bob", "pw"]).unwrap_err(),
-            "WRONGPASS invalid username-password pair or user is disabled."
+            no_users_auth(of(Some(b"bob"))).unwrap_err().line(),
+            WRONGPASS
         );
+        assert!(
+            no_users_auth(of(None))
+                .unwrap_err()
+                .line()
+                .starts_with("ERR AUTH <password> called without any password configured")
+        );
+        // Credentials never show their secret.
+        assert!(!format!("{:?}", of(None)).contains("pw"));
+    }
+
+    // Each failed attempt on a connection doubles the pause before its
+    // reply, up to the maximum.
+    #[test]
+    fn failed_attempts_are_answered_ever_more_slowly() {
+        let mut session = Session::new(1, ([127, 0, 0, 1], 1).into(), ([127, 0, 0, 1], 2).into());
+        let mut pauses = Vec::new();
+        for _ in 0..8 {
+            assert_eq!(session.auth_failed().line(), WRONGPASS);
+            pauses.push(session.take_delay().unwrap());
+            assert_eq!(session.take_delay(), None);
+        }
+        assert_eq!(pauses[0], AUTH_FAILURE_DELAY_MIN);
+        assert_eq!(pauses[1], AUTH_FAILURE_DELAY_MIN * 2);
+        assert_eq!(pauses[7], AUTH_FAILURE_DELAY_MAX);
+        assert!(pauses.windows(2).all(|w| w[0] <= w[1]));
     }
 
     #[test]
