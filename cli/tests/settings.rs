@@ -268,3 +268,82 @@ fn an_open_node_on_a_network_is_a_decision() {
     );
     assert!(!err.contains("short"), "{err}");
 }
+
+// The real binary with users and debug logging: after failed and good
+// attempts on both front ends, no secret is in its log, its command line,
+// its environment (the file is named there, not the secrets) or a reply.
+#[test]
+fn secrets_never_show() {
+    use std::io::{Read as _, Write as _};
+    use std::os::unix::fs::PermissionsExt as _;
+    use tally_lab::testing::process::TallyProcess;
+    let dir = tempfile::tempdir().unwrap();
+    let secret = "s3cret-that-must-not-show-0123456";
+    let users = dir.path().join("users");
+    std::fs::write(&users, format!("app write {secret}\n")).unwrap();
+    std::fs::set_permissions(&users, std::fs::Permissions::from_mode(0o600)).unwrap();
+    let data = dir.path().join("data");
+    let node = TallyProcess::start_with(
+        &[
+            "--data-dir",
+            data.to_str().unwrap(),
+            "--users-file",
+            users.to_str().unwrap(),
+            "--log-level",
+            "debug",
+        ],
+        &[],
+    );
+    let resp = node.resp.unwrap();
+    let http = node.http.unwrap();
+    let talk = |addr: std::net::SocketAddr, bytes: &[u8]| -> String {
+        let mut s = std::net::TcpStream::connect(addr).unwrap();
+        s.set_read_timeout(Some(std::time::Duration::from_secs(10)))
+            .unwrap();
+        // Each request ends the connection (QUIT, Connection: close).
+        s.write_all(bytes).unwrap();
+        let mut out = String::new();
+        let _ = s.read_to_string(&mut out);
+        out
+    };
+    let wrong = format!("{}X", &secret[..secret.len() - 1]);
+    let replies = [
+        talk(resp, format!("AUTH app {wrong}\r\nAUTH app {secret}\r\nINCR c\r\nINFO\r\nCLIENT INFO\r\nQUIT\r\n").as_bytes()),
+        talk(http, format!("GET /v1/cluster HTTP/1.1\r\nHost: x\r\nAuthorization: Bearer app:{wrong}\r\nConnection: close\r\n\r\n").as_bytes()),
+        talk(http, format!("GET /metrics HTTP/1.1\r\nHost: x\r\nAuthorization: Bearer app:{secret}\r\nConnection: close\r\n\r\n").as_bytes()),
+    ];
+    assert!(
+        replies[0].contains("WRONGPASS") && replies[0].contains(":1\r\n"),
+        "{}",
+        replies[0]
+    );
+    assert!(replies[1].starts_with("HTTP/1.1 401"), "{}", replies[1]);
+    assert!(
+        replies[2].contains("tally_auth_failures_total 2"),
+        "{}",
+        replies[2]
+    );
+    for (i, reply) in replies.iter().enumerate() {
+        assert!(
+            !reply.contains(secret) && !reply.contains(&wrong),
+            "reply {i}: {reply}"
+        );
+    }
+    let cmdline = std::fs::read(format!("/proc/{}/cmdline", node.pid())).unwrap();
+    let environ = std::fs::read(format!("/proc/{}/environ", node.pid())).unwrap();
+    let mut node = node;
+    node.terminate();
+    let log = std::fs::read_to_string(&node.stderr_path).unwrap();
+    assert!(log.contains("connection"), "the debug log is empty: {log}");
+    for (what, text) in [
+        ("log", log.as_bytes()),
+        ("command line", &cmdline[..]),
+        ("environment", &environ[..]),
+    ] {
+        let text = String::from_utf8_lossy(text);
+        assert!(
+            !text.contains(secret) && !text.contains(&wrong),
+            "the {what} shows a secret"
+        );
+    }
+}
