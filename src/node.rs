@@ -246,7 +246,7 @@ impl Node {
     /// On the real file system: creates and locks the data directory, then
     /// opens the node there.
     fn open_on_disk(config: Config, stores: Option<Stores>, wait: StoreWait) -> Result<Node> {
-        std::fs::create_dir_all(&config.data_dir).map_err(|e| {
+        crate::engine::storage::create_private_dir_all(&config.data_dir).map_err(|e| {
             Error::io(
                 format!("creating data directory {}", config.data_dir.display()),
                 e,
@@ -993,11 +993,13 @@ fn housekeeping_main(shared: std::sync::Weak<Shared>) {
 /// two processes never write one journal.
 fn lock_data_dir(dir: &Path) -> Result<std::fs::File> {
     use std::os::fd::AsRawFd;
+    use std::os::unix::fs::OpenOptionsExt as _;
     let path = dir.join(LOCK_FILE);
     let file = std::fs::OpenOptions::new()
         .create(true)
         .truncate(false)
         .write(true)
+        .mode(crate::engine::storage::FILE_MODE)
         .open(&path)
         .map_err(|e| Error::io(format!("opening {}", path.display()), e))?;
     // SAFETY: flock on a descriptor we own, for the life of `file`.

@@ -64,10 +64,13 @@ impl AppendFile for FsFile {
 
 impl Storage for FsStorage {
     fn create(&self, path: &Path) -> io::Result<Box<dyn AppendFile>> {
+        use std::os::unix::fs::OpenOptionsExt as _;
+        // The node's counters and keys are its owner's alone.
         let f = std::fs::OpenOptions::new()
             .create(true)
             .write(true)
             .truncate(true)
+            .mode(FILE_MODE)
             .open(path)?;
         Ok(Box::new(FsFile(f)))
     }
@@ -109,8 +112,24 @@ impl Storage for FsStorage {
         std::fs::File::open(dir)?.sync_all()
     }
     fn create_dir_all(&self, dir: &Path) -> io::Result<()> {
-        std::fs::create_dir_all(dir)
+        create_private_dir_all(dir)
     }
+}
+
+/// Mode of every file the node creates: read and written by its owner
+/// only.
+pub const FILE_MODE: u32 = 0o600;
+/// Mode of every directory the node creates.
+pub const DIR_MODE: u32 = 0o700;
+
+/// `create_dir_all` with [`DIR_MODE`] for each directory it creates (an
+/// existing one keeps its mode).
+pub fn create_private_dir_all(dir: &Path) -> io::Result<()> {
+    use std::os::unix::fs::DirBuilderExt as _;
+    std::fs::DirBuilder::new()
+        .recursive(true)
+        .mode(DIR_MODE)
+        .create(dir)
 }
 
 #[cfg(any(test, feature = "testkit"))]
