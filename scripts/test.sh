@@ -25,7 +25,7 @@ if ((${#need_pkgs[@]})); then
 fi
 # Real Redis client libraries for the compatibility suite (compat/):
 # redis-py from PyPI, ioredis and node-redis from npm, at pinned versions.
-python3 -m pip install --quiet --disable-pip-version-check -r compat/python/requirements.txt
+python3 -m pip install --quiet --disable-pip-version-check --root-user-action=ignore -r compat/python/requirements.txt
 npm ci --prefix compat/node --no-audit --no-fund --loglevel=error
 rustup component list --installed 2>/dev/null | grep -q '^rustfmt' || rustup component add rustfmt
 rustup component list --installed 2>/dev/null | grep -q '^clippy' || rustup component add clippy
