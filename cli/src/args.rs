@@ -120,6 +120,10 @@ pub struct ChaosArgs {
     /// endpoint (e.g. 127.0.0.1:7069), instead of starting one
     #[arg(long)]
     pub attach: Option<std::net::SocketAddr>,
+    /// With --attach: the file holding the control endpoint's token,
+    /// which `tally cluster` writes to DIR/control-token
+    #[arg(long, default_value = "tally-cluster/control-token")]
+    pub control_token_file: PathBuf,
     /// Fault kinds to inject, each at least once: any of kill9, restart,
     /// pause, wipe, store, primary-kill9, primary-freeze, switchover,
     /// etcd-kill9. Store kinds the run cannot inject (no store of its own)

@@ -39,11 +39,12 @@ fn cluster(args: crate::args::ClusterArgs) -> anyhow::Result<ExitCode> {
     crate::serve::init_logging(false, "info")?;
     let haproxy = !args.no_haproxy;
     // Bound before any node starts: a taken port fails at once.
+    let token = tally_lab::control::new_token()?;
     let control = if args.no_control {
         None
     } else {
         Some(
-            tally_lab::control::ControlServer::bind(args.control_addr).map_err(|e| {
+            tally_lab::control::ControlServer::bind(args.control_addr, token.clone()).map_err(|e| {
                 anyhow::anyhow!(
                     "control endpoint {}: {e} (choose another with --control-addr, or --no-control)",
                     args.control_addr
@@ -69,6 +70,7 @@ fn cluster(args: crate::args::ClusterArgs) -> anyhow::Result<ExitCode> {
     } else {
         None
     };
+    let base_dir = config.base_dir.clone();
     let mut cluster = match tally_lab::launcher::LocalCluster::start(config) {
         Ok(cluster) => cluster,
         Err(e) => {
@@ -103,10 +105,12 @@ fn cluster(args: crate::args::ClusterArgs) -> anyhow::Result<ExitCode> {
         println!("cluster view  http://{}/v1/cluster", first.http);
     }
     if let Some(c) = &control {
+        let token_file = tally_lab::control::write_token(&base_dir, &token)?;
         println!(
-            "control endpoint  http://{}  (tally chaos --attach {})",
+            "control endpoint  http://{}  (tally chaos --attach {} --control-token-file {})",
             c.local_addr()?,
-            c.local_addr()?
+            c.local_addr()?,
+            token_file.display()
         );
     }
     println!("Ctrl-C stops the cluster.");
@@ -171,6 +175,17 @@ fn chaos(args: crate::args::ChaosArgs) -> anyhow::Result<ExitCode> {
         store_control,
         ha_store: None,
         attach: args.attach,
+        attach_token: match args.attach {
+            Some(_) => tally_lab::control::read_token(&args.control_token_file).map_err(|e| {
+                anyhow::anyhow!(
+                    "reading the control token {}: {e} (tally cluster writes it to \
+                     DIR/{}; give --control-token-file)",
+                    args.control_token_file.display(),
+                    tally_lab::control::CONTROL_TOKEN_FILE
+                )
+            })?,
+            None => String::new(),
+        },
         faults: args.faults,
         mislabel_memory_as_local: false,
         interrupt: Some(interrupt),

@@ -12,6 +12,7 @@
 use std::collections::BTreeMap;
 use std::io::{BufRead, BufReader};
 use std::net::SocketAddr;
+use std::os::unix::fs::PermissionsExt as _;
 use std::process::{Command, Stdio};
 use std::time::Duration;
 
@@ -410,10 +411,17 @@ fn chaos_attaches_to_a_running_tally_cluster() {
         "{banner:?}"
     );
 
+    // The token is the launcher's owner's alone.
+    let token_file = dir.path().join("cluster/control-token");
+    let mode = std::fs::metadata(&token_file).unwrap().permissions().mode() & 0o777;
+    assert_eq!(mode, 0o600);
+
     let report_path = dir.path().join("report.json");
     let out = Command::new(exe)
         .arg("chaos")
         .args(["--attach", &control.to_string()])
+        .arg("--control-token-file")
+        .arg(&token_file)
         .args(["--duration", "20s", "--clients", "6"])
         .args(["--seed", &seed().to_string()])
         .arg("--dir")
@@ -454,10 +462,29 @@ fn chaos_attach_without_a_cluster_is_a_clear_error() {
         tally_lab::ports::free_loopback_port().unwrap()
     );
     let dir = tempfile::tempdir().unwrap();
+    // Without a token file: said so, naming where tally cluster writes it.
     let out = Command::new(env!("CARGO_BIN_EXE_tally"))
         .args(["chaos", "--attach", &addr, "--duration", "1s"])
+        .arg("--control-token-file")
+        .arg(dir.path().join("nowhere"))
         .arg("--dir")
-        .arg(dir.path())
+        .arg(dir.path().join("run"))
+        .output()
+        .unwrap();
+    assert!(!out.status.success());
+    let stderr = String::from_utf8_lossy(&out.stderr);
+    assert!(
+        stderr.contains("reading the control token") && stderr.contains("DIR/control-token"),
+        "{stderr}"
+    );
+    let token_file = dir.path().join("token");
+    std::fs::write(&token_file, "0123").unwrap();
+    let out = Command::new(env!("CARGO_BIN_EXE_tally"))
+        .args(["chaos", "--attach", &addr, "--duration", "1s"])
+        .arg("--control-token-file")
+        .arg(&token_file)
+        .arg("--dir")
+        .arg(dir.path().join("run"))
         .output()
         .unwrap();
     assert!(!out.status.success());

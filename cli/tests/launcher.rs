@@ -383,8 +383,9 @@ fn missing_haproxy_is_reported_plainly() {
     assert!(!dir.path().join("node1").exists(), "a node was started");
 }
 
-/// The control endpoint acts on the launcher's own nodes by name, answers
-/// every mistake with a JSON error, and binds only loopback addresses.
+/// The control endpoint acts on the launcher's own nodes by name, only for
+/// a request with its token, answers every mistake with a JSON error, and
+/// binds only loopback addresses.
 #[test]
 fn control_endpoint_acts_on_nodes_and_refuses_mistakes() {
     use tally_lab::control::{ControlError, ControlServer, RemoteCluster};
@@ -393,13 +394,23 @@ fn control_endpoint_acts_on_nodes_and_refuses_mistakes() {
     let _one = ONE_AT_A_TIME.lock();
     let dir = tempfile::tempdir().unwrap();
     let cluster = start_cluster(dir.path());
-    assert!(ControlServer::bind(([0, 0, 0, 0], 0).into()).is_err());
-    let server = ControlServer::bind(([127, 0, 0, 1], 0).into()).unwrap();
+    let token = tally_lab::control::new_token().unwrap();
+    assert_eq!(token.len(), 32);
+    assert_ne!(token, tally_lab::control::new_token().unwrap());
+    assert!(ControlServer::bind(([0, 0, 0, 0], 0).into(), token.clone()).is_err());
+    let server = ControlServer::bind(([127, 0, 0, 1], 0).into(), token.clone()).unwrap();
     let addr = server.local_addr().unwrap();
     let stop = std::sync::atomic::AtomicBool::new(false);
     std::thread::scope(|s| {
         s.spawn(|| server.serve(&cluster, &stop));
-        let remote = RemoteCluster::connect(addr).unwrap();
+        // Without the token, or with another one: 401, nothing done.
+        for other in [String::new(), tally_lab::control::new_token().unwrap()] {
+            match RemoteCluster::connect(addr, other) {
+                Err(ControlError::Refused { status: 401, .. }) => {}
+                other => panic!("a wrong token gave {other:?}"),
+            }
+        }
+        let remote = RemoteCluster::connect(addr, token.clone()).unwrap();
         let view = remote.view().clone();
         assert_eq!(view.lb_http, Some(cluster.lb_http()));
         assert_eq!(view.lb_resp, Some(cluster.lb_resp()));
@@ -419,7 +430,7 @@ fn control_endpoint_acts_on_nodes_and_refuses_mistakes() {
         let new_pid = cluster.nodes()[1].pid.unwrap();
         assert_ne!(new_pid, old_pid);
         assert_eq!(cluster.restarts(1).unwrap(), 1);
-        let view = RemoteCluster::connect(addr).unwrap();
+        let view = RemoteCluster::connect(addr, token.clone()).unwrap();
         assert_eq!(view.view().nodes[1].restarts, 1);
 
         assert!(matches!(
@@ -434,7 +445,11 @@ fn control_endpoint_acts_on_nodes_and_refuses_mistakes() {
         ] {
             let mut s = std::net::TcpStream::connect(addr).unwrap();
             use std::io::{Read, Write};
-            write!(s, "{method} {path} HTTP/1.1\r\nhost: x\r\n\r\n").unwrap();
+            write!(
+                s,
+                "{method} {path} HTTP/1.1\r\nhost: x\r\nauthorization: Bearer {token}\r\n\r\n"
+            )
+            .unwrap();
             let mut answer = String::new();
             s.read_to_string(&mut answer).unwrap();
             assert!(
@@ -452,7 +467,7 @@ fn control_endpoint_acts_on_nodes_and_refuses_mistakes() {
         let mut answer = String::new();
         let _ = s.read_to_string(&mut answer);
         assert!(answer.starts_with("HTTP/1.1 400 "), "{answer}");
-        assert!(RemoteCluster::connect(addr).is_ok());
+        assert!(RemoteCluster::connect(addr, token.clone()).is_ok());
         stop.store(true, std::sync::atomic::Ordering::SeqCst);
     });
 }

@@ -424,6 +424,8 @@ pub struct ChaosConfig {
     /// Drive the cluster behind this control endpoint (`tally cluster`)
     /// instead of starting one.
     pub attach: Option<SocketAddr>,
+    /// The attached cluster's control token (see `control`).
+    pub attach_token: String,
     /// The fault kinds to inject (each at least once); the store fault
     /// only with a `store_control`.
     pub faults: Vec<Fault>,
@@ -449,6 +451,7 @@ impl Default for ChaosConfig {
             store_control: None,
             ha_store: None,
             attach: None,
+            attach_token: String::new(),
             faults: Fault::ALL.to_vec(),
             mislabel_memory_as_local: false,
             interrupt: None,
@@ -1219,7 +1222,7 @@ pub fn run(config: ChaosConfig) -> anyhow::Result<ChaosReport> {
     match config.attach {
         Some(addr) => {
             std::fs::create_dir_all(&config.base_dir)?;
-            let remote = RemoteCluster::connect(addr)?;
+            let remote = RemoteCluster::connect(addr, config.attach_token.clone())?;
             println!(
                 "chaos: attached to {} nodes through the control endpoint {addr}",
                 remote.view().nodes.len()

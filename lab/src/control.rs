@@ -13,8 +13,14 @@
 //! | `POST /v1/nodes/{id}/{action}` | `kill9`, `restart`, `pause`, `resume` or `wipe` on that node; 200 when done |
 //! | `POST /v1/nodes/{id}/wait-ready?timeout_ms=N` | 200 once the node's current process is ready, 504 after `N` ms |
 //!
-//! Errors are JSON `{"error": "..."}` with 400 (bad request), 404 (no such
-//! node or path) or 409 (the action could not be carried out). One request
+//! Every request carries `Authorization: Bearer <token>`: the launcher makes
+//! a random token at start and writes it to `DIR/control-token`, readable
+//! by its owner only, so that another local user who can reach the port
+//! still cannot kill or wipe nodes; a missing or wrong token is 401.
+//!
+//! Errors are JSON `{"error": "..."}` with 400 (bad request), 401 (no or a
+//! wrong token), 404 (no such node or path) or 409 (the action could not
+//! be carried out). One request
 //! is served at a time, on the launcher's control thread: the fault tool
 //! makes one call at a time, and a serial endpoint cannot interleave two
 //! actions on one node.
@@ -32,6 +38,10 @@ use crate::wire::http::{self, HttpError};
 
 /// Default address of the endpoint.
 pub const DEFAULT_CONTROL_ADDR: &str = "127.0.0.1:7069";
+/// The file, in the launcher's directory, that holds the endpoint's token.
+pub const CONTROL_TOKEN_FILE: &str = "control-token";
+/// Random bytes in a token (written as hex).
+const TOKEN_BYTES: usize = 16;
 /// Largest request head the endpoint reads; longer requests get 400.
 pub const CONTROL_REQUEST_BYTES_MAX: usize = 8 * 1024;
 /// Largest answer the client reads.
@@ -89,15 +99,73 @@ pub struct ClusterView {
     pub nodes: Vec<NodeView>,
 }
 
-/// The endpoint: a listener on a loopback address.
-#[derive(Debug)]
+/// A new random token, from the kernel's random source.
+pub fn new_token() -> std::io::Result<String> {
+    let mut bytes = [0u8; TOKEN_BYTES];
+    std::fs::File::open("/dev/urandom")?.read_exact(&mut bytes)?;
+    Ok(bytes.iter().map(|b| format!("{b:02x}")).collect())
+}
+
+/// Writes `token` to `dir/`[`CONTROL_TOKEN_FILE`], readable and writable
+/// by its owner only; returns the path.
+pub fn write_token(dir: &std::path::Path, token: &str) -> std::io::Result<PathBuf> {
+    use std::os::unix::fs::OpenOptionsExt as _;
+    let path = dir.join(CONTROL_TOKEN_FILE);
+    // A file left by an earlier run is replaced, never reused.
+    let _ = std::fs::remove_file(&path);
+    let mut file = std::fs::OpenOptions::new()
+        .write(true)
+        .create_new(true)
+        .mode(0o600)
+        .open(&path)?;
+    file.write_all(token.as_bytes())?;
+    Ok(path)
+}
+
+/// Reads a token written by [`write_token`].
+pub fn read_token(path: &std::path::Path) -> std::io::Result<String> {
+    Ok(std::fs::read_to_string(path)?.trim().to_string())
+}
+
+/// The endpoint: a listener on a loopback address, and the token every
+/// request must carry.
 pub struct ControlServer {
     listener: TcpListener,
+    token: String,
+}
+
+impl std::fmt::Debug for ControlServer {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        f.debug_struct("ControlServer")
+            .field("listener", &self.listener)
+            .finish_non_exhaustive()
+    }
+}
+
+/// Whether the request head carries `Authorization: Bearer <token>`,
+/// compared in time that does not depend on where it differs.
+fn authorized(head: &str, token: &str) -> bool {
+    let given = head.lines().skip(1).find_map(|line| {
+        let (name, value) = line.split_once(':')?;
+        name.trim()
+            .eq_ignore_ascii_case("authorization")
+            .then(|| value.trim())
+    });
+    let Some(given) = given.and_then(|v| v.strip_prefix("Bearer ")) else {
+        return false;
+    };
+    given.len() == token.len()
+        && given
+            .bytes()
+            .zip(token.bytes())
+            .fold(0u8, |acc, (a, b)| acc | (a ^ b))
+            == 0
 }
 
 impl ControlServer {
-    /// Binds `addr`, which must be a loopback address.
-    pub fn bind(addr: SocketAddr) -> std::io::Result<ControlServer> {
+    /// Binds `addr`, which must be a loopback address; every request must
+    /// carry `token`.
+    pub fn bind(addr: SocketAddr, token: String) -> std::io::Result<ControlServer> {
         if !addr.ip().is_loopback() {
             return Err(std::io::Error::new(
                 std::io::ErrorKind::InvalidInput,
@@ -109,7 +177,7 @@ impl ControlServer {
         }
         let listener = TcpListener::bind(addr)?;
         listener.set_nonblocking(true)?;
-        Ok(ControlServer { listener })
+        Ok(ControlServer { listener, token })
     }
 
     pub fn local_addr(&self) -> std::io::Result<SocketAddr> {
@@ -121,7 +189,7 @@ impl ControlServer {
         while !stop.load(Ordering::SeqCst) {
             match self.listener.accept() {
                 Ok((stream, _)) => {
-                    if let Err(e) = serve_one(cluster, stream, stop) {
+                    if let Err(e) = serve_one(cluster, stream, &self.token, stop) {
                         tracing::debug!(error = %e, "control request failed");
                     }
                 }
@@ -160,6 +228,7 @@ fn read_head(stream: &mut TcpStream) -> std::io::Result<Option<String>> {
 fn serve_one(
     cluster: &LocalCluster,
     mut stream: TcpStream,
+    token: &str,
     stop: &AtomicBool,
 ) -> std::io::Result<()> {
     stream.set_nonblocking(false)?;
@@ -167,11 +236,19 @@ fn serve_one(
     stream.set_write_timeout(Some(CONTROL_IO_TIMEOUT))?;
     let (status, body) = match read_head(&mut stream)? {
         None => (400, error_body("malformed or oversized request")),
+        Some(head) if !authorized(&head, token) => (
+            401,
+            error_body(format!(
+                "no or a wrong token: send Authorization: Bearer <the token in the launcher's \
+                 {CONTROL_TOKEN_FILE} file>"
+            )),
+        ),
         Some(head) => route(cluster, &head, stop),
     };
     let reason = match status {
         200 => "OK",
         400 => "Bad Request",
+        401 => "Unauthorized",
         404 => "Not Found",
         409 => "Conflict",
         504 => "Gateway Timeout",
@@ -292,18 +369,20 @@ fn route(cluster: &LocalCluster, head: &str, stop: &AtomicBool) -> (u16, String)
 #[derive(Debug, Clone)]
 pub struct RemoteCluster {
     addr: SocketAddr,
+    token: String,
     view: ClusterView,
 }
 
 impl RemoteCluster {
-    /// Reads the cluster's view from the endpoint at `addr`.
-    pub fn connect(addr: SocketAddr) -> Result<RemoteCluster, ControlError> {
-        let body = call(addr, "GET", "/v1/cluster", Duration::ZERO)?;
+    /// Reads the cluster's view from the endpoint at `addr`, with the
+    /// endpoint's `token`.
+    pub fn connect(addr: SocketAddr, token: String) -> Result<RemoteCluster, ControlError> {
+        let body = call(addr, &token, "GET", "/v1/cluster", Duration::ZERO)?;
         let view = serde_json::from_str(&body).map_err(|e| ControlError::Protocol {
             addr,
             detail: e.to_string(),
         })?;
-        Ok(RemoteCluster { addr, view })
+        Ok(RemoteCluster { addr, token, view })
     }
 
     /// The view read at connect time (pids and restarts are not refreshed).
@@ -322,7 +401,7 @@ impl RemoteCluster {
     /// Carries out `action` on node `i` (0-based).
     pub fn act(&self, i: usize, action: Action) -> Result<(), ControlError> {
         let path = format!("/v1/nodes/{}/{}", self.node_id(i)?, action.name());
-        call(self.addr, "POST", &path, Duration::ZERO).map(drop)
+        call(self.addr, &self.token, "POST", &path, Duration::ZERO).map(drop)
     }
 
     /// Waits until node `i`'s current process is ready.
@@ -333,7 +412,7 @@ impl RemoteCluster {
             self.node_id(i)?,
             timeout.as_millis()
         );
-        call(self.addr, "POST", &path, timeout).map(drop)
+        call(self.addr, &self.token, "POST", &path, timeout).map(drop)
     }
 }
 
@@ -341,6 +420,7 @@ impl RemoteCluster {
 /// long the endpoint may take on purpose, on top of the I/O timeout.
 fn call(
     addr: SocketAddr,
+    token: &str,
     method: &str,
     path: &str,
     wait: Duration,
@@ -350,15 +430,17 @@ fn call(
         read_timeout: CONTROL_IO_TIMEOUT + wait,
         response_bytes_max: CONTROL_RESPONSE_BYTES_MAX,
     };
-    let answer = http::request(addr, method, path, None, limits).map_err(|e| match e {
-        HttpError::Io(source) => ControlError::Io { addr, source },
-        e @ (HttpError::TooLarge(_) | HttpError::Malformed(_) | HttpError::TimedOut(_)) => {
-            ControlError::Protocol {
-                addr,
-                detail: e.to_string(),
+    let answer = http::request_authorized(addr, method, path, None, Some(token), limits).map_err(
+        |e| match e {
+            HttpError::Io(source) => ControlError::Io { addr, source },
+            e @ (HttpError::TooLarge(_) | HttpError::Malformed(_) | HttpError::TimedOut(_)) => {
+                ControlError::Protocol {
+                    addr,
+                    detail: e.to_string(),
+                }
             }
-        }
-    })?;
+        },
+    )?;
     if answer.status == 200 {
         return Ok(answer.body);
     }

@@ -58,8 +58,17 @@ pub enum HttpError {
 }
 
 /// The request's bytes. A body is sent as JSON.
-fn encode(addr: SocketAddr, method: &str, path: &str, body: Option<&str>) -> Vec<u8> {
+fn encode(
+    addr: SocketAddr,
+    method: &str,
+    path: &str,
+    body: Option<&str>,
+    bearer: Option<&str>,
+) -> Vec<u8> {
     let mut head = format!("{method} {path} HTTP/1.1\r\nHost: {addr}\r\n");
+    if let Some(token) = bearer {
+        head.push_str(&format!("Authorization: Bearer {token}\r\n"));
+    }
     if body.is_some() {
         head.push_str("Content-Type: application/json\r\n");
     }
@@ -96,10 +105,22 @@ pub fn request(
     body: Option<&str>,
     limits: Limits,
 ) -> Result<Response, HttpError> {
+    request_authorized(addr, method, path, body, None, limits)
+}
+
+/// [`request`] with `Authorization: Bearer <bearer>` when given.
+pub fn request_authorized(
+    addr: SocketAddr,
+    method: &str,
+    path: &str,
+    body: Option<&str>,
+    bearer: Option<&str>,
+    limits: Limits,
+) -> Result<Response, HttpError> {
     let mut s = TcpStream::connect_timeout(&addr, limits.send_timeout)?;
     s.set_read_timeout(Some(limits.read_timeout))?;
     s.set_write_timeout(Some(limits.send_timeout))?;
-    s.write_all(&encode(addr, method, path, body))?;
+    s.write_all(&encode(addr, method, path, body, bearer))?;
     let mut raw = Vec::new();
     s.take(limits.response_bytes_max as u64 + 1)
         .read_to_end(&mut raw)?;
@@ -134,7 +155,7 @@ pub async fn request_async(
 ) -> Result<Response, HttpError> {
     let work = async {
         let mut s = tokio::net::TcpStream::connect(addr).await?;
-        s.write_all(&encode(addr, method, path, body)).await?;
+        s.write_all(&encode(addr, method, path, body, None)).await?;
         let mut raw = Vec::new();
         (&mut s)
             .take(response_bytes_max as u64 + 1)
@@ -159,14 +180,15 @@ mod tests {
     #[test]
     fn requests_are_framed() {
         let addr: SocketAddr = "127.0.0.1:7070".parse().unwrap();
-        let get = String::from_utf8(encode(addr, "GET", "/readyz", None)).unwrap();
+        let get = String::from_utf8(encode(addr, "GET", "/readyz", None, None)).unwrap();
         assert_eq!(
             get,
             "GET /readyz HTTP/1.1\r\nHost: 127.0.0.1:7070\r\nContent-Length: 0\r\n\
              Connection: close\r\n\r\n"
         );
-        let post = String::from_utf8(encode(addr, "POST", "/x", Some("{}"))).unwrap();
+        let post = String::from_utf8(encode(addr, "POST", "/x", Some("{}"), Some("t0k"))).unwrap();
         assert!(post.contains("Content-Type: application/json\r\nContent-Length: 2\r\n"));
+        assert!(post.contains("\r\nAuthorization: Bearer t0k\r\n"));
         assert!(post.ends_with("\r\n\r\n{}"));
     }
 
