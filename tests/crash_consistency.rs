@@ -540,8 +540,7 @@ fn settled_records_are_reported_and_change_nothing() {
     let metrics = Arc::new(Metrics::default());
     let (engine, report) = Engine::open(&config(), storage.clone(), metrics.clone()).unwrap();
     assert_eq!(report.settled, None);
-    let rt = runtime();
-    for i in 0..20u64 {
+    let increment = |engine: &Engine| {
         engine
             .apply(tally::engine::Change::Increment {
                 name: "c",
@@ -550,6 +549,10 @@ fn settled_records_are_reported_and_change_nothing() {
                 urgency: tally::engine::journal::Urgency::Now,
             })
             .unwrap();
+    };
+    let rt = runtime();
+    for i in 0..20u64 {
+        increment(&engine);
         // Out of order on purpose: recovery keeps the highest, not the last.
         let (epoch, lsn) = if i == 10 { (3, 5) } else { (2, i) };
         engine.journal_settled("c", epoch, lsn).unwrap();
@@ -569,14 +572,7 @@ fn settled_records_are_reported_and_change_nothing() {
     // unharmed.
     let fs = SimStorage::new();
     let (engine, _) = Engine::open(&config(), Arc::new(fs.clone()), metrics).unwrap();
-    engine
-        .apply(tally::engine::Change::Increment {
-            name: "c",
-            delta: 1,
-            key: None,
-            urgency: tally::engine::journal::Urgency::Now,
-        })
-        .unwrap();
+    increment(&engine);
     rt.block_on(engine.sync()).unwrap();
     // Every later sync fails: the record is written, never synced.
     let (_, syncs) = fs.op_counts();

@@ -227,19 +227,24 @@ fn an_open_node_on_a_network_is_a_decision() {
 
     let secret = "a-secret-that-must-not-show-0123";
     let users = dir.path().join("users");
+    // Each attempt is refused while reading the file, before any port or
+    // directory.
+    let serve_with_users = || {
+        tally(&[
+            "serve",
+            "--data-dir",
+            data_arg,
+            "--resp-addr",
+            "off",
+            "--http-addr",
+            "off",
+            "--users-file",
+            users.to_str().unwrap(),
+        ])
+    };
     std::fs::write(&users, format!("app write {secret}\n")).unwrap();
     std::fs::set_permissions(&users, std::fs::Permissions::from_mode(0o644)).unwrap();
-    let out = tally(&[
-        "serve",
-        "--data-dir",
-        data_arg,
-        "--resp-addr",
-        "off",
-        "--http-addr",
-        "off",
-        "--users-file",
-        users.to_str().unwrap(),
-    ]);
+    let out = serve_with_users();
     assert!(!out.status.success());
     let err = String::from_utf8_lossy(&out.stderr);
     assert!(
@@ -250,17 +255,7 @@ fn an_open_node_on_a_network_is_a_decision() {
 
     std::fs::write(&users, "app write short\n").unwrap();
     std::fs::set_permissions(&users, std::fs::Permissions::from_mode(0o600)).unwrap();
-    let out = tally(&[
-        "serve",
-        "--data-dir",
-        data_arg,
-        "--resp-addr",
-        "off",
-        "--http-addr",
-        "off",
-        "--users-file",
-        users.to_str().unwrap(),
-    ]);
+    let out = serve_with_users();
     let err = String::from_utf8_lossy(&out.stderr);
     assert!(
         err.contains("line 1: the secret of user 'app' is 5 bytes"),
