@@ -599,7 +599,8 @@ async fn oversized_body_is_413() {
     s.stop_serving().await.shutdown().unwrap();
 }
 
-// `replicated` without a shared store is refused with 501, never
+// `replicated` without a shared store is refused with 422 (a request this
+// node can never carry out: a client error, not a server fault), never
 // downgraded: nothing is applied.
 #[tokio::test]
 async fn replicated_without_store_is_refused() {
@@ -611,7 +612,7 @@ async fn replicated_without_store_is_refused() {
         r#"{"durability": "replicated"}"#,
     )
     .await;
-    assert_eq!(status, StatusCode::NOT_IMPLEMENTED);
+    assert_eq!(status, StatusCode::UNPROCESSABLE_ENTITY);
     assert!(
         error_of(&body).contains("'replicated' is not available"),
         "{body}"

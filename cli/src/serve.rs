@@ -26,8 +26,12 @@ use tally::shutdown::{self, Shutdown};
 pub fn init_logging(json: bool, filter: &str) -> anyhow::Result<()> {
     let filter = tracing_subscriber::EnvFilter::try_new(filter)
         .with_context(|| format!("invalid log filter '{filter}'"))?;
+    // Colour codes only for a person at a terminal, never in a log file
+    // or a journal.
+    let ansi = std::io::IsTerminal::is_terminal(&std::io::stderr());
     let builder = tracing_subscriber::fmt()
         .with_env_filter(filter)
+        .with_ansi(ansi)
         .with_writer(std::io::stderr);
     if json {
         builder.json().init();

@@ -317,6 +317,9 @@ settings! {
         limit: false,
         default: |d| d.store.clone(),
         apply: |d, v| {
+            // Checked now, before the data directory or a node id exists,
+            // so that a mistyped URL changes nothing on disk.
+            tally::store::check_url(&v).map_err(|e| e.to_string())?;
             d.store = Some(v);
             Ok(())
         },

@@ -173,6 +173,13 @@ fn killed_node_is_restarted_and_loses_nothing() {
         assert!(total <= 60);
         settle(&c, &cluster, "hits", 60).await;
     });
+    // HAProxy logs each request and session to haproxy.log.
+    let log = std::fs::read_to_string(dir.path().join("haproxy.log")).unwrap_or_default();
+    assert!(
+        log.contains("tally_http") && log.contains("/v1/counters/hits/increment"),
+        "haproxy.log: {log}"
+    );
+    assert!(log.contains("tally_resp"), "haproxy.log: {log}");
     let victim = 1;
     let node = cluster.nodes()[victim].clone();
     let shard_before = rt

@@ -330,6 +330,8 @@ fn secrets_never_show() {
     node.terminate();
     let log = std::fs::read_to_string(&node.stderr_path).unwrap();
     assert!(log.contains("connection"), "the debug log is empty: {log}");
+    // Written to a file, not a terminal: no colour codes.
+    assert!(!log.contains('\x1b'), "colour codes in a log file: {log:?}");
     for (what, text) in [
         ("log", log.as_bytes()),
         ("command line", &cmdline[..]),
@@ -340,5 +342,45 @@ fn secrets_never_show() {
             !text.contains(secret) && !text.contains(&wrong),
             "the {what} shows a secret"
         );
+    }
+}
+
+// A store URL that can never work is refused before anything is written:
+// no data directory, no node id to trip over when the command is fixed.
+#[test]
+fn a_bad_store_url_changes_nothing_on_disk() {
+    let dir = tempfile::tempdir().unwrap();
+    let data = dir.path().join("data");
+    for (url, says) in [
+        ("bogus://x", "scheme 'bogus' is not supported"),
+        (
+            "postgres://u:pw@db:notaport/tally",
+            "PostgreSQL URL is invalid",
+        ),
+        (
+            "postgres://u@h1:5432,h2:5432/t?port=1,2,3",
+            "PostgreSQL URL names 2 hosts but",
+        ),
+        ("sqlite://", "names no file"),
+    ] {
+        let out = tally(&[
+            "serve",
+            "--data-dir",
+            data.to_str().unwrap(),
+            "--resp-addr",
+            "off",
+            "--http-addr",
+            "off",
+            "--store",
+            url,
+        ]);
+        assert!(!out.status.success(), "{url}");
+        let err = String::from_utf8_lossy(&out.stderr);
+        assert!(
+            err.contains("invalid --store (TALLY_STORE") && err.contains(says),
+            "{url}: {err}"
+        );
+        assert!(!err.contains("pw@"), "{url}: the password is shown: {err}");
+        assert!(!data.exists(), "{url}: the data directory was created");
     }
 }

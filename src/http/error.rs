@@ -62,8 +62,10 @@ fn status_of(error: &Error) -> StatusCode {
         Error::InvalidInput { .. } => StatusCode::BAD_REQUEST,
         // The request is well formed; it conflicts with the counter's value.
         Error::Overflow => StatusCode::CONFLICT,
-        // The request is well formed; this node lacks a shared store.
-        Error::DurabilityUnavailable { .. } => StatusCode::NOT_IMPLEMENTED,
+        // The request is well formed, but this node has no shared store and
+        // never will while it runs: a client error (retrying cannot help
+        // here), not a server fault.
+        Error::DurabilityUnavailable { .. } => StatusCode::UNPROCESSABLE_ENTITY,
         // Nothing was applied and another node may take the write.
         Error::JournalFailed(_)
         | Error::ShuttingDown

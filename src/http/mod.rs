@@ -70,6 +70,8 @@
 //! | cause | status |
 //! | --- | --- |
 //! | invalid JSON, a wrong type, an unknown field, a bad `durability`, `consistency` or other query parameter, a bad counter name or key ([`Error::InvalidInput`]) | 400 |
+//! | no or a bad `Authorization: Bearer user:secret`, on a node with users (see [`crate::auth`]) | 401, with `WWW-Authenticate` |
+//! | a user whose role may not call the route | 403 |
 //! | no such route | 404 |
 //! | counter held by no node (`GET /v1/counters/{name}`) | 404 |
 //! | method not allowed on the route (with an `Allow` header) | 405 |
@@ -77,7 +79,7 @@
 //! | [`Error::Overflow`]: the counter would leave the signed 64-bit range | 409 |
 //! | body over [`ServerConfig::http_body_bytes_max`], batch over [`ServerConfig::http_batch_len_max`] | 413 |
 //! | [`Error::Corrupt`], [`Error::Io`] | 500 |
-//! | [`Error::DurabilityUnavailable`]: `replicated` asked of a node without a shared store; the request is fine, this node lacks the capability | 501 |
+//! | [`Error::DurabilityUnavailable`]: `replicated` asked of a node without a shared store; the request is well formed, but this node cannot do it, and retrying here never helps | 422 |
 //! | [`Error::JournalFailed`], [`Error::ShuttingDown`], [`Error::Fenced`], [`Error::StoreUnavailable`] (for `replicated`, or a read of the store): nothing was applied, retry on another node | 503 |
 //! | [`Error::Indeterminate`]: the outcome is unknown, retry with the same idempotency key; the body also carries `"outcome": "unknown"` | 504 |
 //! | [`Error::LimitExceeded`]: the node holds as many counters or keys as it may | 507 |

@@ -365,6 +365,25 @@ pub fn open(url: &str) -> Result<Arc<dyn Store>, StoreError> {
     }
 }
 
+/// Checks a store URL as [`open`] would, without opening anything: the
+/// scheme, and for PostgreSQL the whole URL as the driver parses it (hosts,
+/// ports, parameters, TLS mode). For checking settings before anything is
+/// written to disk.
+pub fn check_url(url: &str) -> Result<(), StoreError> {
+    match StoreUrl::parse(url)? {
+        #[cfg(feature = "sqlite")]
+        StoreUrl::Sqlite(_) => Ok(()),
+        #[cfg(feature = "postgres")]
+        StoreUrl::Postgres(url) => postgres::check_url(&url),
+        #[allow(unreachable_patterns)]
+        other => Err(StoreError::Invalid(format!(
+            "this build of tally has no {} store backend (cargo feature `{}`)",
+            other.backend(),
+            other.backend()
+        ))),
+    }
+}
+
 /// Converts an epoch, lsn or time to the store's signed column type.
 #[cfg_attr(not(any(feature = "sqlite", feature = "postgres")), allow(dead_code))]
 pub(crate) fn to_stored(value: u64, what: &str) -> Result<i64, StoreError> {

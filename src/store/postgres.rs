@@ -557,23 +557,35 @@ fn host_name(config: &Config) -> String {
     )
 }
 
+/// Parses a `postgres://` URL as [`PostgresStore::open`] does, refusing
+/// what this build cannot do. The parser's message never includes the URL,
+/// which may hold a password.
+fn parse_url(url: &str) -> Result<Config, StoreError> {
+    let config: Config = url
+        .parse()
+        .map_err(|e| StoreError::Invalid(format!("PostgreSQL URL is invalid: {e}")))?;
+    if config.get_ssl_mode() == SslMode::Require {
+        return Err(StoreError::Invalid(
+            "PostgreSQL URL asks for TLS (sslmode=require), which this build does not \
+             support; reach the server over a private network or a TLS tunnel"
+                .into(),
+        ));
+    }
+    per_host(&config)?;
+    Ok(config)
+}
+
+/// Checks a `postgres://` URL without connecting (see [`super::check_url`]).
+pub fn check_url(url: &str) -> Result<(), StoreError> {
+    parse_url(url).map(drop)
+}
+
 impl PostgresStore {
     /// Parses a `postgres://` URL, connects, and brings the schema up to
     /// date. The URL accepts libpq's parameters (`connect_timeout`,
     /// `application_name`, ...). TLS is not supported by this build.
     pub fn open(url: &str) -> Result<PostgresStore, StoreError> {
-        // The parser's message never includes the URL, which may hold a
-        // password.
-        let mut config: Config = url
-            .parse()
-            .map_err(|e| StoreError::Invalid(format!("PostgreSQL URL is invalid: {e}")))?;
-        if config.get_ssl_mode() == SslMode::Require {
-            return Err(StoreError::Invalid(
-                "PostgreSQL URL asks for TLS (sslmode=require), which this build does not \
-                 support; reach the server over a private network or a TLS tunnel"
-                    .into(),
-            ));
-        }
+        let mut config = parse_url(url)?;
         if config.get_connect_timeout().is_none() {
             config.connect_timeout(CONNECT_TIMEOUT);
         }
