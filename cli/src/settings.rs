@@ -385,9 +385,7 @@ settings! {
     }
     /// Log filter, e.g. info or tally=debug
     log_level: String {
-        // Named after the filter it holds, like RUST_LOG, before the flag
-        // was; kept because deployments set it.
-        env: "TALLY_LOG",
+        env: "TALLY_LOG_LEVEL",
         sets: None,
         limit: false,
         default: |d| Some(d.log_filter.clone()),
