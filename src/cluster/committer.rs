@@ -27,7 +27,7 @@
 //! transaction that also records its key, which is what lets a retry on any
 //! other node be recognised.
 
-use std::collections::HashMap;
+use std::collections::{HashMap, VecDeque};
 use std::sync::atomic::Ordering;
 use std::sync::{Arc, Weak};
 use std::time::{Duration, Instant};
@@ -76,13 +76,33 @@ enum Answer {
 
 /// The `replicated` idempotency keys this process has committed, with
 /// their counter and expiry: what a store regression may have lost and
-/// [`repair`] writes again. Expired keys are dropped at each heartbeat.
-type CommittedKeys = HashMap<String, (String, u64)>;
+/// [`repair`] writes again. A key commits once (a retry is a duplicate), so
+/// each appears once; kept in commit order, which is expiry order (expiry
+/// is the apply time plus a fixed retention), so dropping the expired ones
+/// at each heartbeat costs only what it drops.
+#[derive(Default)]
+struct CommittedKeys {
+    /// (key, counter, expiry), oldest first.
+    queue: VecDeque<(String, String, u64)>,
+}
+
+impl CommittedKeys {
+    fn push(&mut self, key: String, counter: String, expires_at_ms: u64) {
+        self.queue.push_back((key, counter, expires_at_ms));
+    }
+
+    /// Drops the keys expired at `now` from the front.
+    fn purge(&mut self, now: u64) {
+        while self.queue.front().is_some_and(|(_, _, e)| *e <= now) {
+            self.queue.pop_front();
+        }
+    }
+}
 
 pub(crate) fn run(cluster: Arc<Cluster>, engine: Weak<Engine>) {
     let mut backlog: HashMap<CompactString, (i64, u64)> = HashMap::new();
     let mut unresolved: Option<Box<Unresolved>> = None;
-    let mut committed_keys: CommittedKeys = HashMap::new();
+    let mut committed_keys = CommittedKeys::default();
     // Set when the store was found behind this node; the next iteration
     // repairs before anything else.
     let mut regressed = false;
@@ -90,7 +110,7 @@ pub(crate) fn run(cluster: Arc<Cluster>, engine: Weak<Engine>) {
     let mut reinsert: Vec<KeyRow> = Vec::new();
     if let Some((keys, behind)) = cluster.recovered_keys.lock().take() {
         for k in &keys {
-            committed_keys.insert(k.key.clone(), (k.counter.clone(), k.expires_at_ms));
+            committed_keys.push(k.key.clone(), k.counter.clone(), k.expires_at_ms);
         }
         if behind {
             reinsert = keys;
@@ -231,7 +251,7 @@ pub(crate) fn run(cluster: Arc<Cluster>, engine: Weak<Engine>) {
                 settle_in_journal(cluster, &engine, &applied);
                 for a in applied {
                     if let Some((k, expiry)) = a.key {
-                        committed_keys.insert(k, (a.name, expiry));
+                        committed_keys.push(k, a.name, expiry);
                     }
                 }
                 let m = &cluster.metrics;
@@ -552,7 +572,7 @@ fn resolve(
         drop(state);
         for a in &u.applied {
             if let Some((k, expiry)) = &a.key {
-                committed_keys.insert(k.clone(), (a.name.clone(), *expiry));
+                committed_keys.push(k.clone(), a.name.clone(), *expiry);
             }
         }
         settle_in_journal(cluster, engine, &u.applied);
@@ -581,7 +601,7 @@ fn heartbeat(
     committed_keys: &mut CommittedKeys,
 ) -> bool {
     let now = now_ms();
-    committed_keys.retain(|_, (_, expiry)| *expiry > now);
+    committed_keys.purge(now);
     let applied = engine.applied_lsn();
     let written = cluster.state.lock().written;
     match cluster
@@ -642,9 +662,10 @@ fn repair(
     engine.table().track_dirty_from(|_, _| true);
     let now = now_ms();
     let keys: Vec<KeyRow> = committed_keys
+        .queue
         .iter()
-        .filter(|(_, (_, expiry))| *expiry > now)
-        .map(|(key, (counter, expiry))| KeyRow {
+        .filter(|(_, _, expiry)| *expiry > now)
+        .map(|(key, counter, expiry)| KeyRow {
             key: key.clone(),
             node_id: cluster.node_id.clone(),
             epoch,

@@ -49,9 +49,17 @@ pub async fn run(
     cx: &mut Context<'_>,
     replies: &mut Vec<(Frame, Protocol)>,
 ) -> Flow {
+    // The name is looked up again only for NOPERM, on a node with users;
+    // without users no increment pays for a second lookup.
+    let users = cx.shared.config.users.enabled();
     let mut commands: Vec<(&'static str, Result<Command, ReplyError>)> = frames
         .drain(..)
-        .map(|f| (command_name(&f), Command::from_frame(f)))
+        .map(|f| {
+            (
+                if users { command_name(&f) } else { "" },
+                Command::from_frame(f),
+            )
+        })
         .collect();
     let flow = match commands
         .iter()
