@@ -159,6 +159,19 @@ impl Config {
     }
 }
 
+/// Where a TLS server's certificate, key and client CA are. Paths, never
+/// contents: the files are read again on every reload.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct TlsFiles {
+    /// The certificate chain, PEM, leaf first.
+    pub cert: PathBuf,
+    /// The private key, PEM (PKCS#8, PKCS#1 or SEC1).
+    pub key: PathBuf,
+    /// With a CA file, every client must present a certificate that chains
+    /// to it (mutual TLS); without, clients present none.
+    pub client_ca: Option<PathBuf>,
+}
+
 /// Settings and named limits of the RESP and HTTP front ends.
 #[derive(Debug, Clone)]
 pub struct ServerConfig {
@@ -166,6 +179,12 @@ pub struct ServerConfig {
     pub resp_addr: Option<SocketAddr>,
     /// HTTP listen address; `None` disables the HTTP front end.
     pub http_addr: Option<SocketAddr>,
+    /// RESP over TLS listen address (needs `tls`); `None`: no TLS port.
+    pub resp_tls_addr: Option<SocketAddr>,
+    /// HTTPS listen address (needs `tls`); `None`: no HTTPS.
+    pub https_addr: Option<SocketAddr>,
+    /// The certificate, key and optional client CA of the TLS ports.
+    pub tls: Option<TlsFiles>,
     /// Most open RESP connections; further ones get `-ERR max number of clients reached`.
     pub resp_connections_max: usize,
     /// Most open HTTP connections; further ones are closed at accept.
@@ -200,6 +219,9 @@ impl Default for ServerConfig {
         ServerConfig {
             resp_addr: Some(([127, 0, 0, 1], 7379).into()),
             http_addr: Some(([127, 0, 0, 1], 7070).into()),
+            resp_tls_addr: None,
+            https_addr: None,
+            tls: None,
             resp_connections_max: 10_000,
             http_connections_max: 10_000,
             resp_bulk_bytes_max: 64 * 1024,

@@ -31,6 +31,8 @@ pub mod error;
 #[cfg(feature = "http")]
 pub mod http;
 pub mod inspect;
+#[cfg(any(feature = "resp", feature = "http"))]
+pub mod listen;
 pub mod metrics;
 pub mod node;
 pub mod ready;
@@ -38,6 +40,8 @@ pub mod ready;
 pub mod resp;
 pub mod shutdown;
 pub mod store;
+#[cfg(feature = "tls")]
+pub mod tls;
 
 pub use config::{Config, Durability, RecoveryMode, ServerConfig};
 pub use error::{Error, Outcome, Result};

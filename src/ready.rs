@@ -10,9 +10,14 @@
 //!     node_id: "node-1".into(),
 //!     resp: Some("127.0.0.1:7379".parse().unwrap()),
 //!     http: None,
+//!     resp_tls: None,
+//!     https: Some("127.0.0.1:7443".parse().unwrap()),
 //! };
 //! let text = line.to_string();
-//! assert_eq!(text, "tally ready node_id=node-1 resp=127.0.0.1:7379 http=off");
+//! assert_eq!(
+//!     text,
+//!     "tally ready node_id=node-1 resp=127.0.0.1:7379 http=off resp_tls=off https=127.0.0.1:7443"
+//! );
 //! assert_eq!(ReadyLine::parse(&text), Some(line));
 //! ```
 
@@ -28,6 +33,9 @@ pub struct ReadyLine {
     pub node_id: String,
     pub resp: Option<SocketAddr>,
     pub http: Option<SocketAddr>,
+    /// RESP over TLS.
+    pub resp_tls: Option<SocketAddr>,
+    pub https: Option<SocketAddr>,
 }
 
 impl ReadyLine {
@@ -49,6 +57,9 @@ impl ReadyLine {
             node_id: field("node_id")?.to_string(),
             resp: addr("resp")?,
             http: addr("http")?,
+            // Absent from lines of builds without TLS ports: off.
+            resp_tls: field("resp_tls").map_or(Some(None), |_| addr("resp_tls"))?,
+            https: field("https").map_or(Some(None), |_| addr("https"))?,
         })
     }
 }
@@ -58,10 +69,12 @@ impl std::fmt::Display for ReadyLine {
         let show = |a: Option<SocketAddr>| a.map_or("off".to_string(), |a| a.to_string());
         write!(
             f,
-            "{READY_LINE_PREFIX}node_id={} resp={} http={}",
+            "{READY_LINE_PREFIX}node_id={} resp={} http={} resp_tls={} https={}",
             self.node_id,
             show(self.resp),
-            show(self.http)
+            show(self.http),
+            show(self.resp_tls),
+            show(self.https)
         )
     }
 }
@@ -82,5 +95,10 @@ mod tests {
         let ok = ReadyLine::parse("tally ready node_id=x resp=off http=127.0.0.1:1\n").unwrap();
         assert_eq!(ok.http, Some("127.0.0.1:1".parse().unwrap()));
         assert_eq!(ok.resp, None);
+        assert_eq!((ok.resp_tls, ok.https), (None, None));
+        assert_eq!(
+            ReadyLine::parse("tally ready node_id=x resp=off http=off resp_tls=bad https=off"),
+            None
+        );
     }
 }

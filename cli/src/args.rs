@@ -203,7 +203,7 @@ impl ServeArgs {
         };
         let mut draft = Draft::defaults();
         self.settings.or(file).apply(&mut draft)?;
-        Ok(draft.finish())
+        draft.finish()
     }
 }
 

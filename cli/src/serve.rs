@@ -60,7 +60,13 @@ fn refuse_open_on_a_network(settings: &ServeSettings) -> anyhow::Result<()> {
     if settings.server.users.enabled() || settings.insecure_no_auth {
         return Ok(());
     }
-    let open: Vec<String> = [settings.server.resp_addr, settings.server.http_addr]
+    let server = &settings.server;
+    let open: Vec<String> = [
+        server.resp_addr,
+        server.http_addr,
+        server.resp_tls_addr,
+        server.https_addr,
+    ]
         .into_iter()
         .flatten()
         .filter(|a| !a.ip().is_loopback())
@@ -85,10 +91,22 @@ pub async fn run(settings: ServeSettings, mut stop: Option<Shutdown>) -> anyhow:
     let server_config = Arc::new(settings.server.clone());
     // Bound before the data directory is touched: a port in use fails at
     // once and changes nothing. Nothing is accepted until the node opened.
+    // The certificate and key are read before anything is bound or
+    // written: a bad file changes nothing.
+    let tls = match &server_config.tls {
+        Some(files) => Some(Arc::new(
+            tally::tls::TlsServer::load(files.clone()).context("TLS settings")?,
+        )),
+        None => None,
+    };
     let resp = bind(server_config.resp_addr, "RESP").await?;
     let http = bind(server_config.http_addr, "HTTP").await?;
-    let resp_addr = resp.as_ref().map(|l| l.local_addr()).transpose()?;
-    let http_addr = http.as_ref().map(|l| l.local_addr()).transpose()?;
+    let resp_tls = bind(server_config.resp_tls_addr, "RESP over TLS").await?;
+    let https = bind(server_config.https_addr, "HTTPS").await?;
+    let addr = |l: &Option<TcpListener>| l.as_ref().map(|l| l.local_addr()).transpose();
+    let (resp_addr, http_addr) = (addr(&resp)?, addr(&http)?);
+    let (resp_tls_addr, https_addr) = (addr(&resp_tls)?, addr(&https)?);
+    let reload = spawn_reload_on_hangup(tls.clone())?;
     let config = settings.node.clone();
     let node = tokio::task::spawn_blocking(move || Node::open_waiting_for_store(config))
         .await
@@ -102,16 +120,24 @@ pub async fn run(settings: ServeSettings, mut stop: Option<Shutdown>) -> anyhow:
 
     let (trigger, listener) = shutdown::channel();
     let mut tasks = tokio::task::JoinSet::new();
-    if let Some(l) = resp {
-        tasks.spawn(tally::resp::serve(
+    let listeners = |plain: Option<TcpListener>, secure: Option<TcpListener>| {
+        let mut l = tally::listen::Listeners {
+            plain,
+            ..Default::default()
+        };
+        l.tls = secure.zip(tls.clone());
+        (l.plain.is_some() || l.tls.is_some()).then_some(l)
+    };
+    if let Some(l) = listeners(resp, resp_tls) {
+        tasks.spawn(tally::resp::serve_on(
             l,
             node.clone(),
             server_config.clone(),
             listener.clone(),
         ));
     }
-    if let Some(l) = http {
-        tasks.spawn(tally::http::serve(
+    if let Some(l) = listeners(http, https) {
+        tasks.spawn(tally::http::serve_on(
             l,
             node.clone(),
             server_config.clone(),
@@ -145,12 +171,21 @@ pub async fn run(settings: ServeSettings, mut stop: Option<Shutdown>) -> anyhow:
     }
 
     let show = |a: Option<SocketAddr>| a.map_or("off".to_string(), |a| a.to_string());
-    tracing::info!(node_id = node.node_id(), resp = %show(resp_addr), http = %show(http_addr), "ready");
+    tracing::info!(
+        node_id = node.node_id(),
+        resp = %show(resp_addr),
+        http = %show(http_addr),
+        resp_tls = %show(resp_tls_addr),
+        https = %show(https_addr),
+        "ready"
+    );
     // One line on stdout for scripts and tests that start the binary.
     let ready = tally::ready::ReadyLine {
         node_id: node.node_id().to_string(),
         resp: resp_addr,
         http: http_addr,
+        resp_tls: resp_tls_addr,
+        https: https_addr,
     };
     println!("{ready}");
 
@@ -171,11 +206,39 @@ pub async fn run(settings: ServeSettings, mut stop: Option<Shutdown>) -> anyhow:
             was_fenced = true;
         }
     }
+    reload.abort();
     let stopped = stop_serving(trigger, tasks, node).await;
     if was_fenced {
         anyhow::bail!("fenced: another process registered this node id in the shared store");
     }
     stopped
+}
+
+/// Catches SIGHUP for the life of the node (its default action would end
+/// the process) and reloads the TLS certificate and key on each one. A
+/// failed reload keeps the certificate in use and says why.
+fn spawn_reload_on_hangup(
+    tls: Option<Arc<tally::tls::TlsServer>>,
+) -> anyhow::Result<tokio::task::JoinHandle<()>> {
+    use tokio::signal::unix::{SignalKind, signal};
+    let mut hup = signal(SignalKind::hangup()).context("installing a SIGHUP handler")?;
+    Ok(tokio::spawn(async move {
+        while hup.recv().await.is_some() {
+            match &tls {
+                None => tracing::info!("SIGHUP received: no TLS certificate to reload"),
+                Some(tls) => match tls.reload() {
+                    Ok(()) => tracing::info!(
+                        cert = %tls.files().cert.display(),
+                        "SIGHUP received: TLS certificate and key reloaded; new connections get them"
+                    ),
+                    Err(e) => tracing::error!(
+                        error = %e,
+                        "SIGHUP received: TLS reload failed; the certificate in use stays"
+                    ),
+                },
+            }
+        }
+    }))
 }
 
 /// Completes at the first SIGTERM or SIGINT, or when `stop` fires.

@@ -182,6 +182,66 @@ settings! {
             Ok(())
         },
     }
+    /// RESP over TLS listen address, or "off" (needs --tls-cert and
+    /// --tls-key)
+    resp_tls_addr: String {
+        env: "TALLY_RESP_TLS_ADDR",
+        sets: Some("ServerConfig::resp_tls_addr"),
+        limit: false,
+        default: |d| Some(show_listen_addr(d.server.resp_tls_addr)),
+        apply: |d, v| {
+            d.server.resp_tls_addr = parse_listen_addr(&v)?;
+            Ok(())
+        },
+    }
+    /// HTTPS listen address, or "off" (needs --tls-cert and --tls-key)
+    https_addr: String {
+        env: "TALLY_HTTPS_ADDR",
+        sets: Some("ServerConfig::https_addr"),
+        limit: false,
+        default: |d| Some(show_listen_addr(d.server.https_addr)),
+        apply: |d, v| {
+            d.server.https_addr = parse_listen_addr(&v)?;
+            Ok(())
+        },
+    }
+    /// Certificate chain (PEM, leaf first) of the TLS ports; read again on
+    /// SIGHUP
+    tls_cert: PathBuf {
+        env: "TALLY_TLS_CERT",
+        sets: Some("ServerConfig::tls"),
+        limit: false,
+        default: |_| None,
+        apply: |d, v| {
+            d.tls_cert = Some(v);
+            Ok(())
+        },
+    }
+    /// Private key (PEM) of the TLS ports; read again on SIGHUP. It must be
+    /// readable by its owner only
+    tls_key: PathBuf {
+        env: "TALLY_TLS_KEY",
+        sets: Some("ServerConfig::tls"),
+        limit: false,
+        default: |_| None,
+        apply: |d, v| {
+            check_private(&v)?;
+            d.tls_key = Some(v);
+            Ok(())
+        },
+    }
+    /// CA certificates (PEM): with it, every TLS client must present a
+    /// certificate signed by one of them (mutual TLS)
+    tls_client_ca: PathBuf {
+        env: "TALLY_TLS_CLIENT_CA",
+        sets: Some("ServerConfig::tls"),
+        limit: false,
+        default: |_| None,
+        apply: |d, v| {
+            d.tls_client_ca = Some(v);
+            Ok(())
+        },
+    }
     /// Longest delay before a `memory` increment is synced
     memory_sync_delay_ms: u64 {
         env: "TALLY_MEMORY_SYNC_DELAY_MS",
@@ -430,13 +490,15 @@ pub struct Draft {
     pub store: Option<String>,
     pub advertise_addr: Option<String>,
     pub insecure_no_auth: bool,
+    pub tls_cert: Option<PathBuf>,
+    pub tls_key: Option<PathBuf>,
+    pub tls_client_ca: Option<PathBuf>,
     pub log_json: bool,
     pub log_filter: String,
 }
 
-/// Reads and parses a users file, refusing one that other users may read
-/// (it holds secrets). Errors never quote a secret.
-fn read_users_file(path: &Path) -> Result<tally::auth::Users, String> {
+/// Refuses a file of secrets that other users may read.
+fn check_private(path: &Path) -> Result<(), String> {
     use std::os::unix::fs::PermissionsExt as _;
     let meta = std::fs::metadata(path).map_err(|e| format!("{}: {e}", path.display()))?;
     let mode = meta.permissions().mode();
@@ -447,6 +509,13 @@ fn read_users_file(path: &Path) -> Result<tally::auth::Users, String> {
             mode & 0o777
         ));
     }
+    Ok(())
+}
+
+/// Reads and parses a users file, refusing one that other users may read
+/// (it holds secrets). Errors never quote a secret.
+fn read_users_file(path: &Path) -> Result<tally::auth::Users, String> {
+    check_private(path)?;
     let text = std::fs::read_to_string(path).map_err(|e| format!("{}: {e}", path.display()))?;
     let users = tally::auth::Users::parse(&text).map_err(|e| format!("{}: {e}", path.display()))?;
     if !users.enabled() {
@@ -467,23 +536,51 @@ impl Draft {
             store: None,
             advertise_addr: None,
             insecure_no_auth: false,
+            tls_cert: None,
+            tls_key: None,
+            tls_client_ca: None,
             log_json: false,
             log_filter: LOG_FILTER_DEFAULT.into(),
         }
     }
 
-    /// What `tally serve` runs with.
-    pub fn finish(self) -> ServeSettings {
+    /// What `tally serve` runs with; an error for TLS settings that do not
+    /// go together.
+    pub fn finish(self) -> anyhow::Result<ServeSettings> {
         let Draft {
             mut node,
-            server,
+            mut server,
             mut cluster,
             store,
             advertise_addr,
             insecure_no_auth,
+            tls_cert,
+            tls_key,
+            tls_client_ca,
             log_json,
             log_filter,
         } = self;
+        let tls_port = server.resp_tls_addr.is_some() || server.https_addr.is_some();
+        server.tls = match (tls_cert, tls_key) {
+            (Some(cert), Some(key)) => Some(tally::config::TlsFiles {
+                cert,
+                key,
+                client_ca: tls_client_ca,
+            }),
+            (None, None) if tls_client_ca.is_none() => None,
+            _ => anyhow::bail!(
+                "TLS needs both --tls-cert (TALLY_TLS_CERT) and --tls-key (TALLY_TLS_KEY)"
+            ),
+        };
+        match (tls_port, server.tls.is_some()) {
+            (true, false) => anyhow::bail!(
+                "--resp-tls-addr and --https-addr need --tls-cert and --tls-key"
+            ),
+            (false, true) => anyhow::bail!(
+                "--tls-cert is given but no TLS port: give --resp-tls-addr or --https-addr"
+            ),
+            _ => {}
+        }
         if let Some(url) = store {
             cluster.store_url = url;
             cluster.address = advertise_addr
@@ -491,13 +588,13 @@ impl Draft {
                 .unwrap_or_default();
             node.cluster = Some(cluster);
         }
-        ServeSettings {
+        Ok(ServeSettings {
             node,
             server,
             insecure_no_auth,
             log_json,
             log_filter,
-        }
+        })
     }
 }
 
@@ -871,8 +968,8 @@ mod tests {
                 .unwrap();
         let mut draft = Draft::defaults();
         args.settings.or(file).apply(&mut draft).unwrap();
-        let got = draft.finish();
-        let want = Draft::defaults().finish();
+        let got = draft.finish().unwrap();
+        let want = Draft::defaults().finish().unwrap();
         assert_eq!(got.node.node_id.as_deref(), Some("flag"));
         assert_eq!(got.server.http_addr, None);
         assert_eq!(got.server.resp_addr, want.server.resp_addr);

@@ -22,6 +22,7 @@ use tokio::task::JoinSet;
 use tokio::time::Sleep;
 
 use crate::config::ServerConfig;
+use crate::listen::{Listeners, Port, accept_any};
 use crate::node::Node;
 use crate::shutdown::Shutdown;
 
@@ -54,6 +55,18 @@ pub async fn serve(
     listener: TcpListener,
     node: Node,
     config: Arc<ServerConfig>,
+    shutdown: Shutdown,
+) -> io::Result<()> {
+    serve_on(Listeners::plain(listener), node, config, shutdown).await
+}
+
+/// Serves as [`serve`] does, on a plaintext listener, an HTTPS listener, or
+/// both, under one connection limit. Over HTTPS the TLS handshake is
+/// bounded by `config.frame_timeout` like a request head.
+pub async fn serve_on(
+    listeners: Listeners,
+    node: Node,
+    config: Arc<ServerConfig>,
     mut shutdown: Shutdown,
 ) -> io::Result<()> {
     let router = super::router(node, config.clone());
@@ -64,8 +77,11 @@ pub async fn serve(
         .keep_alive(true)
         .header_read_timeout(config.frame_timeout)
         .max_buf_size(HEAD_BYTES_MAX);
-    if let Ok(addr) = listener.local_addr() {
+    if let Some(addr) = listeners.plain.as_ref().and_then(|l| l.local_addr().ok()) {
         tracing::info!(%addr, "HTTP front end listening");
+    }
+    if let Some(addr) = listeners.tls_listener().and_then(|l| l.local_addr().ok()) {
+        tracing::info!(%addr, "HTTP front end listening for HTTPS");
     }
     let mut connections = JoinSet::new();
     loop {
@@ -73,8 +89,8 @@ pub async fn serve(
             _ = shutdown.fired() => break,
             // Reap finished connections so the set holds only live ones.
             Some(_) = connections.join_next(), if !connections.is_empty() => {}
-            accepted = listener.accept() => {
-                let (stream, peer) = match accepted {
+            accepted = accept_any(&listeners) => {
+                let (stream, peer, port) = match accepted {
                     Ok(accepted) => accepted,
                     Err(e) => {
                         tracing::warn!(error = %e, "HTTP accept failed");
@@ -94,66 +110,97 @@ pub async fn serve(
                 // Replies are small and answered at once: do not let Nagle
                 // hold them back waiting for an ACK.
                 let _ = stream.set_nodelay(true);
-                connections.spawn(serve_connection(
-                    stream,
+                let conn = Conn {
                     peer,
-                    router.clone(),
-                    builder.clone(),
-                    config.frame_timeout,
-                    shutdown.clone(),
-                    permit,
-                ));
+                    router: router.clone(),
+                    builder: builder.clone(),
+                    stall_timeout: config.frame_timeout,
+                    shutdown: shutdown.clone(),
+                    _permit: permit,
+                };
+                match port {
+                    Port::Plain => {
+                        connections.spawn(conn.serve(stream));
+                    }
+                    Port::Tls => spawn_tls(&mut connections, &listeners, stream, conn),
+                }
             }
         }
     }
-    drop(listener);
+    drop(listeners);
     crate::shutdown::drain(&mut connections, SHUTDOWN_DRAIN_TIMEOUT, "HTTP").await;
     Ok(())
 }
 
-/// Serves one connection until the client closes it, it fails or times
-/// out, or shutdown fires and the request in flight (if any) is answered.
-async fn serve_connection(
-    stream: TcpStream,
+/// What one connection is served with.
+struct Conn {
     peer: SocketAddr,
     router: axum::Router,
     builder: http1::Builder,
     stall_timeout: Duration,
-    mut shutdown: Shutdown,
+    shutdown: Shutdown,
     // Held for the life of the connection: its slot under the limit.
     _permit: OwnedSemaphorePermit,
-) {
-    let io = TokioIo::new(StallGuard::new(stream, stall_timeout));
-    let connection = builder.serve_connection(io, TowerToHyperService::new(router));
-    tokio::pin!(connection);
-    let result = tokio::select! {
-        result = connection.as_mut() => result,
-        _ = shutdown.fired() => {
-            // Finishes the request in flight, then closes; an idle
-            // connection closes at once.
-            connection.as_mut().graceful_shutdown();
-            connection.await
+}
+
+impl Conn {
+    /// Serves one connection until the client closes it, it fails or
+    /// times out, or shutdown fires and the request in flight (if any) is
+    /// answered.
+    async fn serve<S: AsyncRead + AsyncWrite + Unpin + Send + 'static>(mut self, stream: S) {
+        let io = TokioIo::new(StallGuard::new(stream, self.stall_timeout));
+        let connection = self
+            .builder
+            .serve_connection(io, TowerToHyperService::new(self.router.clone()));
+        tokio::pin!(connection);
+        let result = tokio::select! {
+            result = connection.as_mut() => result,
+            _ = self.shutdown.fired() => {
+                // Finishes the request in flight, then closes; an idle
+                // connection closes at once.
+                connection.as_mut().graceful_shutdown();
+                connection.await
+            }
+        };
+        if let Err(e) = result {
+            tracing::debug!(peer = %self.peer, error = %e, "HTTP connection ended with an error");
         }
-    };
-    if let Err(e) = result {
-        tracing::debug!(%peer, error = %e, "HTTP connection ended with an error");
     }
 }
+
+/// Starts a task that completes the TLS handshake (bounded by the frame
+/// timeout), then serves the connection.
+#[cfg(feature = "tls")]
+fn spawn_tls(connections: &mut JoinSet<()>, listeners: &Listeners, stream: TcpStream, conn: Conn) {
+    let Some((_, tls)) = &listeners.tls else {
+        return;
+    };
+    let tls = tls.clone();
+    connections.spawn(async move {
+        match tls.accept(stream, conn.stall_timeout).await {
+            Ok(stream) => conn.serve(stream).await,
+            Err(e) => tracing::debug!(peer = %conn.peer, error = %e, "TLS handshake failed"),
+        }
+    });
+}
+
+#[cfg(not(feature = "tls"))]
+fn spawn_tls(_: &mut JoinSet<()>, _: &Listeners, _: TcpStream, _: Conn) {}
 
 /// A stream whose writes fail once they have made no progress for
 /// `timeout`: a client that stops reading its replies is disconnected
 /// rather than holding a connection slot and a response buffer forever.
 /// Reads need no guard here, as hyper's header read timeout and the body
 /// read timeout bound them.
-struct StallGuard {
-    stream: TcpStream,
+struct StallGuard<S> {
+    stream: S,
     timeout: Duration,
     /// Running while a write is blocked; cleared by any progress.
     stalled: Option<Pin<Box<Sleep>>>,
 }
 
-impl StallGuard {
-    fn new(stream: TcpStream, timeout: Duration) -> Self {
+impl<S> StallGuard<S> {
+    fn new(stream: S, timeout: Duration) -> Self {
         StallGuard {
             stream,
             timeout,
@@ -183,7 +230,7 @@ impl StallGuard {
     }
 }
 
-impl AsyncRead for StallGuard {
+impl<S: AsyncRead + Unpin> AsyncRead for StallGuard<S> {
     fn poll_read(
         self: Pin<&mut Self>,
         cx: &mut Context<'_>,
@@ -193,7 +240,7 @@ impl AsyncRead for StallGuard {
     }
 }
 
-impl AsyncWrite for StallGuard {
+impl<S: AsyncWrite + Unpin> AsyncWrite for StallGuard<S> {
     fn poll_write(
         self: Pin<&mut Self>,
         cx: &mut Context<'_>,

@@ -12,8 +12,7 @@ use std::io;
 use std::time::Duration;
 
 use bytes::BytesMut;
-use tokio::io::{AsyncReadExt, AsyncWriteExt};
-use tokio::net::TcpStream;
+use tokio::io::{AsyncRead, AsyncReadExt, AsyncWrite, AsyncWriteExt};
 use tokio::time::Instant;
 
 use super::frame::{Frame, Limits, Parser, Protocol, ProtocolError};
@@ -56,10 +55,10 @@ impl ReadError {
     }
 }
 
-/// A client connection.
+/// A client connection over `S`: a TCP stream, or a TLS stream over one.
 #[derive(Debug)]
-pub struct Connection {
-    stream: TcpStream,
+pub struct Connection<S> {
+    stream: S,
     /// Bytes received and not yet parsed into frames.
     read_buf: BytesMut,
     /// Replies encoded and not yet written.
@@ -72,8 +71,8 @@ pub struct Connection {
     partial_since: Option<Instant>,
 }
 
-impl Connection {
-    pub fn new(stream: TcpStream, limits: Limits, frame_timeout: Duration) -> Self {
+impl<S: AsyncRead + AsyncWrite + Unpin> Connection<S> {
+    pub fn new(stream: S, limits: Limits, frame_timeout: Duration) -> Self {
         Connection {
             stream,
             read_buf: BytesMut::with_capacity(READ_CHUNK_BYTES),
@@ -173,7 +172,8 @@ impl Connection {
 /// Half-closes `stream` (the client sees end of stream after the replies
 /// already written) and discards input for up to [`CLOSE_LINGER`], so that
 /// the close does not turn into a reset that destroys unread replies.
-pub async fn linger_close(mut stream: TcpStream) {
+/// Over TLS, the shutdown sends the close_notify alert first.
+pub async fn linger_close<S: AsyncRead + AsyncWrite + Unpin>(mut stream: S) {
     if stream.shutdown().await.is_err() {
         return;
     }

@@ -48,4 +48,5 @@ pub mod reply;
 pub mod server;
 
 pub use frame::{Frame, Limits, ProtocolError};
-pub use server::serve;
+pub use crate::listen::Listeners;
+pub use server::{serve, serve_on};

@@ -19,12 +19,15 @@ use std::sync::Arc;
 use std::sync::atomic::{AtomicU64, Ordering};
 use std::time::Duration;
 
+use tokio::io::{AsyncRead, AsyncWrite};
 use tokio::net::{TcpListener, TcpStream};
 use tokio::sync::{OwnedSemaphorePermit, Semaphore};
 use tokio::task::JoinSet;
 
 use crate::shutdown::Shutdown;
 use crate::{Node, ServerConfig};
+
+use crate::listen::{Listeners, Port, accept_any};
 
 use super::cmd::{Context, Session};
 use super::connection::{Connection, ReadError, linger_close};
@@ -97,12 +100,22 @@ impl ServerStats {
     }
 }
 
-/// Serves RESP on `listener` until `shutdown` fires, then waits (at most
+/// Serves RESP on `listener` until `shutdown` fires; see [`serve_on`].
+pub async fn serve(
+    listener: TcpListener,
+    node: Node,
+    config: Arc<ServerConfig>,
+    shutdown: Shutdown,
+) -> io::Result<()> {
+    serve_on(Listeners::plain(listener), node, config, shutdown).await
+}
+
+/// Serves RESP on `listeners` until `shutdown` fires, then waits (at most
 /// [`SHUTDOWN_DRAIN_TIMEOUT`]) for connections to answer what they have
 /// received, and returns. The node is left running: the caller shuts it
 /// down afterwards, so that every reply sent was for a node still up.
-pub async fn serve(
-    listener: TcpListener,
+pub async fn serve_on(
+    listeners: Listeners,
     node: Node,
     config: Arc<ServerConfig>,
     mut shutdown: Shutdown,
@@ -113,7 +126,7 @@ pub async fn serve(
     let shared = Arc::new(Shared {
         node,
         limits: Limits::from_config(&config),
-        local_addr: listener.local_addr()?,
+        local_addr: listeners.first_addr()?,
         connections: Arc::new(Semaphore::new(connections_max)),
         connections_max,
         next_client_id: AtomicU64::new(1),
@@ -123,48 +136,109 @@ pub async fn serve(
     let rejecting = Arc::new(Semaphore::new(REJECTING_CONNECTIONS_MAX));
     let mut tasks = JoinSet::new();
     let mut backoff = ACCEPT_BACKOFF_MIN;
-    tracing::info!(addr = %shared.local_addr, "RESP front end listening");
+    if let Some(l) = &listeners.plain {
+        tracing::info!(addr = %l.local_addr()?, "RESP front end listening");
+    }
+    if let Some(l) = listeners.tls_listener() {
+        tracing::info!(addr = %l.local_addr()?, "RESP front end listening for TLS");
+    }
 
     loop {
-        tokio::select! {
+        let accepted = tokio::select! {
             biased;
             _ = shutdown.fired() => break,
-            Some(ended) = tasks.join_next(), if !tasks.is_empty() => log_task_end(ended),
-            accepted = listener.accept() => match accepted {
-                Ok((stream, peer)) => {
-                    backoff = ACCEPT_BACKOFF_MIN;
-                    shared.stats.connections_received.fetch_add(1, Ordering::Relaxed);
-                    match shared.connections.clone().try_acquire_owned() {
-                        Ok(permit) => {
-                            let task = handle(stream, peer, shared.clone(), shutdown.clone(), permit);
-                            tasks.spawn(task);
+            Some(ended) = tasks.join_next(), if !tasks.is_empty() => {
+                log_task_end(ended);
+                continue;
+            }
+            a = accept_any(&listeners) => a,
+        };
+        match accepted {
+            Ok((stream, peer, port)) => {
+                backoff = ACCEPT_BACKOFF_MIN;
+                shared.stats.connections_received.fetch_add(1, Ordering::Relaxed);
+                match shared.connections.clone().try_acquire_owned() {
+                    Ok(permit) => {
+                        let shared = shared.clone();
+                        let shutdown = shutdown.clone();
+                        match port {
+                            Port::Plain => {
+                                tasks.spawn(handle(stream, peer, shared, shutdown, permit));
+                            }
+                            Port::Tls => {
+                                spawn_tls(&mut tasks, &listeners, stream, peer, shared, shutdown, permit);
+                            }
                         }
-                        Err(_) => {
-                            shared.stats.connections_rejected.fetch_add(1, Ordering::Relaxed);
-                            tracing::debug!(%peer, "connection refused: resp_connections_max reached");
+                    }
+                    Err(_) => {
+                        shared.stats.connections_rejected.fetch_add(1, Ordering::Relaxed);
+                        tracing::debug!(%peer, "connection refused: resp_connections_max reached");
+                        // Over TLS the error reply would first need a
+                        // handshake: the connection is closed without one.
+                        if port == Port::Plain {
                             if let Ok(permit) = rejecting.clone().try_acquire_owned() {
                                 tasks.spawn(reject(stream, permit));
                             }
                         }
                     }
                 }
-                Err(e) => {
-                    // Usually a transient lack of resources; the listener
-                    // itself is fine, so wait and go on.
-                    tracing::warn!(error = %e, pause_ms = backoff.as_millis() as u64, "accept failed");
-                    tokio::select! {
-                        _ = tokio::time::sleep(backoff) => {}
-                        _ = shutdown.fired() => break,
-                    }
-                    backoff = (backoff * 2).min(ACCEPT_BACKOFF_MAX);
+            }
+            Err(e) => {
+                // Usually a transient lack of resources; the listener
+                // itself is fine, so wait and go on.
+                tracing::warn!(error = %e, pause_ms = backoff.as_millis() as u64, "accept failed");
+                tokio::select! {
+                    _ = tokio::time::sleep(backoff) => {}
+                    _ = shutdown.fired() => break,
                 }
-            },
+                backoff = (backoff * 2).min(ACCEPT_BACKOFF_MAX);
+            }
         }
     }
 
-    drop(listener);
+    drop(listeners);
     crate::shutdown::drain(&mut tasks, SHUTDOWN_DRAIN_TIMEOUT, "RESP").await;
     Ok(())
+}
+
+/// Starts a task that completes the TLS handshake on `stream`, bounded by
+/// the frame timeout, then serves the connection.
+#[cfg(feature = "tls")]
+fn spawn_tls(
+    tasks: &mut JoinSet<()>,
+    listeners: &Listeners,
+    stream: TcpStream,
+    peer: SocketAddr,
+    shared: Arc<Shared>,
+    shutdown: Shutdown,
+    slot: OwnedSemaphorePermit,
+) {
+    let Some((_, tls)) = &listeners.tls else {
+        return;
+    };
+    let tls = tls.clone();
+    if let Err(e) = stream.set_nodelay(true) {
+        tracing::debug!(%peer, error = %e, "could not set TCP_NODELAY");
+    }
+    tasks.spawn(async move {
+        let local = stream.local_addr();
+        match tls.accept(stream, shared.config.frame_timeout).await {
+            Ok(stream) => handle_stream(stream, local, peer, shared, shutdown, slot).await,
+            Err(e) => tracing::debug!(%peer, error = %e, "TLS handshake failed"),
+        }
+    });
+}
+
+#[cfg(not(feature = "tls"))]
+fn spawn_tls(
+    _: &mut JoinSet<()>,
+    _: &Listeners,
+    _: TcpStream,
+    _: SocketAddr,
+    _: Arc<Shared>,
+    _: Shutdown,
+    _: OwnedSemaphorePermit,
+) {
 }
 
 fn log_task_end(ended: Result<(), tokio::task::JoinError>) {
@@ -185,21 +259,35 @@ async fn reject(stream: TcpStream, _slot: OwnedSemaphorePermit) {
     }
 }
 
-/// One connection, from accept to close.
+/// One plaintext connection, from accept to close.
 async fn handle(
     stream: TcpStream,
     peer: SocketAddr,
     shared: Arc<Shared>,
-    mut shutdown: Shutdown,
-    _slot: OwnedSemaphorePermit,
+    shutdown: Shutdown,
+    slot: OwnedSemaphorePermit,
 ) {
     // Replies are written once per round; Nagle's delay would only add
     // latency to each round trip.
     if let Err(e) = stream.set_nodelay(true) {
         tracing::debug!(%peer, error = %e, "could not set TCP_NODELAY");
     }
+    let local = stream.local_addr();
+    handle_stream(stream, local, peer, shared, shutdown, slot).await
+}
+
+/// One connection over `stream` (TCP, or TLS over TCP), from its first
+/// request to close.
+async fn handle_stream<S: AsyncRead + AsyncWrite + Unpin>(
+    stream: S,
+    local: io::Result<SocketAddr>,
+    peer: SocketAddr,
+    shared: Arc<Shared>,
+    mut shutdown: Shutdown,
+    _slot: OwnedSemaphorePermit,
+) {
     let id = shared.next_client_id.fetch_add(1, Ordering::Relaxed);
-    let mut session = Session::new(id, peer, shared.local_addr);
+    let mut session = Session::new(id, peer, local.unwrap_or(shared.local_addr));
     let mut conn = Connection::new(stream, shared.limits, shared.config.frame_timeout);
     let depth = shared.config.resp_pipeline_depth_max.max(1);
     let mut frames = Vec::new();

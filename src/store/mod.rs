@@ -32,6 +32,8 @@ pub mod bench;
 pub mod faulty;
 #[cfg(feature = "postgres")]
 pub mod postgres;
+#[cfg(feature = "postgres")]
+pub mod pgtls;
 pub mod schema;
 #[cfg(feature = "sqlite")]
 pub mod sqlite;

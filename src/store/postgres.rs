@@ -31,10 +31,12 @@ use std::sync::Arc;
 use std::time::Duration;
 
 use parking_lot::{Mutex, MutexGuard};
-use tokio_postgres::config::{Host, LoadBalanceHosts, SslMode};
+use tokio_postgres::config::{Host, LoadBalanceHosts};
 use tokio_postgres::error::SqlState;
 use tokio_postgres::types::ToSql;
-use tokio_postgres::{Client, Config, NoTls, Row, Statement};
+use tokio_postgres::{Client, Config, Row, Statement};
+
+use super::pgtls::{self, Connector};
 
 use super::{
     KeyRow, NodeRow, Registration, ShardRow, Store, StoreError, StoreTx, Version, from_stored,
@@ -75,6 +77,8 @@ pub struct PostgresStore {
     /// One configuration per host of the URL, tried in order (see
     /// [`connect_first`]).
     hosts: Vec<Config>,
+    /// TLS as the URL's `sslmode` and `sslrootcert` ask (see [`pgtls`]).
+    tls: Connector,
     /// Runs this store's connection: a runtime of its own, driven only
     /// while a call blocks on it, so the store can be called from any
     /// thread that is not itself inside a runtime.
@@ -510,13 +514,9 @@ fn per_host(config: &Config) -> Result<Vec<Config>, StoreError> {
 /// Each host gets at most [`CALL_TIMEOUT`], the startup exchange included.
 async fn connect_first(
     hosts: &[Config],
-) -> Result<
-    (
-        Client,
-        tokio_postgres::Connection<tokio_postgres::Socket, tokio_postgres::tls::NoTlsStream>,
-    ),
-    StoreError,
-> {
+    tls: &Connector,
+) -> Result<(Client, tokio_postgres::Connection<tokio_postgres::Socket, pgtls::Stream>), StoreError>
+{
     let start =
         if hosts.first().map(Config::get_load_balance_hosts) == Some(LoadBalanceHosts::Random) {
             std::time::SystemTime::now()
@@ -530,9 +530,9 @@ async fn connect_first(
     for i in 0..hosts.len() {
         let config = &hosts[(start + i) % hosts.len()];
         let name = host_name(config);
-        match tokio::time::timeout(CALL_TIMEOUT, config.connect(NoTls)).await {
+        match tokio::time::timeout(CALL_TIMEOUT, config.connect(tls.clone())).await {
             Ok(Ok(pair)) => return Ok(pair),
-            Ok(Err(e)) => failures.push(format!("{name}: {}", describe(&e))),
+            Ok(Err(e)) => failures.push(format!("{name}: {}{}", describe(&e), tls_hint(&e))),
             Err(_) => failures.push(format!("{name}: no answer within {CALL_TIMEOUT:?}")),
         }
     }
@@ -540,6 +540,20 @@ async fn connect_first(
         "connecting to PostgreSQL: {}",
         failures.join("; ")
     )))
+}
+
+/// What a TLS failure means, in the words of the URL's settings.
+fn tls_hint(e: &tokio_postgres::Error) -> &'static str {
+    let text = describe(e);
+    if text.contains("UnknownIssuer") {
+        " (the server's certificate is not signed by a CA in sslrootcert)"
+    } else if text.contains("not valid for name") || text.contains("NotValidForName") {
+        " (the server's certificate does not name this host; sslmode=verify-full checks it)"
+    } else if text.contains("server does not support TLS") {
+        " (sslmode asks for TLS; enable ssl on the server or lower sslmode)"
+    } else {
+        ""
+    }
 }
 
 /// `host:port` of a one-host configuration, for messages.
@@ -560,19 +574,15 @@ fn host_name(config: &Config) -> String {
 /// Parses a `postgres://` URL as [`PostgresStore::open`] does, refusing
 /// what this build cannot do. The parser's message never includes the URL,
 /// which may hold a password.
-fn parse_url(url: &str) -> Result<Config, StoreError> {
+fn parse_url(url: &str) -> Result<(Config, Connector), StoreError> {
+    let (url, tls) = pgtls::split_url(url)?;
     let config: Config = url
         .parse()
         .map_err(|e| StoreError::Invalid(format!("PostgreSQL URL is invalid: {e}")))?;
-    if config.get_ssl_mode() == SslMode::Require {
-        return Err(StoreError::Invalid(
-            "PostgreSQL URL asks for TLS (sslmode=require), which this build does not \
-             support; reach the server over a private network or a TLS tunnel"
-                .into(),
-        ));
-    }
     per_host(&config)?;
-    Ok(config)
+    pgtls::check_hosts(&tls, &config)?;
+    let connector = tls.connector()?;
+    Ok((config, connector))
 }
 
 /// Checks a `postgres://` URL without connecting (see [`super::check_url`]).
@@ -583,9 +593,9 @@ pub fn check_url(url: &str) -> Result<(), StoreError> {
 impl PostgresStore {
     /// Parses a `postgres://` URL, connects, and brings the schema up to
     /// date. The URL accepts libpq's parameters (`connect_timeout`,
-    /// `application_name`, ...). TLS is not supported by this build.
+    /// `application_name`, ...), and `sslmode`/`sslrootcert` as [`pgtls`] says.
     pub fn open(url: &str) -> Result<PostgresStore, StoreError> {
-        let mut config = parse_url(url)?;
+        let (mut config, tls) = parse_url(url)?;
         if config.get_connect_timeout().is_none() {
             config.connect_timeout(CONNECT_TIMEOUT);
         }
@@ -602,6 +612,7 @@ impl PostgresStore {
         let hosts = per_host(&config)?;
         let store = PostgresStore {
             hosts,
+            tls,
             runtime: Arc::new(runtime),
             conn: Mutex::new(None),
             unsettled_xid: Mutex::new(None),
@@ -630,7 +641,7 @@ impl PostgresStore {
             **guard = None;
         }
         if guard.is_none() {
-            let (client, connection) = self.runtime.block_on(connect_first(&self.hosts))?;
+            let (client, connection) = self.runtime.block_on(connect_first(&self.hosts, &self.tls))?;
             let driver = self.runtime.spawn(async move {
                 let _ = connection.await;
             });
