@@ -8,6 +8,7 @@
 //! - [`hastore`]: a local HA store: etcd, Patroni, synchronous PostgreSQL;
 //! - [`process`]: the one guard for every child process, and the wait for
 //!   a node's ready line;
+//! - [`pki`]: a private CA and certificates for local clusters and tests;
 //! - [`ports`]: free loopback ports;
 //! - [`wire`]: the HTTP and RESP clients the tools and tests speak with;
 //! - [`testing`]: the harnesses the test suites share.
@@ -20,6 +21,7 @@ pub mod control;
 pub mod hastore;
 pub mod launcher;
 pub mod pgserver;
+pub mod pki;
 pub mod ports;
 pub mod process;
 pub mod redis_server;

@@ -225,6 +225,9 @@ pub struct PgOptions {
     /// `Some(port)`: instead of a new cluster, a streaming standby of the
     /// private server on that loopback port, cloned with `pg_basebackup`.
     pub standby_of: Option<u16>,
+    /// `Some`: the server offers TLS (`ssl = on`) with this certificate
+    /// and key; plaintext connections are still accepted.
+    pub tls: Option<crate::pki::Issued>,
 }
 
 impl Default for PgOptions {
@@ -237,6 +240,7 @@ impl Default for PgOptions {
             reachable_from: None,
             synchronous_standby: false,
             standby_of: None,
+            tls: None,
         }
     }
 }
@@ -255,6 +259,8 @@ pub struct PgServer {
     connections_max: u32,
     stat_statements: bool,
     synchronous_standby: bool,
+    /// The server offers TLS with `server.crt` and `server.key` in `dir`.
+    tls: bool,
     version: String,
     state: Mutex<State>,
 }
@@ -350,6 +356,7 @@ impl PgServer {
             connections_max: options.connections_max,
             stat_statements,
             synchronous_standby: options.synchronous_standby,
+            tls: options.tls.is_some(),
             version: String::new(),
             state: Mutex::new(State {
                 child: None,
@@ -361,6 +368,9 @@ impl PgServer {
         match options.standby_of {
             Some(primary_port) => server.clone_from(primary_port)?,
             None => server.initdb()?,
+        }
+        if let Some(issued) = &options.tls {
+            server.install_tls(issued)?;
         }
         let mut last_error = None;
         for _ in 0..PORT_ATTEMPTS_MAX {
@@ -566,6 +576,25 @@ impl PgServer {
         Ok(text.lines().next().unwrap_or_default().trim().to_string())
     }
 
+    /// Writes the server's certificate and key where `postgres` reads
+    /// them: owned by the server's user, the key readable by it only (the
+    /// server refuses a key others can read).
+    fn install_tls(&self, issued: &crate::pki::Issued) -> Result<()> {
+        let files = issued
+            .write(&self.dir, "server")
+            .map_err(|e| PgError::NotStarted(format!("writing the TLS files: {e:#}")))?;
+        if let Some(u) = &self.run_as {
+            for f in [&files.cert, &files.key] {
+                std::os::unix::fs::chown(f, Some(u.uid), Some(u.gid)).map_err(io_err(format!(
+                    "handing {} to the unprivileged user {}",
+                    f.display(),
+                    u.name
+                )))?;
+            }
+        }
+        Ok(())
+    }
+
     fn initdb(&self) -> Result<()> {
         let mut cmd = self.command("initdb");
         cmd.arg("-D")
@@ -656,6 +685,13 @@ impl PgServer {
         }
         if self.synchronous_standby {
             cmd.args(["-c", "synchronous_standby_names=*"]);
+        }
+        if self.tls {
+            cmd.args(["-c", "ssl=on"])
+                .arg("-c")
+                .arg(format!("ssl_cert_file={}", self.dir.join("server.crt").display()))
+                .arg("-c")
+                .arg(format!("ssl_key_file={}", self.dir.join("server.key").display()));
         }
         let child = ChildGuard::spawn(
             cmd.stdout(Stdio::from(log))
