@@ -138,10 +138,9 @@ fn build(files: &TlsFiles) -> Result<rustls::ServerConfig, TlsError> {
         None => builder.with_no_client_auth(),
         Some(ca) => {
             let roots = root_store(ca, "--tls-client-ca")?;
-            let verifier =
-                WebPkiClientVerifier::builder_with_provider(Arc::new(roots), provider())
-                    .build()
-                    .map_err(|e| TlsError(format!("--tls-client-ca {}: {e}", ca.display())))?;
+            let verifier = WebPkiClientVerifier::builder_with_provider(Arc::new(roots), provider())
+                .build()
+                .map_err(|e| TlsError(format!("--tls-client-ca {}: {e}", ca.display())))?;
             builder.with_client_cert_verifier(verifier)
         }
     };
@@ -237,10 +236,16 @@ mod tests {
         };
         let e = TlsServer::load(files).unwrap_err().to_string();
         assert!(e.starts_with("--tls-cert "), "{e}");
-        assert!(e.contains("missing.pem") && e.contains("cannot read"), "{e}");
+        assert!(
+            e.contains("missing.pem") && e.contains("cannot read"),
+            "{e}"
+        );
         let e = read_certificates(&empty, "--tls-client-ca")
             .unwrap_err()
             .to_string();
-        assert!(e.contains("--tls-client-ca") && e.contains("no PEM certificate"), "{e}");
+        assert!(
+            e.contains("--tls-client-ca") && e.contains("no PEM certificate"),
+            "{e}"
+        );
     }
 }

@@ -78,7 +78,10 @@ fn verify_full_connects_encrypted_and_refuses_what_it_cannot_verify() {
 
     // The certificate names localhost: verify-full to localhost works,
     // and the server sees an encrypted connection.
-    let good = f.url("localhost", &format!("sslmode=verify-full&sslrootcert={ca}"));
+    let good = f.url(
+        "localhost",
+        &format!("sslmode=verify-full&sslrootcert={ca}"),
+    );
     store::check_url(&good).unwrap();
     let s = store::open(&good).unwrap_or_else(|e| panic!("verify-full to localhost: {e}"));
     assert_eq!(f.encrypted_tally_connections(), 1);
@@ -96,11 +99,8 @@ fn verify_full_connects_encrypted_and_refuses_what_it_cannot_verify() {
     );
 
     // verify-ca checks the chain only: 127.0.0.1 is accepted.
-    let s = store::open(&f.url(
-        "127.0.0.1",
-        &format!("sslmode=verify-ca&sslrootcert={ca}"),
-    ))
-    .unwrap_or_else(|e| panic!("verify-ca: {e}"));
+    let s = store::open(&f.url("127.0.0.1", &format!("sslmode=verify-ca&sslrootcert={ca}")))
+        .unwrap_or_else(|e| panic!("verify-ca: {e}"));
     drop(s);
 
     // A CA that did not sign the server's certificate.
@@ -127,7 +127,10 @@ fn a_missing_ca_file_or_a_server_without_tls_is_refused_clearly() {
     ))
     .unwrap_err()
     .to_string();
-    assert!(e.contains("sslrootcert") && e.contains("nowhere.crt"), "{e}");
+    assert!(
+        e.contains("sslrootcert") && e.contains("nowhere.crt"),
+        "{e}"
+    );
 
     // A server that offers no TLS.
     let plain = PgServer::new(PgOptions {

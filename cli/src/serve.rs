@@ -67,11 +67,11 @@ fn refuse_open_on_a_network(settings: &ServeSettings) -> anyhow::Result<()> {
         server.resp_tls_addr,
         server.https_addr,
     ]
-        .into_iter()
-        .flatten()
-        .filter(|a| !a.ip().is_loopback())
-        .map(|a| a.to_string())
-        .collect();
+    .into_iter()
+    .flatten()
+    .filter(|a| !a.ip().is_loopback())
+    .map(|a| a.to_string())
+    .collect();
     if open.is_empty() {
         return Ok(());
     }

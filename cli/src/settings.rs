@@ -573,9 +573,9 @@ impl Draft {
             ),
         };
         match (tls_port, server.tls.is_some()) {
-            (true, false) => anyhow::bail!(
-                "--resp-tls-addr and --https-addr need --tls-cert and --tls-key"
-            ),
+            (true, false) => {
+                anyhow::bail!("--resp-tls-addr and --https-addr need --tls-cert and --tls-key")
+            }
             (false, true) => anyhow::bail!(
                 "--tls-cert is given but no TLS port: give --resp-tls-addr or --https-addr"
             ),

@@ -689,9 +689,15 @@ impl PgServer {
         if self.tls {
             cmd.args(["-c", "ssl=on"])
                 .arg("-c")
-                .arg(format!("ssl_cert_file={}", self.dir.join("server.crt").display()))
+                .arg(format!(
+                    "ssl_cert_file={}",
+                    self.dir.join("server.crt").display()
+                ))
                 .arg("-c")
-                .arg(format!("ssl_key_file={}", self.dir.join("server.key").display()));
+                .arg(format!(
+                    "ssl_key_file={}",
+                    self.dir.join("server.key").display()
+                ));
         }
         let child = ChildGuard::spawn(
             cmd.stdout(Stdio::from(log))

@@ -124,10 +124,10 @@ mod server;
 
 use std::sync::Arc;
 
+pub use crate::listen::Listeners;
 pub use endpoint::Endpoint;
 pub use openapi::OPENAPI_JSON;
 pub use routes::PAGE_LEN_DEFAULT;
-pub use crate::listen::Listeners;
 pub use server::{ACCEPT_ERROR_BACKOFF, HEAD_BYTES_MAX, SHUTDOWN_DRAIN_TIMEOUT, serve, serve_on};
 
 /// The HTTP API of `node` as an axum router, without a server: embed it in

@@ -47,6 +47,6 @@ pub mod pipeline;
 pub mod reply;
 pub mod server;
 
-pub use frame::{Frame, Limits, ProtocolError};
 pub use crate::listen::Listeners;
+pub use frame::{Frame, Limits, ProtocolError};
 pub use server::{serve, serve_on};

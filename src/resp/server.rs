@@ -156,7 +156,10 @@ pub async fn serve_on(
         match accepted {
             Ok((stream, peer, port)) => {
                 backoff = ACCEPT_BACKOFF_MIN;
-                shared.stats.connections_received.fetch_add(1, Ordering::Relaxed);
+                shared
+                    .stats
+                    .connections_received
+                    .fetch_add(1, Ordering::Relaxed);
                 match shared.connections.clone().try_acquire_owned() {
                     Ok(permit) => {
                         let shared = shared.clone();
@@ -166,12 +169,17 @@ pub async fn serve_on(
                                 tasks.spawn(handle(stream, peer, shared, shutdown, permit));
                             }
                             Port::Tls => {
-                                spawn_tls(&mut tasks, &listeners, stream, peer, shared, shutdown, permit);
+                                spawn_tls(
+                                    &mut tasks, &listeners, stream, peer, shared, shutdown, permit,
+                                );
                             }
                         }
                     }
                     Err(_) => {
-                        shared.stats.connections_rejected.fetch_add(1, Ordering::Relaxed);
+                        shared
+                            .stats
+                            .connections_rejected
+                            .fetch_add(1, Ordering::Relaxed);
                         tracing::debug!(%peer, "connection refused: resp_connections_max reached");
                         // Over TLS the error reply would first need a
                         // handshake: the connection is closed without one.

@@ -31,9 +31,9 @@ pub mod bench;
 #[cfg(any(test, feature = "testkit"))]
 pub mod faulty;
 #[cfg(feature = "postgres")]
-pub mod postgres;
-#[cfg(feature = "postgres")]
 pub mod pgtls;
+#[cfg(feature = "postgres")]
+pub mod postgres;
 pub mod schema;
 #[cfg(feature = "sqlite")]
 pub mod sqlite;

@@ -25,8 +25,8 @@
 use std::path::PathBuf;
 use std::sync::Arc;
 
-use rustls::client::danger::{HandshakeSignatureValid, ServerCertVerified, ServerCertVerifier};
 use rustls::client::WebPkiServerVerifier;
+use rustls::client::danger::{HandshakeSignatureValid, ServerCertVerified, ServerCertVerifier};
 use rustls::crypto::CryptoProvider;
 use rustls::{CertificateError, DigitallySignedStruct, SignatureScheme};
 use rustls_pki_types::pem::PemObject;
@@ -234,14 +234,12 @@ impl PgTls {
             None => Arc::new(Unverified(provider.clone())),
             Some(path) => {
                 let roots = read_roots(path)?;
-                let webpki = WebPkiServerVerifier::builder_with_provider(
-                    Arc::new(roots),
-                    provider.clone(),
-                )
-                .build()
-                .map_err(|e| {
-                    StoreError::Invalid(format!("sslrootcert {}: {e}", path.display()))
-                })?;
+                let webpki =
+                    WebPkiServerVerifier::builder_with_provider(Arc::new(roots), provider.clone())
+                        .build()
+                        .map_err(|e| {
+                            StoreError::Invalid(format!("sslrootcert {}: {e}", path.display()))
+                        })?;
                 Arc::new(Chain {
                     webpki,
                     check_name: self.mode == Mode::VerifyFull,

@@ -515,8 +515,13 @@ fn per_host(config: &Config) -> Result<Vec<Config>, StoreError> {
 async fn connect_first(
     hosts: &[Config],
     tls: &Connector,
-) -> Result<(Client, tokio_postgres::Connection<tokio_postgres::Socket, pgtls::Stream>), StoreError>
-{
+) -> Result<
+    (
+        Client,
+        tokio_postgres::Connection<tokio_postgres::Socket, pgtls::Stream>,
+    ),
+    StoreError,
+> {
     let start =
         if hosts.first().map(Config::get_load_balance_hosts) == Some(LoadBalanceHosts::Random) {
             std::time::SystemTime::now()
@@ -641,7 +646,9 @@ impl PostgresStore {
             **guard = None;
         }
         if guard.is_none() {
-            let (client, connection) = self.runtime.block_on(connect_first(&self.hosts, &self.tls))?;
+            let (client, connection) = self
+                .runtime
+                .block_on(connect_first(&self.hosts, &self.tls))?;
             let driver = self.runtime.spawn(async move {
                 let _ = connection.await;
             });

@@ -14,6 +14,9 @@ pub struct TallyProcess {
     pub child: ChildGuard,
     pub resp: Option<SocketAddr>,
     pub http: Option<SocketAddr>,
+    /// RESP over TLS.
+    pub resp_tls: Option<SocketAddr>,
+    pub https: Option<SocketAddr>,
     pub node_id: String,
     pub stderr_path: PathBuf,
     /// Holds the stderr log; removed with the process handle.
@@ -133,6 +136,8 @@ impl Starting {
         TallyProcess {
             resp: line.resp,
             http: line.http,
+            resp_tls: line.resp_tls,
+            https: line.https,
             node_id: line.node_id,
             child: self.child,
             stderr_path: self.stderr_path,
