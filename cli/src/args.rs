@@ -79,6 +79,12 @@ pub struct ClusterArgs {
     /// Do not serve the control endpoint
     #[arg(long)]
     pub no_control: bool,
+    /// Secure the cluster: a private CA and certificates, users with
+    /// random secrets (all in DIR/secrets, made once and kept), nodes on
+    /// TLS ports only with authentication, HAProxy over TLS to them with an
+    /// authenticated RESP health check
+    #[arg(long)]
+    pub secure: bool,
 }
 
 impl ClusterArgs {
@@ -93,6 +99,7 @@ impl ClusterArgs {
             lb_http: self.http_addr,
             lb_resp: self.resp_addr,
             haproxy: !self.no_haproxy,
+            secure: self.secure,
             ..Default::default()
         }
     }
@@ -124,6 +131,11 @@ pub struct ChaosArgs {
     /// which `tally cluster` writes to DIR/control-token
     #[arg(long, default_value = "tally-cluster/control-token")]
     pub control_token_file: PathBuf,
+    /// Secure the cluster the run starts as `tally cluster --secure` does;
+    /// the clients then use TLS and the `app` user. An attached cluster
+    /// says itself whether it is secured
+    #[arg(long, conflicts_with = "attach")]
+    pub secure: bool,
     /// Fault kinds to inject, each at least once: any of kill9, restart,
     /// pause, wipe, store, primary-kill9, primary-freeze, switchover,
     /// etcd-kill9. Store kinds the run cannot inject (no store of its own)

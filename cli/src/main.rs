@@ -80,11 +80,15 @@ fn cluster(args: crate::args::ClusterArgs) -> anyhow::Result<ExitCode> {
             return Err(e.into());
         }
     };
+    let (http, redis) = match cluster.secrets() {
+        Some(_) => ("https", "rediss"),
+        None => ("http", "redis"),
+    };
     if haproxy {
         println!("load balancer (HAProxy):");
-        println!("  HTTP  http://{}", cluster.lb_http());
-        println!("  RESP  redis://{}", cluster.lb_resp());
-        println!("  cluster view  http://{}/v1/cluster", cluster.lb_http());
+        println!("  HTTP  {http}://{}", cluster.lb_http());
+        println!("  RESP  {redis}://{}", cluster.lb_resp());
+        println!("  cluster view  {http}://{}/v1/cluster", cluster.lb_http());
         if let Some(p) = cluster.haproxy_config_path() {
             println!("  configuration {}", p.display());
         }
@@ -92,7 +96,7 @@ fn cluster(args: crate::args::ClusterArgs) -> anyhow::Result<ExitCode> {
     println!("nodes:");
     for n in cluster.nodes() {
         println!(
-            "  {}  RESP redis://{}  HTTP http://{}  pid {}  data {}",
+            "  {}  RESP {redis}://{}  HTTP {http}://{}  pid {}  data {}",
             n.node_id,
             n.resp,
             n.http,
@@ -102,7 +106,29 @@ fn cluster(args: crate::args::ClusterArgs) -> anyhow::Result<ExitCode> {
     }
     if !haproxy {
         let first = &cluster.nodes()[0];
-        println!("cluster view  http://{}/v1/cluster", first.http);
+        println!("cluster view  {http}://{}/v1/cluster", first.http);
+    }
+    if let Some(secrets) = cluster.secrets() {
+        let ca = secrets.ca();
+        let users = secrets.users();
+        println!("secured: TLS only, every client authenticates");
+        println!("  CA certificate  {}", ca.display());
+        println!(
+            "  users (NAME ROLE SECRET)  {}  (admin, app: write, reader: read, healthcheck)",
+            users.display()
+        );
+        println!(
+            "  redis-cli --tls --cacert {} -p {} --user app --pass \"$(awk '$1==\"app\"{{print $3}}' {})\" PING",
+            ca.display(),
+            cluster.lb_resp().port(),
+            users.display()
+        );
+        println!(
+            "  curl --cacert {} -H \"Authorization: Bearer app:$(awk '$1==\"app\"{{print $3}}' {})\" https://{}/v1/cluster",
+            ca.display(),
+            users.display(),
+            cluster.lb_http()
+        );
     }
     if let Some(c) = &control {
         let token_file = tally_lab::control::write_token(&base_dir, &token)?;
@@ -175,6 +201,7 @@ fn chaos(args: crate::args::ChaosArgs) -> anyhow::Result<ExitCode> {
         store_control,
         ha_store: None,
         attach: args.attach,
+        secure: args.secure,
         attach_token: match args.attach {
             Some(_) => tally_lab::control::read_token(&args.control_token_file).map_err(|e| {
                 anyhow::anyhow!(

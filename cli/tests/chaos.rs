@@ -359,12 +359,14 @@ impl Drop for Interrupted {
     }
 }
 
-/// The README's path: `tally cluster` in one process, `tally chaos
-/// --attach` in another, driving it through the control endpoint. The
-/// attached run injects every node fault, passes, and the cluster then
-/// stops cleanly on SIGINT.
+/// The README's path: `tally cluster --secure` in one process, `tally
+/// chaos --attach` in another, driving it through the control endpoint.
+/// HAProxy's checks pass over TLS with authentication, clients without
+/// credentials (or without TLS) are refused, the attached run (carrying
+/// the cluster's CA and the `app` user's credentials) injects every node
+/// fault and passes, and the cluster then stops cleanly on SIGINT.
 #[test]
-fn chaos_attaches_to_a_running_tally_cluster() {
+fn chaos_attaches_to_a_running_secured_tally_cluster() {
     let _one = ONE_AT_A_TIME.lock();
     let dir = tempfile::tempdir().unwrap();
     let exe = env!("CARGO_BIN_EXE_tally");
@@ -384,6 +386,7 @@ fn chaos_attaches_to_a_running_tally_cluster() {
         .args(["--node-http-port", &(base + 3).to_string()])
         .args(["--node-resp-port", &(base + 6).to_string()])
         .args(["--control-addr", &control.to_string()])
+        .arg("--secure")
         .stdin(Stdio::null())
         .stdout(Stdio::piped())
         .stderr(Stdio::null())
@@ -411,10 +414,22 @@ fn chaos_attaches_to_a_running_tally_cluster() {
         "{banner:?}"
     );
 
-    // The token is the launcher's owner's alone.
+    // The token is the launcher's owner's alone, and so are the secrets.
     let token_file = dir.path().join("cluster/control-token");
     let mode = std::fs::metadata(&token_file).unwrap().permissions().mode() & 0o777;
     assert_eq!(mode, 0o600);
+    let secrets = dir.path().join("cluster/secrets");
+    let mode_of = |p: &std::path::Path| std::fs::metadata(p).unwrap().permissions().mode() & 0o777;
+    assert_eq!(mode_of(&secrets), 0o700);
+    for secret in ["users", "node.key", "haproxy.pem"] {
+        assert_eq!(mode_of(&secrets.join(secret)), 0o600, "{secret}");
+    }
+    assert_eq!(
+        mode_of(&dir.path().join("cluster/haproxy.cfg")),
+        0o600,
+        "the HAProxy configuration holds the check's secret"
+    );
+    check_secured_front(dir.path(), base + 1, base + 2);
 
     let report_path = dir.path().join("report.json");
     let out = Command::new(exe)
@@ -451,6 +466,64 @@ fn chaos_attaches_to_a_running_tally_cluster() {
     assert_eq!(report["verdict"]["lost"], 0);
     assert_eq!(report["verdict"]["counted_twice"], 0);
     assert!(status.success(), "tally cluster exited with {status}");
+}
+
+/// Through the secured cluster's load balancer: TLS with the cluster's CA
+/// and a user's credentials gets in; no credentials, or no TLS, does not;
+/// and HAProxy's authenticated checks over TLS keep every node in
+/// rotation.
+fn check_secured_front(dir: &std::path::Path, lb_http: u16, lb_resp: u16) {
+    let secrets = dir.join("cluster/secrets");
+    let ca = secrets.join("ca.crt").display().to_string();
+    let secret = tally_lab::wire::access::secret_of(&secrets.join("users"), "app").unwrap();
+    let run = |program: &str, args: &[&str]| {
+        let out = Command::new(program).args(args).output().unwrap();
+        String::from_utf8_lossy(&out.stdout).trim().to_string()
+            + String::from_utf8_lossy(&out.stderr).trim()
+    };
+    let port = lb_resp.to_string();
+    let cli = ["--tls", "--cacert", &ca, "-p", &port];
+    let mut with_user = cli.to_vec();
+    with_user.extend([
+        "--user",
+        "app",
+        "--pass",
+        &secret,
+        "--no-auth-warning",
+        "PING",
+    ]);
+    assert_eq!(run("redis-cli", &with_user), "PONG");
+    let mut anonymous = cli.to_vec();
+    anonymous.push("PING");
+    assert!(run("redis-cli", &anonymous).contains("NOAUTH"));
+    let url = format!("https://127.0.0.1:{lb_http}/v1/cluster");
+    let bearer = format!("Authorization: Bearer app:{secret}");
+    let status = |extra: &[&str], url: &str| {
+        let mut args = vec![
+            "-s",
+            "-o",
+            "/dev/null",
+            "-w",
+            "%{http_code}",
+            "--max-time",
+            "5",
+        ];
+        args.extend_from_slice(extra);
+        args.push(url);
+        run("curl", &args)
+    };
+    assert_eq!(status(&["--cacert", &ca, "-H", &bearer], &url), "200");
+    assert_eq!(status(&["--cacert", &ca], &url), "401");
+    // Plaintext HTTP to the TLS frontend gets no answer from a node.
+    assert_ne!(
+        status(&[], &format!("http://127.0.0.1:{lb_http}/readyz")),
+        "200"
+    );
+    // Several check intervals: a check that could not authenticate, or
+    // could not verify a node's certificate, would have marked it down.
+    std::thread::sleep(Duration::from_millis(1500));
+    let log = std::fs::read_to_string(dir.join("cluster/haproxy.log")).unwrap();
+    assert!(!log.contains("is DOWN"), "{log}");
 }
 
 /// Attaching to an address where no cluster listens fails at once and

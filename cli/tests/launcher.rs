@@ -349,6 +349,7 @@ fn generated_haproxy_config_is_valid() {
         ([127, 0, 0, 1], 7070).into(),
         ([127, 0, 0, 1], 7379).into(),
         &nodes,
+        None,
     );
     for needle in [
         "option httpchk GET /readyz",

@@ -27,6 +27,7 @@ use serde::{Deserialize, Serialize};
 use crate::control::RemoteCluster;
 use crate::launcher::{Action, LocalCluster, LocalClusterConfig};
 use crate::process::READY_TIMEOUT;
+use crate::wire::access::Access;
 use crate::wire::http::{self, HttpError};
 use crate::wire::resp::{self, Reply, RespError};
 
@@ -254,6 +255,9 @@ pub trait Target: Sync {
     fn node_http(&self) -> Vec<SocketAddr>;
     fn act(&self, node: usize, action: Action) -> anyhow::Result<()>;
     fn wait_ready(&self, node: usize, timeout: Duration) -> anyhow::Result<()>;
+    /// How the run's clients reach the cluster: plaintext, or for a
+    /// secured cluster TLS and the `app` user's credentials.
+    fn access(&self) -> anyhow::Result<Access>;
 }
 
 impl Target for LocalCluster {
@@ -271,6 +275,9 @@ impl Target for LocalCluster {
     }
     fn wait_ready(&self, node: usize, timeout: Duration) -> anyhow::Result<()> {
         Ok(LocalCluster::wait_ready(self, node, timeout)?)
+    }
+    fn access(&self) -> anyhow::Result<Access> {
+        LocalCluster::access(self, CHAOS_USER)
     }
 }
 
@@ -292,7 +299,16 @@ impl Target for RemoteCluster {
     fn wait_ready(&self, node: usize, timeout: Duration) -> anyhow::Result<()> {
         Ok(RemoteCluster::wait_ready(self, node, timeout)?)
     }
+    fn access(&self) -> anyhow::Result<Access> {
+        match &self.view().secrets_dir {
+            None => Ok(Access::open()),
+            Some(dir) => crate::secrets::Secrets { dir: dir.clone() }.access(CHAOS_USER),
+        }
+    }
 }
+
+/// The user a run's clients are on a secured cluster (role `write`).
+pub const CHAOS_USER: &str = "app";
 
 /// The two front ends.
 #[derive(Debug, Clone, Copy, PartialEq, Eq, PartialOrd, Ord, Serialize, Deserialize)]
@@ -426,6 +442,9 @@ pub struct ChaosConfig {
     pub attach: Option<SocketAddr>,
     /// The attached cluster's control token (see `control`).
     pub attach_token: String,
+    /// The run's own cluster is secured (see
+    /// [`LocalClusterConfig::secure`]); an attached one says whether it is.
+    pub secure: bool,
     /// The fault kinds to inject (each at least once); the store fault
     /// only with a `store_control`.
     pub faults: Vec<Fault>,
@@ -452,6 +471,7 @@ impl Default for ChaosConfig {
             ha_store: None,
             attach: None,
             attach_token: String::new(),
+            secure: false,
             faults: Fault::ALL.to_vec(),
             mislabel_memory_as_local: false,
             interrupt: None,
@@ -614,12 +634,14 @@ enum Answer {
 /// and [`RESPONSE_BYTES_MAX`]: a fresh connection, so that the load
 /// balancer picks a server for each.
 async fn http_request(
+    access: &Access,
     addr: SocketAddr,
     method: &str,
     path: &str,
     body: Option<&str>,
 ) -> Result<http::Response, HttpError> {
-    http::request_async(
+    http::request_async_with(
+        access,
         addr,
         method,
         path,
@@ -630,7 +652,7 @@ async fn http_request(
     .await
 }
 
-async fn http_increment(addr: SocketAddr, r: &Request, level: Level) -> Answer {
+async fn http_increment(access: &Access, addr: SocketAddr, r: &Request, level: Level) -> Answer {
     let body = serde_json::json!({
         "by": r.delta,
         "idempotency_key": r.key,
@@ -639,7 +661,7 @@ async fn http_increment(addr: SocketAddr, r: &Request, level: Level) -> Answer {
     .to_string();
     let path = format!("/v1/counters/{}/increment", r.counter);
     http_answer(
-        http_request(addr, "POST", &path, Some(&body))
+        http_request(access, addr, "POST", &path, Some(&body))
             .await
             .map(|a| (a.status, a.body)),
     )
@@ -674,7 +696,7 @@ fn http_answer(answer: Result<(u16, String), HttpError>) -> Answer {
 
 /// One `TALLY.INCRBY` on a fresh connection through the load balancer,
 /// within [`REQUEST_TIMEOUT`] and [`RESPONSE_BYTES_MAX`].
-async fn resp_increment(addr: SocketAddr, r: &Request, level: Level) -> Answer {
+async fn resp_increment(access: &Access, addr: SocketAddr, r: &Request, level: Level) -> Answer {
     let delta = r.delta.to_string();
     let args = [
         "TALLY.INCRBY",
@@ -685,7 +707,9 @@ async fn resp_increment(addr: SocketAddr, r: &Request, level: Level) -> Answer {
         "DURABILITY",
         level.wire(),
     ];
-    resp_answer(resp::command_once(addr, &args, REQUEST_TIMEOUT, RESPONSE_BYTES_MAX).await)
+    resp_answer(
+        resp::command_once_with(access, addr, &args, REQUEST_TIMEOUT, RESPONSE_BYTES_MAX).await,
+    )
 }
 
 /// What a RESP reply (or its absence) says about an increment: applied
@@ -711,6 +735,8 @@ fn resp_answer(reply: Result<Reply, RespError>) -> Answer {
 struct Load {
     lb_http: SocketAddr,
     lb_resp: SocketAddr,
+    /// TLS and credentials, for a secured cluster.
+    access: Access,
     started: Instant,
     /// Unique to this run, in every counter name and key: a rerun in the
     /// same directory (same store, keys remembered for a day) must neither
@@ -785,8 +811,8 @@ async fn client(load: Arc<Load>, id: usize, seed: u64) {
         loop {
             r.attempts += 1;
             let answer = match protocol {
-                Protocol::Http => http_increment(load.lb_http, &r, wire).await,
-                Protocol::Resp => resp_increment(load.lb_resp, &r, wire).await,
+                Protocol::Http => http_increment(&load.access, load.lb_http, &r, wire).await,
+                Protocol::Resp => resp_increment(&load.access, load.lb_resp, &r, wire).await,
             };
             match answer {
                 Answer::Acked => {
@@ -1019,8 +1045,9 @@ fn ha_fault(ha: &crate::hastore::HaStore, fault: Fault, rng: &mut Rng) -> anyhow
 }
 
 /// Reads one counter from one node; `None` if the node did not answer.
-async fn read_value(node: SocketAddr, counter: &str) -> Option<u64> {
-    let answer = http_request(node, "GET", &format!("/v1/counters/{counter}"), None).await;
+async fn read_value(access: &Access, node: SocketAddr, counter: &str) -> Option<u64> {
+    let path = format!("/v1/counters/{counter}");
+    let answer = http_request(access, node, "GET", &path, None).await;
     match answer.map(|a| (a.status, a.body)) {
         Ok((404, _)) => Some(0),
         Ok((200, body)) => serde_json::from_str::<serde_json::Value>(&body)
@@ -1033,7 +1060,11 @@ async fn read_value(node: SocketAddr, counter: &str) -> Option<u64> {
 
 /// Polls every node until each reports the same value for every counter
 /// twice in a row, or `SETTLE_TIMEOUT` passes; returns the last reading.
-async fn settle(nodes: &[SocketAddr], counters: &[String]) -> BTreeMap<String, Vec<u64>> {
+async fn settle(
+    access: &Access,
+    nodes: &[SocketAddr],
+    counters: &[String],
+) -> BTreeMap<String, Vec<u64>> {
     let deadline = Instant::now() + SETTLE_TIMEOUT;
     let mut previous: Option<BTreeMap<String, Vec<u64>>> = None;
     loop {
@@ -1042,7 +1073,7 @@ async fn settle(nodes: &[SocketAddr], counters: &[String]) -> BTreeMap<String, V
         for c in counters {
             let mut values = Vec::new();
             for n in nodes {
-                match read_value(*n, c).await {
+                match read_value(access, *n, c).await {
                     Some(v) => values.push(v),
                     None => complete = false,
                 }
@@ -1204,6 +1235,7 @@ pub fn cluster_config(config: &ChaosConfig) -> std::io::Result<LocalClusterConfi
     Ok(LocalClusterConfig {
         store: config.store.clone(),
         exe: config.exe.clone(),
+        secure: config.secure,
         ..LocalClusterConfig::for_fault_tests(3, &config.base_dir)?
     })
 }
@@ -1315,6 +1347,7 @@ pub fn run(config: ChaosConfig) -> anyhow::Result<ChaosReport> {
 fn run_on(target: &dyn Target, config: &ChaosConfig) -> anyhow::Result<ChaosReport> {
     let mut rng = Rng::new(config.seed);
     let (lb_http, lb_resp) = target.load_balancer()?;
+    let access = target.access()?;
     let required_faults = required_faults(config);
     let runtime = tokio::runtime::Builder::new_multi_thread()
         .worker_threads(2)
@@ -1323,6 +1356,7 @@ fn run_on(target: &dyn Target, config: &ChaosConfig) -> anyhow::Result<ChaosRepo
     let load = Arc::new(Load {
         lb_http,
         lb_resp,
+        access: access.clone(),
         started: Instant::now(),
         run_id: format!(
             "{:x}",
@@ -1374,7 +1408,7 @@ fn run_on(target: &dyn Target, config: &ChaosConfig) -> anyhow::Result<ChaosRepo
     let mut counters: Vec<String> = history.iter().map(|r| r.counter.clone()).collect();
     counters.sort();
     counters.dedup();
-    let values = runtime.block_on(settle(&node_addrs, &counters));
+    let values = runtime.block_on(settle(&access, &node_addrs, &counters));
     let verdict = check(&history, &values);
 
     let mut acks = std::mem::take(&mut *load.acks_ms.lock());

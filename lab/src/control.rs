@@ -97,6 +97,10 @@ pub struct ClusterView {
     pub lb_http: Option<SocketAddr>,
     pub lb_resp: Option<SocketAddr>,
     pub nodes: Vec<NodeView>,
+    /// A secured cluster's secrets directory ([`crate::secrets`]): the CA
+    /// and users a client on this machine needs.
+    #[serde(default)]
+    pub secrets_dir: Option<PathBuf>,
 }
 
 /// A new random token, from the kernel's random source.
@@ -285,6 +289,7 @@ pub fn view(cluster: &LocalCluster) -> ClusterView {
                 data_dir: n.data_dir,
             })
             .collect(),
+        secrets_dir: cluster.secrets().map(|s| s.dir.clone()),
     }
 }
 

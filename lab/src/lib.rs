@@ -10,6 +10,7 @@
 //!   a node's ready line;
 //! - [`pki`]: a private CA and certificates for local clusters and tests;
 //! - [`ports`]: free loopback ports;
+//! - [`secrets`]: the CA, certificates and users of a secured local cluster;
 //! - [`wire`]: the HTTP and RESP clients the tools and tests speak with;
 //! - [`testing`]: the harnesses the test suites share.
 //!
@@ -25,5 +26,6 @@ pub mod pki;
 pub mod ports;
 pub mod process;
 pub mod redis_server;
+pub mod secrets;
 pub mod testing;
 pub mod wire;

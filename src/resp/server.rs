@@ -183,10 +183,10 @@ pub async fn serve_on(
                         tracing::debug!(%peer, "connection refused: resp_connections_max reached");
                         // Over TLS the error reply would first need a
                         // handshake: the connection is closed without one.
-                        if port == Port::Plain {
-                            if let Ok(permit) = rejecting.clone().try_acquire_owned() {
-                                tasks.spawn(reject(stream, permit));
-                            }
+                        if port == Port::Plain
+                            && let Ok(permit) = rejecting.clone().try_acquire_owned()
+                        {
+                            tasks.spawn(reject(stream, permit));
                         }
                     }
                 }

@@ -15,6 +15,8 @@ use std::time::Duration;
 
 use tokio::io::{AsyncReadExt as _, AsyncWriteExt as _};
 
+use super::access::Access;
+
 /// Largest answer [`status`] reads: a status line, headers and the short
 /// body of a health check.
 pub const PROBE_RESPONSE_BYTES_MAX: usize = 4 * 1024;
@@ -153,14 +155,39 @@ pub async fn request_async(
     timeout: Duration,
     response_bytes_max: usize,
 ) -> Result<Response, HttpError> {
+    let open = Access::open();
+    request_async_with(&open, addr, method, path, body, timeout, response_bytes_max).await
+}
+
+/// [`request_async`] over TLS and with a bearer token as `access` says.
+pub async fn request_async_with(
+    access: &Access,
+    addr: SocketAddr,
+    method: &str,
+    path: &str,
+    body: Option<&str>,
+    timeout: Duration,
+    response_bytes_max: usize,
+) -> Result<Response, HttpError> {
     let work = async {
-        let mut s = tokio::net::TcpStream::connect(addr).await?;
-        s.write_all(&encode(addr, method, path, body, None)).await?;
+        let mut s = access.connect(addr).await?;
+        let bearer = access.bearer();
+        s.write_all(&encode(addr, method, path, body, bearer.as_deref()))
+            .await?;
         let mut raw = Vec::new();
-        (&mut s)
+        let read = (&mut s)
             .take(response_bytes_max as u64 + 1)
             .read_to_end(&mut raw)
-            .await?;
+            .await;
+        // A TLS server that closes without close_notify after a whole
+        // answer: the answer stands.
+        if let Err(e) = read
+            && !(access.is_tls()
+                && e.kind() == std::io::ErrorKind::UnexpectedEof
+                && !raw.is_empty())
+        {
+            return Err(e.into());
+        }
         if raw.len() > response_bytes_max {
             return Err(HttpError::TooLarge(response_bytes_max));
         }
@@ -169,6 +196,23 @@ pub async fn request_async(
     tokio::time::timeout(timeout, work)
         .await
         .unwrap_or(Err(HttpError::TimedOut(timeout)))
+}
+
+/// [`status`] over TLS when `access` says so (no credentials are needed
+/// for a health route).
+pub fn status_with(
+    access: &Access,
+    addr: SocketAddr,
+    path: &str,
+    timeout: Duration,
+) -> Option<u16> {
+    let mut s = access.connect_blocking(addr, timeout).ok()?;
+    s.write_all(&encode(addr, "GET", path, None, None)).ok()?;
+    let mut raw = Vec::new();
+    let _ = s
+        .take(PROBE_RESPONSE_BYTES_MAX as u64 + 1)
+        .read_to_end(&mut raw);
+    decode(&raw).ok().map(|r| r.status)
 }
 
 #[cfg(test)]

@@ -14,6 +14,8 @@ use std::time::Duration;
 
 use tokio::io::{AsyncReadExt as _, AsyncWriteExt as _};
 
+use super::access::Access;
+
 /// Longest a blocking [`Client`] waits for one reply by default: a server
 /// that takes longer is stuck, and a tool must not hang on it.
 pub const REPLY_TIMEOUT: Duration = Duration::from_secs(30);
@@ -285,18 +287,44 @@ pub async fn command_once(
     timeout: Duration,
     reply_bytes_max: usize,
 ) -> Result<Reply, RespError> {
+    command_once_with(&Access::open(), addr, args, timeout, reply_bytes_max).await
+}
+
+/// [`command_once`] over TLS and authenticated as `access` says: `AUTH`
+/// goes in the same write as the command; an `AUTH` refused is returned
+/// as the reply.
+pub async fn command_once_with(
+    access: &Access,
+    addr: SocketAddr,
+    args: &[&str],
+    timeout: Duration,
+    reply_bytes_max: usize,
+) -> Result<Reply, RespError> {
     let mut cmd = Vec::new();
+    if let Some(c) = &access.credentials {
+        encode_command(&mut cmd, &["AUTH", &c.user, &c.secret]);
+    }
     encode_command(&mut cmd, args);
     let work = async {
-        let mut s = tokio::net::TcpStream::connect(addr)
+        let mut s = access
+            .connect(addr)
             .await
             .map_err(|source| RespError::Connect { addr, source })?;
         s.write_all(&cmd).await?;
         let mut buf = Vec::new();
         let mut chunk = [0u8; 1024];
+        let mut authenticating = access.credentials.is_some();
         loop {
-            if let Some((reply, _)) = parse_reply(&buf)? {
-                return Ok(reply);
+            if let Some((reply, used)) = parse_reply(&buf)? {
+                if !authenticating {
+                    return Ok(reply);
+                }
+                if matches!(reply, Reply::Error(_)) {
+                    return Ok(reply);
+                }
+                authenticating = false;
+                buf.drain(..used);
+                continue;
             }
             let n = s.read(&mut chunk).await?;
             if n == 0 {
