@@ -13,7 +13,10 @@
 //! 6. ha: the same on a highly available store (Patroni, a synchronous
 //!    standby, HAProxy) against a single server, and the time from the
 //!    primary's death to the first acknowledged `replicated` increment,
-//!    tally's against an upsert client's.
+//!    tally's against an upsert client's;
+//! 7. tls: the cost of TLS on INCR at `local` in tally (its RESP TLS port
+//!    against its plaintext port) beside the same cost in Redis (its
+//!    `tls-port` against its plaintext port).
 //!
 //! Run it with `cargo run --release -p tally-bench`; it builds the release
 //! `tally` binary itself. Every server is a private child process on a
@@ -34,6 +37,7 @@ mod recovery;
 mod replicated;
 mod table;
 mod throughput;
+mod tls;
 mod tools;
 mod writer;
 
@@ -72,16 +76,18 @@ enum Part {
     Flush,
     Replicated,
     Ha,
+    Tls,
 }
 
 impl Part {
-    const ALL: [Part; 6] = [
+    const ALL: [Part; 7] = [
         Part::Throughput,
         Part::Recovery,
         Part::Memory,
         Part::Flush,
         Part::Replicated,
         Part::Ha,
+        Part::Tls,
     ];
 }
 
@@ -192,7 +198,10 @@ fn run(args: RunArgs) -> Result<bool> {
     }
     // Only the parts that start Redis need it; the others name its
     // version in the machine line when it is there.
-    let redis_version = if parts.contains(&Part::Throughput) || parts.contains(&Part::Memory) {
+    let redis_version = if parts.contains(&Part::Throughput)
+        || parts.contains(&Part::Memory)
+        || parts.contains(&Part::Tls)
+    {
         tools::require("redis-server")?
     } else {
         tools::version(std::path::Path::new("redis-server")).unwrap_or_else(|_| "none".into())
@@ -200,6 +209,7 @@ fn run(args: RunArgs) -> Result<bool> {
     if parts.contains(&Part::Throughput)
         || parts.contains(&Part::Replicated)
         || parts.contains(&Part::Ha)
+        || parts.contains(&Part::Tls)
     {
         tools::require("redis-benchmark")?;
     }
@@ -259,6 +269,16 @@ fn run(args: RunArgs) -> Result<bool> {
             Part::Replicated => {
                 replicated::run(&tally_bin, work.path(), &replicated_settings(&args))
             }
+            Part::Tls => tls::run(
+                &tally_bin,
+                work.path(),
+                &tls::Settings {
+                    requests: size(args.requests, args.quick, 200_000, 20_000),
+                    clients: args.clients,
+                    pipelines: vec![1, args.pipeline],
+                    rounds: size(args.rounds, args.quick, 3, 1).max(1),
+                },
+            ),
             Part::Ha => ha::run(
                 &tally_bin,
                 work.path(),

@@ -42,6 +42,8 @@ pub fn stop(mut guard: ChildGuard) -> Result<ExitStatus> {
 pub struct Tally {
     pub guard: ChildGuard,
     pub resp_addr: Option<SocketAddr>,
+    /// RESP over TLS, when the extra arguments asked for it.
+    pub resp_tls_addr: Option<SocketAddr>,
     /// From spawning the process to its ready line.
     pub ready_after: Duration,
     /// Where its log (stderr) goes.
@@ -97,6 +99,7 @@ pub fn start_tally(
             Ok(Tally {
                 guard,
                 resp_addr: line.resp,
+                resp_tls_addr: line.resp_tls,
                 ready_after,
                 log_path,
             })

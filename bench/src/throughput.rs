@@ -272,9 +272,24 @@ pub fn redis_benchmark(
     pipeline: u32,
     key_space: Option<u32>,
 ) -> Result<BenchmarkRow> {
+    redis_benchmark_tls(addr, clients, requests, pipeline, key_space, None)
+}
+
+/// [`redis_benchmark`] over TLS, trusting the CA file `tls_ca`, when given.
+pub fn redis_benchmark_tls(
+    addr: SocketAddr,
+    clients: u32,
+    requests: u64,
+    pipeline: u32,
+    key_space: Option<u32>,
+    tls_ca: Option<&Path>,
+) -> Result<BenchmarkRow> {
     let mut command = Command::new("redis-benchmark");
+    command.args(["-h", &addr.ip().to_string(), "-p", &addr.port().to_string()]);
+    if let Some(ca) = tls_ca {
+        command.arg("--tls").arg("--cacert").arg(ca);
+    }
     command
-        .args(["-h", &addr.ip().to_string(), "-p", &addr.port().to_string()])
         .args(["-t", "incr", "--csv"])
         .args(["-c", &clients.to_string()])
         .args(["-n", &requests.to_string()])

@@ -146,6 +146,9 @@ impl<S: AsyncRead + AsyncWrite + Unpin> Connection<S> {
     pub async fn flush(&mut self) -> io::Result<()> {
         if !self.write_buf.is_empty() {
             self.stream.write_all(&self.write_buf).await?;
+            // A TLS stream may hold encrypted records it could not write
+            // yet; on TCP this does nothing.
+            self.stream.flush().await?;
             self.write_buf.clear();
         }
         if self.write_buf.capacity() > BUFFER_KEEP_BYTES {
