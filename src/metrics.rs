@@ -6,6 +6,9 @@
 
 use std::fmt::Write as _;
 use std::sync::atomic::{AtomicU64, Ordering::Relaxed};
+use std::time::Duration;
+
+use crate::config::Durability;
 
 /// A histogram with fixed bucket upper bounds.
 pub struct Histogram {
@@ -35,9 +38,14 @@ impl Histogram {
     }
 
     pub fn observe(&self, v: f64) {
+        self.observe_n(v, 1);
+    }
+
+    /// `n` observations of `v` at once.
+    pub fn observe_n(&self, v: f64, n: u64) {
         let i = self.bounds.partition_point(|b| *b < v);
-        self.counts[i].fetch_add(1, Relaxed);
-        self.sum_milli.fetch_add((v * 1000.0) as u64, Relaxed);
+        self.counts[i].fetch_add(n, Relaxed);
+        self.sum_milli.fetch_add((v * 1000.0) as u64 * n, Relaxed);
     }
 
     pub fn count(&self) -> u64 {
@@ -63,29 +71,114 @@ impl Histogram {
     }
 
     fn render(&self, out: &mut String, name: &str, help: &str, unit: &str) {
-        let _ = writeln!(out, "# TYPE {name} histogram");
-        if !unit.is_empty() {
-            let _ = writeln!(out, "# UNIT {name} {unit}");
-        }
-        let _ = writeln!(out, "# HELP {name} {help}");
+        family_header(out, name, "histogram", help, unit);
+        self.render_series(out, name, "");
+    }
+
+    /// The sample lines of one series of a histogram family; `labels` is
+    /// empty or `k="v",` pairs, each followed by a comma.
+    fn render_series(&self, out: &mut String, name: &str, labels: &str) {
         let mut cumulative = 0;
         for (i, c) in self.counts.iter().enumerate() {
             cumulative += c.load(Relaxed);
             match self.bounds.get(i) {
                 Some(b) => {
-                    let _ = writeln!(out, "{name}_bucket{{le=\"{b}\"}} {cumulative}");
+                    let _ = writeln!(out, "{name}_bucket{{{labels}le=\"{b}\"}} {cumulative}");
                 }
                 None => {
-                    let _ = writeln!(out, "{name}_bucket{{le=\"+Inf\"}} {cumulative}");
+                    let _ = writeln!(out, "{name}_bucket{{{labels}le=\"+Inf\"}} {cumulative}");
                 }
             }
         }
-        let _ = writeln!(out, "{name}_count {cumulative}");
+        let labels = labels.trim_end_matches(',');
+        let braces = if labels.is_empty() {
+            String::new()
+        } else {
+            format!("{{{labels}}}")
+        };
+        let _ = writeln!(out, "{name}_count{braces} {cumulative}");
         let _ = writeln!(
             out,
-            "{name}_sum {}",
+            "{name}_sum{braces} {}",
             self.sum_milli.load(Relaxed) as f64 / 1000.0
         );
+    }
+}
+
+fn family_header(out: &mut String, name: &str, kind: &str, help: &str, unit: &str) {
+    let _ = writeln!(out, "# TYPE {name} {kind}");
+    if !unit.is_empty() {
+        let _ = writeln!(out, "# UNIT {name} {unit}");
+    }
+    let _ = writeln!(out, "# HELP {name} {help}");
+}
+
+/// The front end a request came through.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum FrontEnd {
+    Resp,
+    Http,
+}
+
+impl FrontEnd {
+    const ALL: [FrontEnd; 2] = [FrontEnd::Resp, FrontEnd::Http];
+
+    fn name(self) -> &'static str {
+        match self {
+            FrontEnd::Resp => "resp",
+            FrontEnd::Http => "http",
+        }
+    }
+}
+
+const LEVELS: [Durability; 3] = [
+    Durability::Memory,
+    Durability::Local,
+    Durability::Replicated,
+];
+
+/// Latency of answered increments (errors included), per front end and
+/// durability level: from when the request was read to when its answer
+/// was ready (for pipelined RESP increments at `local`, after the round's
+/// covering sync).
+pub struct RequestLatency {
+    by: [[Histogram; 3]; 2],
+}
+
+impl Default for RequestLatency {
+    fn default() -> Self {
+        let row = || std::array::from_fn(|_| Histogram::new(LATENCY_BOUNDS_S));
+        RequestLatency { by: [row(), row()] }
+    }
+}
+
+impl RequestLatency {
+    /// Records `n` increments through `front_end` at `level` that took
+    /// `elapsed`.
+    pub fn observe(&self, front_end: FrontEnd, level: Durability, elapsed: Duration, n: u64) {
+        let f = FrontEnd::ALL
+            .iter()
+            .position(|x| *x == front_end)
+            .unwrap_or(0);
+        let l = LEVELS.iter().position(|x| *x == level).unwrap_or(0);
+        self.by[f][l].observe_n(elapsed.as_secs_f64(), n);
+    }
+
+    fn render(&self, out: &mut String) {
+        let name = "tally_increment_seconds";
+        family_header(
+            out,
+            name,
+            "histogram",
+            "Latency of answered increments, by front end and durability level, from the parsed request to its answer.",
+            "seconds",
+        );
+        for (f, front_end) in FrontEnd::ALL.iter().enumerate() {
+            for (l, level) in LEVELS.iter().enumerate() {
+                let labels = format!("protocol=\"{}\",durability=\"{level}\",", front_end.name());
+                self.by[f][l].render_series(out, name, &labels);
+            }
+        }
     }
 }
 
@@ -120,6 +213,8 @@ pub struct Metrics {
     pub store_regressions_repaired: AtomicU64,
     /// Failed authentication attempts (RESP `AUTH`/`HELLO`, HTTP tokens).
     pub auth_failures: AtomicU64,
+    /// Increment latency per front end and level.
+    pub increment_latency: RequestLatency,
 }
 
 impl Default for Metrics {
@@ -145,6 +240,7 @@ impl Default for Metrics {
             store_errors: AtomicU64::new(0),
             store_regressions_repaired: AtomicU64::new(0),
             auth_failures: AtomicU64::new(0),
+            increment_latency: RequestLatency::default(),
         }
     }
 }
@@ -295,6 +391,7 @@ impl Metrics {
             "Failed authentication attempts: RESP AUTH or HELLO with a wrong user or secret, HTTP requests with a bad bearer token.",
             self.auth_failures.load(Relaxed),
         );
+        self.increment_latency.render(out);
     }
 }
 
@@ -344,6 +441,19 @@ pub fn render_openmetrics(node: &crate::Node) -> String {
         "1 when the node can make writes durable, 0 when not (shutting down, journal failed).",
         u64::from(stats.readiness.ready),
     );
+    let config = node.config();
+    gauge(
+        &mut out,
+        "tally_idempotency_keys_max",
+        "Most idempotency keys this node holds (--idempotency-keys-max); new keys are refused beyond it.",
+        config.idempotency_keys_max as u64,
+    );
+    gauge(
+        &mut out,
+        "tally_counters_max",
+        "Most counters this node holds; new counters are refused beyond it.",
+        config.counters_max as u64,
+    );
     if let Some(lag) = stats.flush_lag_lsns {
         gauge(
             &mut out,
@@ -351,6 +461,47 @@ pub fn render_openmetrics(node: &crate::Node) -> String {
             "Changes applied on this node but not yet known to be in the shared store.",
             lag,
         );
+        gauge(
+            &mut out,
+            "tally_replicated_available",
+            "1 when replicated increments can be made durable now (the store is reachable and this process is not fenced), 0 when not.",
+            u64::from(node.replicated_unavailable().is_none()),
+        );
+    }
+    if let Some(epoch) = node.epoch() {
+        gauge(
+            &mut out,
+            "tally_epoch",
+            "The epoch this process holds in the shared store (new at every start).",
+            epoch,
+        );
+    }
+    if let Some(peers) = node.peers() {
+        out.push_str("# TYPE tally_peer_state gauge\n");
+        out.push_str(
+            "# HELP tally_peer_state Each other node's liveness as this node last read it from the store: 1 for its state, 0 for the others.\n",
+        );
+        for p in &peers {
+            for state in crate::cluster::Liveness::ALL {
+                out.push_str("tally_peer_state{node_id=\"");
+                escape_label(&p.node_id, &mut out);
+                let _ = writeln!(
+                    out,
+                    "\",state=\"{}\"}} {}",
+                    state.as_str(),
+                    u64::from(p.state == state)
+                );
+            }
+        }
+        out.push_str("# TYPE tally_peer_heartbeat_age_seconds gauge\n");
+        out.push_str(
+            "# UNIT tally_peer_heartbeat_age_seconds seconds\n# HELP tally_peer_heartbeat_age_seconds Age of each other node's last heartbeat.\n",
+        );
+        for p in &peers {
+            out.push_str("tally_peer_heartbeat_age_seconds{node_id=\"");
+            escape_label(&p.node_id, &mut out);
+            let _ = writeln!(out, "\"}} {}", p.heartbeat_age_ms as f64 / 1000.0);
+        }
     }
     out.push_str("# TYPE tally_node info\n# HELP tally_node The node's identity.\n");
     out.push_str("tally_node_info{node_id=\"");

@@ -610,6 +610,22 @@ impl Node {
         self.shared.cluster.get().map(|c| c.fenced_signal())
     }
 
+    /// The other nodes as this node's cache last read them (no store
+    /// call); `None` without a store.
+    pub fn peers(&self) -> Option<Vec<crate::cluster::PeerState>> {
+        self.shared.cluster.get().map(|c| c.peers())
+    }
+
+    /// The epoch this process holds in the store; `None` without a store
+    /// or before registering.
+    pub fn epoch(&self) -> Option<u64> {
+        self.shared
+            .cluster
+            .get()
+            .map(|c| c.epoch())
+            .filter(|e| *e > 0)
+    }
+
     /// Why `replicated` increments cannot be made durable now (`None`
     /// when they can, or on a node without a store).
     pub fn replicated_unavailable(&self) -> Option<String> {

@@ -701,3 +701,108 @@ async fn store_figures_reach_info_and_metrics() {
     );
     a.stop().await;
 }
+
+/// `/metrics` text of `member`.
+async fn metrics_text(member: &Member) -> String {
+    reqwest::get(member.http_url("/metrics"))
+        .await
+        .unwrap()
+        .text()
+        .await
+        .unwrap()
+}
+
+// The system's own figures in `/metrics`: increment latency counted per
+// front end and level (pipelined RESP increments at `local` included, once
+// each), the limits, the epoch, `replicated` availability, and each peer's
+// liveness as this node reads it from the store: alive while it runs, down
+// once it has stopped.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn system_figures_reach_metrics() {
+    let store = tempfile::tempdir().unwrap();
+    let a = Member::start(Some(store.path()), "a").await;
+    let b = Member::start(Some(store.path()), "b").await;
+    // HTTP: 3 at the default level (local), 2 at replicated.
+    for _ in 0..3 {
+        a.increment("sys:h", 1).await;
+    }
+    for _ in 0..2 {
+        let r = reqwest::Client::new()
+            .post(a.http_url("/v1/counters/sys:h/increment"))
+            .body(json!({ "by": 1, "durability": "replicated" }).to_string())
+            .send()
+            .await
+            .unwrap();
+        assert_eq!(r.status(), StatusCode::OK);
+    }
+    // RESP: a pipeline of 4 local INCRs (one covering sync), 1 at memory.
+    let mut con = a.redis().await;
+    let mut pipe = redis::pipe();
+    for _ in 0..4 {
+        pipe.cmd("INCR").arg("sys:r");
+    }
+    let _: Vec<i64> = pipe.query_async(&mut con).await.unwrap();
+    let _: (i64, i64) = query(
+        &mut con,
+        &["TALLY.INCRBY", "sys:r", "1", "DURABILITY", "memory"],
+    )
+    .await;
+
+    let count = |text: &str, protocol: &str, level: &str| {
+        metric_value(
+            text,
+            &format!(
+                "tally_increment_seconds_count{{protocol=\"{protocol}\",durability=\"{level}\"}}"
+            ),
+        )
+    };
+    let text = metrics_text(&a).await;
+    assert_eq!(count(&text, "http", "local"), Some(3.0), "{text}");
+    assert_eq!(count(&text, "http", "replicated"), Some(2.0), "{text}");
+    assert_eq!(count(&text, "resp", "local"), Some(4.0), "{text}");
+    assert_eq!(count(&text, "resp", "memory"), Some(1.0), "{text}");
+    assert_eq!(count(&text, "resp", "replicated"), Some(0.0), "{text}");
+    assert!(
+        text.contains(
+            "tally_increment_seconds_bucket{protocol=\"resp\",durability=\"local\",le=\"+Inf\"} 4"
+        ),
+        "{text}"
+    );
+    assert_eq!(
+        metric_value(&text, "tally_idempotency_keys_max"),
+        Some(a.node.config().idempotency_keys_max as f64)
+    );
+    assert_eq!(metric_value(&text, "tally_replicated_available"), Some(1.0));
+    assert!(metric_value(&text, "tally_epoch") >= Some(1.0), "{text}");
+
+    let state = |text: &str, s: &str| {
+        metric_value(
+            text,
+            &format!("tally_peer_state{{node_id=\"b\",state=\"{s}\"}}"),
+        )
+    };
+    eventually("b alive in a's metrics", async || {
+        let text = metrics_text(&a).await;
+        if state(&text, "alive") == Some(1.0) && state(&text, "down") == Some(0.0) {
+            Ok(())
+        } else {
+            Err(text)
+        }
+    })
+    .await;
+    b.stop().await;
+    eventually("b down in a's metrics", async || {
+        let text = metrics_text(&a).await;
+        let age = metric_value(&text, "tally_peer_heartbeat_age_seconds{node_id=\"b\"}");
+        if state(&text, "down") == Some(1.0)
+            && state(&text, "alive") == Some(0.0)
+            && age > Some(0.0)
+        {
+            Ok(())
+        } else {
+            Err(text)
+        }
+    })
+    .await;
+    a.stop().await;
+}

@@ -100,6 +100,9 @@ impl ClusterArgs {
             lb_resp: self.resp_addr,
             haproxy: !self.no_haproxy,
             secure: self.secure,
+            // Every node and HAProxy stop if this process dies, even by
+            // kill -9: nothing of a cluster outlives its launcher.
+            exit_with_launcher: true,
             ..Default::default()
         }
     }

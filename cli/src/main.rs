@@ -92,6 +92,9 @@ fn cluster(args: crate::args::ClusterArgs) -> anyhow::Result<ExitCode> {
         if let Some(p) = cluster.haproxy_config_path() {
             println!("  configuration {}", p.display());
         }
+        if let Some(pid) = cluster.haproxy_pid() {
+            println!("  pid {pid}");
+        }
     }
     println!("nodes:");
     for n in cluster.nodes() {

@@ -479,3 +479,120 @@ fn control_endpoint_acts_on_nodes_and_refuses_mistakes() {
         stop.store(true, std::sync::atomic::Ordering::SeqCst);
     });
 }
+
+/// `tally cluster` killed with SIGKILL (no chance to stop anything) takes
+/// its nodes and HAProxy with it; while it runs, a second launcher on the
+/// same directory is refused and names the first one's pid.
+#[test]
+fn nothing_outlives_a_killed_launcher_and_a_second_one_names_the_first() {
+    use std::io::{BufRead as _, BufReader};
+    use std::process::{Command, Stdio};
+    let _one = ONE_AT_A_TIME.lock();
+    let dir = tempfile::tempdir().unwrap();
+    let exe = env!("CARGO_BIN_EXE_tally");
+    let base = tally_lab::ports::free_loopback_port_run(9).unwrap_or_else(|e| panic!("{e}"));
+    let args = |control: Option<u16>| {
+        let mut args = vec![
+            "cluster".to_string(),
+            "--dir".into(),
+            dir.path().join("c").display().to_string(),
+            "--http-addr".into(),
+            format!("127.0.0.1:{}", base + 1),
+            "--resp-addr".into(),
+            format!("127.0.0.1:{}", base + 2),
+            "--node-http-port".into(),
+            (base + 3).to_string(),
+            "--node-resp-port".into(),
+            (base + 6).to_string(),
+        ];
+        match control {
+            Some(port) => args.extend(["--control-addr".into(), format!("127.0.0.1:{port}")]),
+            None => args.push("--no-control".into()),
+        }
+        args
+    };
+    let mut launcher = tally_lab::process::ChildGuard::spawn(
+        Command::new(exe)
+            .args(args(Some(base)))
+            .stdin(Stdio::null())
+            .stdout(Stdio::piped())
+            .stderr(Stdio::null()),
+        "tally cluster",
+    )
+    .unwrap();
+    let stdout = launcher.take_stdout().unwrap();
+    let (tx, rx) = std::sync::mpsc::channel();
+    std::thread::spawn(move || {
+        let mut lines = Vec::new();
+        for line in BufReader::new(stdout).lines().map_while(Result::ok) {
+            let done = line.starts_with("Ctrl-C");
+            lines.push(line);
+            if done {
+                let _ = tx.send(lines.clone());
+            }
+        }
+    });
+    let banner = rx
+        .recv_timeout(Duration::from_secs(60))
+        .expect("tally cluster did not come up");
+    // Every child's pid, from the banner: HAProxy's, then each node's.
+    let pids: Vec<u32> = banner
+        .iter()
+        .filter_map(|l| {
+            let rest = l
+                .trim()
+                .strip_prefix("pid ")
+                .or_else(|| l.split("  pid ").nth(1))?;
+            rest.split_whitespace().next()?.parse().ok()
+        })
+        .collect();
+    assert_eq!(pids.len(), NODES + 1, "{banner:?}");
+    assert!(pids.iter().all(|p| alive(*p)));
+
+    // A second launcher on the same directory.
+    let out = Command::new(exe)
+        .args(args(None))
+        .stdin(Stdio::null())
+        .output()
+        .unwrap();
+    assert!(!out.status.success());
+    let stderr = String::from_utf8_lossy(&out.stderr);
+    assert!(
+        stderr.contains(&format!(
+            "in use by another tally cluster (pid {})",
+            launcher.pid()
+        )),
+        "{stderr}"
+    );
+    assert!(
+        pids.iter().all(|p| alive(*p)),
+        "the refused launcher touched the first's processes"
+    );
+
+    launcher.kill().unwrap();
+    // A process that exited but is not reaped yet (its new parent may be
+    // slow to) is a zombie: it runs nothing.
+    let running = |pid: u32| {
+        std::fs::read_to_string(format!("/proc/{pid}/stat"))
+            .ok()
+            .and_then(|stat| {
+                let state = stat
+                    .rsplit_once(')')?
+                    .1
+                    .split_whitespace()
+                    .next()?
+                    .to_string();
+                Some(state != "Z" && state != "X")
+            })
+            .unwrap_or(false)
+    };
+    let deadline = Instant::now() + Duration::from_secs(30);
+    while pids.iter().any(|p| running(*p)) {
+        assert!(
+            Instant::now() < deadline,
+            "still running after the launcher died: {:?}",
+            pids.iter().filter(|p| running(**p)).collect::<Vec<_>>()
+        );
+        std::thread::sleep(POLL);
+    }
+}

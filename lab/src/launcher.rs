@@ -120,6 +120,12 @@ pub struct LocalClusterConfig {
     /// CA, certificates and users are in `base_dir/secrets`
     /// ([`crate::secrets`]).
     pub secure: bool,
+    /// Nodes and HAProxy get SIGTERM when the launcher dies, even by
+    /// `kill -9` ([`crate::process::exit_with_parent`]). Only for a launcher
+    /// whose methods are called from long-lived threads (`tally cluster`,
+    /// `tally chaos`): a child started from a thread that ends is stopped
+    /// with it.
+    pub exit_with_launcher: bool,
 }
 
 impl Default for LocalClusterConfig {
@@ -137,6 +143,7 @@ impl Default for LocalClusterConfig {
             haproxy: true,
             node_args: Vec::new(),
             secure: false,
+            exit_with_launcher: false,
         }
     }
 }
@@ -244,6 +251,7 @@ struct Shared {
     base_dir: PathBuf,
     /// Set for a secured cluster.
     secrets: Option<crate::secrets::Secrets>,
+    exit_with_launcher: bool,
     stop: AtomicBool,
 }
 
@@ -258,7 +266,43 @@ pub struct LocalCluster {
     lb_resp: SocketAddr,
     /// How the launcher's own probes reach the load balancer.
     probe: crate::wire::access::Access,
+    /// Holds `DIR/`[`LOCK_FILE`] locked while the cluster runs.
+    _lock: File,
     stopped: bool,
+}
+
+/// The file a running launcher holds locked in its directory, with its
+/// pid inside: a second launcher on the same directory names that pid.
+pub const LOCK_FILE: &str = "launcher.pid";
+
+/// Locks `dir/`[`LOCK_FILE`] for this process (released when the file is
+/// closed, so also when the process dies), or says which process holds it.
+fn lock_dir(dir: &Path) -> Result<File> {
+    use std::io::{Read as _, Seek as _, Write as _};
+    use std::os::fd::AsRawFd as _;
+    let path = dir.join(LOCK_FILE);
+    let mut file = OpenOptions::new()
+        .read(true)
+        .write(true)
+        .create(true)
+        .truncate(false)
+        .open(&path)
+        .map_err(io_err(format!("opening {}", path.display())))?;
+    // SAFETY: flock on a descriptor this function owns.
+    if unsafe { libc::flock(file.as_raw_fd(), libc::LOCK_EX | libc::LOCK_NB) } != 0 {
+        let mut holder = String::new();
+        let _ = file.read_to_string(&mut holder);
+        return Err(LauncherError::Invalid(format!(
+            "{} is in use by another tally cluster (pid {}); stop it first or choose another --dir",
+            dir.display(),
+            holder.trim()
+        )));
+    }
+    file.set_len(0)
+        .and_then(|()| file.rewind())
+        .and_then(|()| writeln!(file, "{}", std::process::id()))
+        .map_err(io_err(format!("writing {}", path.display())))?;
+    Ok(file)
 }
 
 impl Shared {
@@ -310,6 +354,9 @@ impl Shared {
             // A process group of its own: Ctrl-C in the terminal reaches
             // only the launcher, which then stops the nodes in order.
             .process_group(0);
+        if self.exit_with_launcher {
+            crate::process::exit_with_parent(&mut cmd);
+        }
         let mut child = ChildGuard::spawn(&mut cmd, &info.node_id)
             .map_err(io_err(format!("starting {}", self.exe.display())))?;
         // Reads until the process exits: a full pipe would block it.
@@ -498,6 +545,7 @@ impl LocalCluster {
             .map_err(io_err(format!("creating {}", config.base_dir.display())))?;
         let base_dir = fs::canonicalize(&config.base_dir)
             .map_err(io_err(format!("resolving {}", config.base_dir.display())))?;
+        let lock = lock_dir(&base_dir)?;
         let exe = match config.exe {
             Some(e) => e,
             None => std::env::current_exe().map_err(io_err("finding the tally executable"))?,
@@ -562,6 +610,7 @@ impl LocalCluster {
             node_args: config.node_args,
             base_dir: base_dir.clone(),
             secrets: secrets.clone(),
+            exit_with_launcher: config.exit_with_launcher,
             stop: AtomicBool::new(false),
         });
         let mut cluster = LocalCluster {
@@ -572,6 +621,7 @@ impl LocalCluster {
             lb_http: config.lb_http,
             lb_resp: config.lb_resp,
             probe,
+            _lock: lock,
             stopped: false,
         };
         // Nodes start one after another: each takes its epoch in the store
@@ -610,18 +660,19 @@ impl LocalCluster {
             let log2 = log
                 .try_clone()
                 .map_err(io_err(format!("opening {}", log_path.display())))?;
-            let child = ChildGuard::spawn(
-                Command::new("haproxy")
-                    .arg("-f")
-                    .arg(&path)
-                    .arg("-db")
-                    .stdin(Stdio::null())
-                    .stdout(Stdio::from(log))
-                    .stderr(Stdio::from(log2))
-                    .process_group(0),
-                "haproxy",
-            )
-            .map_err(io_err("starting haproxy"))?;
+            let mut cmd = Command::new("haproxy");
+            cmd.arg("-f")
+                .arg(&path)
+                .arg("-db")
+                .stdin(Stdio::null())
+                .stdout(Stdio::from(log))
+                .stderr(Stdio::from(log2))
+                .process_group(0);
+            if config.exit_with_launcher {
+                crate::process::exit_with_parent(&mut cmd);
+            }
+            let child =
+                ChildGuard::spawn(&mut cmd, "haproxy").map_err(io_err("starting haproxy"))?;
             cluster.haproxy = Some(child);
             cluster.haproxy_config = Some(path);
             cluster.wait_lb(HAPROXY_LISTEN_TIMEOUT, &log_path)?;

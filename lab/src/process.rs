@@ -32,6 +32,30 @@ pub const READY_TIMEOUT: Duration = Duration::from_secs(60);
 /// How often a bounded wait for a child's exit looks again.
 const EXIT_POLL_INTERVAL: Duration = Duration::from_millis(10);
 
+/// Makes the child started by `command` receive SIGTERM when the thread
+/// that starts it ends (Linux's parent-death signal, which follows the
+/// forking thread, so start such children only from threads that live as
+/// long as the launcher: the main thread, a supervisor). A parent that is
+/// already gone when the child sets it up is caught too: the child then
+/// stops at once. SIGTERM, not SIGKILL: a node stops gracefully.
+pub fn exit_with_parent(command: &mut Command) {
+    use std::os::unix::process::CommandExt as _;
+    let parent = std::process::id() as libc::pid_t;
+    // SAFETY: between fork and exec only async-signal-safe calls are made
+    // (prctl, getppid, raise), and nothing is allocated.
+    unsafe {
+        command.pre_exec(move || {
+            if libc::prctl(libc::PR_SET_PDEATHSIG, libc::SIGTERM) != 0 {
+                return Err(std::io::Error::last_os_error());
+            }
+            if libc::getppid() != parent {
+                libc::raise(libc::SIGTERM);
+            }
+            Ok(())
+        });
+    }
+}
+
 /// A child process, signalled only by its own pid and SIGKILLed and reaped
 /// when dropped.
 #[derive(Debug)]

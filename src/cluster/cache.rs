@@ -32,6 +32,9 @@ struct CacheState {
     /// Counter name to (node index, that node's shard value).
     values: HashMap<CompactString, Vec<(u16, i64)>>,
     refreshed: Option<Instant>,
+    /// The other nodes' rows as the last refresh read them: id, epoch and
+    /// last heartbeat (Unix ms).
+    peers: Vec<(String, u64, u64)>,
 }
 
 /// See the module docs.
@@ -76,6 +79,12 @@ impl Cache {
             .filter(|k| k.starts_with(prefix))
             .map(|k| k.to_string())
             .collect()
+    }
+
+    /// The other nodes as the last refresh read them: id, epoch, last
+    /// heartbeat (Unix ms).
+    pub fn peers(&self) -> Vec<(String, u64, u64)> {
+        self.inner.read().peers.clone()
     }
 
     pub fn last_refresh_age(&self) -> Option<Duration> {
@@ -132,7 +141,13 @@ impl Cache {
             }
             self.inner.write().cursors[index] = start.max(node.flushed);
         }
-        self.inner.write().refreshed = Some(Instant::now());
+        let mut inner = self.inner.write();
+        inner.peers = nodes
+            .iter()
+            .filter(|n| n.node_id != self.own)
+            .map(|n| (n.node_id.clone(), n.epoch, n.heartbeat_at_ms))
+            .collect();
+        inner.refreshed = Some(Instant::now());
         Ok(())
     }
 }

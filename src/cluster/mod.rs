@@ -115,6 +115,38 @@ pub enum Liveness {
     Down,
 }
 
+/// Liveness from a heartbeat's age and the heartbeat interval (ms).
+fn liveness(age_ms: u64, interval_ms: u64) -> Liveness {
+    if age_ms <= SUSPECT_AFTER_HEARTBEATS * interval_ms {
+        Liveness::Alive
+    } else if age_ms <= DOWN_AFTER_HEARTBEATS * interval_ms {
+        Liveness::Suspect
+    } else {
+        Liveness::Down
+    }
+}
+
+impl Liveness {
+    pub const ALL: [Liveness; 3] = [Liveness::Alive, Liveness::Suspect, Liveness::Down];
+
+    pub fn as_str(self) -> &'static str {
+        match self {
+            Liveness::Alive => "alive",
+            Liveness::Suspect => "suspect",
+            Liveness::Down => "down",
+        }
+    }
+}
+
+/// Another node as this one last saw it in the store.
+#[derive(Debug, Clone)]
+pub struct PeerState {
+    pub node_id: String,
+    pub epoch: u64,
+    pub heartbeat_age_ms: u64,
+    pub state: Liveness,
+}
+
 /// One node in the cluster view.
 #[derive(Debug, Clone, serde::Serialize)]
 pub struct NodeView {
@@ -497,6 +529,27 @@ impl Cluster {
             .map(|(reason, _)| format!("shared store unreachable: {reason}"))
     }
 
+    /// The other nodes as this node's cache last read them from the store,
+    /// with their liveness now (no store call: the heartbeats age while the
+    /// store cannot be read).
+    pub(crate) fn peers(&self) -> Vec<PeerState> {
+        let now = now_ms();
+        let hb = self.config.heartbeat_interval.as_millis() as u64;
+        self.cache
+            .peers()
+            .into_iter()
+            .map(|(node_id, epoch, heartbeat_at_ms)| {
+                let age = now.saturating_sub(heartbeat_at_ms);
+                PeerState {
+                    node_id,
+                    epoch,
+                    heartbeat_age_ms: age,
+                    state: liveness(age, hb),
+                }
+            })
+            .collect()
+    }
+
     /// The cluster view, read from the store.
     pub(crate) fn view(&self, applied_lsn: u64) -> Result<ClusterView> {
         let nodes = self.reader.nodes().map_err(store_err)?;
@@ -513,13 +566,7 @@ impl Cluster {
                 node_id: n.node_id.clone(),
                 epoch: n.epoch,
                 address: n.address.clone(),
-                state: if age <= SUSPECT_AFTER_HEARTBEATS * hb {
-                    Liveness::Alive
-                } else if age <= DOWN_AFTER_HEARTBEATS * hb {
-                    Liveness::Suspect
-                } else {
-                    Liveness::Down
-                },
+                state: liveness(age, hb),
                 heartbeat_age_ms: age,
                 flushed_lsn: n.flushed.lsn,
                 applied_lsn: applied,

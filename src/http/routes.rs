@@ -115,7 +115,16 @@ async fn apply(
         durability: fields.durability,
         idempotency_key: fields.idempotency_key.as_deref(),
     };
-    node.increment(name, fields.by, options).await
+    let started = std::time::Instant::now();
+    let result = node.increment(name, fields.by, options).await;
+    let level = fields.durability.unwrap_or(node.config().durability);
+    node.metrics().increment_latency.observe(
+        crate::metrics::FrontEnd::Http,
+        level,
+        started.elapsed(),
+        1,
+    );
+    result
 }
 
 async fn increment(

@@ -23,6 +23,7 @@
 
 use crate::config::Durability;
 use crate::error::Error;
+use crate::metrics::FrontEnd;
 use crate::node::IncrementOptions;
 
 use super::cmd::{Command, Context, command_name};
@@ -75,6 +76,10 @@ pub async fn run(
 
     let node = cx.shared.node.clone();
     let default = node.config().durability;
+    // Latency is measured from the round's start: what a client waits for
+    // a reply once the server has its request.
+    let round_start = std::time::Instant::now();
+    let latency = &node.metrics().increment_latency;
     // Replies (by index in `replies`) of increments that wait for the
     // round's sync.
     let mut riders: Vec<usize> = Vec::new();
@@ -97,7 +102,11 @@ pub async fn run(
                     }),
                     idempotency_key: inc.idempotency_key.as_deref(),
                 };
-                match node.increment(&inc.name, inc.delta, options).await {
+                let result = node.increment(&inc.name, inc.delta, options).await;
+                if !(rides && result.is_ok()) {
+                    latency.observe(FrontEnd::Resp, durability, round_start.elapsed(), 1);
+                }
+                match result {
                     Ok(outcome) => {
                         if rides {
                             riders.push(replies.len());
@@ -120,7 +129,14 @@ pub async fn run(
     if riders.is_empty() {
         return flow;
     }
-    if let Err(e) = node.sync().await {
+    let synced = node.sync().await;
+    latency.observe(
+        FrontEnd::Resp,
+        Durability::Local,
+        round_start.elapsed(),
+        riders.len() as u64,
+    );
+    if let Err(e) = synced {
         tracing::debug!(error = %e, increments = riders.len(), "pipelined increments not confirmed durable");
         let uncertain = ReplyError::from(match e {
             Error::Indeterminate(reason) | Error::JournalFailed(reason) => {
