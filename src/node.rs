@@ -469,9 +469,17 @@ impl Node {
                     reason: "this node runs without a shared store".into(),
                 });
             };
-            if let Some(key) = options.idempotency_key
-                && engine.keys().with_key(key, now_ms(), |slot| slot.seen())
+            let seen = options.idempotency_key.map(|key| {
+                let fingerprint = idempotency::fingerprint(name, delta);
+                engine
+                    .keys()
+                    .with_key(key, now_ms(), |slot| slot.seen_as(fingerprint))
+            });
+            if let (Some(key), Some(idempotency::Seen::Different)) = (options.idempotency_key, seen)
             {
+                return Err(idempotency::reused_error(key));
+            }
+            if let (Some(key), Some(idempotency::Seen::Same)) = (options.idempotency_key, seen) {
                 unsettled(Some(key))?;
                 return Ok(IncrementOutcome {
                     value: self.global_value(name).unwrap_or(0),

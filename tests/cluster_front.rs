@@ -806,3 +806,38 @@ async fn system_figures_reach_metrics() {
     .await;
     a.stop().await;
 }
+
+// The same rule at `replicated`: a key reused with another delta is
+// refused on the node that applied it, and nothing is applied.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_replicated_key_reused_for_another_increment_is_refused() {
+    let store = tempfile::tempdir().unwrap();
+    let a = Member::start(Some(store.path()), "a").await;
+    let post = async |by: i64| {
+        let r = reqwest::Client::new()
+            .post(a.http_url("/v1/counters/rk/increment"))
+            .body(
+                json!({ "by": by, "idempotency_key": "rk-1", "durability": "replicated" })
+                    .to_string(),
+            )
+            .send()
+            .await
+            .unwrap();
+        let status = r.status();
+        (status, r.json::<Value>().await.unwrap())
+    };
+    assert_eq!(post(2).await.0, StatusCode::OK);
+    let (status, body) = post(2).await;
+    assert_eq!((status, &body["duplicate"]), (StatusCode::OK, &json!(true)));
+    let (status, body) = post(3).await;
+    assert_eq!(status, StatusCode::BAD_REQUEST, "{body}");
+    assert!(
+        body["error"]
+            .as_str()
+            .unwrap()
+            .contains("first used with another counter or delta"),
+        "{body}"
+    );
+    assert_eq!(a.node.get("rk").unwrap(), Some(2));
+    a.stop().await;
+}

@@ -487,12 +487,12 @@ fn parallel_replay_matches_a_sequential_model_up_to_the_cut() {
             Decoded::Record(r, _) if o < cut => {
                 *model.entry(r.name.to_string()).or_default() += r.delta;
                 if let Some((k, _)) = r.key {
-                    key_before = Some((k.to_string(), r.name.to_string()));
+                    key_before = Some((k.to_string(), r.name.to_string(), r.delta));
                 }
             }
             Decoded::Record(r, _) => {
                 if let (Some((k, _)), None) = (r.key, &key_after) {
-                    key_after = Some((k.to_string(), r.name.to_string()));
+                    key_after = Some((k.to_string(), r.name.to_string(), r.delta));
                 }
             }
             _ => assert_eq!(o, cut, "only the flipped record is bad"),
@@ -505,10 +505,11 @@ fn parallel_replay_matches_a_sequential_model_up_to_the_cut() {
     for (name, value) in &model {
         assert_eq!(recovered.get(name).unwrap(), Some(*value), "{name}");
     }
-    let resend = |(key, name): (String, String)| {
+    // The same increment again: a retry of it.
+    let resend = |(key, name, delta): (String, String, i64)| {
         rt.block_on(recovered.increment(
             &name,
-            1,
+            delta,
             IncrementOptions {
                 durability: Some(Durability::Memory),
                 idempotency_key: Some(&key),

@@ -926,3 +926,85 @@ async fn oversized_request_head_is_refused() {
     assert_eq!(get(&s, "/healthz").await.0, StatusCode::OK);
     s.stop_serving().await.shutdown().unwrap();
 }
+
+// An idempotency key names one increment. Reused with the same counter
+// and delta it is a retry (a duplicate, nothing applied); reused with
+// another delta or counter it is refused with a 400 that says so, over
+// HTTP and RESP, with nothing applied. The key keeps knowing its increment
+// across a crash (the journal replayed, no snapshot), and across a
+// restart that loads a snapshot.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_key_reused_for_another_increment_is_refused() {
+    use std::sync::Arc;
+    use tally::engine::storage::SimStorage;
+    let fs = SimStorage::new();
+    let config = || tally::Config::new("/data");
+    let node = tally::Node::open_with_storage(config(), Arc::new(fs.clone())).unwrap();
+    let s = ServedNode::serve(node, ServerConfig::default()).await;
+    let call = async |name: &str, by: i64| {
+        let body = json!({ "by": by, "idempotency_key": "pay-1" }).to_string();
+        post(&s, &format!("/v1/counters/{name}/increment"), &body).await
+    };
+    let (status, body) = call("pay", 5).await;
+    assert_eq!((status, &body["value"]), (StatusCode::OK, &json!(5)));
+    let (status, body) = call("pay", 5).await;
+    assert_eq!(status, StatusCode::OK);
+    assert_eq!(body["duplicate"], true);
+    for (name, by) in [("pay", 6), ("other", 5)] {
+        let (status, body) = call(name, by).await;
+        assert_eq!(status, StatusCode::BAD_REQUEST, "{name} {by}: {body}");
+        assert!(
+            error_of(&body).contains("'pay-1' was first used with another counter or delta"),
+            "{body}"
+        );
+    }
+    let mut con = s.client().await;
+    let refused: redis::RedisResult<(i64, i64)> = redis::cmd("TALLY.INCRBY")
+        .arg("pay")
+        .arg(7)
+        .arg("IDEMPOTENCY")
+        .arg("pay-1")
+        .query_async(&mut con)
+        .await;
+    let e = refused.unwrap_err().to_string();
+    assert!(
+        e.contains("first used with another counter or delta"),
+        "{e}"
+    );
+    assert_eq!(s.node.get("pay").unwrap(), Some(5));
+    assert_eq!(s.node.get("other").unwrap(), None);
+
+    let check = async |node: &tally::Node| {
+        let opts = IncrementOptions {
+            durability: Some(Durability::Local),
+            idempotency_key: Some("pay-1"),
+        };
+        let again = node.increment("pay", 5, opts).await.unwrap();
+        assert!(again.duplicate);
+        let e = node.increment("pay", 9, opts).await.unwrap_err();
+        assert!(matches!(e, tally::Error::InvalidInput { .. }), "{e}");
+        assert_eq!(node.get("pay").unwrap(), Some(5));
+    };
+    // A crash: only what was synced survives; the journal is replayed.
+    drop(con);
+    let crashed = s.stop_serving().await;
+    let after = fs.crash(&[]);
+    drop(crashed);
+    let node = tally::Node::open_with_storage(config(), Arc::new(after.clone())).unwrap();
+    assert!(
+        node.recovery_report().snapshot.is_none(),
+        "replayed from the journal"
+    );
+    assert!(node.recovery_report().records_applied > 0);
+    check(&node).await;
+    // A clean stop writes a snapshot; the next start loads it.
+    shutdown_node(node).await;
+    let node = tally::Node::open_with_storage(config(), Arc::new(after)).unwrap();
+    assert!(
+        node.recovery_report().snapshot.is_some(),
+        "loaded from a snapshot"
+    );
+    assert_eq!(node.recovery_report().records_applied, 0);
+    check(&node).await;
+    shutdown_node(node).await;
+}

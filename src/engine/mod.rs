@@ -23,7 +23,7 @@ use parking_lot::Mutex;
 use crate::config::Config;
 use crate::error::{Error, Result};
 use crate::metrics::Metrics;
-use idempotency::{IdempotencyKeys, now_ms};
+use idempotency::{IdempotencyKeys, Seen, now_ms};
 use journal::{Journal, JournalConfig, Kind, Record, Urgency};
 use recovery::{JOURNAL_DIR, RecoveryReport};
 use storage::Storage;
@@ -222,15 +222,20 @@ impl Engine {
         let Some((k, expiry)) = key else {
             return self.apply_journaled(name, delta, kind, None, urgency);
         };
+        let fingerprint = idempotency::fingerprint(name, delta);
         self.keys.with_key(k, now_ms(), |slot| {
-            if slot.seen() {
-                return Ok(Applied::Duplicate {
-                    value: self.table.get(name).map_or(0, |e| e.value),
-                });
+            match slot.seen_as(fingerprint) {
+                Seen::Same => {
+                    return Ok(Applied::Duplicate {
+                        value: self.table.get(name).map_or(0, |e| e.value),
+                    });
+                }
+                Seen::Different => return Err(idempotency::reused_error(k)),
+                Seen::No => {}
             }
             slot.check_room()?;
             let applied = self.apply_journaled(name, delta, kind, key, urgency)?;
-            slot.insert(expiry);
+            slot.insert(expiry, fingerprint);
             Ok(applied)
         })
     }

@@ -17,7 +17,7 @@ use std::path::{Path, PathBuf};
 use std::time::{Duration, Instant};
 
 use crate::config::RecoveryMode;
-use crate::engine::idempotency::IdempotencyKeys;
+use crate::engine::idempotency::{self, IdempotencyKeys};
 use crate::engine::journal::Kind;
 use crate::engine::journal::{self, Decoded, SEGMENT_HEADER_BYTES};
 use crate::engine::snapshot::{self, Item, SnapshotMeta};
@@ -94,6 +94,8 @@ struct KeyOp {
     key: CompactString,
     /// Expiry to restore, or `None` to forget the key (a revert).
     expiry: Option<u64>,
+    /// The fingerprint of the increment that carried it.
+    fingerprint: u64,
 }
 
 /// What one thread found in its run of a segment's records. Kept from
@@ -218,6 +220,7 @@ fn replay_segment(
                         chunk.keys.push(KeyOp {
                             key: CompactString::from(key),
                             expiry: (!forget).then_some(expiry),
+                            fingerprint: idempotency::fingerprint(r.name, r.delta),
                         });
                     }
                     if o as u64 >= first_applied_off {
@@ -271,7 +274,7 @@ fn replay_segment(
     for chunk in chunks {
         for op in &chunk.keys {
             match op.expiry {
-                Some(expiry) => keys.restore(&op.key, expiry, now_ms),
+                Some(expiry) => keys.restore(&op.key, expiry, op.fingerprint, now_ms),
                 None => keys.remove(&op.key),
             }
         }
@@ -374,7 +377,9 @@ pub fn recover(
         let meta = snapshot::read(&bytes, &path, |item| {
             match item {
                 Item::Counter(name, entry) => table.restore(name, entry),
-                Item::Key(key, expiry) => keys.restore(key, expiry, now_ms),
+                Item::Key(key, expiry, fingerprint) => {
+                    keys.restore(key, expiry, fingerprint, now_ms)
+                }
             }
             Ok(())
         })?;

@@ -22,13 +22,20 @@ use crate::error::{Error, Result};
 
 pub const SNAPSHOT_MAGIC: &[u8; 8] = b"TALLYSNP";
 pub const SNAPSHOT_END_MAGIC: &[u8; 8] = b"TALLYEND";
-pub const SNAPSHOT_VERSION: u32 = 1;
+/// Version 2 added the fingerprint to every key (`TAG_KEY_FP`); version 1
+/// snapshots (keys without one, `TAG_KEY`) are still read.
+pub const SNAPSHOT_VERSION: u32 = 2;
+/// The oldest version still read.
+const SNAPSHOT_VERSION_MIN: u32 = 1;
 const HEADER_BYTES: usize = 32;
 /// next_lsn, counters, keys, crc, end magic.
 const TRAILER_BYTES: usize = 8 + 8 + 8 + 4 + 8;
 const TAG_END: u8 = 0;
 const TAG_COUNTER: u8 = 1;
+/// A key and its expiry (version 1).
 const TAG_KEY: u8 = 2;
+/// A key, its expiry and its request's fingerprint (version 2).
+const TAG_KEY_FP: u8 = 3;
 /// The writer hands the file this many bytes at a time.
 const WRITE_CHUNK_BYTES: usize = 1 << 20;
 pub const TEMP_FILE_NAME: &str = "snapshot.tmp";
@@ -60,7 +67,8 @@ pub struct SnapshotMeta {
 /// One item of a snapshot body.
 pub enum Item<'a> {
     Counter(&'a str, Entry),
-    Key(&'a str, u64),
+    /// A key, its expiry, and its request's fingerprint (0: unknown).
+    Key(&'a str, u64, u64),
 }
 
 /// Writes a snapshot of `table` and `keys` covering the journal up to
@@ -109,11 +117,12 @@ pub fn write(
         flush(&mut buf, &mut crc, false)?;
     }
     for shard in 0..IdempotencyKeys::SHARDS {
-        keys.for_each_in_shard(shard, now_ms, |key, expiry| {
-            buf.push(TAG_KEY);
+        keys.for_each_in_shard(shard, now_ms, |key, expiry, fingerprint| {
+            buf.push(TAG_KEY_FP);
             buf.extend_from_slice(&(key.len() as u16).to_le_bytes());
             buf.extend_from_slice(key.as_bytes());
             buf.extend_from_slice(&expiry.to_le_bytes());
+            buf.extend_from_slice(&fingerprint.to_le_bytes());
             key_count += 1;
         });
         flush(&mut buf, &mut crc, false)?;
@@ -179,7 +188,7 @@ pub fn read(
         return Err(corrupt(0, "snapshot magic is wrong"));
     }
     let version = u32::from_le_bytes(bytes[8..12].try_into().unwrap());
-    if version != SNAPSHOT_VERSION {
+    if !(SNAPSHOT_VERSION_MIN..=SNAPSHOT_VERSION).contains(&version) {
         return Err(corrupt(
             8,
             &format!("snapshot version {version} is not supported"),
@@ -223,7 +232,10 @@ pub fn read(
             .map(|b| u16::from_le_bytes([b[0], b[1]]) as usize)
             .ok_or_else(|| corrupt(at, "item length runs past the body"))?;
         at += 2;
-        let fixed = if tag == TAG_COUNTER { 16 } else { 8 };
+        let fixed = match tag {
+            TAG_COUNTER | TAG_KEY_FP => 16,
+            _ => 8,
+        };
         let item = body
             .get(at..at + len + fixed)
             .ok_or_else(|| corrupt(at, "item runs past the body"))?;
@@ -249,7 +261,12 @@ pub fn read(
                 seen_counters += 1;
             }
             TAG_KEY => {
-                visit(Item::Key(text, n1))?;
+                visit(Item::Key(text, n1, 0))?;
+                seen_keys += 1;
+            }
+            TAG_KEY_FP if version >= 2 => {
+                let fingerprint = u64::from_le_bytes(item[len + 8..len + 16].try_into().unwrap());
+                visit(Item::Key(text, n1, fingerprint))?;
                 seen_keys += 1;
             }
             _ => return Err(corrupt(at - 3, &format!("unknown item tag {tag}"))),
@@ -267,4 +284,59 @@ pub fn read(
         keys,
         bytes: bytes.len() as u64,
     })
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    /// A snapshot body as version 1 wrote it: one key, without a
+    /// fingerprint.
+    fn version_1_with_a_key(key: &str, expiry: u64) -> Vec<u8> {
+        let mut b = Vec::new();
+        b.extend_from_slice(SNAPSHOT_MAGIC);
+        b.extend_from_slice(&1u32.to_le_bytes());
+        b.extend_from_slice(&[0; 4]);
+        b.extend_from_slice(&0u64.to_le_bytes()); // covers_pos
+        b.extend_from_slice(&0u64.to_le_bytes()); // written_at_ms
+        b.push(TAG_KEY);
+        b.extend_from_slice(&(key.len() as u16).to_le_bytes());
+        b.extend_from_slice(key.as_bytes());
+        b.extend_from_slice(&expiry.to_le_bytes());
+        b.push(TAG_END);
+        b.extend_from_slice(&1u64.to_le_bytes()); // next_lsn
+        b.extend_from_slice(&0u64.to_le_bytes()); // counters
+        b.extend_from_slice(&1u64.to_le_bytes()); // keys
+        let crc = crc32c::crc32c(&b);
+        b.extend_from_slice(&crc.to_le_bytes());
+        b.extend_from_slice(SNAPSHOT_END_MAGIC);
+        b
+    }
+
+    // Snapshots written before keys carried fingerprints still load: their
+    // keys come back with the fingerprint unknown (0), which is taken for a
+    // retry, as it always was. A fingerprinted key in a version 1 file is
+    // corruption, not something to guess at.
+    #[test]
+    fn version_1_snapshots_load_with_unknown_fingerprints() {
+        let bytes = version_1_with_a_key("k", 99);
+        let mut keys = Vec::new();
+        let meta = read(&bytes, Path::new("v1.snap"), |item| {
+            if let Item::Key(k, expiry, fp) = item {
+                keys.push((k.to_string(), expiry, fp));
+            }
+            Ok(())
+        })
+        .unwrap();
+        assert_eq!(meta.keys, 1);
+        assert_eq!(keys, vec![("k".to_string(), 99, 0)]);
+
+        let mut forged = version_1_with_a_key("k", 99);
+        let tag_at = HEADER_BYTES;
+        forged[tag_at] = TAG_KEY_FP;
+        let crc_at = forged.len() - 12;
+        let crc = crc32c::crc32c(&forged[..crc_at]);
+        forged[crc_at..crc_at + 4].copy_from_slice(&crc.to_le_bytes());
+        assert!(read(&forged, Path::new("v1.snap"), |_| Ok(())).is_err());
+    }
 }
