@@ -189,6 +189,28 @@ async fn store_consistency_reads_past_the_cache() {
     let (status, explicit) = stale.get("/v1/counters/fresh?consistency=cache").await;
     assert_eq!((status, explicit), (StatusCode::OK, cached));
 
+    // The same over RESP: TALLY.GET with CONSISTENCY store reads the
+    // store; GET and TALLY.GET without it answer from the cache.
+    let mut con = stale.redis().await;
+    let fresh: Option<String> =
+        query(&mut con, &["TALLY.GET", "fresh", "CONSISTENCY", "store"]).await;
+    assert_eq!(fresh.as_deref(), Some("6"));
+    let cached: Option<String> = query(&mut con, &["GET", "fresh"]).await;
+    assert_eq!(cached.as_deref(), Some("1"));
+    let cached: Option<String> = query(&mut con, &["TALLY.GET", "fresh"]).await;
+    assert_eq!(cached.as_deref(), Some("1"));
+    let bad: redis::RedisResult<Option<String>> = redis::cmd("TALLY.GET")
+        .arg("fresh")
+        .arg("CONSISTENCY")
+        .arg("latest")
+        .query_async(&mut con)
+        .await;
+    assert!(
+        bad.unwrap_err()
+            .to_string()
+            .contains("CONSISTENCY must be cache")
+    );
+
     // A counter only another node holds: 404 from the cache, found in the
     // store.
     writer.increment("elsewhere", 2).await;
@@ -202,6 +224,14 @@ async fn store_consistency_reads_past_the_cache() {
         stale.get("/v1/counters/elsewhere").await.0,
         StatusCode::NOT_FOUND
     );
+    let elsewhere: Option<String> = query(
+        &mut con,
+        &["TALLY.GET", "elsewhere", "CONSISTENCY", "store"],
+    )
+    .await;
+    assert_eq!(elsewhere.as_deref(), Some("2"));
+    let nowhere: Option<String> = query(&mut con, &["TALLY.GET", "elsewhere"]).await;
+    assert_eq!(nowhere, None);
 
     let (status, body) = stale.get("/v1/counters/fresh?consistency=latest").await;
     assert_eq!(status, StatusCode::BAD_REQUEST);

@@ -1,4 +1,5 @@
-//! Reads of counters: `GET`, `MGET`, `EXISTS`, `DBSIZE`.
+//! Reads of counters: `GET`, `MGET`, `EXISTS`, `DBSIZE`, and `TALLY.GET`
+//! with a choice of where the other nodes' shards come from.
 //!
 //! A counter's value is sent as Redis sends an integer stored in a string:
 //! a bulk string of its decimal form, or nil for a counter never
@@ -8,6 +9,7 @@
 //! node holds.
 
 use crate::Node;
+use crate::node::Consistency;
 
 use super::super::frame::Frame;
 use super::super::parse::Args;
@@ -22,12 +24,24 @@ pub enum Read {
     /// How many of the names exist, a name given twice counting twice.
     Exists(Vec<String>),
     DbSize,
+    /// `TALLY.GET name [CONSISTENCY cache|store]`: with `store`, the other
+    /// nodes' shards are read from the store for this request, so the
+    /// value includes every increment acknowledged anywhere before it.
+    TallyGet(String, Consistency),
 }
 
 impl Read {
     /// Runs the read; `DBSIZE` on a node with a store scans the cache, so
     /// it runs on a blocking thread rather than hold up other connections.
     pub async fn run(self, node: &Node) -> Result<Frame, ReplyError> {
+        if let Read::TallyGet(name, consistency) = self {
+            // A store read blocks: not on a connection's thread.
+            let node = node.clone();
+            let detail = tokio::task::spawn_blocking(move || node.get_detail(&name, consistency))
+                .await
+                .map_err(|e| ReplyError::err(format_args!("reading the counter failed: {e}")))??;
+            return Ok(detail.map_or(Frame::Null, |d| Frame::bulk_decimal(d.value)));
+        }
         if self == Read::DbSize && node.config().cluster.is_some() {
             let node = node.clone();
             let count = tokio::task::spawn_blocking(move || node.counter_count())
@@ -60,6 +74,7 @@ impl Read {
                 Frame::Integer(found)
             }
             Read::DbSize => Frame::Integer(node.counter_count() as i64),
+            Read::TallyGet(name, _) => value(&name)?,
         })
     }
 }
@@ -76,6 +91,29 @@ pub fn parse_mget(args: &mut Args) -> Result<Command, ReplyError> {
 
 pub fn parse_exists(args: &mut Args) -> Result<Command, ReplyError> {
     Ok(Command::Keyspace(Read::Exists(args.rest_names()?)))
+}
+
+pub fn parse_tally_get(args: &mut Args) -> Result<Command, ReplyError> {
+    let name = args.next_name()?;
+    let mut consistency = Consistency::Cache;
+    if args.remaining() > 0 {
+        let option = args.next_bytes()?;
+        if !option.eq_ignore_ascii_case(b"CONSISTENCY") || args.remaining() != 1 {
+            return Err(ReplyError::syntax());
+        }
+        let level = args.next_bytes()?;
+        consistency = if level.eq_ignore_ascii_case(b"store") {
+            Consistency::Store
+        } else if level.eq_ignore_ascii_case(b"cache") {
+            Consistency::Cache
+        } else {
+            return Err(ReplyError::err(
+                "CONSISTENCY must be cache (this node's view) or store (read from the store)",
+            ));
+        };
+    }
+    args.finish()?;
+    Ok(Command::Keyspace(Read::TallyGet(name, consistency)))
 }
 
 pub fn parse_dbsize(args: &mut Args) -> Result<Command, ReplyError> {

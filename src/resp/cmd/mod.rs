@@ -228,6 +228,14 @@ pub const COMMANDS: &[Spec] = &[
         parse: keyspace::parse_get,
     },
     Spec {
+        name: "tally.get",
+        arity: -2,
+        flags: READ,
+        categories: &["@read", "@fast"],
+        keys: ONE_KEY,
+        parse: keyspace::parse_tally_get,
+    },
+    Spec {
         name: "mget",
         arity: -2,
         flags: READ,
