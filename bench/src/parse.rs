@@ -17,6 +17,16 @@ pub struct BenchmarkRow {
     pub p99_ms: f64,
 }
 
+impl BenchmarkRow {
+    /// The run with the median requests/s, so that its latencies belong
+    /// to the same run as its rate.
+    pub fn median(runs: &[BenchmarkRow]) -> Option<&BenchmarkRow> {
+        let mut runs: Vec<&BenchmarkRow> = runs.iter().collect();
+        runs.sort_by(|a, b| a.requests_per_s.total_cmp(&b.requests_per_s));
+        runs.get(runs.len() / 2).copied()
+    }
+}
+
 /// Splits one CSV line of double-quoted fields. redis-benchmark quotes every
 /// field and never puts a quote or comma inside one, but a bare field is
 /// accepted too.

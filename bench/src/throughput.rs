@@ -92,9 +92,7 @@ impl Measured {
     /// The run with the median requests/s, so that its latencies belong
     /// to the same run as its rate.
     fn median(&self) -> Option<&BenchmarkRow> {
-        let mut runs: Vec<&BenchmarkRow> = self.runs.iter().collect();
-        runs.sort_by(|a, b| a.requests_per_s.total_cmp(&b.requests_per_s));
-        runs.get(runs.len() / 2).copied()
+        BenchmarkRow::median(&self.runs)
     }
 }
 

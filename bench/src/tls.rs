@@ -84,9 +84,7 @@ struct Measured {
 
 impl Measured {
     fn median(&self) -> Option<&BenchmarkRow> {
-        let mut runs: Vec<&BenchmarkRow> = self.runs.iter().collect();
-        runs.sort_by(|a, b| a.requests_per_s.total_cmp(&b.requests_per_s));
-        runs.get(runs.len() / 2).copied()
+        BenchmarkRow::median(&self.runs)
     }
 }
 

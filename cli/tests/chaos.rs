@@ -395,19 +395,7 @@ fn chaos_attaches_to_a_running_secured_tally_cluster() {
     // Up once it prints its last line.
     let stdout = cluster.stdout.take().unwrap();
     let mut cluster = Interrupted(Some(cluster));
-    let (tx, rx) = std::sync::mpsc::channel();
-    std::thread::spawn(move || {
-        let mut lines = Vec::new();
-        for line in BufReader::new(stdout).lines().map_while(Result::ok) {
-            let done = line.starts_with("Ctrl-C");
-            lines.push(line);
-            if done {
-                let _ = tx.send(lines.clone());
-            }
-        }
-    });
-    let banner = rx
-        .recv_timeout(Duration::from_secs(60))
+    let banner = tally_lab::testing::process::cluster_banner(stdout, Duration::from_secs(60))
         .expect("tally cluster did not come up");
     assert!(
         banner.iter().any(|l| l.contains(&control.to_string())),

@@ -485,7 +485,6 @@ fn control_endpoint_acts_on_nodes_and_refuses_mistakes() {
 /// same directory is refused and names the first one's pid.
 #[test]
 fn nothing_outlives_a_killed_launcher_and_a_second_one_names_the_first() {
-    use std::io::{BufRead as _, BufReader};
     use std::process::{Command, Stdio};
     let _one = ONE_AT_A_TIME.lock();
     let dir = tempfile::tempdir().unwrap();
@@ -521,19 +520,7 @@ fn nothing_outlives_a_killed_launcher_and_a_second_one_names_the_first() {
     )
     .unwrap();
     let stdout = launcher.take_stdout().unwrap();
-    let (tx, rx) = std::sync::mpsc::channel();
-    std::thread::spawn(move || {
-        let mut lines = Vec::new();
-        for line in BufReader::new(stdout).lines().map_while(Result::ok) {
-            let done = line.starts_with("Ctrl-C");
-            lines.push(line);
-            if done {
-                let _ = tx.send(lines.clone());
-            }
-        }
-    });
-    let banner = rx
-        .recv_timeout(Duration::from_secs(60))
+    let banner = tally_lab::testing::process::cluster_banner(stdout, Duration::from_secs(60))
         .expect("tally cluster did not come up");
     // Every child's pid, from the banner: HAProxy's, then each node's.
     let pids: Vec<u32> = banner

@@ -145,3 +145,26 @@ impl Starting {
         }
     }
 }
+
+/// The banner `tally cluster` prints on `stdout`, up to its last line
+/// ("Ctrl-C stops the cluster."), or `None` if it does not come within
+/// `timeout`. The reader thread goes on draining stdout afterwards, so the
+/// launcher never blocks on a full pipe.
+pub fn cluster_banner(
+    stdout: std::process::ChildStdout,
+    timeout: std::time::Duration,
+) -> Option<Vec<String>> {
+    use std::io::{BufRead as _, BufReader};
+    let (tx, rx) = std::sync::mpsc::channel();
+    std::thread::spawn(move || {
+        let mut lines = Vec::new();
+        for line in BufReader::new(stdout).lines().map_while(Result::ok) {
+            let done = line.starts_with("Ctrl-C");
+            lines.push(line);
+            if done {
+                let _ = tx.send(lines.clone());
+            }
+        }
+    });
+    rx.recv_timeout(timeout).ok()
+}

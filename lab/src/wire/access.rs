@@ -128,16 +128,8 @@ fn server_name(addr: SocketAddr) -> ServerName<'static> {
 
 /// A client configuration trusting the certificates of the PEM file `ca`.
 pub fn client_config(ca: &Path) -> anyhow::Result<Arc<rustls::ClientConfig>> {
-    use rustls::pki_types::CertificateDer;
-    use rustls::pki_types::pem::PemObject as _;
-    let mut roots = rustls::RootCertStore::empty();
-    for cert in CertificateDer::pem_file_iter(ca).with_context(|| format!("{}", ca.display()))? {
-        roots
-            .add(cert.with_context(|| format!("{}", ca.display()))?)
-            .with_context(|| format!("{}: not a usable CA certificate", ca.display()))?;
-    }
-    let provider = Arc::new(rustls::crypto::ring::default_provider());
-    let config = rustls::ClientConfig::builder_with_provider(provider)
+    let roots = tally::tls::root_store(ca, "CA file")?;
+    let config = rustls::ClientConfig::builder_with_provider(tally::tls::provider())
         .with_safe_default_protocol_versions()?
         .with_root_certificates(roots)
         .with_no_client_auth();
