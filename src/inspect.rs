@@ -133,7 +133,10 @@ pub fn inspect_with(storage: &dyn Storage, data_dir: &Path) -> Result<InspectRep
         };
         match journal::parse_segment_header(&bytes) {
             Err(e) => {
-                r.status = if last && bytes.len() <= SEGMENT_HEADER_BYTES {
+                r.status = if last
+                    && (bytes.len() <= SEGMENT_HEADER_BYTES
+                        || journal::is_zero_tail(&bytes[SEGMENT_HEADER_BYTES..]))
+                {
                     "torn-tail"
                 } else {
                     healthy = false;
@@ -162,6 +165,15 @@ pub fn inspect_with(storage: &dyn Storage, data_dir: &Path) -> Result<InspectRep
                             r.first_lsn.get_or_insert(rec.lsn);
                             r.last_lsn = Some(rec.lsn);
                             off += used;
+                        }
+                        Decoded::Incomplete | Decoded::Corrupt(_)
+                            if journal::is_zero_tail(&bytes[off..]) =>
+                        {
+                            r.detail = Some(format!(
+                                "records end at offset {off}; {} bytes of zeros filled ahead after them",
+                                bytes.len() - off
+                            ));
+                            break;
                         }
                         Decoded::Incomplete | Decoded::Corrupt(_) => {
                             let why = match journal::decode(&bytes[off..]) {

@@ -14,9 +14,10 @@ use crate::config::Durability;
 pub struct Histogram {
     bounds: &'static [f64],
     counts: Box<[AtomicU64]>,
-    /// Sum of observations, in the histogram's unit times 1000, to keep
-    /// sub-unit precision in an integer.
-    sum_milli: AtomicU64,
+    /// Sum of observations, in millionths of the histogram's unit (rounded
+    /// per observation), to keep sub-unit precision in an integer: a 40 µs
+    /// fsync adds 40 to a sum in seconds, not 0.
+    sum_micro: AtomicU64,
 }
 
 /// fsync latency buckets, in seconds.
@@ -33,7 +34,7 @@ impl Histogram {
         Histogram {
             bounds,
             counts: (0..=bounds.len()).map(|_| AtomicU64::new(0)).collect(),
-            sum_milli: AtomicU64::new(0),
+            sum_micro: AtomicU64::new(0),
         }
     }
 
@@ -45,7 +46,8 @@ impl Histogram {
     pub fn observe_n(&self, v: f64, n: u64) {
         let i = self.bounds.partition_point(|b| *b < v);
         self.counts[i].fetch_add(n, Relaxed);
-        self.sum_milli.fetch_add((v * 1000.0) as u64 * n, Relaxed);
+        self.sum_micro
+            .fetch_add((v * 1e6).round() as u64 * n, Relaxed);
     }
 
     pub fn count(&self) -> u64 {
@@ -100,7 +102,7 @@ impl Histogram {
         let _ = writeln!(
             out,
             "{name}_sum{braces} {}",
-            self.sum_milli.load(Relaxed) as f64 / 1000.0
+            self.sum_micro.load(Relaxed) as f64 / 1e6
         );
     }
 }
@@ -187,6 +189,7 @@ pub struct Metrics {
     pub journal_bytes_written: AtomicU64,
     pub journal_records_written: AtomicU64,
     pub journal_syncs: AtomicU64,
+    pub journal_syncs_by_idle_worker: AtomicU64,
     pub journal_sync_seconds: Histogram,
     pub journal_batch_records: Histogram,
     pub journal_segments_created: AtomicU64,
@@ -223,6 +226,7 @@ impl Default for Metrics {
             journal_bytes_written: AtomicU64::new(0),
             journal_records_written: AtomicU64::new(0),
             journal_syncs: AtomicU64::new(0),
+            journal_syncs_by_idle_worker: AtomicU64::new(0),
             journal_sync_seconds: Histogram::new(LATENCY_BOUNDS_S),
             journal_batch_records: Histogram::new(BATCH_BOUNDS),
             journal_segments_created: AtomicU64::new(0),
@@ -289,6 +293,7 @@ impl Metrics {
             "fdatasync calls made by the journal writer.",
             self.journal_syncs.load(Relaxed),
         );
+
         self.journal_sync_seconds.render(
             out,
             "tally_journal_sync_seconds",

@@ -30,7 +30,7 @@ fn main() -> ExitCode {
 fn serve(args: crate::args::ServeArgs) -> anyhow::Result<ExitCode> {
     let settings = args.resolve()?;
     crate::serve::init_logging(settings.log_json, &settings.log_filter)?;
-    let runtime = tokio::runtime::Runtime::new()?;
+    let runtime = tally::engine::journal::runtime_builder().build()?;
     runtime.block_on(crate::serve::run(settings, None))?;
     Ok(ExitCode::SUCCESS)
 }

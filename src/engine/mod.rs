@@ -134,6 +134,7 @@ impl Engine {
                 segment_bytes_max: config.segment_bytes_max,
                 memory_sync_delay: config.memory_sync_delay,
                 queue_bytes_max: config.journal_queue_bytes_max,
+                idle_sync_grace: journal::IDLE_SYNC_GRACE,
             },
             metrics.clone(),
         )?;

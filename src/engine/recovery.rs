@@ -6,6 +6,8 @@
 //!   synced before it is renamed into place, so a crash cannot tear it).
 //! - Segments wholly before the snapshot are leftovers and are removed.
 //! - The remaining segments must form one unbroken stream of positions.
+//! - A segment's records end where zeros run to the end of the file (the
+//!   journal fills zeros ahead of its writes); that is no damage.
 //! - A torn or corrupt record in the *last* segment is a crash artifact: the
 //!   segment is cut there (and the cut made durable) and start-up goes on.
 //! - A bad record anywhere else is refused with the file and byte offset,
@@ -432,10 +434,14 @@ pub fn recover(
         let bytes = &buf[..];
         let header_start = match journal::parse_segment_header(bytes) {
             Ok(s) => s,
-            // A segment is created and its header synced before any record
-            // is written to it; a last segment with a bad header and nothing
-            // after it is a creation cut short by a crash.
-            Err(_) if last && bytes.len() <= SEGMENT_HEADER_BYTES => {
+            // A segment is created, its header and zeros synced, before any
+            // record is written to it; a last segment with a bad header and
+            // nothing but zeros after it is a creation cut short by a crash.
+            Err(_)
+                if last
+                    && (bytes.len() <= SEGMENT_HEADER_BYTES
+                        || journal::is_zero_tail(&bytes[SEGMENT_HEADER_BYTES..])) =>
+            {
                 storage.remove(&path).map_err(io_err("removing", &path))?;
                 storage
                     .sync_dir(&journal_dir)
@@ -487,9 +493,24 @@ pub fn recover(
         report.next_lsn = report.next_lsn.max(replayed.max_lsn + 1);
         report.settled = report.settled.max(replayed.settled);
         let off = replayed.end;
-        let bad = replayed.bad.map(|(_, reason)| reason);
+        // Zeros filled ahead of the last record are the clean end of the
+        // segment's records, in any segment.
+        let bad = replayed
+            .bad
+            .map(|(_, reason)| reason)
+            .filter(|_| !journal::is_zero_tail(&bytes[off..]));
         expected = start + (off - SEGMENT_HEADER_BYTES) as u64;
         report.segments.push((start, path.clone()));
+        if last && bad.is_none() {
+            // The last segment's records may still be only in the page
+            // cache (a process that crashed before its sync returned).
+            // The journal goes on in a new segment, and every segment but
+            // the last must be durable: cut it at its records' end (the
+            // zeros filled ahead go) and make that durable.
+            storage
+                .truncate(&path, off as u64)
+                .map_err(io_err("truncating", &path))?;
+        }
         if let Some(reason) = bad {
             let cut = Cut {
                 path: path.clone(),

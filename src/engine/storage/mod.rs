@@ -6,18 +6,26 @@
 //! durable ones, can lose everything not yet synced (a power cut), and can
 //! fail a chosen write or sync with an I/O error.
 //!
-//! The trait is small on purpose: create, append, sync, read, rename,
-//! remove, truncate, list and sync a directory. Nothing else is needed, and
+//! The trait is small on purpose: create, append, zero-fill ahead, sync,
+//! read, rename, remove, truncate, list and sync a directory. Nothing else is needed, and
 //! every extra method would be one more thing the simulator must model.
 
-use std::io::{self, Write};
+use std::io;
+use std::os::unix::fs::FileExt as _;
 use std::path::Path;
 
 /// A file opened for appending.
+///
+/// The append position starts at the end of the file and only moves with
+/// [`AppendFile::append`]. [`AppendFile::zero_fill_to`] may make the file
+/// longer than that position: later appends then overwrite the zeros.
 pub trait AppendFile: Send {
-    /// Appends `buf` at the end of the file.
+    /// Writes `buf` at the append position and moves it past `buf`.
     fn append(&mut self, buf: &[u8]) -> io::Result<()>;
-    /// Makes every appended byte durable (`fdatasync`).
+    /// Extends the file with zeros to `len` bytes if it is shorter, without
+    /// moving the append position. Durable at the next sync.
+    fn zero_fill_to(&mut self, len: u64) -> io::Result<()>;
+    /// Makes every written byte durable (`fdatasync`).
     fn sync(&mut self) -> io::Result<()>;
 }
 
@@ -51,14 +59,38 @@ pub trait Storage: Send + Sync + 'static {
 #[derive(Debug, Default, Clone, Copy)]
 pub struct FsStorage;
 
-struct FsFile(std::fs::File);
+struct FsFile {
+    file: std::fs::File,
+    /// The append position.
+    pos: u64,
+    /// The file's length.
+    len: u64,
+}
+
+/// Zeros written per call by [`AppendFile::zero_fill_to`].
+const ZERO_CHUNK_BYTES: usize = 64 * 1024;
 
 impl AppendFile for FsFile {
     fn append(&mut self, buf: &[u8]) -> io::Result<()> {
-        self.0.write_all(buf)
+        self.file.write_all_at(buf, self.pos)?;
+        self.pos += buf.len() as u64;
+        self.len = self.len.max(self.pos);
+        Ok(())
+    }
+    fn zero_fill_to(&mut self, len: u64) -> io::Result<()> {
+        // Written, not `fallocate`d: blocks allocated as unwritten extents
+        // would still change metadata (their conversion) at every sync that
+        // covers a first write into them, which is what this avoids.
+        let zeros = [0u8; ZERO_CHUNK_BYTES];
+        while self.len < len {
+            let n = (len - self.len).min(ZERO_CHUNK_BYTES as u64) as usize;
+            self.file.write_all_at(&zeros[..n], self.len)?;
+            self.len += n as u64;
+        }
+        Ok(())
     }
     fn sync(&mut self) -> io::Result<()> {
-        self.0.sync_data()
+        self.file.sync_data()
     }
 }
 
@@ -72,11 +104,22 @@ impl Storage for FsStorage {
             .truncate(true)
             .mode(FILE_MODE)
             .open(path)?;
-        Ok(Box::new(FsFile(f)))
+        Ok(Box::new(FsFile {
+            file: f,
+            pos: 0,
+            len: 0,
+        }))
     }
     fn open_append(&self, path: &Path) -> io::Result<Box<dyn AppendFile>> {
-        let f = std::fs::OpenOptions::new().append(true).open(path)?;
-        Ok(Box::new(FsFile(f)))
+        // Not O_APPEND: positional writes on an O_APPEND file go to the end
+        // whatever the offset, and zero fill ahead would break appends.
+        let file = std::fs::OpenOptions::new().write(true).open(path)?;
+        let len = file.metadata()?.len();
+        Ok(Box::new(FsFile {
+            file,
+            pos: len,
+            len,
+        }))
     }
     fn read(&self, path: &Path) -> io::Result<Vec<u8>> {
         std::fs::read(path)

@@ -59,6 +59,30 @@ pub struct SimStorage {
 struct SimFile {
     state: Arc<Mutex<SimState>>,
     inode: usize,
+    /// The append position.
+    pos: usize,
+}
+
+/// The bytes of `now` that differ from `durable`, as a range: from the first
+/// difference to the last one, or to the end of `now` if it is longer
+/// (appended bytes). Empty at `now.len()` when nothing changed.
+fn changed_range(durable: &[u8], now: &[u8]) -> std::ops::Range<usize> {
+    let common = durable.len().min(now.len());
+    let Some(from) = (0..common)
+        .find(|&i| durable[i] != now[i])
+        .or((now.len() > common).then_some(common))
+    else {
+        return now.len()..now.len();
+    };
+    let to = if now.len() > durable.len() {
+        now.len()
+    } else {
+        (from..common)
+            .rev()
+            .find(|&i| durable[i] != now[i])
+            .map_or(from, |i| i + 1)
+    };
+    from..to
 }
 
 fn sim_eio(what: &str) -> io::Error {
@@ -98,7 +122,22 @@ impl AppendFile for SimFile {
     fn append(&mut self, buf: &[u8]) -> io::Result<()> {
         let mut s = self.state.lock();
         s.check(SimOp::Write)?;
-        s.inodes[self.inode].data.extend_from_slice(buf);
+        let data = &mut s.inodes[self.inode].data;
+        let end = self.pos + buf.len();
+        if data.len() < end {
+            data.resize(end, 0);
+        }
+        data[self.pos..end].copy_from_slice(buf);
+        self.pos = end;
+        Ok(())
+    }
+    fn zero_fill_to(&mut self, len: u64) -> io::Result<()> {
+        let mut s = self.state.lock();
+        s.check(SimOp::Write)?;
+        let data = &mut s.inodes[self.inode].data;
+        if data.len() < len as usize {
+            data.resize(len as usize, 0);
+        }
         Ok(())
     }
     fn sync(&mut self) -> io::Result<()> {
@@ -129,8 +168,11 @@ impl SimStorage {
 
     /// The file system a reboot after a power cut now would find: only
     /// durable directory entries, each with only its durable bytes.
-    /// `keep_unsynced` may keep a prefix of the unsynced tail of chosen files
-    /// (path, extra bytes), to model a write torn at any byte.
+    /// `keep_unsynced` may keep a prefix of the unsynced change of chosen
+    /// files (path, extra bytes), to model a write torn at any byte: the
+    /// change runs from the first byte that differs from the durable
+    /// contents to the last one (appended bytes, or records written over
+    /// zeros filled ahead).
     pub fn crash(&self, keep_unsynced: &[(PathBuf, usize)]) -> SimStorage {
         let s = self.state.lock();
         let mut fresh = SimState {
@@ -140,11 +182,13 @@ impl SimStorage {
         for (path, &ino) in &s.durable_names {
             let inode = &s.inodes[ino];
             let mut data = inode.durable.clone();
-            if let Some((_, extra)) = keep_unsynced.iter().find(|(p, _)| p == path)
-                && inode.data.starts_with(&inode.durable)
-            {
-                let end = (inode.durable.len() + extra).min(inode.data.len());
-                data.extend_from_slice(&inode.data[inode.durable.len()..end]);
+            if let Some((_, extra)) = keep_unsynced.iter().find(|(p, _)| p == path) {
+                let changed = changed_range(&inode.durable, &inode.data);
+                let (from, end) = (changed.start, (changed.start + extra).min(changed.end));
+                if data.len() < end {
+                    data.resize(end, 0);
+                }
+                data[from..end].copy_from_slice(&inode.data[from..end]);
             }
             fresh.inodes.push(Inode {
                 durable: data.clone(),
@@ -159,12 +203,31 @@ impl SimStorage {
         }
     }
 
-    /// Unsynced bytes at the end of the file at `path` (0 if none or absent).
+    /// The file system a restart after the process died (not the machine)
+    /// would find: everything written is still readable (the page cache
+    /// keeps it) and what is durable is unchanged; injected faults are
+    /// gone.
+    pub fn process_crash(&self) -> SimStorage {
+        let s = self.state.lock();
+        SimStorage {
+            state: Arc::new(Mutex::new(SimState {
+                inodes: s.inodes.clone(),
+                names: s.names.clone(),
+                durable_names: s.durable_names.clone(),
+                dirs: s.dirs.clone(),
+                ..SimState::default()
+            })),
+        }
+    }
+
+    /// Length of the unsynced change of the file at `path`: from the first
+    /// byte that differs from its durable contents to the last (0 if none
+    /// or absent). [`SimStorage::crash`] can keep a prefix of it.
     pub fn unsynced_len(&self, path: &Path) -> usize {
         let s = self.state.lock();
         s.names.get(path).map_or(0, |&i| {
             let inode = &s.inodes[i];
-            inode.data.len().saturating_sub(inode.durable.len())
+            changed_range(&inode.durable, &inode.data).len()
         })
     }
 
@@ -199,6 +262,7 @@ impl Storage for SimStorage {
         Ok(Box::new(SimFile {
             state: self.state.clone(),
             inode,
+            pos: 0,
         }))
     }
     fn open_append(&self, path: &Path) -> io::Result<Box<dyn AppendFile>> {
@@ -207,6 +271,7 @@ impl Storage for SimStorage {
         Ok(Box::new(SimFile {
             state: self.state.clone(),
             inode,
+            pos: s.inodes[inode].data.len(),
         }))
     }
     fn read(&self, path: &Path) -> io::Result<Vec<u8>> {
@@ -299,6 +364,42 @@ mod tests {
         fs.rename(&a, &dir.join("b")).unwrap();
         let after = fs.crash(&[]);
         assert!(after.read(&a).is_ok() && after.read(&dir.join("b")).is_err());
+    }
+
+    // Zeros filled ahead are written like any byte: durable at a sync.
+    // Appends then overwrite them, and a power cut keeps a prefix of that
+    // overwrite (a torn write), never bytes beyond what was written.
+    #[test]
+    fn appends_over_zeros_filled_ahead_tear_like_appends() {
+        let fs = SimStorage::new();
+        let dir = Path::new("/d");
+        fs.create_dir_all(dir).unwrap();
+        let a = dir.join("a");
+        let mut f = fs.create(&a).unwrap();
+        f.append(b"head").unwrap();
+        f.zero_fill_to(16).unwrap();
+        f.sync().unwrap();
+        fs.sync_dir(dir).unwrap();
+        assert_eq!(
+            fs.crash(&[]).read(&a).unwrap(),
+            b"head\0\0\0\0\0\0\0\0\0\0\0\0"
+        );
+        f.append(b"abcd").unwrap();
+        assert_eq!(
+            fs.unsynced_len(&a),
+            4,
+            "the change is the four bytes over zeros"
+        );
+        assert_eq!(
+            fs.crash(&[(a.clone(), 2)]).read(&a).unwrap(),
+            b"headab\0\0\0\0\0\0\0\0\0\0"
+        );
+        // Past the filled length the file grows, as an append would.
+        f.append(&[7u8; 14]).unwrap();
+        assert_eq!(fs.read(&a).unwrap().len(), 22);
+        f.sync().unwrap();
+        assert_eq!(fs.unsynced_len(&a), 0);
+        assert_eq!(fs.crash(&[]).read(&a).unwrap().len(), 22);
     }
 
     // Injected faults are sticky: the Nth operation and every later one fail.
