@@ -26,6 +26,7 @@
 //! The exit status is non-zero when a part could not be measured; a target
 //! that is not met is reported in the output, not as a failure.
 
+mod cost;
 mod flush;
 mod ha;
 mod memory;

@@ -17,6 +17,7 @@ use anyhow::{Context as _, Result, bail};
 use tally_lab::process::{ChildGuard, READY_TIMEOUT, run_with_timeout};
 use tally_lab::wire::resp::Client;
 
+use crate::cost::{self, Cost};
 use crate::parse::{self, BenchmarkRow};
 use crate::process;
 use crate::table::{Table, ratio, thousands};
@@ -29,6 +30,11 @@ pub const BENCHMARK_KEY: &str = "counter:__rand_int__";
 /// "Far beyond Redis with appendfsync always" is read as at least this
 /// many times its throughput.
 const FAR_BEYOND_RATIO: f64 = 3.0;
+/// Durable increments' target against Redis `always`, the same durability.
+const ALWAYS_RATIO: f64 = 1.5;
+/// Durable increments' target against tally's own `memory` level: waiting
+/// for the fsync may cost at most the rest.
+const MEMORY_RATIO: f64 = 0.9;
 /// Appends timed to measure what one fdatasync costs in the work directory.
 const FSYNC_SAMPLES: usize = 200;
 /// Bytes per timed append: about one group-committed batch of INCRs.
@@ -86,6 +92,8 @@ struct Measured {
     pipeline: u32,
     runs: Vec<BenchmarkRow>,
     error: Option<String>,
+    /// What the server spent on those runs.
+    cost: Cost,
 }
 
 impl Measured {
@@ -121,6 +129,7 @@ pub fn run(tally_bin: &Path, work: &Path, s: &Settings) -> (String, bool) {
                 pipeline,
                 runs: Vec::new(),
                 error: None,
+                cost: Cost::default(),
             })
         })
         .collect();
@@ -128,6 +137,7 @@ pub fn run(tally_bin: &Path, work: &Path, s: &Settings) -> (String, bool) {
     // explains the ratios: on a disk that syncs in microseconds, always and
     // everysec differ little, and nothing can be far beyond always.
     let fsync = fsync_latency(work).map_err(|e| format!("{e:#}"));
+    let fsync_zeros = fsync_latency_over_zeros(work).map_err(|e| format!("{e:#}"));
     let mut running = Vec::new();
     for server in Server::ALL {
         match start(tally_bin, work, server) {
@@ -150,10 +160,19 @@ pub fn run(tally_bin: &Path, work: &Path, s: &Settings) -> (String, bool) {
                     r.server.label(),
                     m.pipeline
                 );
+                let tally = matches!(r.server, Server::TallyLocal | Server::TallyMemory);
+                let probe = || cost::sample(r.guard.pid(), tally.then_some(r.addr));
+                let before = probe();
                 match redis_benchmark(r.addr, s.clients, s.requests, m.pipeline, None) {
                     Ok(row) => {
                         m.runs.push(row);
                         r.runs_done += 1;
+                        match (before, probe()) {
+                            (Ok(b), Ok(a)) => m.cost.add(&b, &a, s.requests),
+                            (Err(e), _) | (_, Err(e)) => {
+                                eprintln!("throughput: could not measure the server's costs: {e:#}")
+                            }
+                        }
                     }
                     Err(e) => m.error = Some(format!("{e:#}")),
                 }
@@ -166,20 +185,36 @@ pub fn run(tally_bin: &Path, work: &Path, s: &Settings) -> (String, bool) {
             fail(&mut measured, server, format!("{e:#}"));
         }
     }
-    report(&measured, s, fsync)
+    report(&measured, s, fsync, fsync_zeros)
 }
 
 /// p50 and p99 of appending [`FSYNC_APPEND_BYTES`] to a file in `dir` and
 /// calling fdatasync, over [`FSYNC_SAMPLES`] appends.
 pub fn fsync_latency(dir: &Path) -> Result<(Duration, Duration)> {
+    fsync_probe(dir, false)
+}
+
+/// [`fsync_latency`] of writes over zeros written and synced beforehand,
+/// as tally's journal writes (its segments are filled with zeros ahead):
+/// the fdatasync then has no size change to commit.
+pub fn fsync_latency_over_zeros(dir: &Path) -> Result<(Duration, Duration)> {
+    fsync_probe(dir, true)
+}
+
+fn fsync_probe(dir: &Path, over_zeros: bool) -> Result<(Duration, Duration)> {
     use std::io::Write as _;
+    use std::os::unix::fs::FileExt as _;
     let path = dir.join("fsync-probe");
     let mut file = std::fs::File::create(&path)?;
+    if over_zeros {
+        file.write_all(&vec![0; FSYNC_APPEND_BYTES * FSYNC_SAMPLES])?;
+        file.sync_all()?;
+    }
     let block = vec![0x5a; FSYNC_APPEND_BYTES];
     let mut samples = Vec::with_capacity(FSYNC_SAMPLES);
-    for _ in 0..FSYNC_SAMPLES {
+    for i in 0..FSYNC_SAMPLES {
         let started = std::time::Instant::now();
-        file.write_all(&block)?;
+        file.write_all_at(&block, (i * FSYNC_APPEND_BYTES) as u64)?;
         file.sync_data()?;
         samples.push(started.elapsed());
     }
@@ -324,6 +359,7 @@ fn report(
     measured: &[Measured],
     s: &Settings,
     fsync: std::result::Result<(Duration, Duration), String>,
+    fsync_zeros: std::result::Result<(Duration, Duration), String>,
 ) -> (String, bool) {
     let mut out = format!(
         "### Throughput: redis-benchmark -t incr -c {} -n {}, one hot counter \
@@ -340,6 +376,9 @@ fn report(
         "p99 ms",
         "vs redis everysec",
         "vs redis always",
+        "server CPU µs/req",
+        "switches/req",
+        "req/fsync",
     ]);
     let mut errors = Vec::new();
     for m in measured {
@@ -354,12 +393,24 @@ fn report(
                     .map_or("n/a".into(), |b| ratio(r.requests_per_s, b)),
                 rps(measured, Server::RedisAlways, m.pipeline)
                     .map_or("n/a".into(), |b| ratio(r.requests_per_s, b)),
+                m.cost
+                    .cpu_us_per_request()
+                    .map_or("n/a".into(), |v| format!("{v:.2}")),
+                m.cost
+                    .switches_per_request()
+                    .map_or("n/a".into(), |v| format!("{v:.3}")),
+                m.cost
+                    .requests_per_sync()
+                    .map_or("".into(), |v| format!("{v:.1}")),
             ]),
             (error, _) => {
                 table.row(vec![
                     m.server.label().into(),
                     m.pipeline.to_string(),
                     "failed".into(),
+                    "".into(),
+                    "".into(),
+                    "".into(),
                     "".into(),
                     "".into(),
                     "".into(),
@@ -372,17 +423,27 @@ fn report(
     }
     out.push_str(&table.render());
     out.push('\n');
-    match fsync {
-        Ok((p50, p99)) => out.push_str(&format!(
-            "- fdatasync of a {} KiB append in the servers' directory: p50 {:.3} ms, p99 {:.3} ms\n",
-            FSYNC_APPEND_BYTES / 1024,
-            p50.as_secs_f64() * 1e3,
-            p99.as_secs_f64() * 1e3
-        )),
-        Err(e) => out.push_str(&format!("- fdatasync could not be timed: {e}\n")),
+    for (what, probe) in [
+        ("append", &fsync),
+        (
+            "write over zeros already synced (as tally's journal)",
+            &fsync_zeros,
+        ),
+    ] {
+        match probe {
+            Ok((p50, p99)) => out.push_str(&format!(
+                "- fdatasync of a {} KiB {what} in the servers' directory: p50 {:.3} ms, p99 {:.3} ms\n",
+                FSYNC_APPEND_BYTES / 1024,
+                p50.as_secs_f64() * 1e3,
+                p99.as_secs_f64() * 1e3
+            )),
+            Err(e) => out.push_str(&format!("- fdatasync ({what}) could not be timed: {e}\n")),
+        }
     }
+    let fsync_p50 = fsync_zeros.as_ref().ok().map(|(p50, _)| p50.as_secs_f64());
     for &p in &s.pipelines {
         let tally = rps(measured, Server::TallyLocal, p);
+        let memory = rps(measured, Server::TallyMemory, p);
         let everysec = rps(measured, Server::RedisEverysec, p);
         let always = rps(measured, Server::RedisAlways, p);
         if let (Some(t), Some(e)) = (tally, everysec) {
@@ -394,10 +455,61 @@ fn report(
         }
         if let (Some(t), Some(a)) = (tally, always) {
             out.push_str(&format!(
+                "- target, -P {p}: tally local >= {ALWAYS_RATIO}x redis always: {} ({})\n",
+                verdict(t >= ALWAYS_RATIO * a),
+                ratio(t, a)
+            ));
+            out.push_str(&format!(
                 "- target, -P {p}: tally local >= {FAR_BEYOND_RATIO}x redis always: {} ({})\n",
                 verdict(t >= FAR_BEYOND_RATIO * a),
                 ratio(t, a)
             ));
+        }
+        if let (Some(t), Some(m)) = (tally, memory) {
+            out.push_str(&format!(
+                "- target, -P {p}: tally local >= {MEMORY_RATIO}x tally memory: {} ({})\n",
+                verdict(t >= MEMORY_RATIO * m),
+                ratio(t, m)
+            ));
+            // Where the rest goes. The benchmark is a closed loop: each of
+            // its clients * depth requests in flight waits for its reply
+            // before the next is sent, so a wait added to every request
+            // lowers the rate even with CPU to spare. A `local` request
+            // waits for at least one fdatasync that starts after it
+            // arrives, on average more (the sync running when it arrives
+            // first); `memory` does not wait.
+            let cost = |server| {
+                measured
+                    .iter()
+                    .find(|x| x.server == server && x.pipeline == p)
+                    .map(|x| x.cost)
+            };
+            if let (Some(fsync), Some(lc), Some(mc)) = (
+                fsync_p50,
+                cost(Server::TallyLocal),
+                cost(Server::TallyMemory),
+            ) {
+                let in_flight = (s.clients * p) as f64;
+                let bound = in_flight / (in_flight / m + fsync);
+                let cpu = |c: Cost| c.cpu_us_per_request().unwrap_or(f64::NAN);
+                out.push_str(&format!(
+                    "- where the time goes, -P {p}: {} requests in flight; at memory each \
+                     round trip takes {:.3} ms; one fdatasync more per request (p50 {:.3} ms) \
+                     bounds local at {}/s ({} memory), measured {}/s with {} requests per \
+                     fdatasync; the server spends {:.2} µs of CPU per local request against \
+                     {:.2} at memory\n",
+                    in_flight,
+                    in_flight / m * 1e3,
+                    fsync * 1e3,
+                    thousands(bound.round() as u64),
+                    ratio(bound, m),
+                    thousands(t.round() as u64),
+                    lc.requests_per_sync()
+                        .map_or("n/a".into(), |v| format!("{v:.1}")),
+                    cpu(lc),
+                    cpu(mc),
+                ));
+            }
         }
     }
     for e in &errors {
