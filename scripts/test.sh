@@ -8,6 +8,8 @@ need_pkgs=()
 command -v redis-server >/dev/null || need_pkgs+=(redis-server)
 command -v redis-cli >/dev/null || need_pkgs+=(redis-tools)
 command -v haproxy >/dev/null || need_pkgs+=(haproxy)
+# The benchmark's smoke run drives tally's HTTP increments with wrk.
+command -v wrk >/dev/null || need_pkgs+=(wrk)
 # The TLS tests drive HTTPS with curl (--cacert, --cert).
 command -v curl >/dev/null || need_pkgs+=(curl)
 # The highly available store: Patroni managing PostgreSQL, with etcd.

@@ -1024,6 +1024,35 @@ fn postgres_outage_is_unavailable_then_the_same_store_recovers() {
 }
 
 #[test]
+fn postgres_statement_refused_with_the_commit_rolls_back() {
+    // The upsert and the versions travel with the COMMIT in one round
+    // trip. A row the server refuses there (PostgreSQL text cannot hold a
+    // NUL byte; SQLite's can, so this is PostgreSQL only) aborts the
+    // transaction: the commit reports a definite failure, nothing of the
+    // transaction is written, the flushed version does not move, and the
+    // store works again at once.
+    let t = Target::postgres();
+    let s = t.open();
+    let e = s.register("n", "addr", 1).unwrap().epoch;
+    flush(s.as_ref(), "n", e, &[("c", 1, v(e, 1))]);
+    let mut tx = s.begin("n", e).unwrap();
+    tx.upsert_shards(&[("c", 2, v(e, 2)), ("bad\0name", 1, v(e, 3))])
+        .unwrap();
+    tx.set_flushed(v(e, 3), 5).unwrap();
+    match tx.commit() {
+        Err(StoreError::Unavailable(m)) => {
+            assert!(m.contains("upserting shards"), "{m}");
+            assert!(m.contains("rolled back"), "{m}");
+        }
+        other => panic!("a refused upsert committed or was unknown: {other:?}"),
+    }
+    assert_eq!(shard(s.as_ref(), "n")["c"], (1, v(e, 1)));
+    assert_eq!(s.nodes().unwrap()[0].flushed, Version::default());
+    flush(s.as_ref(), "n", e, &[("c", 3, v(e, 4))]);
+    assert_eq!(shard(s.as_ref(), "n")["c"], (3, v(e, 4)));
+}
+
+#[test]
 fn postgres_commit_during_an_outage_is_never_reported_as_done() {
     // A commit that meets a dead server is reported as failed or unknown,
     // never as done, and the store works again once the server is back.

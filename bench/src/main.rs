@@ -41,6 +41,7 @@ mod throughput;
 mod tls;
 mod tools;
 mod writer;
+mod wrk;
 
 use std::path::PathBuf;
 use std::process::ExitCode;
@@ -243,6 +244,7 @@ fn run(args: RunArgs) -> Result<bool> {
                     clients: args.clients,
                     pipelines: vec![1, args.pipeline],
                     rounds: size(args.rounds, args.quick, 3, 1).max(1),
+                    http_seconds: if args.quick { 2 } else { 5 },
                 },
             ),
             Part::Recovery => recovery::run(

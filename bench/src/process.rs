@@ -44,13 +44,16 @@ pub struct Tally {
     pub resp_addr: Option<SocketAddr>,
     /// RESP over TLS, when the extra arguments asked for it.
     pub resp_tls_addr: Option<SocketAddr>,
+    /// HTTP, when the extra arguments asked for it (`--http-addr`).
+    pub http_addr: Option<SocketAddr>,
     /// From spawning the process to its ready line.
     pub ready_after: Duration,
     /// Where its log (stderr) goes.
     pub log_path: PathBuf,
 }
 
-/// Starts `tally serve` on `data_dir` with HTTP off and, if `resp`, RESP on
+/// Starts `tally serve` on `data_dir` with HTTP off (unless `extra_args`
+/// gives `--http-addr`) and, if `resp`, RESP on
 /// a loopback port chosen by the kernel; waits for its ready line, at most
 /// `ready_timeout` (recovery of a large journal happens before it), and
 /// checks that RESP answers PING.
@@ -73,7 +76,11 @@ pub fn start_tally(
             .arg("--data-dir")
             .arg(data_dir)
             .args(["--resp-addr", if resp { "127.0.0.1:0" } else { "off" }])
-            .args(["--http-addr", "off"])
+            .args(if extra_args.contains(&"--http-addr") {
+                &[][..]
+            } else {
+                &["--http-addr", "off"][..]
+            })
             .args(["--durability", durability, "--log-format", "json"])
             .args(extra_args)
             .stdin(Stdio::null())
@@ -100,6 +107,7 @@ pub fn start_tally(
                 guard,
                 resp_addr: line.resp,
                 resp_tls_addr: line.resp_tls,
+                http_addr: line.http,
                 ready_after,
                 log_path,
             })

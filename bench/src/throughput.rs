@@ -6,6 +6,10 @@
 //! `counter:__rand_int__`: the hot-counter case. After each server's runs
 //! the counter is read back and must equal the number of requests sent, so
 //! a server that dropped or refused increments cannot post a good figure.
+//!
+//! tally's levels are also driven over HTTP, `POST
+//! /v1/counters/{name}/increment` from as many connections with `wrk`, and
+//! printed beside their RESP figure (Redis has no HTTP front end).
 
 use std::net::SocketAddr;
 use std::path::Path;
@@ -21,12 +25,15 @@ use crate::cost::{self, Cost};
 use crate::parse::{self, BenchmarkRow};
 use crate::process;
 use crate::table::{Table, ratio, thousands};
+use crate::wrk::{self, WrkRow};
 
 /// Longest one redis-benchmark run may take; at Redis `always` speed on a
 /// slow disk 200,000 requests take well under a minute.
 const BENCHMARK_TIMEOUT: Duration = Duration::from_secs(600);
 /// The key redis-benchmark's INCR test increments when `-r` is not given.
 pub const BENCHMARK_KEY: &str = "counter:__rand_int__";
+/// The counter the HTTP runs increment.
+const HTTP_KEY: &str = "http-hot";
 /// "Far beyond Redis with appendfsync always" is read as at least this
 /// many times its throughput.
 const FAR_BEYOND_RATIO: f64 = 3.0;
@@ -49,6 +56,8 @@ pub struct Settings {
     pub pipelines: Vec<u32>,
     /// Times every server is run at every depth; the median is reported.
     pub rounds: u32,
+    /// Duration of each HTTP (wrk) run.
+    pub http_seconds: u64,
 }
 
 #[derive(Clone, Copy, PartialEq, Eq)]
@@ -104,13 +113,27 @@ impl Measured {
     }
 }
 
+/// Every HTTP run of one tally level.
+struct HttpMeasured {
+    server: Server,
+    runs: Vec<WrkRow>,
+    error: Option<String>,
+}
+
 /// A server under test, running for the whole part.
 struct Running {
     server: Server,
     guard: ChildGuard,
     addr: SocketAddr,
+    /// tally's HTTP front end.
+    http: Option<SocketAddr>,
     /// redis-benchmark runs that completed, each adding `requests`.
     runs_done: u64,
+    /// wrk runs that completed and the responses they counted. A run cut
+    /// at its end may leave up to one request per connection applied but
+    /// unanswered, so the counter may exceed the responses by that much.
+    http_runs: u64,
+    http_responses: u64,
 }
 
 /// Runs every server at every pipeline depth, `rounds` times, and returns
@@ -145,6 +168,20 @@ pub fn run(tally_bin: &Path, work: &Path, s: &Settings) -> (String, bool) {
             Err(e) => fail(&mut measured, server, format!("{e:#}")),
         }
     }
+    let mut http: Vec<HttpMeasured> = [Server::TallyLocal, Server::TallyMemory]
+        .into_iter()
+        .map(|server| HttpMeasured {
+            server,
+            runs: Vec::new(),
+            error: None,
+        })
+        .collect();
+    for h in &mut http {
+        if !running.iter().any(|r| r.server == h.server) {
+            h.error = Some("the server did not start".into());
+        }
+    }
+    let script = work.join("wrk-increment.lua");
     let servers = running.len();
     for round in 0..s.rounds as usize {
         for i in 0..servers {
@@ -177,15 +214,42 @@ pub fn run(tally_bin: &Path, work: &Path, s: &Settings) -> (String, bool) {
                     Err(e) => m.error = Some(format!("{e:#}")),
                 }
             }
+            let Some(addr) = r.http else { continue };
+            for h in http
+                .iter_mut()
+                .filter(|h| h.server == r.server && h.error.is_none())
+            {
+                eprintln!(
+                    "throughput: round {}/{}, {} over HTTP ...",
+                    round + 1,
+                    s.rounds,
+                    r.server.label()
+                );
+                match wrk::increment(addr, HTTP_KEY, s.clients, s.http_seconds, &script) {
+                    Ok(row) => {
+                        r.http_runs += 1;
+                        r.http_responses += row.requests;
+                        h.runs.push(row);
+                    }
+                    Err(e) => h.error = Some(format!("{e:#}")),
+                }
+            }
         }
     }
     for r in running {
         let server = r.server;
         if let Err(e) = verify_and_stop(r, s) {
             fail(&mut measured, server, format!("{e:#}"));
+            for h in http.iter_mut().filter(|h| h.server == server) {
+                h.error.get_or_insert_with(|| format!("{e:#}"));
+            }
         }
     }
-    report(&measured, s, fsync, fsync_zeros)
+    let (mut out, ok) = report(&measured, s, fsync, fsync_zeros);
+    let (http_out, http_ok) = report_http(&measured, &http, s);
+    out.push('\n');
+    out.push_str(&http_out);
+    (out, ok && http_ok)
 }
 
 /// p50 and p99 of appending [`FSYNC_APPEND_BYTES`] to a file in `dir` and
@@ -236,7 +300,7 @@ fn fail(measured: &mut [Measured], server: Server, e: String) {
 
 fn start(tally_bin: &Path, work: &Path, server: Server) -> Result<Running> {
     let dir = work.join(format!("throughput-{}", server.slug()));
-    let (guard, addr) = match server {
+    let (guard, addr, http) = match server {
         Server::TallyLocal | Server::TallyMemory => {
             let durability = if server == Server::TallyLocal {
                 "local"
@@ -244,10 +308,16 @@ fn start(tally_bin: &Path, work: &Path, server: Server) -> Result<Running> {
                 "memory"
             };
             // Given explicitly so the label "fsync within 100 ms" stays true.
-            let delay = ["--memory-sync-delay-ms", "100"];
-            let t = process::start_tally(tally_bin, &dir, true, durability, &delay, READY_TIMEOUT)?;
+            let args = [
+                "--memory-sync-delay-ms",
+                "100",
+                "--http-addr",
+                "127.0.0.1:0",
+            ];
+            let t = process::start_tally(tally_bin, &dir, true, durability, &args, READY_TIMEOUT)?;
             let addr = t.resp_addr.context("tally started without RESP")?;
-            (t.guard, addr)
+            let http = t.http_addr.context("tally started without HTTP")?;
+            (t.guard, addr, Some(http))
         }
         Server::RedisAlways | Server::RedisEverysec => {
             let fsync = if server == Server::RedisAlways {
@@ -260,14 +330,17 @@ fn start(tally_bin: &Path, work: &Path, server: Server) -> Result<Running> {
                 server.slug(),
                 &["--appendonly", "yes", "--appendfsync", fsync],
             )?;
-            (r.guard, r.addr)
+            (r.guard, r.addr, None)
         }
     };
     Ok(Running {
         server,
         guard,
         addr,
+        http,
         runs_done: 0,
+        http_runs: 0,
+        http_responses: 0,
     })
 }
 
@@ -285,6 +358,24 @@ fn verify_and_stop(r: Running, s: &Settings) -> Result<()> {
              increments were lost or refused",
             r.runs_done
         );
+    }
+    if r.http_runs > 0 {
+        let value: u64 = Client::connect(r.addr)?
+            .command(&["GET", HTTP_KEY])?
+            .text()
+            .ok()
+            .and_then(|v| v.parse().ok())
+            .unwrap_or(0);
+        let most = r.http_responses + u64::from(s.clients) * r.http_runs;
+        if value < r.http_responses || value > most {
+            bail!(
+                "{HTTP_KEY} is {value} after {} HTTP runs that got {} responses: expected \
+                 between that and {most} (requests cut at the end of a run may be applied \
+                 unanswered)",
+                r.http_runs,
+                r.http_responses
+            );
+        }
     }
     let name = r.guard.name().to_string();
     let status = process::stop(r.guard)?;
@@ -511,6 +602,66 @@ fn report(
                 ));
             }
         }
+    }
+    for e in &errors {
+        out.push_str(&format!("- error: {e}\n"));
+    }
+    (out, errors.is_empty())
+}
+
+/// The HTTP table: each tally level over HTTP beside its RESP figure.
+fn report_http(measured: &[Measured], http: &[HttpMeasured], s: &Settings) -> (String, bool) {
+    let mut out = format!(
+        "### Throughput over HTTP: wrk -c {} -d {}s POST /v1/counters/{{name}}/increment, one hot \
+         counter (median of {} rounds, beside the RESP rows above)\n\n",
+        s.clients, s.http_seconds, s.rounds
+    );
+    let mut table = Table::new(&[
+        "server",
+        "requests/s",
+        "p50 ms",
+        "p99 ms",
+        "vs the same over RESP (-P 1)",
+    ]);
+    let mut errors = Vec::new();
+    for h in http {
+        match (&h.error, wrk::median(&h.runs)) {
+            (None, Some(r)) => table.row(vec![
+                format!("{} over HTTP", h.server.label()),
+                thousands(r.requests_per_s.round() as u64),
+                format!("{:.3}", r.p50_ms),
+                format!("{:.3}", r.p99_ms),
+                rps(measured, h.server, 1).map_or("n/a".into(), |b| ratio(r.requests_per_s, b)),
+            ]),
+            (error, _) => {
+                table.row(vec![
+                    format!("{} over HTTP", h.server.label()),
+                    "failed".into(),
+                    "".into(),
+                    "".into(),
+                    "".into(),
+                ]);
+                let e = error.as_deref().unwrap_or("no run completed");
+                errors.push(format!("{} over HTTP: {e}", h.server.label()));
+            }
+        }
+    }
+    out.push_str(&table.render());
+    out.push('\n');
+    let local = http
+        .iter()
+        .find(|h| h.server == Server::TallyLocal && h.error.is_none())
+        .and_then(|h| wrk::median(&h.runs));
+    let memory = http
+        .iter()
+        .find(|h| h.server == Server::TallyMemory && h.error.is_none())
+        .and_then(|h| wrk::median(&h.runs));
+    if let (Some(l), Some(m)) = (local, memory) {
+        out.push_str(&format!(
+            "- target, HTTP: tally local >= {MEMORY_RATIO}x tally memory: {} ({})\n",
+            verdict(l.requests_per_s >= MEMORY_RATIO * m.requests_per_s),
+            ratio(l.requests_per_s, m.requests_per_s)
+        ));
     }
     for e in &errors {
         out.push_str(&format!("- error: {e}\n"));

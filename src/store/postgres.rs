@@ -11,6 +11,12 @@
 //! same row before bumping the epoch, so it waits until the transaction
 //! ends: no write of an old epoch can commit after a newer epoch exists.
 //!
+//! Round trips: `BEGIN` and the lock travel together, and the statements
+//! whose answers are not needed before the end (the shard upsert, the
+//! node's versions) travel with the `COMMIT` (pipelining, in
+//! `Conn::commit_with`), so a write transaction without idempotency keys
+//! takes two round trips.
+//!
 //! A flush is one statement whatever its size (up to
 //! [`STATEMENT_ROWS_MAX`] rows): the rows travel as arrays and are spread
 //! by `UNNEST`, so there is no parameter-count limit and one round trip.
@@ -231,6 +237,27 @@ impl Conn {
         self.note(r)
     }
 
+    /// `BEGIN` and the lock of the node row (its epoch and written
+    /// version, [`LOCK_NODE`]) in one round trip: the query is written
+    /// behind the `BEGIN` before either answer is awaited.
+    fn begin_locking_node(&mut self, node_id: &str) -> Result<Vec<Row>, Fail> {
+        let what = "locking the node row";
+        let statement = self.statement(LOCK_NODE, what)?;
+        let client = &self.client;
+        let params: [&(dyn ToSql + Sync); 1] = [&node_id];
+        let r = bounded(&self.runtime, what, async {
+            // Biased: polled in order, so BEGIN is written first.
+            let (began, rows) = tokio::join!(
+                biased;
+                client.batch_execute("BEGIN"),
+                client.query(&statement, &params)
+            );
+            began?;
+            rows
+        });
+        self.note(r)
+    }
+
     /// Ends a transaction that must not commit. If even that fails, the
     /// connection's state is unknown and it is marked broken.
     fn rollback(&mut self) {
@@ -241,6 +268,22 @@ impl Conn {
 
     /// Sends `COMMIT` and says what a failure means.
     fn commit(&mut self, what: &str) -> Result<(), StoreError> {
+        self.commit_with(&[], "", what)
+    }
+
+    /// Sends the `deferred` statements of the transaction and `COMMIT` in
+    /// one round trip (pipelined: every request is written before any
+    /// answer is awaited), and says what a failure means. PostgreSQL runs
+    /// them in order; a statement the server refuses aborts the
+    /// transaction, and the `COMMIT` after it then rolls back: a definite
+    /// failure. A connection lost before every answer came back leaves
+    /// the outcome unknown, as a lost `COMMIT` always has.
+    fn commit_with(
+        &mut self,
+        deferred: &[Deferred],
+        node_id: &str,
+        what: &str,
+    ) -> Result<(), StoreError> {
         // A connection already known to be closed never carried the
         // COMMIT: the server rolls back a transaction whose session ends.
         if self.client.is_closed() {
@@ -249,13 +292,52 @@ impl Conn {
                  the transaction was rolled back"
             )));
         }
-        let sent = bounded(
-            &self.runtime,
-            "committing",
-            self.client.batch_execute("COMMIT"),
-        );
-        let e = match sent {
-            Ok(()) => return Ok(()),
+        let client = &self.client;
+        // Each statement is written to the connection when first polled,
+        // in order, and the COMMIT last. Their parameters (text, int8 and
+        // arrays of them) cannot fail to encode, so a statement fails
+        // before reaching the server only when the connection is gone, and
+        // then so does the COMMIT: no COMMIT can go out without the
+        // statements before it.
+        let sent = bounded(&self.runtime, "committing", async {
+            let mut statements: Vec<_> = deferred
+                .iter()
+                .map(|d| Box::pin(d.send(client, node_id)))
+                .collect();
+            let mut commit = Box::pin(client.batch_execute("COMMIT"));
+            let mut results: Vec<Option<Result<u64, tokio_postgres::Error>>> =
+                statements.iter().map(|_| None).collect();
+            let mut committed = None;
+            // Every poll visits the statements in order and the COMMIT
+            // last, so the first one writes them in that order.
+            std::future::poll_fn(|cx| {
+                let mut waiting = false;
+                for (statement, result) in statements.iter_mut().zip(results.iter_mut()) {
+                    if result.is_none() {
+                        match statement.as_mut().poll(cx) {
+                            std::task::Poll::Ready(r) => *result = Some(r),
+                            std::task::Poll::Pending => waiting = true,
+                        }
+                    }
+                }
+                if committed.is_none() {
+                    match commit.as_mut().poll(cx) {
+                        std::task::Poll::Ready(r) => committed = Some(r),
+                        std::task::Poll::Pending => waiting = true,
+                    }
+                }
+                if waiting {
+                    std::task::Poll::Pending
+                } else {
+                    std::task::Poll::Ready(())
+                }
+            })
+            .await;
+            let results: Vec<_> = results.into_iter().flatten().collect();
+            Ok::<_, tokio_postgres::Error>((results, committed.expect("polled to the end")))
+        });
+        let (results, committed) = match sent {
+            Ok(answers) => answers,
             Err(Fail::TimedOut(_)) => {
                 self.broken = true;
                 return Err(StoreError::Indeterminate(format!(
@@ -264,33 +346,56 @@ impl Conn {
                      the connection was dropped"
                 )));
             }
-            Err(Fail::Pg(_, e)) => e,
+            Err(Fail::Pg(_, e)) => return self.commit_failed(e, what),
             Err(Fail::Store(e)) => return Err(e),
         };
-        {
-            {
-                let rolled_back = e.as_db_error().is_some_and(|db| {
-                    let class = &db.code().code()[..2];
-                    // 40: transaction rollback (serialization failure,
-                    // deadlock); 23: a deferred constraint failed. The
-                    // server reports these instead of committing.
-                    class == "40" || class == "23"
-                });
-                if rolled_back {
-                    Err(StoreError::Unavailable(format!(
-                        "{what}: the server rolled back the commit: {}",
-                        describe(&e)
-                    )))
-                } else {
-                    // Whatever state the session is in, it is not one to
-                    // build on.
-                    self.broken = true;
-                    Err(StoreError::Indeterminate(format!(
-                        "{what}: the connection failed while committing: {}",
-                        describe(&e)
-                    )))
-                }
+        let refused = deferred
+            .iter()
+            .zip(&results)
+            .find_map(|(d, r)| r.as_ref().err().map(|e| (d.what(), e)));
+        if let Some((statement, e)) = refused {
+            if e.as_db_error().is_some() {
+                // The transaction is aborted; the COMMIT behind it rolled
+                // it back. The session is fine.
+                return Err(StoreError::Unavailable(format!(
+                    "{what}: the server refused {statement}: {}; the transaction was rolled back",
+                    describe(e)
+                )));
             }
+            self.broken = true;
+            return Err(StoreError::Indeterminate(format!(
+                "{what}: the connection failed while {statement} and the commit were in \
+                 flight: {}",
+                describe(e)
+            )));
+        }
+        match committed {
+            Ok(()) => Ok(()),
+            Err(e) => self.commit_failed(e, what),
+        }
+    }
+
+    /// What a `COMMIT` the server answered with an error means.
+    fn commit_failed(&mut self, e: tokio_postgres::Error, what: &str) -> Result<(), StoreError> {
+        let rolled_back = e.as_db_error().is_some_and(|db| {
+            let class = &db.code().code()[..2];
+            // 40: transaction rollback (serialization failure, deadlock);
+            // 23: a deferred constraint failed. The server reports these
+            // instead of committing.
+            class == "40" || class == "23"
+        });
+        if rolled_back {
+            Err(StoreError::Unavailable(format!(
+                "{what}: the server rolled back the commit: {}",
+                describe(&e)
+            )))
+        } else {
+            // Whatever state the session is in, it is not one to build on.
+            self.broken = true;
+            Err(StoreError::Indeterminate(format!(
+                "{what}: the connection failed while committing: {}",
+                describe(&e)
+            )))
         }
     }
 }
@@ -882,8 +987,7 @@ impl Store for PostgresStore {
         let mut guard = self.conn.lock();
         let conn = self.connected(&mut guard)?;
         let checked = (|| {
-            conn.batch("BEGIN", "starting a write transaction")?;
-            let rows = conn.query(LOCK_NODE, &[&node_id], "locking the node row")?;
+            let rows = conn.begin_locking_node(node_id)?;
             let Some(row) = rows.first() else {
                 return Err(Fail::Store(not_registered(node_id)));
             };
@@ -910,6 +1014,7 @@ impl Store for PostgresStore {
             epoch,
             failed: false,
             finished: false,
+            deferred: Vec::new(),
         }))
     }
 
@@ -1087,6 +1192,67 @@ impl Store for PostgresStore {
     }
 }
 
+/// A statement of a write transaction whose answer is not needed before
+/// the commit: sent with the `COMMIT`, in the same round trip
+/// ([`Conn::commit_with`]). Its rows were checked when it was queued.
+enum Deferred {
+    Upsert {
+        statement: Statement,
+        counters: Vec<String>,
+        values: Vec<i64>,
+        epochs: Vec<i64>,
+        lsns: Vec<i64>,
+    },
+    Marks {
+        statement: Statement,
+        flushed: (i64, i64),
+        written: (i64, i64),
+        now_ms: i64,
+    },
+}
+
+impl Deferred {
+    /// What the statement does, for errors.
+    fn what(&self) -> &'static str {
+        match self {
+            Deferred::Upsert { .. } => "upserting shards",
+            Deferred::Marks { .. } => "recording the flushed version",
+        }
+    }
+
+    /// Sends the statement (when first polled) and waits for its answer.
+    async fn send(&self, client: &Client, node_id: &str) -> Result<u64, tokio_postgres::Error> {
+        match self {
+            Deferred::Upsert {
+                statement,
+                counters,
+                values,
+                epochs,
+                lsns,
+            } => {
+                client
+                    .execute(statement, &[&node_id, counters, values, epochs, lsns])
+                    .await
+            }
+            Deferred::Marks {
+                statement,
+                flushed,
+                written,
+                now_ms,
+            } => {
+                client
+                    .execute(
+                        statement,
+                        &[
+                            &node_id, &flushed.0, &flushed.1, now_ms, &written.0, &written.1,
+                        ],
+                    )
+                    .await
+            }
+        }
+    }
+}
+
 /// An open transaction whose node row is locked `FOR UPDATE`; holds the
 /// store's connection until it ends.
 struct PgTx<'a> {
@@ -1101,6 +1267,8 @@ struct PgTx<'a> {
     /// A statement failed: the transaction must never commit.
     failed: bool,
     finished: bool,
+    /// Statements to send with the `COMMIT`.
+    deferred: Vec<Deferred>,
 }
 
 impl PgTx<'_> {
@@ -1179,24 +1347,26 @@ impl StoreTx for PgTx<'_> {
     }
 
     fn upsert_shards(&mut self, rows: &[(&str, i64, Version)]) -> Result<(), StoreError> {
-        self.step(|c, node_id, epoch| {
+        let statements = self.step(|c, node_id, epoch| {
             super::check_shard_rows(node_id, epoch, rows)?;
             // PostgreSQL refuses to update one row twice in a statement.
             let rows = super::dedupe_shard_rows(rows);
-            for chunk in rows.chunks(STATEMENT_ROWS_MAX) {
-                let counters: Vec<&str> = chunk.iter().map(|r| r.0).collect();
-                let values: Vec<i64> = chunk.iter().map(|r| r.1).collect();
-                // Checked above: both fit.
-                let epochs: Vec<i64> = chunk.iter().map(|r| r.2.epoch as i64).collect();
-                let lsns: Vec<i64> = chunk.iter().map(|r| r.2.lsn as i64).collect();
-                c.execute(
-                    UPSERT_SHARDS,
-                    &[&node_id, &counters, &values, &epochs, &lsns],
-                    "upserting shards",
-                )?;
-            }
-            Ok(())
-        })
+            let statement = c.statement(UPSERT_SHARDS, "preparing the shard upsert")?;
+            Ok(rows
+                .chunks(STATEMENT_ROWS_MAX)
+                .map(|chunk| Deferred::Upsert {
+                    statement: statement.clone(),
+                    counters: chunk.iter().map(|r| r.0.to_string()).collect(),
+                    values: chunk.iter().map(|r| r.1).collect(),
+                    // Checked above: both fit.
+                    epochs: chunk.iter().map(|r| r.2.epoch as i64).collect(),
+                    lsns: chunk.iter().map(|r| r.2.lsn as i64).collect(),
+                })
+                .collect::<Vec<_>>())
+        })?;
+        // Sent with the COMMIT: nothing here needs the rows written yet.
+        self.deferred.extend(statements);
+        Ok(())
     }
 
     fn set_marks(
@@ -1210,14 +1380,16 @@ impl StoreTx for PgTx<'_> {
         let w_epoch = to_stored(written.epoch, "epoch")?;
         let w_lsn = to_stored(written.lsn, "lsn")?;
         let now = to_stored(now_ms, "time")?;
-        self.step(|c, node_id, _| {
-            c.execute(
-                SET_FLUSHED,
-                &[&node_id, &epoch, &lsn, &now, &w_epoch, &w_lsn],
-                "recording the flushed version",
-            )?;
-            Ok(())
-        })
+        let statement = self
+            .step(|c, _, _| c.statement(SET_FLUSHED, "preparing the flushed version's update"))?;
+        // Sent with the COMMIT.
+        self.deferred.push(Deferred::Marks {
+            statement,
+            flushed: (epoch, lsn),
+            written: (w_epoch, w_lsn),
+            now_ms: now,
+        });
+        Ok(())
     }
 
     fn commit(mut self: Box<Self>) -> Result<(), StoreError> {
@@ -1233,7 +1405,8 @@ impl StoreTx for PgTx<'_> {
             }
             return Err(poisoned());
         }
-        let result = conn.commit("committing");
+        let deferred = std::mem::take(&mut self.deferred);
+        let result = conn.commit_with(&deferred, &self.node_id, "committing");
         if let Err(StoreError::Indeterminate(_)) = &result {
             *self.unsettled_xid.lock() = Some(self.xid);
         }
