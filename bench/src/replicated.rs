@@ -50,6 +50,11 @@ pub(crate) const STORE_DATABASE: &str = "tally_store";
 /// "Many times PostgreSQL's single-row upsert rate" is read as at least
 /// this many times.
 const MANY_TIMES_RATIO: f64 = 5.0;
+/// The durable-throughput targets for `replicated` with a PostgreSQL
+/// store: one hot counter against PostgreSQL's hot-row upsert, and spread
+/// over the counters against its upsert over as many rows.
+const HOT_TARGET_RATIO: f64 = 15.0;
+const SPREAD_TARGET_RATIO: f64 = 2.0;
 /// The upsert, exactly as the brief states it.
 pub(crate) const UPSERT: &str =
     "INSERT INTO t(k, v) VALUES (:k, 1) ON CONFLICT (k) DO UPDATE SET v = t.v + 1;";
@@ -748,17 +753,26 @@ fn report(measured: &[Measured<System>], s: &Settings, notes: Notes) -> (String,
                 ));
             }
         }
+        if let Some(t) = rate(System::TallyPostgres, Keys::Hot) {
+            out.push_str(&format!(
+                "- target: tally replicated, PostgreSQL store, one hot counter >= \
+                 {HOT_TARGET_RATIO}x postgres hot-row upsert: {} ({})\n",
+                verdict(t >= HOT_TARGET_RATIO * b),
+                ratio(t, b)
+            ));
+        }
     }
     if let (Some(t), Some(p)) = (
         rate(System::TallyPostgres, Keys::Spread),
         rate(System::PostgresUpsert, Keys::Spread),
     ) {
         out.push_str(&format!(
-            "- over {} counters: tally replicated (PostgreSQL store) at {} of postgres upserting \
-             {} rows\n",
+            "- target: over {} counters, tally replicated (PostgreSQL store) >= \
+             {SPREAD_TARGET_RATIO}x postgres upserting {} rows: {} ({})\n",
             thousands(s.counters.into()),
-            ratio(t, p),
-            thousands(s.counters.into())
+            thousands(s.counters.into()),
+            verdict(t >= SPREAD_TARGET_RATIO * p),
+            ratio(t, p)
         ));
     }
     for e in &errors {
