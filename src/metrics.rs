@@ -290,8 +290,14 @@ impl Metrics {
         counter(
             out,
             "tally_journal_syncs",
-            "fdatasync calls made by the journal writer.",
+            "Journal fdatasync calls.",
             self.journal_syncs.load(Relaxed),
+        );
+        counter(
+            out,
+            "tally_journal_syncs_by_idle_worker",
+            "Journal fdatasync calls made by the last runtime worker to go idle rather than by the journal's writer thread.",
+            self.journal_syncs_by_idle_worker.load(Relaxed),
         );
 
         self.journal_sync_seconds.render(
