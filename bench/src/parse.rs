@@ -21,10 +21,16 @@ impl BenchmarkRow {
     /// The run with the median requests/s, so that its latencies belong
     /// to the same run as its rate.
     pub fn median(runs: &[BenchmarkRow]) -> Option<&BenchmarkRow> {
-        let mut runs: Vec<&BenchmarkRow> = runs.iter().collect();
-        runs.sort_by(|a, b| a.requests_per_s.total_cmp(&b.requests_per_s));
-        runs.get(runs.len() / 2).copied()
+        median_by_rate(runs, |r| r.requests_per_s)
     }
+}
+
+/// The run with the median `rate` (the upper one of an even count), so
+/// that the figures printed beside the rate come from the same run.
+pub fn median_by_rate<T>(runs: &[T], rate: impl Fn(&T) -> f64) -> Option<&T> {
+    let mut runs: Vec<&T> = runs.iter().collect();
+    runs.sort_by(|a, b| rate(a).total_cmp(&rate(b)));
+    runs.get(runs.len() / 2).copied()
 }
 
 /// Splits one CSV line of double-quoted fields. redis-benchmark quotes every

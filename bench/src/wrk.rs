@@ -29,9 +29,7 @@ pub struct WrkRow {
 
 /// Median by requests/s, so that latencies belong to the same run.
 pub fn median(runs: &[WrkRow]) -> Option<&WrkRow> {
-    let mut sorted: Vec<&WrkRow> = runs.iter().collect();
-    sorted.sort_by(|a, b| a.requests_per_s.total_cmp(&b.requests_per_s));
-    sorted.get(sorted.len().saturating_sub(1) / 2).copied()
+    crate::parse::median_by_rate(runs, |r| r.requests_per_s)
 }
 
 /// Runs wrk against `addr` for `seconds` with `connections`, every request

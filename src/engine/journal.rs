@@ -376,17 +376,16 @@ fn on_park(active: &AtomicUsize) {
         // grace.
         return;
     }
-    let journals: Vec<Arc<Shared>> = {
-        let list = IDLE_SYNCED.lock();
-        if list.is_empty() {
-            return;
-        }
-        list.iter().filter_map(std::sync::Weak::upgrade).collect()
-    };
-    for shared in journals {
-        if !shared.queue.lock().urgent {
-            continue;
-        }
+    // Only the journals with an urgent record are taken out of the list
+    // (usually none or one, so nothing is allocated on most parks); the
+    // list's lock is not held across a sync.
+    let urgent: Vec<Arc<Shared>> = IDLE_SYNCED
+        .lock()
+        .iter()
+        .filter_map(std::sync::Weak::upgrade)
+        .filter(|shared| shared.queue.lock().urgent)
+        .collect();
+    for shared in urgent {
         if let Some(mut committer) = shared.commit.try_lock() {
             committer.commit(&shared, CommitBy::IdleWorker);
         }

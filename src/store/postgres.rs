@@ -346,8 +346,8 @@ impl Conn {
                      the connection was dropped"
                 )));
             }
-            Err(Fail::Pg(_, e)) => return self.commit_failed(e, what),
-            Err(Fail::Store(e)) => return Err(e),
+            // The block above never fails: every answer is in its result.
+            Err(other) => return Err(into_store_error(other)),
         };
         let refused = deferred
             .iter()
