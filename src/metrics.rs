@@ -200,6 +200,8 @@ pub struct Metrics {
     pub increments: AtomicU64,
     pub increment_errors: AtomicU64,
     pub duplicates: AtomicU64,
+    /// Counters this node deleted (set to zero for every node).
+    pub counters_deleted: AtomicU64,
     /// Latency of one committed store transaction (a flush, with or without
     /// replicated increments).
     pub store_round_seconds: Histogram,
@@ -237,6 +239,7 @@ impl Default for Metrics {
             increments: AtomicU64::new(0),
             increment_errors: AtomicU64::new(0),
             duplicates: AtomicU64::new(0),
+            counters_deleted: AtomicU64::new(0),
             store_round_seconds: Histogram::new(LATENCY_BOUNDS_S),
             store_rows_flushed: AtomicU64::new(0),
             replicated_batch_requests: Histogram::new(BATCH_BOUNDS),
@@ -359,6 +362,12 @@ impl Metrics {
             "tally_idempotent_duplicates",
             "Increments not applied because their idempotency key was seen.",
             self.duplicates.load(Relaxed),
+        );
+        counter(
+            out,
+            "tally_counters_deleted",
+            "Counters deleted (set to zero for every node) through this node.",
+            self.counters_deleted.load(Relaxed),
         );
         self.store_round_seconds.render(
             out,

@@ -539,6 +539,51 @@ impl Node {
         Ok(outcome)
     }
 
+    /// Deletes counter `name`: sets it to zero for every node, durably, and
+    /// returns the value erased (`None` if there was nothing to delete).
+    /// Increments after it count from zero.
+    ///
+    /// Without a store, the counter is set to zero in the journal (synced
+    /// before this returns). With one, the delete is a store transaction
+    /// that first writes this node's shard of the counter and then records,
+    /// for every node's row, its value at that moment as the row's base
+    /// (see `docs/design.md`, "Deleting a counter"): everything this node
+    /// acknowledged before is erased, and so is everything the other nodes
+    /// had flushed; what they acknowledged in the last flush interval
+    /// before it and flush after it survives it, as an increment that came
+    /// after. A node's later flush can never bring the erased value back:
+    /// it only raises the row's value, and only what lies above the base
+    /// counts.
+    ///
+    /// Errors: [`Error::InvalidInput`], [`Error::ShuttingDown`],
+    /// [`Error::Fenced`], [`Error::StoreUnavailable`] (nothing deleted),
+    /// [`Error::Indeterminate`] (the store's commit outcome is unknown),
+    /// [`Error::JournalFailed`], [`Error::LimitExceeded`].
+    pub async fn delete(&self, name: &str) -> Result<Option<i64>> {
+        table::validate_name(name)?;
+        let shared = &*self.shared;
+        if shared.shutting_down.load(Ordering::Acquire) {
+            return Err(Error::ShuttingDown);
+        }
+        if let Some(c) = self.cluster()? {
+            if let Some(reason) = c.fenced_reason() {
+                return Err(Error::Fenced(reason));
+            }
+            return c.delete(name).await;
+        }
+        let engine = &*shared.engine;
+        engine.journal().reserve().await?;
+        let Some((old, end_pos)) = engine.reset(name)? else {
+            return Ok(None);
+        };
+        engine.journal().wait_durable(end_pos).await?;
+        shared
+            .metrics
+            .counters_deleted
+            .fetch_add(1, Ordering::Relaxed);
+        Ok(Some(old))
+    }
+
     /// This node's shard plus the other nodes' (from the cache).
     fn global_value(&self, name: &str) -> Option<i64> {
         let local = self.shared.engine.table().get(name).map(|e| e.value);
@@ -578,12 +623,14 @@ impl Node {
         consistency: Consistency,
     ) -> Result<Option<CounterDetail>> {
         table::validate_name(name)?;
+        let cluster = self.cluster()?;
+        let own_base = cluster.map_or(0, |c| c.cache.own_base(name));
         let local = self.shared.engine.table().get(name).map(|e| e.value);
         let mut shards: Vec<(String, i64)> = Vec::new();
         if let Some(v) = local {
-            shards.push((self.shared.node_id.clone(), v));
+            shards.push((self.shared.node_id.clone(), v.wrapping_sub(own_base)));
         }
-        if let Some(c) = self.cluster()? {
+        if let Some(c) = cluster {
             let others = match consistency {
                 Consistency::Store => c.read_from_store(name)?,
                 Consistency::Cache => c.cache.breakdown(name),
@@ -697,13 +744,19 @@ impl Node {
         own + others_only
     }
 
-    /// Calls `f` with every counter, shard by shard (for `/metrics`).
+    /// Calls `f` with every counter of this node's shard, shard by shard
+    /// (for `/metrics`): what this node's shard counts towards it (its
+    /// value less its base, on a counter that was deleted).
     pub fn for_each_counter(&self, mut f: impl FnMut(&str, i64)) {
+        let cache = self.shared.cluster.get().map(|c| &c.cache);
         for shard in 0..table::SHARDS {
             self.shared
                 .engine
                 .table()
-                .for_each_in_shard(shard, |name, e| f(name, e.value));
+                .for_each_in_shard(shard, |name, e| {
+                    let base = cache.map_or(0, |c| c.own_base(name));
+                    f(name, e.value.wrapping_sub(base))
+                });
         }
     }
 

@@ -871,3 +871,174 @@ async fn a_replicated_key_reused_for_another_increment_is_refused() {
     assert_eq!(a.node.get("rk").unwrap(), Some(2));
     a.stop().await;
 }
+
+/// `DELETE /v1/counters/{name}` (or `POST .../reset`) through `member`:
+/// (deleted, erased).
+async fn delete_over_http(member: &Member, name: &str, reset: bool) -> (bool, i64) {
+    let client = reqwest::Client::new();
+    let request = if reset {
+        client.post(member.http_url(&format!("/v1/counters/{name}/reset")))
+    } else {
+        client.delete(member.http_url(&format!("/v1/counters/{name}")))
+    };
+    let response = request.send().await.unwrap();
+    assert_eq!(response.status(), StatusCode::OK);
+    let body: Value = response.json().await.unwrap();
+    assert_eq!(body["name"], name);
+    (
+        body["deleted"].as_bool().unwrap(),
+        body["erased"].as_i64().unwrap(),
+    )
+}
+
+/// The counter's value read straight from the store through `member`.
+async fn store_value(member: &Member, name: &str) -> i64 {
+    let (status, body) = member
+        .get(&format!("/v1/counters/{name}?consistency=store"))
+        .await;
+    assert_eq!(status, StatusCode::OK, "{body}");
+    body["value"].as_i64().unwrap()
+}
+
+// A delete through one node sets the counter to zero on every node, with
+// every node's shard reset (over RESP DEL and GETDEL, HTTP DELETE and
+// reset); increments after it count from zero, and a node restarted on its
+// data directory, or on an empty one (its disk lost), still reads zero
+// plus what came after.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_delete_reaches_every_node_and_later_increments_count_from_zero() {
+    let store = tempfile::tempdir().unwrap();
+    let a = Member::start(Some(store.path()), "a").await;
+    let b = Member::start(Some(store.path()), "b").await;
+    let c = Member::start(Some(store.path()), "c").await;
+    a.increment("hits", 1).await;
+    b.increment("hits", 10).await;
+    c.increment("hits", 100).await;
+    let all = json!({"name": "hits", "value": 111, "nodes": {"a": 1, "b": 10, "c": 100}});
+    settle_on(&a, "/v1/counters/hits", &all).await;
+    let mut con = a.redis().await;
+    // Everything a had acknowledged and every flushed shard is erased.
+    assert_eq!(query::<i64>(&mut con, &["DEL", "hits", "never"]).await, 1);
+    let zero = json!({"name": "hits", "value": 0, "nodes": {"a": 0, "b": 0, "c": 0}});
+    for m in [&a, &b, &c] {
+        settle_on(m, "/v1/counters/hits", &zero).await;
+    }
+    assert_eq!(store_value(&c, "hits").await, 0);
+    // Increments after the delete count from zero, on every node.
+    assert_eq!(b.increment("hits", 2).await["value"], 2);
+    let two = json!({"name": "hits", "value": 2, "nodes": {"a": 0, "b": 2, "c": 0}});
+    for m in [&a, &b, &c] {
+        settle_on(m, "/v1/counters/hits", &two).await;
+    }
+    assert_eq!(delete_over_http(&c, "hits", false).await, (true, 2));
+    settle_on(&b, "/v1/counters/hits", &zero).await;
+    c.increment("hits", 7).await;
+    let mut con_b = b.redis().await;
+    eventually("b sees c's 7", async || {
+        match query::<Option<String>>(&mut con_b, &["GET", "hits"]).await {
+            Some(v) if v == "7" => Ok(()),
+            other => Err(format!("{other:?}")),
+        }
+    })
+    .await;
+    assert_eq!(
+        query::<Option<String>>(&mut con_b, &["GETDEL", "hits"]).await,
+        Some("7".to_string())
+    );
+    assert_eq!(
+        query::<Option<String>>(&mut con_b, &["GETDEL", "none"]).await,
+        None
+    );
+    a.increment("hits", 3).await;
+    assert_eq!(delete_over_http(&a, "hits", true).await, (true, 3));
+    a.increment("hits", 4).await;
+    let four = json!({"name": "hits", "value": 4, "nodes": {"a": 4, "b": 0, "c": 0}});
+    settle_on(&c, "/v1/counters/hits", &four).await;
+    // b restarted on its directory, and c on an empty one with its id:
+    // the bases come back from the store with the rows.
+    let b_dir = b.stop().await;
+    let b = Member::start_in(b_dir, Some(store.path()), "b", FAST.refresh_interval).await;
+    settle_on(&b, "/v1/counters/hits", &four).await;
+    let _lost = c.stop().await;
+    let c = Member::start(Some(store.path()), "c").await;
+    settle_on(&c, "/v1/counters/hits", &four).await;
+    assert_eq!(c.increment("hits", 1).await["value"], 5);
+    for m in [a, b, c] {
+        m.stop().await;
+    }
+}
+
+// Deletes while two other nodes increment the same counter at full speed:
+// every acknowledged increment is either erased by exactly one delete or
+// in the final value, never both and never neither.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn deletes_under_concurrent_increments_lose_and_double_count_nothing() {
+    const LOAD: Duration = Duration::from_secs(3);
+    const DELETES: usize = 15;
+    let store = tempfile::tempdir().unwrap();
+    let a = Member::start(Some(store.path()), "a").await;
+    let b = Member::start(Some(store.path()), "b").await;
+    let c = Member::start(Some(store.path()), "c").await;
+    let until = Instant::now() + LOAD;
+    let writers: Vec<_> = [&a, &b, &c]
+        .into_iter()
+        .flat_map(|m| (0..2).map(move |_| m.node.clone()))
+        .map(|node| {
+            tokio::spawn(async move {
+                let mut acknowledged = 0i64;
+                let mut by = 0;
+                while Instant::now() < until {
+                    by = by % 5 + 1;
+                    node.increment("hot", by, tally::IncrementOptions::default())
+                        .await
+                        .unwrap();
+                    acknowledged += by;
+                }
+                acknowledged
+            })
+        })
+        .collect();
+    let mut erased = 0i64;
+    let mut deletes = 0;
+    while deletes < DELETES {
+        tokio::time::sleep(LOAD / (DELETES as u32 + 1)).await;
+        if let Some(e) = a.node.delete("hot").await.unwrap() {
+            erased += e;
+        }
+        deletes += 1;
+    }
+    let mut acknowledged = 0;
+    for w in writers {
+        acknowledged += w.await.unwrap();
+    }
+    assert!(
+        erased > 0 && acknowledged > erased,
+        "{erased} of {acknowledged}"
+    );
+    // Every node flushes what it acknowledged; then the store, and every
+    // node's own view, hold exactly what no delete erased.
+    let left = acknowledged - erased;
+    eventually("the store holds what no delete erased", async || {
+        let v = store_value(&b, "hot").await;
+        if v == left {
+            Ok(())
+        } else {
+            Err(format!("{v}, expected {left}"))
+        }
+    })
+    .await;
+    for m in [&a, &b, &c] {
+        eventually(&format!("{} reads what is left", m.id()), async || match m
+            .node
+            .get("hot")
+            .unwrap()
+        {
+            Some(v) if v == left => Ok(()),
+            other => Err(format!("{other:?}, expected {left}")),
+        })
+        .await;
+    }
+    for m in [a, b, c] {
+        m.stop().await;
+    }
+}

@@ -823,6 +823,183 @@ fn racing_migrators_on_a_fresh_store_all_succeed(t: &Target) {
     );
 }
 
+/// The counter's value as the store says: the sum of its rows' counted
+/// values.
+fn counted(s: &dyn Store, counter: &str) -> i64 {
+    s.read_counter(counter)
+        .expect("read_counter")
+        .iter()
+        .map(ShardRow::counted)
+        .sum()
+}
+
+/// Deletes `counter` as `node` in a transaction of its own.
+fn delete(s: &dyn Store, node: &str, epoch: u64, counter: &str) -> Option<store::DeletedCounter> {
+    let mut tx = s.begin(node, epoch).expect("begin");
+    let d = tx.delete_counter(counter, 1_000).expect("delete_counter");
+    tx.commit().expect("commit");
+    d
+}
+
+fn a_delete_erases_every_row_and_later_writes_count_from_there(t: &Target) {
+    // Two nodes hold rows; a delete by one erases both, reports the sum,
+    // and each node's later writes count only what they add. A write of
+    // an older version (a zombie flush) changes nothing.
+    let s = t.open();
+    let (a, b) = (
+        s.register("a", "x", 1).unwrap().epoch,
+        s.register("b", "x", 1).unwrap().epoch,
+    );
+    flush(
+        s.as_ref(),
+        "a",
+        a,
+        &[("c", 5, v(a, 3)), ("other", 9, v(a, 4))],
+    );
+    flush(s.as_ref(), "b", b, &[("c", -2, v(b, 7))]);
+    assert_eq!(counted(s.as_ref(), "c"), 3);
+    let d = delete(s.as_ref(), "a", a, "c").expect("rows to delete");
+    assert_eq!(d.erased, 3);
+    let mut rows: Vec<(String, i64, i64)> = d
+        .rows
+        .iter()
+        .map(|r| (r.node_id.clone(), r.value, r.base))
+        .collect();
+    rows.sort();
+    assert_eq!(rows, vec![("a".into(), 5, 5), ("b".into(), -2, -2)]);
+    assert_eq!(counted(s.as_ref(), "c"), 0);
+    assert_eq!(counted(s.as_ref(), "other"), 9, "only the named counter");
+    // Later flushes: b adds 4 past its row's value; a's zombie write of
+    // an older version is ignored.
+    flush(s.as_ref(), "b", b, &[("c", 2, v(b, 8))]);
+    flush(s.as_ref(), "a", a, &[("c", 1, v(a, 2))]);
+    assert_eq!(counted(s.as_ref(), "c"), 4);
+    // The base survives a new epoch of the node and its restored shard.
+    let a2 = s.register("a", "x", 2).unwrap().epoch;
+    let own: Vec<ShardRow> = s.load_shard("a").unwrap();
+    let c = own.iter().find(|r| r.counter == "c").unwrap();
+    assert_eq!((c.value, c.base), (5, 5));
+    flush(s.as_ref(), "a", a2, &[("c", 6, v(a2, 1))]);
+    assert_eq!(counted(s.as_ref(), "c"), 5);
+    // Deleting a counter no node holds erases nothing and records nothing.
+    assert_eq!(delete(s.as_ref(), "a", a2, "never"), None);
+    assert_eq!(
+        s.deleted_since(0, 10).unwrap().len(),
+        2,
+        "the two rows of c"
+    );
+}
+
+fn deletes_are_read_back_in_sequence_with_every_row(t: &Target) {
+    // deleted_since pages through deletes in order, each with every row of
+    // its counter; deleting a counter again moves it to the end.
+    let s = t.open();
+    let a = s.register("a", "x", 1).unwrap().epoch;
+    let b = s.register("b", "x", 1).unwrap().epoch;
+    for (i, c) in ["c1", "c2", "c3"].iter().enumerate() {
+        flush(s.as_ref(), "a", a, &[(c, 10, v(a, i as u64 + 1))]);
+        flush(s.as_ref(), "b", b, &[(c, 20, v(b, i as u64 + 1))]);
+    }
+    for c in ["c1", "c2", "c3"] {
+        delete(s.as_ref(), "b", b, c).unwrap();
+    }
+    let all = s.deleted_since(0, 10).unwrap();
+    let order: Vec<(u64, &str, &str)> = all
+        .iter()
+        .map(|(seq, r)| (*seq, r.counter.as_str(), r.node_id.as_str()))
+        .collect();
+    assert_eq!(order.len(), 6);
+    assert!(
+        order.windows(2).all(|w| w[0].0 <= w[1].0),
+        "in sequence order: {order:?}"
+    );
+    assert_eq!(
+        order.iter().map(|o| o.1).collect::<Vec<_>>(),
+        vec!["c1", "c1", "c2", "c2", "c3", "c3"]
+    );
+    assert!(
+        all.iter()
+            .all(|(_, r)| r.base == r.value && r.counted() == 0)
+    );
+    // A page of one delete holds both its rows; the next starts after it.
+    let first = s.deleted_since(0, 1).unwrap();
+    assert_eq!(first.len(), 2);
+    let next = s.deleted_since(first[0].0, 1).unwrap();
+    assert_eq!(
+        next.iter()
+            .map(|(_, r)| r.counter.as_str())
+            .collect::<Vec<_>>(),
+        vec!["c2", "c2"]
+    );
+    // Deleted again: c1 comes last, once.
+    flush(s.as_ref(), "a", a, &[("c1", 15, v(a, 9))]);
+    delete(s.as_ref(), "a", a, "c1").unwrap();
+    let last_seq = all.last().unwrap().0;
+    let again = s.deleted_since(last_seq, 10).unwrap();
+    assert_eq!(again.len(), 2);
+    assert!(
+        again
+            .iter()
+            .all(|(seq, r)| r.counter == "c1" && *seq > last_seq)
+    );
+    assert_eq!(
+        s.deleted_since(0, 10).unwrap().len(),
+        6,
+        "one entry per counter"
+    );
+}
+
+fn a_delete_in_a_failed_transaction_changes_nothing(t: &Target) {
+    // A transaction that deletes and is then dropped leaves every base and
+    // the deletes as they were; a fenced node cannot delete.
+    let s = t.open();
+    let a = s.register("a", "x", 1).unwrap().epoch;
+    flush(s.as_ref(), "a", a, &[("c", 5, v(a, 1))]);
+    {
+        let mut tx = s.begin("a", a).unwrap();
+        assert!(tx.delete_counter("c", 1).unwrap().is_some());
+    }
+    assert_eq!(counted(s.as_ref(), "c"), 5);
+    assert!(s.deleted_since(0, 10).unwrap().is_empty());
+    let _newer = s.register("a", "x", 2).unwrap();
+    assert!(matches!(s.begin("a", a), Err(StoreError::Fenced { .. })));
+    assert_eq!(counted(s.as_ref(), "c"), 5);
+}
+
+fn a_delete_waits_for_a_flush_of_the_counter_and_counts_it(t: &Target) {
+    // A flush of another node holding the counter's row commits first or
+    // after, never half: the erased value and what is left always add up
+    // to what the rows held.
+    let s = t.open();
+    let other = t.open();
+    let a = s.register("a", "x", 1).unwrap().epoch;
+    let b = other.register("b", "x", 1).unwrap().epoch;
+    flush(s.as_ref(), "a", a, &[("c", 1, v(a, 1))]);
+    flush(other.as_ref(), "b", b, &[("c", 1, v(b, 1))]);
+    let (tx_done, rx_done) = mpsc::channel();
+    let writer = {
+        let other = other.clone();
+        std::thread::spawn(move || {
+            for lsn in 2..=200u64 {
+                flush(other.as_ref(), "b", b, &[("c", lsn as i64, v(b, lsn))]);
+            }
+            tx_done.send(()).unwrap();
+        })
+    };
+    let mut erased = 0;
+    for _ in 0..20 {
+        if let Some(d) = delete(s.as_ref(), "a", a, "c") {
+            erased += d.erased;
+        }
+        if rx_done.try_recv().is_ok() {
+            break;
+        }
+    }
+    writer.join().unwrap();
+    // b's row ends at 200, a's at 1: every unit is either erased or left.
+    assert_eq!(erased + counted(s.as_ref(), "c"), 201);
+}
+
 /// Runs each scenario on both backends, as `sqlite::NAME` and
 /// `postgres::NAME`.
 macro_rules! conformance {
@@ -861,6 +1038,10 @@ conformance!(
     a_large_flush_commits_whole,
     a_schema_newer_than_the_build_is_refused,
     racing_migrators_on_a_fresh_store_all_succeed,
+    a_delete_erases_every_row_and_later_writes_count_from_there,
+    deletes_are_read_back_in_sequence_with_every_row,
+    a_delete_in_a_failed_transaction_changes_nothing,
+    a_delete_waits_for_a_flush_of_the_counter_and_counts_it,
 );
 
 // ---------------------------------------------------------------------

@@ -227,6 +227,17 @@ def group_counters(run):
         # At least one more: other clients may add counters meanwhile.
         check(type(after) is int and after >= before + 1, f"DBSIZE {before} then {after}")
 
+        # Deletes: what Redis and tally agree on (tally keeps a deleted
+        # counter's name, reading 0 where Redis reads nil, so GET after DEL
+        # is not compared).
+        gone = run.key("gone")
+        same(r.incrby(gone, 2), 2, "INCRBY before DEL")
+        same(r.delete(gone, missing), 1, "DEL counts the counters that held a value")
+        same(r.incr(gone), 1, "INCR after DEL counts from zero")
+        same(r.getdel(gone), b"1", "GETDEL answers the value erased")
+        same(r.incr(gone), 1, "INCR after GETDEL counts from zero")
+        same(r.getdel(missing), None, "GETDEL of a missing counter")
+
     with run.client(decode_responses=True) as d:
         same(d.get(k), "5", "GET with decode_responses")
         same(d.mget(k, missing), ["5", None], "MGET with decode_responses")
@@ -489,6 +500,7 @@ def group_command(run):
             ("incr", 2), ("incrby", 3), ("decr", 2), ("decrby", 3), ("get", 2),
             ("mget", -2), ("exists", -2), ("dbsize", 1), ("ping", -1), ("echo", 2),
             ("hello", -1), ("client", -2), ("info", -1), ("config", -2),
+            ("del", -2), ("getdel", 2),
         ]:
             check(name in table, f"COMMAND lists {name}")
             same(table[name]["arity"], arity, f"COMMAND arity of {name}")

@@ -10,6 +10,14 @@
 //! never past it. A row above the mark may be read twice; none is missed.
 //! A mark that goes back (the store came back older) sends the cursor back
 //! to the start, so the node's shard is read whole again.
+//!
+//! A delete sets every row's base to its value without changing its
+//! version, so the row pages above do not show it: the cache also pages
+//! through the store's deletes by their sequence number
+//! ([`Store::deleted_since`]) and takes the rows of each deleted counter
+//! again, this node's own included (its base is what this node's reads
+//! take off its own shard). Every value kept is a row's counted value,
+//! `value - base`, read with the row.
 
 use std::collections::HashMap;
 use std::time::{Duration, Instant};
@@ -17,7 +25,7 @@ use std::time::{Duration, Instant};
 use compact_str::CompactString;
 use parking_lot::RwLock;
 
-use crate::store::{Store, StoreError, Version};
+use crate::store::{DELETES_PAGE_MAX, ShardRow, Store, StoreError, Version};
 
 /// Rows read per store call while catching up on one node.
 const PAGE_ROWS: usize = 10_000;
@@ -29,12 +37,53 @@ struct CacheState {
     /// Node ids, indexed by the small numbers stored per counter.
     nodes: Vec<String>,
     cursors: Vec<Version>,
-    /// Counter name to (node index, that node's shard value).
+    /// Counter name to (node index, that node's counted shard value:
+    /// value - base).
     values: HashMap<CompactString, Vec<(u16, i64)>>,
+    /// This node's base of each counter deleted while it held a row of it
+    /// (absent: 0).
+    own_bases: HashMap<CompactString, i64>,
+    /// The last delete sequence number read.
+    deletes_cursor: u64,
     refreshed: Option<Instant>,
     /// The other nodes' rows as the last refresh read them: id, epoch and
     /// last heartbeat (Unix ms).
     peers: Vec<(String, u64, u64)>,
+}
+
+impl CacheState {
+    fn node_index(&mut self, node_id: &str) -> usize {
+        match self.nodes.iter().position(|n| n == node_id) {
+            Some(i) => i,
+            None => {
+                self.nodes.push(node_id.to_string());
+                self.cursors.push(Version::default());
+                self.nodes.len() - 1
+            }
+        }
+    }
+
+    fn set_value(&mut self, counter: &str, index: usize, counted: i64) {
+        let slot = self.values.entry(CompactString::from(counter)).or_default();
+        match slot.iter_mut().find(|(i, _)| *i as usize == index) {
+            Some(entry) => entry.1 = counted,
+            None => slot.push((index as u16, counted)),
+        }
+    }
+
+    fn apply(&mut self, own: &str, row: &ShardRow) {
+        if row.node_id == own {
+            if row.base == 0 {
+                self.own_bases.remove(row.counter.as_str());
+            } else {
+                self.own_bases
+                    .insert(CompactString::from(row.counter.as_str()), row.base);
+            }
+        } else {
+            let index = self.node_index(&row.node_id);
+            self.set_value(&row.counter, index, row.counted());
+        }
+    }
 }
 
 /// See the module docs.
@@ -51,13 +100,34 @@ impl Cache {
         }
     }
 
-    /// Sum of the other nodes' shards of `name`, if any holds one.
+    /// What to add to this node's own shard of `name` for the counter's
+    /// value: the other nodes' counted shards, less this node's base;
+    /// `None` when neither is known.
     pub fn others(&self, name: &str) -> Option<i64> {
         let inner = self.inner.read();
-        inner
+        let sum = inner
             .values
             .get(name)
-            .map(|v| v.iter().fold(0i64, |acc, (_, x)| acc.wrapping_add(*x)))
+            .map(|v| v.iter().fold(0i64, |acc, (_, x)| acc.wrapping_add(*x)));
+        match (sum, inner.own_bases.get(name)) {
+            (None, None) => None,
+            (s, b) => Some(s.unwrap_or(0).wrapping_sub(b.copied().unwrap_or(0))),
+        }
+    }
+
+    /// This node's base of `name`: what its own shard held when the
+    /// counter was last deleted (0 if never).
+    pub fn own_base(&self, name: &str) -> i64 {
+        self.inner.read().own_bases.get(name).copied().unwrap_or(0)
+    }
+
+    /// Takes rows read from the store (a delete's, or a counter read
+    /// whole): each node's counted value, and this node's base.
+    pub fn apply_rows(&self, rows: &[ShardRow]) {
+        let mut inner = self.inner.write();
+        for row in rows {
+            inner.apply(&self.own, row);
+        }
     }
 
     /// The other nodes' shards of `name`, by node id.
@@ -99,20 +169,16 @@ impl Cache {
         for node in nodes.iter().filter(|n| n.node_id != self.own) {
             let (index, mut cursor) = {
                 let mut inner = self.inner.write();
-                let index = match inner.nodes.iter().position(|n| *n == node.node_id) {
-                    Some(i) => i,
-                    None => {
-                        inner.nodes.push(node.node_id.clone());
-                        inner.cursors.push(Version::default());
-                        inner.nodes.len() - 1
-                    }
-                };
+                let index = inner.node_index(&node.node_id);
                 // A mark below what was read before: the store went back
                 // (restored from an older copy, or an asynchronous
                 // failover). Read the node's whole shard again; the node
                 // rewrites it at a higher epoch once it notices.
                 if node.flushed < inner.cursors[index] {
                     inner.cursors[index] = Version::default();
+                    // The deletes may have gone back with it, and their
+                    // sequence numbers be handed out again: read them all.
+                    inner.deletes_cursor = 0;
                 }
                 (index, inner.cursors[index])
             };
@@ -125,21 +191,31 @@ impl Cache {
                 cursor = last.version;
                 let full = rows.len() >= PAGE_ROWS;
                 let mut inner = self.inner.write();
-                for row in rows {
-                    let slot = inner
-                        .values
-                        .entry(CompactString::from(row.counter.as_str()))
-                        .or_default();
-                    match slot.iter_mut().find(|(i, _)| *i as usize == index) {
-                        Some(entry) => entry.1 = row.value,
-                        None => slot.push((index as u16, row.value)),
-                    }
+                for row in &rows {
+                    inner.set_value(&row.counter, index, row.counted());
                 }
                 if !full {
                     break;
                 }
             }
             self.inner.write().cursors[index] = start.max(node.flushed);
+        }
+        // Deletes since the last refresh: each deleted counter's rows
+        // again, with their new bases.
+        let mut after = self.inner.read().deletes_cursor;
+        loop {
+            let rows = store.deleted_since(after, DELETES_PAGE_MAX)?;
+            let Some(&(last, _)) = rows.last() else { break };
+            let mut inner = self.inner.write();
+            for (_, row) in &rows {
+                inner.apply(&self.own, row);
+            }
+            inner.deletes_cursor = last;
+            after = last;
+            let deletes = rows.windows(2).filter(|w| w[0].0 != w[1].0).count() + 1;
+            if deletes < DELETES_PAGE_MAX {
+                break;
+            }
         }
         let mut inner = self.inner.write();
         inner.peers = nodes

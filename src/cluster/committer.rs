@@ -34,11 +34,11 @@ use std::time::{Duration, Instant};
 
 use compact_str::CompactString;
 
-use super::{Cluster, ReplicatedRequest, store_err};
+use super::{Cluster, DeleteRequest, ReplicatedRequest, store_err};
 use crate::engine::idempotency::now_ms;
 use crate::engine::{Applied as EngineApplied, Change, Engine};
 use crate::error::Error;
-use crate::store::{KeyRow, StoreError, StoreTx, Version};
+use crate::store::{DeletedCounter, KeyRow, StoreError, StoreTx, Version};
 
 /// First wait after a failed store call; doubles up to the maximum.
 const BACKOFF_MIN: Duration = Duration::from_millis(50);
@@ -127,7 +127,7 @@ pub(crate) fn run(cluster: Arc<Cluster>, engine: Weak<Engine>) {
         // it at once.
         if !cluster.stop.load(Ordering::SeqCst) {
             let mut queue = cluster.queue.lock();
-            if queue.is_empty() {
+            if queue.is_empty() && cluster.deletes.lock().is_empty() {
                 let wait = if backoff.is_zero() {
                     cluster.config.flush_interval
                 } else {
@@ -139,13 +139,16 @@ pub(crate) fn run(cluster: Arc<Cluster>, engine: Weak<Engine>) {
         let stopping = cluster.stop.load(Ordering::SeqCst);
         let Some(engine) = engine.upgrade() else {
             answer_all(cluster.queue.lock().drain(..), || Error::ShuttingDown);
+            answer_deletes(cluster.deletes.lock().drain(..), || Error::ShuttingDown);
             return;
         };
         let cluster = &*cluster;
         if let Some(reason) = cluster.fenced_reason() {
-            answer_all(cluster.queue.lock().drain(..), || {
+            let mut queue = cluster.queue.lock();
+            answer_deletes(cluster.deletes.lock().drain(..), || {
                 Error::Fenced(reason.clone())
             });
+            answer_all(queue.drain(..), || Error::Fenced(reason.clone()));
             return;
         }
 
@@ -154,6 +157,7 @@ pub(crate) fn run(cluster: Arc<Cluster>, engine: Weak<Engine>) {
             // one finds the store behind it at start (see `Cluster::start`)
             // and the journal keeps everything until then.
             answer_all(cluster.queue.lock().drain(..), || Error::ShuttingDown);
+            answer_deletes(cluster.deletes.lock().drain(..), || Error::ShuttingDown);
             return;
         }
         if regressed {
@@ -199,8 +203,10 @@ pub(crate) fn run(cluster: Arc<Cluster>, engine: Weak<Engine>) {
             let n = queue.len().min(cluster.config.replicated_batch_max);
             queue.drain(..n).collect()
         };
-        if stopping && !batch.is_empty() {
+        let deletes: Vec<DeleteRequest> = std::mem::take(&mut *cluster.deletes.lock());
+        if stopping && !(batch.is_empty() && deletes.is_empty()) {
             answer_all(batch.into_iter(), || Error::ShuttingDown);
+            answer_deletes(deletes.into_iter(), || Error::ShuttingDown);
             continue;
         }
         // Every change with an lsn below `mark` is applied before the
@@ -223,7 +229,12 @@ pub(crate) fn run(cluster: Arc<Cluster>, engine: Weak<Engine>) {
         // nothing to write raises it in a transaction of its own, so that an
         // idle node's flush lag reaches zero.
         let mark_behind = complete.is_some_and(|m| m > cluster.flushed());
-        if batch.is_empty() && backlog.is_empty() && !mark_behind && reinsert.is_empty() {
+        if batch.is_empty()
+            && deletes.is_empty()
+            && backlog.is_empty()
+            && !mark_behind
+            && reinsert.is_empty()
+        {
             if stopping {
                 return;
             }
@@ -238,6 +249,7 @@ pub(crate) fn run(cluster: Arc<Cluster>, engine: Weak<Engine>) {
         }
         let started = Instant::now();
         let reinsert_now = reinsert.len().min(REINSERT_KEYS_PER_ROUND);
+        let mut deleted: Vec<Option<DeletedCounter>> = Vec::with_capacity(deletes.len());
         match round(
             cluster,
             &engine,
@@ -245,8 +257,20 @@ pub(crate) fn run(cluster: Arc<Cluster>, engine: Weak<Engine>) {
             &mut backlog,
             complete,
             &reinsert[..reinsert_now],
+            (&deletes, &mut deleted),
         ) {
             Ok((answers, applied)) => {
+                // Committed: this node's reads take the new bases at once.
+                for (request, outcome) in deletes.into_iter().zip(deleted) {
+                    if let Some(d) = &outcome {
+                        cluster.cache.apply_rows(&d.rows);
+                        cluster
+                            .metrics
+                            .counters_deleted
+                            .fetch_add(1, Ordering::Relaxed);
+                    }
+                    let _ = request.reply.send(Ok(outcome.map(|d| d.erased)));
+                }
                 reinsert.drain(..reinsert_now);
                 settle_in_journal(cluster, &engine, &applied);
                 for a in applied {
@@ -300,6 +324,13 @@ pub(crate) fn run(cluster: Arc<Cluster>, engine: Weak<Engine>) {
                     _ => store_failed(cluster, &e, &mut backoff),
                 }
                 let outcome_err = store_err(e);
+                let delete_err = match &outcome_err {
+                    Error::StoreUnavailable(reason) => {
+                        Error::StoreUnavailable(format!("{reason}; nothing was deleted"))
+                    }
+                    other => other.clone(),
+                };
+                answer_deletes(deletes.into_iter(), || delete_err.clone());
                 let answers = answers
                     .into_iter()
                     .map(|a| match a {
@@ -348,6 +379,7 @@ type RoundError = (StoreError, Vec<Applied>, Version, Version, Vec<Answer>);
 /// already stored, when this round's sweep of changed counters was
 /// complete; the round raises the node's flushed version to it, which is
 /// what the other nodes' caches page from (see `cache`).
+#[allow(clippy::type_complexity)]
 fn round(
     cluster: &Cluster,
     engine: &Engine,
@@ -355,6 +387,7 @@ fn round(
     backlog: &mut HashMap<CompactString, (i64, u64)>,
     complete: Option<Version>,
     reinsert: &[KeyRow],
+    (deletes, deleted): (&[DeleteRequest], &mut Vec<Option<DeletedCounter>>),
 ) -> Result<(Vec<Answer>, Vec<Applied>), RoundError> {
     let mut answers: Vec<Answer> = batch.iter().map(|_| Answer::Undecided).collect();
     let mut applied: Vec<Applied> = Vec::new();
@@ -467,7 +500,14 @@ fn round(
         return fail(e, applied, flushed, written, answers);
     }
     // The applied increments' rows go in this transaction whatever the
-    // dirty list holds, so that their keys never commit without them.
+    // dirty list holds, so that their keys never commit without them; so
+    // do the rows of counters to delete, so that the delete erases what
+    // this node acknowledged of them before it.
+    for name in deletes.iter().map(|d| d.name.as_str()) {
+        if let Some(e) = engine.table().get(name) {
+            merge(backlog, CompactString::from(name), e.value, e.lsn);
+        }
+    }
     for a in &applied {
         if let Some(e) = engine.table().get(&a.name) {
             merge(
@@ -492,6 +532,12 @@ fn round(
         && let Err(e) = tx.upsert_shards(&rows)
     {
         return fail(e, applied, flushed, written, answers);
+    }
+    for d in deletes {
+        match tx.delete_counter(&d.name, now) {
+            Ok(outcome) => deleted.push(outcome),
+            Err(e) => return fail(e, applied, flushed, written, answers),
+        }
     }
     if let Err(e) = tx.set_marks(flushed, written, now) {
         return fail(e, applied, flushed, written, answers);
@@ -751,12 +797,22 @@ fn store_failed(cluster: &Cluster, e: &StoreError, backoff: &mut Duration) {
     *backoff = (*backoff * 2).clamp(BACKOFF_MIN, BACKOFF_MAX);
 }
 
-/// Refuses every queued replicated increment (nothing applied).
+/// Refuses every queued replicated increment (nothing applied) and
+/// delete (nothing deleted).
 fn fail_queued(cluster: &Cluster, e: &StoreError) {
     let reason = e.to_string();
     answer_all(cluster.queue.lock().drain(..), || {
         Error::StoreUnavailable(format!("{reason}; nothing was applied"))
     });
+    answer_deletes(cluster.deletes.lock().drain(..), || {
+        Error::StoreUnavailable(format!("{reason}; nothing was deleted"))
+    });
+}
+
+fn answer_deletes(requests: impl Iterator<Item = DeleteRequest>, err: impl Fn() -> Error) {
+    for r in requests {
+        let _ = r.reply.send(Err(err()));
+    }
 }
 
 fn answer_all(requests: impl Iterator<Item = ReplicatedRequest>, err: impl Fn() -> Error) {

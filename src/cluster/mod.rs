@@ -98,6 +98,18 @@ pub(crate) struct ReplicatedRequest {
     pub reply: oneshot::Sender<Result<bool>>,
 }
 
+/// Most deletes waiting for the committer; beyond it they are refused
+/// (nothing deleted). Deletes are rare and each waits for one store round.
+pub const DELETES_QUEUE_MAX: usize = 1_000;
+
+/// A delete waiting for the committer.
+pub(crate) struct DeleteRequest {
+    pub name: String,
+    /// The value erased, or `None` when no node had written the counter to
+    /// the store.
+    pub reply: oneshot::Sender<Result<Option<i64>>>,
+}
+
 /// A node whose last heartbeat is older than this many heartbeat intervals
 /// is shown as suspect: it has missed a few, which a pause or a slow store
 /// round explains.
@@ -210,6 +222,9 @@ pub struct Cluster {
     /// `consistency=store`), so that reads never wait behind a flush.
     pub(crate) reader: Arc<dyn Store>,
     pub(crate) queue: Mutex<VecDeque<ReplicatedRequest>>,
+    /// Deletes waiting for the committer. Taken with `queue` held (queue
+    /// first), so that the committer's wait on `queue` misses none.
+    pub(crate) deletes: Mutex<Vec<DeleteRequest>>,
     /// Wakes the committer: a replicated request arrived, or stop.
     pub(crate) wake: Condvar,
     pub(crate) state: Mutex<State>,
@@ -413,6 +428,7 @@ impl Cluster {
             store,
             reader,
             queue: Mutex::new(VecDeque::new()),
+            deletes: Mutex::new(Vec::new()),
             wake: Condvar::new(),
             state: Mutex::new(State {
                 flushed: registration
@@ -428,6 +444,10 @@ impl Cluster {
             threads: Mutex::new(Vec::new()),
             metrics,
         };
+        // This node's bases (what its shard held when a counter was
+        // deleted) come with its rows: its reads are right from the first
+        // request on, even if the first refresh below fails.
+        cluster.cache.apply_rows(&rows);
         // Reads are global from the first request on. The engine has been
         // changed above (reverts, adoptions), so from here on nothing may
         // fail in a way that makes the caller register again: a failed first
@@ -491,6 +511,35 @@ impl Cluster {
                 name: name.to_string(),
                 delta,
                 key: key.map(str::to_string),
+                reply: tx,
+            });
+        }
+        self.wake.notify_one();
+        rx.await.unwrap_or(Err(Error::ShuttingDown))
+    }
+
+    /// Queues a delete of `name` for every node and waits for its store
+    /// transaction, which first writes this node's own shard of it (so
+    /// that what this node acknowledged before is erased too). Returns the
+    /// value erased, `None` if no node had the counter in the store.
+    pub(crate) async fn delete(&self, name: &str) -> Result<Option<i64>> {
+        let (tx, rx) = oneshot::channel();
+        {
+            let _queue = self.queue.lock();
+            // Under the queue lock, as for replicated increments: once
+            // fenced, the committer drains under it and exits.
+            if let Some(reason) = self.fenced_reason() {
+                return Err(Error::Fenced(reason));
+            }
+            let mut deletes = self.deletes.lock();
+            if deletes.len() >= DELETES_QUEUE_MAX {
+                return Err(Error::LimitExceeded(format!(
+                    "{} deletes are already waiting for the store; nothing was deleted",
+                    deletes.len()
+                )));
+            }
+            deletes.push(DeleteRequest {
+                name: name.to_string(),
                 reply: tx,
             });
         }
@@ -607,9 +656,14 @@ impl Cluster {
     }
 
     /// Every node's shard of `name`, read straight from the store.
+    /// Every node's counted shard of `name` (value less base), read
+    /// straight from the store.
     pub(crate) fn read_from_store(&self, name: &str) -> Result<Vec<(String, i64)>> {
         let rows = self.reader.read_counter(name).map_err(store_err)?;
-        Ok(rows.into_iter().map(|r| (r.node_id, r.value)).collect())
+        Ok(rows
+            .into_iter()
+            .map(|r| (r.node_id.clone(), r.counted()))
+            .collect())
     }
 
     /// Held by a snapshot for as long as it runs; refused while a

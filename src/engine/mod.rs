@@ -208,6 +208,24 @@ impl Engine {
         }
     }
 
+    /// Sets counter `name` to zero: journaled as an `adopt` record of 0
+    /// (recovery replays it as a set), under the counter's shard lock so
+    /// that its lsn is ordered with the counter's increments, and synced
+    /// with the journal's next sync (wait for the position returned).
+    /// Returns the value the counter held and the journal position just
+    /// past the record; `None`, and nothing journaled, if the counter does
+    /// not exist.
+    pub fn reset(&self, name: &str) -> Result<Option<(i64, u64)>> {
+        table::validate_name(name)?;
+        let mut end_pos = 0;
+        let old = self.table.reset(name, || {
+            let (lsn, pos) = self.journal_next(Kind::Adopt, name, 0, None, Urgency::Now)?;
+            end_pos = pos;
+            Ok(lsn)
+        })?;
+        Ok(old.map(|v| (v, end_pos)))
+    }
+
     /// An increment that carries an optional key: the key is checked,
     /// room is made for it, the increment is applied and the key recorded,
     /// all under the key's lock, so two requests with one key never both

@@ -255,6 +255,29 @@ impl CounterTable {
         Ok(value)
     }
 
+    /// Sets an existing counter to zero. `commit` runs under the shard lock,
+    /// must assign and return the change's lsn (and journal it), and may
+    /// fail, leaving the table unchanged. Returns the value the counter
+    /// held, or `None` (and `commit` is not called) if it does not exist.
+    pub fn reset<F>(&self, name: &str, commit: F) -> Result<Option<i64>>
+    where
+        F: FnOnce() -> Result<u64>,
+    {
+        let mut shard = self.shards[self.shard_of(name)].lock();
+        let Some(at) = shard.position(name) else {
+            return Ok(None);
+        };
+        let old = shard.entries[at].1.value;
+        let lsn = commit()?;
+        let entry = &mut shard.entries[at].1;
+        debug_assert!(lsn > entry.lsn, "lsns of one counter must increase");
+        *entry = Entry { value: 0, lsn };
+        if self.track_dirty.load(Relaxed) {
+            shard.mark(at);
+        }
+        Ok(Some(old))
+    }
+
     /// Applies a journaled increment during recovery: only if `lsn` is newer
     /// than the entry's, so that a record already folded into the snapshot
     /// is not counted twice. Returns whether it was applied.

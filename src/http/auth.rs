@@ -31,7 +31,12 @@ fn needed(method: &Method, path: &str, metrics_open: bool) -> Option<Role> {
     match endpoint {
         Some(Endpoint::Health | Endpoint::Readiness) => None,
         Some(Endpoint::Metrics) if metrics_open => None,
-        Some(Endpoint::Increment | Endpoint::IncrementBatch) => Some(Role::Write),
+        Some(
+            Endpoint::Increment
+            | Endpoint::IncrementBatch
+            | Endpoint::DeleteCounter
+            | Endpoint::ResetCounter,
+        ) => Some(Role::Write),
         Some(
             Endpoint::GetCounter
             | Endpoint::ListCounters
@@ -111,6 +116,14 @@ mod tests {
             Some(Role::Write)
         );
         assert_eq!(needed(&post, "/v1/increments", false), Some(Role::Write));
+        assert_eq!(
+            needed(&Method::DELETE, "/v1/counters/a", false),
+            Some(Role::Write)
+        );
+        assert_eq!(
+            needed(&post, "/v1/counters/a/reset", false),
+            Some(Role::Write)
+        );
         assert_eq!(needed(&get, "/v1/counters/a", false), Some(Role::Read));
         assert_eq!(needed(&get, "/v1/counters", false), Some(Role::Read));
         assert_eq!(needed(&get, "/v1/cluster", false), Some(Role::Read));

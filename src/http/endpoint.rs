@@ -11,6 +11,8 @@ pub enum Endpoint {
     Increment,
     IncrementBatch,
     GetCounter,
+    DeleteCounter,
+    ResetCounter,
     ListCounters,
     Cluster,
     Metrics,
@@ -21,10 +23,12 @@ pub enum Endpoint {
 
 impl Endpoint {
     /// Every endpoint, in the order the API documentation lists them.
-    pub const ALL: [Endpoint; 9] = [
+    pub const ALL: [Endpoint; 11] = [
         Endpoint::Increment,
         Endpoint::IncrementBatch,
         Endpoint::GetCounter,
+        Endpoint::DeleteCounter,
+        Endpoint::ResetCounter,
         Endpoint::ListCounters,
         Endpoint::Cluster,
         Endpoint::Metrics,
@@ -35,7 +39,8 @@ impl Endpoint {
 
     pub fn method(self) -> Method {
         match self {
-            Endpoint::Increment | Endpoint::IncrementBatch => Method::POST,
+            Endpoint::Increment | Endpoint::IncrementBatch | Endpoint::ResetCounter => Method::POST,
+            Endpoint::DeleteCounter => Method::DELETE,
             Endpoint::GetCounter
             | Endpoint::ListCounters
             | Endpoint::Cluster
@@ -52,7 +57,8 @@ impl Endpoint {
         match self {
             Endpoint::Increment => "/v1/counters/{name}/increment",
             Endpoint::IncrementBatch => "/v1/increments",
-            Endpoint::GetCounter => "/v1/counters/{name}",
+            Endpoint::GetCounter | Endpoint::DeleteCounter => "/v1/counters/{name}",
+            Endpoint::ResetCounter => "/v1/counters/{name}/reset",
             Endpoint::ListCounters => "/v1/counters",
             Endpoint::Cluster => "/v1/cluster",
             Endpoint::Metrics => "/metrics",

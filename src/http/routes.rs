@@ -44,6 +44,7 @@ pub(crate) fn method_router(endpoint: Endpoint) -> MethodRouter<AppState> {
         Endpoint::Increment => on(filter, increment),
         Endpoint::IncrementBatch => on(filter, increment_batch),
         Endpoint::GetCounter => on(filter, get_counter),
+        Endpoint::DeleteCounter | Endpoint::ResetCounter => on(filter, delete_counter),
         Endpoint::ListCounters => on(filter, list_counters),
         Endpoint::Cluster => on(filter, cluster),
         Endpoint::Metrics => on(filter, metrics),
@@ -216,6 +217,29 @@ async fn get_counter(
             format!("counter '{name}' not found"),
         )),
     }
+}
+
+/// `DELETE /v1/counters/{name}` and `POST /v1/counters/{name}/reset`.
+#[derive(Serialize)]
+struct DeleteReply {
+    name: String,
+    /// Whether there was a value to erase.
+    deleted: bool,
+    /// The value erased (0 when nothing was).
+    erased: i64,
+}
+
+async fn delete_counter(
+    State(state): State<AppState>,
+    path: Result<Path<String>, PathRejection>,
+) -> Result<Json<DeleteReply>, ApiError> {
+    let name = name_from(path)?;
+    let erased = state.node.delete(&name).await?;
+    Ok(Json(DeleteReply {
+        name,
+        deleted: erased.is_some(),
+        erased: erased.unwrap_or(0),
+    }))
 }
 
 #[derive(Deserialize)]

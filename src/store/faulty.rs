@@ -141,6 +141,11 @@ impl Store for FaultyStore {
         self.inner.read_counter(counter)
     }
 
+    fn deleted_since(&self, after: u64, limit: usize) -> Result<Vec<(u64, ShardRow)>, StoreError> {
+        self.check()?;
+        self.inner.deleted_since(after, limit)
+    }
+
     fn nodes(&self) -> Result<Vec<NodeRow>, StoreError> {
         self.check()?;
         self.inner.nodes()
@@ -196,6 +201,15 @@ impl StoreTx for FaultyTx<'_> {
     ) -> Result<(), StoreError> {
         self.store.check()?;
         self.inner.set_marks(flushed, written, now_ms)
+    }
+
+    fn delete_counter(
+        &mut self,
+        counter: &str,
+        now_ms: u64,
+    ) -> Result<Option<super::DeletedCounter>, StoreError> {
+        self.store.check()?;
+        self.inner.delete_counter(counter, now_ms)
     }
 
     fn commit(self: Box<Self>) -> Result<(), StoreError> {

@@ -89,7 +89,32 @@ pub struct ShardRow {
     /// The node's absolute contribution to the counter.
     pub value: i64,
     pub version: Version,
+    /// What the row's value was when the counter was last deleted
+    /// ([`StoreTx::delete_counter`]); 0 if it never was. The row counts
+    /// `value - base` towards the counter's value.
+    pub base: i64,
 }
+
+impl ShardRow {
+    /// What this row adds to the counter's value now.
+    pub fn counted(&self) -> i64 {
+        self.value.wrapping_sub(self.base)
+    }
+}
+
+/// What [`StoreTx::delete_counter`] did.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct DeletedCounter {
+    /// The counter's value the delete erased: the sum of its rows' counted
+    /// values just before it.
+    pub erased: i64,
+    /// Every node's row of the counter just after it, each with
+    /// `base == value`.
+    pub rows: Vec<ShardRow>,
+}
+
+/// Most deletes [`Store::deleted_since`] reads in one call.
+pub const DELETES_PAGE_MAX: usize = 1_000;
 
 /// What the store knows about one node.
 #[derive(Debug, Clone, PartialEq, Eq)]
@@ -273,8 +298,19 @@ pub trait Store: Send + Sync {
     ) -> Result<Vec<ShardRow>, StoreError>;
 
     /// Every node's shard of `counter`, in no particular order; the
-    /// counter's global value is the sum of their values.
+    /// counter's global value is the sum of their counted values
+    /// ([`ShardRow::counted`]).
     fn read_counter(&self, counter: &str) -> Result<Vec<ShardRow>, StoreError>;
+
+    /// The rows of the counters deleted after delete sequence number
+    /// `after` (at most `limit` deletes, in sequence order, every row of
+    /// each), each with the sequence number of its counter's last delete.
+    /// A delete changes rows' bases, not their versions, so
+    /// [`Store::changes_since`] does not show it: this is how a reader
+    /// learns it. Deletes commit in sequence order (each takes the deletes'
+    /// lock until it commits), so a reader that moves its cursor to the
+    /// last number read misses none.
+    fn deleted_since(&self, after: u64, limit: usize) -> Result<Vec<(u64, ShardRow)>, StoreError>;
 
     /// Every registered node, ordered by node id.
     fn nodes(&self) -> Result<Vec<NodeRow>, StoreError>;
@@ -342,6 +378,22 @@ pub trait StoreTx {
         written: Version,
         now_ms: u64,
     ) -> Result<(), StoreError>;
+
+    /// Deletes `counter` for every node: sets each row's base to its value
+    /// (so the counter counts 0 from here on, and every later write of any
+    /// node counts only what it adds past its row's value now) and records
+    /// the delete with the next delete sequence number
+    /// ([`Store::deleted_since`]). Rows this transaction upserted before
+    /// are included: call it after [`StoreTx::upsert_shards`]. `None`, and
+    /// nothing recorded, when no node holds a row of the counter.
+    ///
+    /// Deletes take the store's deletes lock until the transaction ends:
+    /// two transactions deleting never run at once.
+    fn delete_counter(
+        &mut self,
+        counter: &str,
+        now_ms: u64,
+    ) -> Result<Option<DeletedCounter>, StoreError>;
 
     /// Commits. [`StoreError::Indeterminate`] means the commit was sent and
     /// its outcome is unknown; ask [`Store::commit_settled`] before deciding

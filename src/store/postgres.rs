@@ -45,8 +45,8 @@ use tokio_postgres::{Client, Config, Row, Statement};
 use super::pgtls::{self, Connector};
 
 use super::{
-    KeyRow, NodeRow, Registration, ShardRow, Store, StoreError, StoreTx, Version, from_stored,
-    not_registered, poisoned, schema, to_stored,
+    DeletedCounter, KeyRow, NodeRow, Registration, ShardRow, Store, StoreError, StoreTx, Version,
+    from_stored, not_registered, poisoned, schema, to_stored,
 };
 
 /// Longest wait for a connection to the server, unless the URL sets
@@ -440,6 +440,7 @@ fn decode_shard(row: &Row) -> Result<ShardRow, Fail> {
             epoch: stored(row, 3, "epoch")?,
             lsn: stored(row, 4, "lsn")?,
         },
+        base: col(row, 5, "base")?,
     })
 }
 
@@ -489,14 +490,30 @@ const SELECT_EPOCH: &str =
 const HEARTBEAT: &str = "UPDATE tally_nodes SET heartbeat_at_ms = $3, applied_lsn = $4 \
      WHERE node_id = $1 AND epoch = $2 AND (written_epoch, written_lsn) >= ($5::int8, $6::int8)";
 const LOAD_SHARD: &str =
-    "SELECT counter, node_id, value, epoch, lsn FROM tally_shards WHERE node_id = $1";
-const CHANGES: &str = "SELECT counter, node_id, value, epoch, lsn FROM tally_shards \
+    "SELECT counter, node_id, value, epoch, lsn, base FROM tally_shards WHERE node_id = $1";
+const CHANGES: &str = "SELECT counter, node_id, value, epoch, lsn, base FROM tally_shards \
      WHERE node_id = $1 AND (epoch, lsn) > ($2::int8, $3::int8) \
      ORDER BY epoch, lsn, counter LIMIT $4";
-const CHANGES_TIES: &str = "SELECT counter, node_id, value, epoch, lsn FROM tally_shards \
+const CHANGES_TIES: &str = "SELECT counter, node_id, value, epoch, lsn, base FROM tally_shards \
      WHERE node_id = $1 AND epoch = $2 AND lsn = $3 AND counter > $4 ORDER BY counter";
 const READ_COUNTER: &str =
-    "SELECT counter, node_id, value, epoch, lsn FROM tally_shards WHERE counter = $1";
+    "SELECT counter, node_id, value, epoch, lsn, base FROM tally_shards WHERE counter = $1";
+const DELETED_SINCE: &str = "SELECT s.counter, s.node_id, s.value, s.epoch, s.lsn, s.base, d.seq \
+     FROM (SELECT counter, seq FROM tally_deletes WHERE seq > $1 ORDER BY seq LIMIT $2) AS d \
+     JOIN tally_shards AS s ON s.counter = d.counter ORDER BY d.seq, s.node_id";
+// Self-conflicting: one deleting transaction at a time, so that delete
+// sequence numbers commit in order and a reader paging by them misses none.
+const LOCK_DELETES: &str = "LOCK TABLE tally_deletes IN SHARE ROW EXCLUSIVE MODE";
+const LOCK_COUNTER_ROWS: &str = "SELECT counter, node_id, value, epoch, lsn, base \
+     FROM tally_shards WHERE counter = $1 ORDER BY node_id FOR UPDATE";
+// Only the rows read (and locked) above: a row another node inserts
+// meanwhile is not erased, as it was not counted in what was.
+const SET_BASES: &str = "UPDATE tally_shards SET base = value \
+     WHERE counter = $1 AND node_id = ANY($2::text[])";
+const RECORD_DELETE: &str = "INSERT INTO tally_deletes (counter, seq, node_id, epoch, deleted_at_ms) \
+     VALUES ($1, (SELECT COALESCE(MAX(seq), 0) + 1 FROM tally_deletes), $2, $3, $4) \
+     ON CONFLICT (counter) DO UPDATE SET seq = EXCLUDED.seq, node_id = EXCLUDED.node_id, \
+     epoch = EXCLUDED.epoch, deleted_at_ms = EXCLUDED.deleted_at_ms";
 const NODES: &str = "SELECT node_id, epoch, address, started_at_ms, heartbeat_at_ms, \
      flushed_epoch, flushed_lsn, applied_lsn, written_epoch, written_lsn FROM tally_nodes \
      ORDER BY node_id";
@@ -1151,6 +1168,26 @@ impl Store for PostgresStore {
         })
     }
 
+    fn deleted_since(&self, after: u64, limit: usize) -> Result<Vec<(u64, ShardRow)>, StoreError> {
+        let limit = limit.min(super::DELETES_PAGE_MAX);
+        if limit == 0 {
+            return Ok(Vec::new());
+        }
+        let after = to_stored(after, "delete sequence number")?;
+        let limit = limit as i64;
+        self.call(|c| {
+            c.query(DELETED_SINCE, &[&after, &limit], "reading deletes")?
+                .iter()
+                .map(|row| {
+                    Ok((
+                        stored(row, 6, "delete sequence number")?,
+                        decode_shard(row)?,
+                    ))
+                })
+                .collect()
+        })
+    }
+
     fn nodes(&self) -> Result<Vec<NodeRow>, StoreError> {
         self.call(|c| {
             c.query(NODES, &[], "listing nodes")?
@@ -1390,6 +1427,45 @@ impl StoreTx for PgTx<'_> {
             now_ms: now,
         });
         Ok(())
+    }
+
+    fn delete_counter(
+        &mut self,
+        counter: &str,
+        now_ms: u64,
+    ) -> Result<Option<DeletedCounter>, StoreError> {
+        let now = to_stored(now_ms, "time")?;
+        // The rows this transaction upserted must be in the counter's rows
+        // the delete reads: the deferred statements go first.
+        let deferred = std::mem::take(&mut self.deferred);
+        self.step(|c, node_id, epoch| {
+            let what = "deleting a counter";
+            for d in &deferred {
+                let r = bounded(&c.runtime, d.what(), d.send(&c.client, node_id));
+                c.note(r)?;
+            }
+            c.execute(LOCK_DELETES, &[], what)?;
+            let before = c
+                .query(LOCK_COUNTER_ROWS, &[&counter], what)?
+                .iter()
+                .map(decode_shard)
+                .collect::<Result<Vec<ShardRow>, Fail>>()?;
+            if before.is_empty() {
+                return Ok(None);
+            }
+            let nodes: Vec<&str> = before.iter().map(|r| r.node_id.as_str()).collect();
+            c.execute(SET_BASES, &[&counter, &nodes], what)?;
+            let epoch = to_stored(epoch, "epoch")?;
+            c.execute(RECORD_DELETE, &[&counter, &node_id, &epoch, &now], what)?;
+            let erased = before
+                .iter()
+                .fold(0i64, |acc, r| acc.wrapping_add(r.counted()));
+            let rows = before
+                .into_iter()
+                .map(|r| ShardRow { base: r.value, ..r })
+                .collect();
+            Ok(Some(DeletedCounter { erased, rows }))
+        })
     }
 
     fn commit(mut self: Box<Self>) -> Result<(), StoreError> {

@@ -19,7 +19,7 @@
 use super::StoreError;
 
 /// The newest schema version this build knows.
-pub const SCHEMA_VERSION: u64 = 2;
+pub const SCHEMA_VERSION: u64 = 3;
 
 /// How many times a migrator that lost a race retries before giving up.
 pub const MIGRATION_ATTEMPTS_MAX: u32 = 5;
@@ -51,6 +51,11 @@ pub const MIGRATIONS: &[Migration] = &[
         version: 2,
         sqlite: V2_SQLITE,
         postgres: V2_POSTGRES,
+    },
+    Migration {
+        version: 3,
+        sqlite: V3_SQLITE,
+        postgres: V3_POSTGRES,
     },
 ];
 
@@ -147,6 +152,34 @@ ALTER TABLE tally_nodes ADD COLUMN IF NOT EXISTS written_lsn BIGINT NOT NULL DEF
 ";
 
 /// Records one applied migration.
+// Version 3: deleting counters. A row counts `value - base`; a delete sets
+// every row's base to its value and records itself in `tally_deletes`
+// (one row per counter, its last delete) under a sequence number that
+// readers page by.
+const V3_SQLITE: &str = "
+ALTER TABLE tally_shards ADD COLUMN base BIGINT NOT NULL DEFAULT 0;
+CREATE TABLE IF NOT EXISTS tally_deletes (
+    counter TEXT PRIMARY KEY NOT NULL,
+    seq BIGINT NOT NULL,
+    node_id TEXT NOT NULL,
+    epoch BIGINT NOT NULL,
+    deleted_at_ms BIGINT NOT NULL
+) WITHOUT ROWID;
+CREATE UNIQUE INDEX IF NOT EXISTS tally_deletes_by_seq ON tally_deletes (seq);
+";
+
+const V3_POSTGRES: &str = "
+ALTER TABLE tally_shards ADD COLUMN IF NOT EXISTS base BIGINT NOT NULL DEFAULT 0;
+CREATE TABLE IF NOT EXISTS tally_deletes (
+    counter TEXT PRIMARY KEY NOT NULL,
+    seq BIGINT NOT NULL,
+    node_id TEXT NOT NULL,
+    epoch BIGINT NOT NULL,
+    deleted_at_ms BIGINT NOT NULL
+);
+CREATE UNIQUE INDEX IF NOT EXISTS tally_deletes_by_seq ON tally_deletes (seq);
+";
+
 pub const INSERT_VERSION_SQLITE: &str =
     "INSERT INTO tally_schema_version (version, applied_at_ms) VALUES (?1, ?2)";
 pub const INSERT_VERSION_POSTGRES: &str =

@@ -19,8 +19,8 @@ use parking_lot::{Mutex, MutexGuard};
 use rusqlite::{Connection, ErrorCode, OpenFlags, OptionalExtension, params};
 
 use super::{
-    KeyRow, NodeRow, Registration, ShardRow, Store, StoreError, StoreTx, Version, from_stored,
-    not_registered, poisoned, schema, to_stored,
+    DeletedCounter, KeyRow, NodeRow, Registration, ShardRow, Store, StoreError, StoreTx, Version,
+    from_stored, not_registered, poisoned, schema, to_stored,
 };
 
 /// How long a statement waits for another process's write lock before it
@@ -38,7 +38,7 @@ pub struct SqliteStore {
     path: PathBuf,
 }
 
-const SHARD_COLUMNS: &str = "counter, node_id, value, epoch, lsn";
+const SHARD_COLUMNS: &str = "counter, node_id, value, epoch, lsn, base";
 const NODE_COLUMNS: &str = "node_id, epoch, address, started_at_ms, heartbeat_at_ms, \
                             flushed_epoch, flushed_lsn, applied_lsn, written_epoch, written_lsn";
 
@@ -203,12 +203,21 @@ fn rollback(conn: &Connection) {
     }
 }
 
-fn shard_row(r: &rusqlite::Row<'_>) -> rusqlite::Result<(String, String, i64, i64, i64)> {
-    Ok((r.get(0)?, r.get(1)?, r.get(2)?, r.get(3)?, r.get(4)?))
+type RawShard = (String, String, i64, i64, i64, i64);
+
+fn shard_row(r: &rusqlite::Row<'_>) -> rusqlite::Result<RawShard> {
+    Ok((
+        r.get(0)?,
+        r.get(1)?,
+        r.get(2)?,
+        r.get(3)?,
+        r.get(4)?,
+        r.get(5)?,
+    ))
 }
 
 fn decode_shard(
-    (counter, node_id, value, epoch, lsn): (String, String, i64, i64, i64),
+    (counter, node_id, value, epoch, lsn, base): RawShard,
 ) -> Result<ShardRow, StoreError> {
     Ok(ShardRow {
         counter,
@@ -218,6 +227,7 @@ fn decode_shard(
             epoch: from_stored(epoch, "epoch")?,
             lsn: from_stored(lsn, "lsn")?,
         },
+        base,
     })
 }
 
@@ -498,6 +508,54 @@ impl Store for SqliteStore {
         )
     }
 
+    fn deleted_since(&self, after: u64, limit: usize) -> Result<Vec<(u64, ShardRow)>, StoreError> {
+        let limit = limit.min(super::DELETES_PAGE_MAX);
+        if limit == 0 {
+            return Ok(Vec::new());
+        }
+        let conn = self.conn.lock();
+        let what = "reading deletes";
+        let mut stmt = conn
+            .prepare_cached(
+                "SELECT d.seq, s.counter, s.node_id, s.value, s.epoch, s.lsn, s.base \
+                 FROM (SELECT counter, seq FROM tally_deletes WHERE seq > ?1 \
+                       ORDER BY seq LIMIT ?2) AS d \
+                 JOIN tally_shards AS s ON s.counter = d.counter \
+                 ORDER BY d.seq, s.node_id",
+            )
+            .map_err(|e| unavailable(what, e))?;
+        let raw = stmt
+            .query_map(
+                params![
+                    to_stored(after, "delete sequence number")?,
+                    i64::try_from(limit).unwrap_or(i64::MAX)
+                ],
+                |r| {
+                    Ok((
+                        r.get::<_, i64>(0)?,
+                        (
+                            r.get(1)?,
+                            r.get(2)?,
+                            r.get(3)?,
+                            r.get(4)?,
+                            r.get(5)?,
+                            r.get(6)?,
+                        ),
+                    ))
+                },
+            )
+            .and_then(|rows| rows.collect::<rusqlite::Result<Vec<(i64, RawShard)>>>())
+            .map_err(|e| unavailable(what, e))?;
+        raw.into_iter()
+            .map(|(seq, row)| {
+                Ok((
+                    from_stored(seq, "delete sequence number")?,
+                    decode_shard(row)?,
+                ))
+            })
+            .collect()
+    }
+
     fn nodes(&self) -> Result<Vec<NodeRow>, StoreError> {
         let conn = self.conn.lock();
         let mut stmt = conn
@@ -684,6 +742,49 @@ impl StoreTx for SqliteTx<'_> {
             .and_then(|mut s| s.execute(params![node_id, epoch, lsn, now, w_epoch, w_lsn]))
             .map_err(|e| unavailable("recording the flushed version", e))?;
             Ok(())
+        })
+    }
+
+    fn delete_counter(
+        &mut self,
+        counter: &str,
+        now_ms: u64,
+    ) -> Result<Option<DeletedCounter>, StoreError> {
+        let now = to_stored(now_ms, "time")?;
+        self.step(|conn, node_id, epoch| {
+            let what = "deleting a counter";
+            let epoch = to_stored(epoch, "epoch")?;
+            // The transaction holds the database's write lock: nothing
+            // changes the rows between these statements.
+            let before = select_shards(
+                conn,
+                &format!("SELECT {SHARD_COLUMNS} FROM tally_shards WHERE counter = ?1"),
+                [counter],
+                what,
+            )?;
+            if before.is_empty() {
+                return Ok(None);
+            }
+            conn.prepare_cached("UPDATE tally_shards SET base = value WHERE counter = ?1")
+                .and_then(|mut s| s.execute([counter]))
+                .map_err(|e| unavailable(what, e))?;
+            conn.prepare_cached(
+                "INSERT INTO tally_deletes (counter, seq, node_id, epoch, deleted_at_ms) \
+                 VALUES (?1, (SELECT COALESCE(MAX(seq), 0) + 1 FROM tally_deletes), ?2, ?3, ?4) \
+                 ON CONFLICT (counter) DO UPDATE SET seq = excluded.seq, \
+                 node_id = excluded.node_id, epoch = excluded.epoch, \
+                 deleted_at_ms = excluded.deleted_at_ms",
+            )
+            .and_then(|mut s| s.execute(params![counter, node_id, epoch, now]))
+            .map_err(|e| unavailable(what, e))?;
+            let erased = before
+                .iter()
+                .fold(0i64, |acc, r| acc.wrapping_add(r.counted()));
+            let rows = before
+                .into_iter()
+                .map(|r| ShardRow { base: r.value, ..r })
+                .collect();
+            Ok(Some(DeletedCounter { erased, rows }))
         })
     }
 

@@ -1,5 +1,6 @@
 //! Reads of counters: `GET`, `MGET`, `EXISTS`, `DBSIZE`, and `TALLY.GET`
-//! with a choice of where the other nodes' shards come from.
+//! with a choice of where the other nodes' shards come from; and their
+//! deletes, `DEL` and `GETDEL`.
 //!
 //! A counter's value is sent as Redis sends an integer stored in a string:
 //! a bulk string of its decimal form, or nil for a counter never
@@ -77,6 +78,46 @@ impl Read {
             Read::TallyGet(name, _) => value(&name)?,
         })
     }
+}
+
+/// A delete of counters (see [`Node::delete`]): the counter is set to zero
+/// for every node, durably, before the reply.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub enum Delete {
+    /// `DEL name [name ...]`: how many of the names held a value to erase.
+    Del(Vec<String>),
+    /// `GETDEL name`: the value erased, or nil if there was none.
+    GetDel(String),
+}
+
+impl Delete {
+    pub async fn run(self, node: &Node) -> Result<Frame, ReplyError> {
+        match self {
+            Delete::Del(names) => {
+                let mut deleted = 0;
+                for name in &names {
+                    if node.delete(name).await?.is_some() {
+                        deleted += 1;
+                    }
+                }
+                Ok(Frame::Integer(deleted))
+            }
+            Delete::GetDel(name) => Ok(node
+                .delete(&name)
+                .await?
+                .map_or(Frame::Null, Frame::bulk_decimal)),
+        }
+    }
+}
+
+pub fn parse_del(args: &mut Args) -> Result<Command, ReplyError> {
+    Ok(Command::Delete(Delete::Del(args.rest_names()?)))
+}
+
+pub fn parse_getdel(args: &mut Args) -> Result<Command, ReplyError> {
+    let name = args.next_name()?;
+    args.finish()?;
+    Ok(Command::Delete(Delete::GetDel(name)))
 }
 
 pub fn parse_get(args: &mut Args) -> Result<Command, ReplyError> {

@@ -37,6 +37,8 @@ pub enum Command {
     Increment(counter::Increment),
     /// Reads counters.
     Keyspace(keyspace::Read),
+    /// Deletes counters.
+    Delete(keyspace::Delete),
     /// Reads or changes the connection's own state.
     Session(session::SessionCommand),
     Info(info::Info),
@@ -84,7 +86,7 @@ impl Command {
     pub fn role(&self) -> Option<Role> {
         use session::SessionCommand as S;
         match self {
-            Command::Increment(_) => Some(Role::Write),
+            Command::Increment(_) | Command::Delete(_) => Some(Role::Write),
             Command::Session(S::Auth(_) | S::Hello { .. } | S::Quit | S::Reset) => None,
             Command::Keyspace(_)
             | Command::Session(_)
@@ -132,6 +134,7 @@ impl Command {
                 "increments are run by the pipeline, not one by one",
             )),
             Command::Keyspace(read) => read.run(&cx.shared.node).await,
+            Command::Delete(delete) => delete.run(&cx.shared.node).await,
             Command::Session(cmd) => cmd.apply(cx),
             Command::Info(info) => Ok(info.run(cx.shared).await),
             Command::Command(introspect) => introspect.apply(),
@@ -250,6 +253,22 @@ pub const COMMANDS: &[Spec] = &[
         categories: &["@keyspace", "@read", "@fast"],
         keys: ALL_KEYS,
         parse: keyspace::parse_exists,
+    },
+    Spec {
+        name: "del",
+        arity: -2,
+        flags: &["write"],
+        categories: &["@keyspace", "@write", "@slow"],
+        keys: ALL_KEYS,
+        parse: keyspace::parse_del,
+    },
+    Spec {
+        name: "getdel",
+        arity: 2,
+        flags: &["write", "fast"],
+        categories: &["@write", "@string", "@fast"],
+        keys: ONE_KEY,
+        parse: keyspace::parse_getdel,
     },
     Spec {
         name: "dbsize",
