@@ -224,6 +224,17 @@ fn assert_clean(
     }
     assert_eq!(report["verdict"]["lost"], 0, "{output}");
     assert_eq!(report["verdict"]["counted_twice"], 0, "{output}");
+    // A passing run deletes what it created, and each counter then reads 0
+    // on every node.
+    assert!(
+        report["cleanup"]["counters"].as_u64().unwrap_or(0) > 0,
+        "{output}"
+    );
+    assert_eq!(
+        report["cleanup"]["errors"],
+        serde_json::json!([]),
+        "{output}"
+    );
     for level in ["local", "memory", "replicated"] {
         for protocol in ["Http", "Resp"] {
             let kind = format!("{protocol} {level}");
@@ -317,6 +328,10 @@ fn checker_reports_memory_writes_killed_before_their_sync() {
         "{table}"
     );
     assert!(report.verdict.lost > 0, "the loss went unseen\n{table}");
+    assert!(
+        report.cleanup.is_none(),
+        "a failing run keeps its counters\n{table}"
+    );
     assert!(
         report
             .verdict

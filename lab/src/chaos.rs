@@ -1058,6 +1058,34 @@ async fn read_value(access: &Access, node: SocketAddr, counter: &str) -> Option<
     }
 }
 
+/// Deletes `counters` through every node (with a shared store one delete
+/// suffices; without one each node holds its own), then reads them back:
+/// each must read 0 on every node.
+async fn clean_up(access: &Access, nodes: &[SocketAddr], counters: &[String]) -> Cleanup {
+    let mut errors = Vec::new();
+    for c in counters {
+        for n in nodes {
+            let path = format!("/v1/counters/{c}");
+            match http_request(access, *n, "DELETE", &path, None).await {
+                Ok(r) if r.status == 200 => {}
+                Ok(r) => errors.push(format!("DELETE {c} on {n}: {} {}", r.status, r.body)),
+                Err(e) => errors.push(format!("DELETE {c} on {n}: {e:?}")),
+            }
+        }
+    }
+    if errors.is_empty() {
+        for (c, values) in settle(access, nodes, counters).await {
+            if values.len() != nodes.len() || values.iter().any(|v| *v != 0) {
+                errors.push(format!("{c} reads {values:?} after its delete"));
+            }
+        }
+    }
+    Cleanup {
+        counters: counters.len(),
+        errors,
+    }
+}
+
 /// Polls every node until each reports the same value for every counter
 /// twice in a row, or `SETTLE_TIMEOUT` passes; returns the last reading.
 async fn settle(
@@ -1118,6 +1146,18 @@ pub struct ChaosReport {
     /// When the run was interrupted, if it was: it then proves too little
     /// to pass, whatever it found.
     pub interrupted_at_ms: Option<u64>,
+    /// The counters the run created, deleted at its end when everything
+    /// else passed (`None`: the run failed, and they are left for study).
+    pub cleanup: Option<Cleanup>,
+}
+
+/// What deleting a passing run's counters did.
+#[derive(Debug, Clone, Serialize)]
+pub struct Cleanup {
+    pub counters: usize,
+    /// Deletes that failed, and counters that did not read 0 on every node
+    /// afterwards.
+    pub errors: Vec<String>,
 }
 
 impl ChaosReport {
@@ -1126,6 +1166,7 @@ impl ChaosReport {
     pub fn passed(&self) -> bool {
         self.interrupted_at_ms.is_none()
             && self.verdict.ok()
+            && self.cleanup.as_ref().is_none_or(|c| c.errors.is_empty())
             && self.fault_errors.is_empty()
             && self
                 .required_faults
@@ -1194,6 +1235,17 @@ impl ChaosReport {
         );
         for v in &self.verdict.violations {
             let _ = writeln!(o, "VIOLATION: {v}");
+        }
+        if let Some(c) = &self.cleanup {
+            let _ = writeln!(
+                o,
+                "counters deleted at the end   {} of {}",
+                c.counters - c.errors.len().min(c.counters),
+                c.counters
+            );
+            for e in &c.errors {
+                let _ = writeln!(o, "  cleanup error: {e}");
+            }
         }
         if let Some(ms) = self.interrupted_at_ms {
             let _ = writeln!(o, "interrupted at {ms} ms: the load phase ended early");
@@ -1447,7 +1499,15 @@ fn run_on(target: &dyn Target, config: &ChaosConfig) -> anyhow::Result<ChaosRepo
         history_path: None,
         required_faults,
         interrupted_at_ms: load.interrupt.load(Ordering::SeqCst).then_some(load_ms),
+        cleanup: None,
     };
+    if report.passed() {
+        println!(
+            "chaos: passed; deleting the {} counters it created",
+            counters.len()
+        );
+        report.cleanup = Some(runtime.block_on(clean_up(&access, &node_addrs, &counters)));
+    }
     if !report.passed() {
         let path = config.base_dir.join("chaos-history.jsonl");
         let mut out = String::new();
