@@ -57,6 +57,16 @@ pub enum Error {
     #[error("node is shutting down")]
     ShuttingDown,
 
+    /// What the request names does not exist (a node id the store does
+    /// not know).
+    #[error("{0}")]
+    NotFound(String),
+
+    /// The request conflicts with the state of what it names (retiring a
+    /// node that is running); the message says what must change first.
+    #[error("{0}")]
+    Conflict(String),
+
     /// A bounded resource is full; the message names the limit to raise.
     #[error("{0}")]
     LimitExceeded(String),
@@ -105,6 +115,8 @@ impl Error {
             | Error::InvalidInput { .. }
             | Error::InvalidConfig { .. }
             | Error::LimitExceeded(_)
+            | Error::NotFound(_)
+            | Error::Conflict(_)
             | Error::Corrupt { .. }
             | Error::Io { .. } => Outcome::Refused,
             Error::JournalFailed(_)

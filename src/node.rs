@@ -584,6 +584,28 @@ impl Node {
         Ok(Some(old))
     }
 
+    /// Takes node `id` out of the cluster view for good (blocking: call
+    /// from a blocking thread). Allowed once the node has stopped cleanly,
+    /// which it records when its whole shard is in the store; a node that
+    /// is down without having stopped is refused unless `force` (its
+    /// journal may hold increments it never flushed: retiring gives them
+    /// up). Its rows keep counting; a process that registers the id again
+    /// brings it back. Returns the node's last address.
+    ///
+    /// Errors: [`Error::DurabilityUnavailable`] without a store,
+    /// [`Error::NotFound`], [`Error::Conflict`], [`Error::StoreUnavailable`].
+    pub fn retire(&self, id: &str, force: bool) -> Result<String> {
+        let Some(c) = self.cluster()? else {
+            return Err(Error::DurabilityUnavailable {
+                level: "cluster",
+                reason: "this node runs without a shared store: there is no cluster to retire \
+                         a node from"
+                    .into(),
+            });
+        };
+        c.retire(id, force).map(|row| row.address)
+    }
+
     /// This node's shard plus the other nodes' (from the cache).
     fn global_value(&self, name: &str) -> Option<i64> {
         let local = self.shared.engine.table().get(name).map(|e| e.value);

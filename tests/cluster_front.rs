@@ -746,7 +746,8 @@ async fn metrics_text(member: &Member) -> String {
 // front end and level (pipelined RESP increments at `local` included, once
 // each), the limits, the epoch, `replicated` availability, and each peer's
 // liveness as this node reads it from the store: alive while it runs, down
-// once it has stopped.
+// liveness as this node reads it from the store: alive while it runs, stopped
+// once it has stopped cleanly.
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn system_figures_reach_metrics() {
     let store = tempfile::tempdir().unwrap();
@@ -820,11 +821,13 @@ async fn system_figures_reach_metrics() {
         }
     })
     .await;
+    // A clean stop is not an outage: b shows as stopped, not down.
     b.stop().await;
-    eventually("b down in a's metrics", async || {
+    eventually("b stopped in a's metrics", async || {
         let text = metrics_text(&a).await;
         let age = metric_value(&text, "tally_peer_heartbeat_age_seconds{node_id=\"b\"}");
-        if state(&text, "down") == Some(1.0)
+        if state(&text, "stopped") == Some(1.0)
+            && state(&text, "down") == Some(0.0)
             && state(&text, "alive") == Some(0.0)
             && age > Some(0.0)
         {
@@ -1041,4 +1044,108 @@ async fn deletes_under_concurrent_increments_lose_and_double_count_nothing() {
     for m in [a, b, c] {
         m.stop().await;
     }
+}
+
+/// `POST /v1/nodes/{id}/retire` through `member`: the status and the body.
+async fn retire(member: &Member, id: &str, force: bool) -> (StatusCode, Value) {
+    let response = reqwest::Client::new()
+        .post(member.http_url(&format!("/v1/nodes/{id}/retire?force={force}")))
+        .send()
+        .await
+        .unwrap();
+    let status = response.status();
+    (status, response.json().await.unwrap())
+}
+
+/// The state `member`'s cluster view gives node `id` (`None`: not listed).
+async fn state_of(member: &Member, id: &str) -> Option<String> {
+    let (_, view) = member.get("/v1/cluster").await;
+    view["nodes"]
+        .as_array()
+        .unwrap()
+        .iter()
+        .find(|n| n["node_id"] == id)
+        .map(|n| n["state"].as_str().unwrap().to_string())
+}
+
+// A node that stops cleanly shows as stopped (not down) once its shard is
+// in the store, and can then be retired: it leaves the cluster view while
+// its shard keeps counting. A running node, the node asked, an unknown id
+// and a node that is down without having stopped (unless forced) are
+// refused; a retired id started again comes back.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn stopped_nodes_show_as_stopped_and_only_they_retire_without_force() {
+    let store = tempfile::tempdir().unwrap();
+    let a = Member::start(Some(store.path()), "a").await;
+    let b = Member::start(Some(store.path()), "b").await;
+    let c = Member::start(Some(store.path()), "c").await;
+    let (_, view) = a.get("/v1/cluster").await;
+    let me = view["nodes"][0].clone();
+    assert_eq!(me["node_id"], "a");
+    assert_eq!(me["pid"], std::process::id(), "{view}");
+    assert!(me["uptime_ms"].as_u64().is_some(), "{view}");
+    b.increment("kept", 5).await;
+    c.increment("kept", 1).await;
+
+    let (status, body) = retire(&a, "b", false).await;
+    assert_eq!(status, StatusCode::CONFLICT, "{body}");
+    assert!(error_text(&body).contains("is running"), "{body}");
+    let (status, body) = retire(&a, "a", false).await;
+    assert_eq!(status, StatusCode::CONFLICT, "{body}");
+    let (status, body) = retire(&a, "nobody", false).await;
+    assert_eq!(status, StatusCode::NOT_FOUND, "{body}");
+
+    let b_dir = b.stop().await;
+    eventually("b shows as stopped", async || {
+        match state_of(&a, "b").await {
+            Some(s) if s == "stopped" => Ok(()),
+            other => Err(format!("{other:?}")),
+        }
+    })
+    .await;
+    let (status, body) = retire(&a, "b", false).await;
+    assert_eq!(status, StatusCode::OK, "{body}");
+    assert_eq!(body["retired"], true);
+    assert_eq!(
+        state_of(&a, "b").await,
+        None,
+        "a retired node is not listed"
+    );
+    assert_eq!(state_of(&c, "b").await, None);
+    // Its shard still counts.
+    settle_on(
+        &c,
+        "/v1/counters/kept",
+        &json!({"name": "kept", "value": 6, "nodes": {"b": 5, "c": 1}}),
+    )
+    .await;
+    assert_eq!(retire(&c, "b", false).await.0, StatusCode::OK, "idempotent");
+
+    // c is dropped without stopping: down, not stopped, after ten
+    // heartbeat intervals; retiring it needs force.
+    c.abandon().await;
+    eventually("c shows as down", async || match state_of(&a, "c").await {
+        Some(s) if s == "down" => Ok(()),
+        other => Err(format!("{other:?}")),
+    })
+    .await;
+    let (status, body) = retire(&a, "c", false).await;
+    assert_eq!(status, StatusCode::CONFLICT, "{body}");
+    assert!(error_text(&body).contains("force"), "{body}");
+    assert_eq!(retire(&a, "c", true).await.0, StatusCode::OK);
+    assert_eq!(state_of(&a, "c").await, None);
+
+    // b started again on its directory comes back, alive.
+    let b = Member::start_in(b_dir, Some(store.path()), "b", FAST.refresh_interval).await;
+    eventually("b is back", async || match state_of(&a, "b").await {
+        Some(s) if s == "alive" => Ok(()),
+        other => Err(format!("{other:?}")),
+    })
+    .await;
+    a.stop().await;
+    b.stop().await;
+}
+
+fn error_text(body: &Value) -> &str {
+    body["error"].as_str().unwrap_or("")
 }

@@ -788,6 +788,7 @@ fn a_version_one_store_is_migrated_in_place(t: &Target) {
     );
     let row = s.nodes().unwrap().remove(0);
     assert_eq!((row.epoch, row.flushed, row.written), (4, v(4, 9), v(0, 0)));
+    assert_eq!((row.state, row.pid), (store::NodeState::Running, 0));
     assert_eq!(shard(s.as_ref(), "n")["c"], (7, v(4, 9)));
     let e = s.register("n", "addr", 2).unwrap().epoch;
     assert_eq!(e, 5);
@@ -1000,6 +1001,34 @@ fn a_delete_waits_for_a_flush_of_the_counter_and_counts_it(t: &Target) {
     assert_eq!(erased + counted(s.as_ref(), "c"), 201);
 }
 
+fn a_node_row_records_its_process_and_state(t: &Target) {
+    // Registering records this process and the state running; the state
+    // changes only for the epoch that holds the row, and a new
+    // registration makes it running again.
+    let s = t.open();
+    let e = s.register("n", "addr", 1).unwrap().epoch;
+    let row = s.nodes().unwrap().remove(0);
+    let (host, pid) = store::this_process();
+    assert_eq!(
+        (row.state, row.host.as_str(), row.pid),
+        (store::NodeState::Running, host.as_str(), pid)
+    );
+    assert!(
+        !s.set_node_state("n", e + 1, store::NodeState::Stopped)
+            .unwrap()
+    );
+    assert!(
+        !s.set_node_state("other", e, store::NodeState::Stopped)
+            .unwrap()
+    );
+    assert!(s.set_node_state("n", e, store::NodeState::Stopped).unwrap());
+    assert_eq!(s.nodes().unwrap()[0].state, store::NodeState::Stopped);
+    assert!(s.set_node_state("n", e, store::NodeState::Retired).unwrap());
+    assert_eq!(s.nodes().unwrap()[0].state, store::NodeState::Retired);
+    s.register("n", "addr", 2).unwrap();
+    assert_eq!(s.nodes().unwrap()[0].state, store::NodeState::Running);
+}
+
 /// Runs each scenario on both backends, as `sqlite::NAME` and
 /// `postgres::NAME`.
 macro_rules! conformance {
@@ -1042,6 +1071,7 @@ conformance!(
     deletes_are_read_back_in_sequence_with_every_row,
     a_delete_in_a_failed_transaction_changes_nothing,
     a_delete_waits_for_a_flush_of_the_counter_and_counts_it,
+    a_node_row_records_its_process_and_state,
 );
 
 // ---------------------------------------------------------------------

@@ -428,6 +428,19 @@ settings! {
             Ok(())
         },
     }
+    /// Start even if another live process holds this node id, fencing it
+    /// (true or false); without it such a start is refused, naming the
+    /// host and pid found
+    takeover: bool {
+        env: "TALLY_TAKEOVER",
+        sets: Some("ClusterConfig::takeover"),
+        limit: false,
+        default: |d| Some(d.cluster.takeover.to_string()),
+        apply: |d, v| {
+            d.cluster.takeover = v;
+            Ok(())
+        },
+    }
     /// Log format: text or json
     log_format: String {
         env: "TALLY_LOG_FORMAT",

@@ -142,15 +142,26 @@ impl SharedStore {
         data_dir: &Path,
         heartbeat_interval_ms: &str,
     ) -> TallyProcess {
+        let args = self.node_args(node_id, heartbeat_interval_ms, &[]);
+        let args: Vec<&str> = args.iter().map(String::as_str).collect();
+        TallyProcess::start(data_dir, &args)
+    }
+
+    /// The flags of a node process on this store.
+    fn node_args(&self, node_id: &str, heartbeat_interval_ms: &str, extra: &[&str]) -> Vec<String> {
         let mut flags = FAST.serve_flags();
         let heartbeat = flags
             .iter()
             .position(|f| f == "--heartbeat-interval-ms")
             .expect("the timings include the heartbeat");
         flags[heartbeat + 1] = heartbeat_interval_ms.to_string();
-        let mut args: Vec<&str> = vec!["--store", &self.url, "--node-id", node_id];
-        args.extend(flags.iter().map(String::as_str));
-        TallyProcess::start(data_dir, &args)
+        let mut args: Vec<String> = ["--store", &self.url, "--node-id", node_id]
+            .iter()
+            .map(|s| s.to_string())
+            .collect();
+        args.extend(flags);
+        args.extend(extra.iter().map(|s| s.to_string()));
+        args
     }
 }
 
@@ -782,7 +793,32 @@ fn second_process_with_same_node_id_fences_the_first(backend: Backend) {
     // store write is the rare heartbeat or the increments sent below.
     std::thread::sleep(IDLE_AFTER_LOAD);
 
-    let second = store.start_node("n1", &dir.path().join("n1-second"));
+    // Without --takeover a second process is refused, naming the holder,
+    // and the first goes on.
+    let fast_hb = FAST.heartbeat_interval.as_millis().to_string();
+    let refused_dir = dir.path().join("n1-refused");
+    let args = store.node_args("n1", &fast_hb, &[]);
+    let mut refused_args: Vec<&str> = vec!["--data-dir", refused_dir.to_str().unwrap()];
+    refused_args.extend(args.iter().map(String::as_str));
+    let mut refused = TallyProcess::spawn_with(&refused_args, &[]);
+    let status = refused.child.wait().unwrap();
+    let said = refused.stderr();
+    assert!(
+        !status.success(),
+        "a second process took a live node id:\n{said}"
+    );
+    assert!(
+        said.contains(&format!("pid {}", first.pid())) && said.contains("--takeover"),
+        "the refusal does not name the holder's pid and the way out:\n{said}"
+    );
+    assert!(
+        rt.block_on(try_connect(&first.resp_url())).is_ok(),
+        "the first process stopped after a refused start"
+    );
+
+    let takeover = store.node_args("n1", &fast_hb, &["--takeover", "true"]);
+    let takeover: Vec<&str> = takeover.iter().map(String::as_str).collect();
+    let second = TallyProcess::start(&dir.path().join("n1-second"), &takeover);
 
     // Replicated increments sent to the first process now must all be
     // refused: it can no longer commit anything to the store.

@@ -25,7 +25,7 @@ use std::time::{Duration, Instant};
 use compact_str::CompactString;
 use parking_lot::RwLock;
 
-use crate::store::{DELETES_PAGE_MAX, ShardRow, Store, StoreError, Version};
+use crate::store::{DELETES_PAGE_MAX, NodeState, ShardRow, Store, StoreError, Version};
 
 /// Rows read per store call while catching up on one node.
 const PAGE_ROWS: usize = 10_000;
@@ -46,9 +46,9 @@ struct CacheState {
     /// The last delete sequence number read.
     deletes_cursor: u64,
     refreshed: Option<Instant>,
-    /// The other nodes' rows as the last refresh read them: id, epoch and
-    /// last heartbeat (Unix ms).
-    peers: Vec<(String, u64, u64)>,
+    /// The other nodes' rows as the last refresh read them: id, epoch,
+    /// last heartbeat (Unix ms) and recorded state.
+    peers: Vec<(String, u64, u64, NodeState)>,
 }
 
 impl CacheState {
@@ -152,8 +152,8 @@ impl Cache {
     }
 
     /// The other nodes as the last refresh read them: id, epoch, last
-    /// heartbeat (Unix ms).
-    pub fn peers(&self) -> Vec<(String, u64, u64)> {
+    /// heartbeat (Unix ms), recorded state.
+    pub fn peers(&self) -> Vec<(String, u64, u64, NodeState)> {
         self.inner.read().peers.clone()
     }
 
@@ -221,7 +221,7 @@ impl Cache {
         inner.peers = nodes
             .iter()
             .filter(|n| n.node_id != self.own)
-            .map(|n| (n.node_id.clone(), n.epoch, n.heartbeat_at_ms))
+            .map(|n| (n.node_id.clone(), n.epoch, n.heartbeat_at_ms, n.state))
             .collect();
         inner.refreshed = Some(Instant::now());
         Ok(())

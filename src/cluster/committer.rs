@@ -236,6 +236,21 @@ pub(crate) fn run(cluster: Arc<Cluster>, engine: Weak<Engine>) {
             && reinsert.is_empty()
         {
             if stopping {
+                // A complete sweep found nothing left to write: the whole
+                // shard is in the store. Say so, so that the cluster view
+                // shows the node stopped rather than down, and it may be
+                // retired.
+                match cluster.store.set_node_state(
+                    &cluster.node_id,
+                    cluster.epoch(),
+                    crate::store::NodeState::Stopped,
+                ) {
+                    Ok(true) => tracing::info!("shard flushed; recorded as stopped in the store"),
+                    Ok(false) => {}
+                    Err(e) => {
+                        tracing::warn!(error = %e, "could not record the node as stopped in the store")
+                    }
+                }
                 return;
             }
             if last_heartbeat.elapsed() >= cluster.config.heartbeat_interval {
@@ -348,9 +363,8 @@ pub(crate) fn run(cluster: Arc<Cluster>, engine: Weak<Engine>) {
             unresolved.is_none() || *cluster.replication_open.lock(),
             "the replication gate is held while a transaction's outcome is unresolved"
         );
-        if stopping && unresolved.is_none() && backlog.is_empty() {
-            return;
-        }
+        // A stopping committer goes round again until a complete sweep
+        // finds nothing to write (above), unless the store is failing.
         if stopping && backoff > Duration::ZERO {
             // The store is down: the journal keeps everything; stop.
             return;

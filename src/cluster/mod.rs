@@ -58,6 +58,10 @@ pub struct ClusterConfig {
     /// How long after a failed store call `replicated` increments are
     /// refused at once rather than queued.
     pub fail_fast_window: Duration,
+    /// Start even if another process holds this node id and is alive
+    /// (fencing it); without it such a start is refused (see
+    /// [`check_not_held`]).
+    pub takeover: bool,
 }
 
 /// A writer and a reader connection to one store, built by the caller.
@@ -85,6 +89,7 @@ impl ClusterConfig {
             replicated_batch_max: 10_000,
             flush_rows_max: 100_000,
             fail_fast_window: Duration::from_secs(1),
+            takeover: false,
         }
     }
 }
@@ -125,11 +130,106 @@ pub enum Liveness {
     Alive,
     Suspect,
     Down,
+    /// Its last process stopped cleanly, its shard in the store.
+    Stopped,
 }
 
-/// Liveness from a heartbeat's age and the heartbeat interval (ms).
-fn liveness(age_ms: u64, interval_ms: u64) -> Liveness {
-    if age_ms <= SUSPECT_AFTER_HEARTBEATS * interval_ms {
+/// Refuses to start as `node_id` while another live process holds it:
+/// registering would take a new epoch and fence that process (and, under a
+/// supervisor on each of two hosts, each would fence the other in turn).
+///
+/// The node's row says which host and process registered it last and
+/// whether it stopped cleanly. It is free when it has no row, stopped or
+/// was retired, or when this very process registered it (a node reopened
+/// in the same process). On this host, the process that registered it
+/// holds it while it exists and either runs the same program as this one
+/// or heartbeats (its heartbeat younger than `SUSPECT_AFTER_HEARTBEATS` of
+/// this process's heartbeat intervals): a process id taken over by an
+/// unrelated program does not. A process on another host cannot be asked:
+/// a heartbeat older than that is free, and a younger one is watched for
+/// as long as it may take to move; one that moves means a live holder.
+fn check_not_held(store: &dyn Store, node_id: &str, heartbeat: Duration) -> Result<()> {
+    let find = || -> Result<Option<NodeRow>> {
+        Ok(store
+            .nodes()
+            .map_err(start_err)?
+            .into_iter()
+            .find(|n| n.node_id == node_id))
+    };
+    let Some(row) = find()? else {
+        return Ok(());
+    };
+    if row.state != store::NodeState::Running {
+        return Ok(());
+    }
+    let (host, pid) = store::this_process();
+    let hb = heartbeat.as_millis() as u64;
+    let fresh_for = SUSPECT_AFTER_HEARTBEATS * hb;
+    let age = now_ms().saturating_sub(row.heartbeat_at_ms);
+    if row.host == host {
+        let held = row.pid != pid
+            && process_exists(row.pid)
+            && (same_program(row.pid) || age <= fresh_for);
+        if !held {
+            return Ok(());
+        }
+    } else if age > fresh_for {
+        return Ok(());
+    }
+    let held = |how: &str| Error::InvalidConfig {
+        field: "node_id",
+        reason: format!(
+            "node id '{node_id}' is held by a running process, pid {} on host '{}' (serving \
+             {}), whose heartbeat {how}; stop that process, start this one with another node \
+             id, or pass --takeover true to fence it and take the id over",
+            row.pid, row.host, row.address
+        ),
+    };
+    if row.host == host {
+        return Err(held(&format!("is {age} ms old")));
+    }
+    let deadline = Instant::now() + Duration::from_millis(fresh_for.saturating_sub(age) + hb);
+    while Instant::now() < deadline {
+        std::thread::sleep(heartbeat / 4);
+        if let Some(now) = find()?
+            && (now.epoch != row.epoch || now.heartbeat_at_ms > row.heartbeat_at_ms)
+            && now.state == store::NodeState::Running
+        {
+            return Err(held("moved while this process watched it"));
+        }
+    }
+    Ok(())
+}
+
+/// Whether process `pid` runs the same program as this one (by its
+/// command name, which survives an upgrade of the binary in place).
+fn same_program(pid: u32) -> bool {
+    let comm = |p: &str| std::fs::read_to_string(format!("/proc/{p}/comm")).ok();
+    match (comm(&pid.to_string()), comm("self")) {
+        (Some(theirs), Some(ours)) => theirs == ours,
+        _ => false,
+    }
+}
+
+/// Whether a process with this id exists on this host.
+fn process_exists(pid: u32) -> bool {
+    let Ok(pid) = libc::pid_t::try_from(pid) else {
+        return false;
+    };
+    if pid <= 0 {
+        return false;
+    }
+    // SAFETY: signal 0 sends nothing; it only checks the process exists.
+    let rc = unsafe { libc::kill(pid, 0) };
+    rc == 0 || std::io::Error::last_os_error().raw_os_error() == Some(libc::EPERM)
+}
+
+/// Liveness from the node's recorded state, its heartbeat's age and the
+/// heartbeat interval (ms).
+fn liveness(state: store::NodeState, age_ms: u64, interval_ms: u64) -> Liveness {
+    if state == store::NodeState::Stopped {
+        Liveness::Stopped
+    } else if age_ms <= SUSPECT_AFTER_HEARTBEATS * interval_ms {
         Liveness::Alive
     } else if age_ms <= DOWN_AFTER_HEARTBEATS * interval_ms {
         Liveness::Suspect
@@ -139,13 +239,19 @@ fn liveness(age_ms: u64, interval_ms: u64) -> Liveness {
 }
 
 impl Liveness {
-    pub const ALL: [Liveness; 3] = [Liveness::Alive, Liveness::Suspect, Liveness::Down];
+    pub const ALL: [Liveness; 4] = [
+        Liveness::Alive,
+        Liveness::Suspect,
+        Liveness::Down,
+        Liveness::Stopped,
+    ];
 
     pub fn as_str(self) -> &'static str {
         match self {
             Liveness::Alive => "alive",
             Liveness::Suspect => "suspect",
             Liveness::Down => "down",
+            Liveness::Stopped => "stopped",
         }
     }
 }
@@ -166,6 +272,12 @@ pub struct NodeView {
     pub epoch: u64,
     pub address: String,
     pub state: Liveness,
+    /// The host and process id that registered it (empty and 0 when a
+    /// build before schema version 4 did).
+    pub host: String,
+    pub pid: u32,
+    /// Since its last registration (its current process's start).
+    pub uptime_ms: u64,
     pub heartbeat_age_ms: u64,
     pub flushed_lsn: u64,
     pub applied_lsn: u64,
@@ -302,6 +414,9 @@ impl Cluster {
             ),
         };
         let node_id = node_id.to_string();
+        if !config.takeover {
+            check_not_held(store.as_ref(), &node_id, config.heartbeat_interval)?;
+        }
         // What the journal says the store committed of this node's rows.
         let settled = recovered.settled.map(|(e, l)| Version::new(e, l));
         // Above every epoch the journal knows, even if the store has
@@ -587,13 +702,14 @@ impl Cluster {
         self.cache
             .peers()
             .into_iter()
-            .map(|(node_id, epoch, heartbeat_at_ms)| {
+            .filter(|(_, _, _, state)| *state != store::NodeState::Retired)
+            .map(|(node_id, epoch, heartbeat_at_ms, state)| {
                 let age = now.saturating_sub(heartbeat_at_ms);
                 PeerState {
                     node_id,
                     epoch,
                     heartbeat_age_ms: age,
-                    state: liveness(age, hb),
+                    state: liveness(state, age, hb),
                 }
             })
             .collect()
@@ -615,7 +731,10 @@ impl Cluster {
                 node_id: n.node_id.clone(),
                 epoch: n.epoch,
                 address: n.address.clone(),
-                state: liveness(age, hb),
+                state: liveness(n.state, age, hb),
+                host: n.host.clone(),
+                pid: n.pid,
+                uptime_ms: now.saturating_sub(n.started_at_ms),
                 heartbeat_age_ms: age,
                 flushed_lsn: n.flushed.lsn,
                 applied_lsn: applied,
@@ -651,11 +770,71 @@ impl Cluster {
             store_error,
             store_replication: replication,
             store_warning,
-            nodes: nodes.iter().map(view_of).collect(),
+            // A retired node's rows still count; it is no longer shown.
+            nodes: nodes
+                .iter()
+                .filter(|n| n.state != store::NodeState::Retired)
+                .map(view_of)
+                .collect(),
         })
     }
 
     /// Every node's shard of `name`, read straight from the store.
+    /// Takes node `id` out of the cluster view for good (blocking: it
+    /// reads and writes the store). Allowed for a node that stopped
+    /// cleanly (its whole shard is in the store); a node that is down is
+    /// refused unless `force`, since its journal may hold increments it
+    /// never flushed, which retiring gives up; a running node, and this
+    /// node, are refused. Its rows keep counting. Returns the row as it
+    /// was.
+    pub(crate) fn retire(&self, id: &str, force: bool) -> Result<NodeRow> {
+        if id == self.node_id {
+            return Err(Error::Conflict(format!(
+                "node '{id}' cannot retire itself: stop it, then retire it through another node"
+            )));
+        }
+        let row = self
+            .reader
+            .nodes()
+            .map_err(store_err)?
+            .into_iter()
+            .find(|n| n.node_id == id)
+            .ok_or_else(|| Error::NotFound(format!("no node '{id}' in the store")))?;
+        let hb = self.config.heartbeat_interval.as_millis() as u64;
+        let age = now_ms().saturating_sub(row.heartbeat_at_ms);
+        match (row.state, liveness(row.state, age, hb)) {
+            (store::NodeState::Retired, _) => return Ok(row),
+            (_, Liveness::Stopped) => {}
+            (_, Liveness::Alive | Liveness::Suspect) => {
+                return Err(Error::Conflict(format!(
+                    "node '{id}' is running (heartbeat {age} ms ago, pid {} on host '{}'): \
+                     stop it first; it records itself as stopped once its shard is flushed",
+                    row.pid, row.host
+                )));
+            }
+            (_, Liveness::Down) if !force => {
+                let lag = row.applied_lsn.saturating_sub(row.flushed.lsn);
+                return Err(Error::Conflict(format!(
+                    "node '{id}' is down (heartbeat {age} ms ago) without having stopped \
+                     cleanly: its journal may hold increments not in the store ({lag} changes \
+                     applied past its flushed mark at its last heartbeat); start it again so \
+                     that it flushes and stops cleanly, or retire it with force to give them up"
+                )));
+            }
+            (_, Liveness::Down) => {}
+        }
+        let done = self
+            .reader
+            .set_node_state(id, row.epoch, store::NodeState::Retired)
+            .map_err(store_err)?;
+        if !done {
+            return Err(Error::Conflict(format!(
+                "node '{id}' registered again while it was being retired; nothing was changed"
+            )));
+        }
+        Ok(row)
+    }
+
     /// Every node's counted shard of `name` (value less base), read
     /// straight from the store.
     pub(crate) fn read_from_store(&self, name: &str) -> Result<Vec<(String, i64)>> {

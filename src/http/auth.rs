@@ -37,6 +37,7 @@ fn needed(method: &Method, path: &str, metrics_open: bool) -> Option<Role> {
             | Endpoint::DeleteCounter
             | Endpoint::ResetCounter,
         ) => Some(Role::Write),
+        Some(Endpoint::RetireNode) => Some(Role::Admin),
         Some(
             Endpoint::GetCounter
             | Endpoint::ListCounters
@@ -123,6 +124,10 @@ mod tests {
         assert_eq!(
             needed(&post, "/v1/counters/a/reset", false),
             Some(Role::Write)
+        );
+        assert_eq!(
+            needed(&post, "/v1/nodes/n1/retire", false),
+            Some(Role::Admin)
         );
         assert_eq!(needed(&get, "/v1/counters/a", false), Some(Role::Read));
         assert_eq!(needed(&get, "/v1/counters", false), Some(Role::Read));

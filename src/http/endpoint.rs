@@ -15,6 +15,7 @@ pub enum Endpoint {
     ResetCounter,
     ListCounters,
     Cluster,
+    RetireNode,
     Metrics,
     Health,
     Readiness,
@@ -23,7 +24,7 @@ pub enum Endpoint {
 
 impl Endpoint {
     /// Every endpoint, in the order the API documentation lists them.
-    pub const ALL: [Endpoint; 11] = [
+    pub const ALL: [Endpoint; 12] = [
         Endpoint::Increment,
         Endpoint::IncrementBatch,
         Endpoint::GetCounter,
@@ -31,6 +32,7 @@ impl Endpoint {
         Endpoint::ResetCounter,
         Endpoint::ListCounters,
         Endpoint::Cluster,
+        Endpoint::RetireNode,
         Endpoint::Metrics,
         Endpoint::Health,
         Endpoint::Readiness,
@@ -39,7 +41,10 @@ impl Endpoint {
 
     pub fn method(self) -> Method {
         match self {
-            Endpoint::Increment | Endpoint::IncrementBatch | Endpoint::ResetCounter => Method::POST,
+            Endpoint::Increment
+            | Endpoint::IncrementBatch
+            | Endpoint::ResetCounter
+            | Endpoint::RetireNode => Method::POST,
             Endpoint::DeleteCounter => Method::DELETE,
             Endpoint::GetCounter
             | Endpoint::ListCounters
@@ -61,6 +66,7 @@ impl Endpoint {
             Endpoint::ResetCounter => "/v1/counters/{name}/reset",
             Endpoint::ListCounters => "/v1/counters",
             Endpoint::Cluster => "/v1/cluster",
+            Endpoint::RetireNode => "/v1/nodes/{name}/retire",
             Endpoint::Metrics => "/metrics",
             Endpoint::Health => "/healthz",
             Endpoint::Readiness => "/readyz",

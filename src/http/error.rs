@@ -60,6 +60,9 @@ impl ApiError {
 fn status_of(error: &Error) -> StatusCode {
     match error {
         Error::InvalidInput { .. } => StatusCode::BAD_REQUEST,
+        Error::NotFound(_) => StatusCode::NOT_FOUND,
+        // Well formed, but the state of what it names forbids it for now.
+        Error::Conflict(_) => StatusCode::CONFLICT,
         // The request is well formed; it conflicts with the counter's value.
         Error::Overflow => StatusCode::CONFLICT,
         // The request is well formed, but this node has no shared store and

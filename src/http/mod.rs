@@ -78,6 +78,8 @@
 //! | the body did not arrive within [`ServerConfig::frame_timeout`] | 408 |
 //! | [`Error::Overflow`]: the counter would leave the signed 64-bit range | 409 |
 //! | body over [`ServerConfig::http_body_bytes_max`], batch over [`ServerConfig::http_batch_len_max`] | 413 |
+//! | [`Error::NotFound`]: a node id the store does not know (`POST /v1/nodes/{name}/retire`) | 404 |
+//! | [`Error::Conflict`]: a node that may not be retired now (running, this node, or down without `force`) | 409 |
 //! | [`Error::Corrupt`], [`Error::Io`] | 500 |
 //! | [`Error::DurabilityUnavailable`]: `replicated` asked of a node without a shared store; the request is well formed, but this node cannot do it, and retrying here never helps | 422 |
 //! | [`Error::JournalFailed`], [`Error::ShuttingDown`], [`Error::Fenced`], [`Error::StoreUnavailable`] (for `replicated`, or a read of the store): nothing was applied, retry on another node | 503 |
@@ -105,6 +107,8 @@
 //! [`Error::InvalidInput`]: crate::Error::InvalidInput
 //! [`Error::Overflow`]: crate::Error::Overflow
 //! [`Error::Corrupt`]: crate::Error::Corrupt
+//! [`Error::NotFound`]: crate::Error::NotFound
+//! [`Error::Conflict`]: crate::Error::Conflict
 //! [`Error::Io`]: crate::Error::Io
 //! [`Error::DurabilityUnavailable`]: crate::Error::DurabilityUnavailable
 //! [`Error::JournalFailed`]: crate::Error::JournalFailed

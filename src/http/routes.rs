@@ -47,6 +47,7 @@ pub(crate) fn method_router(endpoint: Endpoint) -> MethodRouter<AppState> {
         Endpoint::DeleteCounter | Endpoint::ResetCounter => on(filter, delete_counter),
         Endpoint::ListCounters => on(filter, list_counters),
         Endpoint::Cluster => on(filter, cluster),
+        Endpoint::RetireNode => on(filter, retire_node),
         Endpoint::Metrics => on(filter, metrics),
         Endpoint::Health => on(filter, health),
         Endpoint::Readiness => on(filter, readiness),
@@ -239,6 +240,43 @@ async fn delete_counter(
         name,
         deleted: erased.is_some(),
         erased: erased.unwrap_or(0),
+    }))
+}
+
+#[derive(Deserialize)]
+#[serde(deny_unknown_fields)]
+struct RetireQuery {
+    #[serde(default)]
+    force: bool,
+}
+
+/// `POST /v1/nodes/{name}/retire`.
+#[derive(Serialize)]
+struct RetireReply {
+    node_id: String,
+    retired: bool,
+    /// Where the node last served clients.
+    address: String,
+}
+
+async fn retire_node(
+    State(state): State<AppState>,
+    path: Result<Path<String>, PathRejection>,
+    query: Result<Query<RetireQuery>, QueryRejection>,
+) -> Result<Json<RetireReply>, ApiError> {
+    let id = path
+        .map(|Path(id)| id)
+        .map_err(|e| ApiError::bad_request(format!("node id in the path: {}", e.body_text())))?;
+    let Query(query) = query.map_err(|e| ApiError::bad_request(e.body_text()))?;
+    let node = state.node.clone();
+    let wanted = id.clone();
+    let address = tokio::task::spawn_blocking(move || node.retire(&wanted, query.force))
+        .await
+        .map_err(|e| blocking_failed("retiring the node", e))??;
+    Ok(Json(RetireReply {
+        node_id: id,
+        retired: true,
+        address,
     }))
 }
 

@@ -141,6 +141,16 @@ impl Store for FaultyStore {
         self.inner.read_counter(counter)
     }
 
+    fn set_node_state(
+        &self,
+        node_id: &str,
+        epoch: u64,
+        state: super::NodeState,
+    ) -> Result<bool, StoreError> {
+        self.check()?;
+        self.inner.set_node_state(node_id, epoch, state)
+    }
+
     fn deleted_since(&self, after: u64, limit: usize) -> Result<Vec<(u64, ShardRow)>, StoreError> {
         self.check()?;
         self.inner.deleted_since(after, limit)

@@ -116,6 +116,61 @@ pub struct DeletedCounter {
 /// Most deletes [`Store::deleted_since`] reads in one call.
 pub const DELETES_PAGE_MAX: usize = 1_000;
 
+/// A node's state as the store records it.
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Hash, serde::Serialize)]
+#[serde(rename_all = "lowercase")]
+pub enum NodeState {
+    /// Registered by a process that has not stopped cleanly (it may be
+    /// running, or have crashed: its heartbeat says which).
+    Running,
+    /// Its last process stopped cleanly, with its whole shard in the store.
+    Stopped,
+    /// Taken out of the cluster view for good (`tally node retire`); its
+    /// rows still count. A process that registers the id again brings it
+    /// back as running.
+    Retired,
+}
+
+impl NodeState {
+    pub fn as_str(self) -> &'static str {
+        match self {
+            NodeState::Running => "running",
+            NodeState::Stopped => "stopped",
+            NodeState::Retired => "retired",
+        }
+    }
+
+    /// Parses a stored state; anything else can only come from a write
+    /// outside tally.
+    pub fn parse(s: &str) -> Result<NodeState, StoreError> {
+        match s {
+            "running" => Ok(NodeState::Running),
+            "stopped" => Ok(NodeState::Stopped),
+            "retired" => Ok(NodeState::Retired),
+            other => Err(StoreError::Invalid(format!(
+                "the store holds an unknown node state '{other}'; the tally tables were \
+                 changed outside tally"
+            ))),
+        }
+    }
+}
+
+/// The host name and process id a registration records, so that a second
+/// process started with a running node's id can name the one it found.
+pub fn this_process() -> (String, u32) {
+    let mut buf = [0u8; 256];
+    // SAFETY: the buffer is valid for its length; gethostname writes at
+    // most that many bytes and the result is read up to its first NUL.
+    let rc = unsafe { libc::gethostname(buf.as_mut_ptr().cast(), buf.len()) };
+    let host = if rc == 0 {
+        let end = buf.iter().position(|&b| b == 0).unwrap_or(buf.len());
+        String::from_utf8_lossy(&buf[..end]).into_owned()
+    } else {
+        String::new()
+    };
+    (host, std::process::id())
+}
+
 /// What the store knows about one node.
 #[derive(Debug, Clone, PartialEq, Eq)]
 pub struct NodeRow {
@@ -133,6 +188,11 @@ pub struct NodeRow {
     pub written: Version,
     /// The node's applied lsn as of its last heartbeat.
     pub applied_lsn: u64,
+    pub state: NodeState,
+    /// The host and process id of the process that last registered it
+    /// (empty and 0 for a row written before schema version 4).
+    pub host: String,
+    pub pid: u32,
 }
 
 /// An idempotency key recorded in the store, and who recorded it.
@@ -213,7 +273,8 @@ pub trait Store: Send + Sync {
     fn backend(&self) -> &'static str;
 
     /// Registers the node (inserting its row on first start) and atomically
-    /// takes epoch = previous + 1. Two processes registering one node id at
+    /// takes epoch = previous + 1. The row records this process
+    /// ([`this_process`]) and the state running. Two processes registering one node id at
     /// once get two different epochs; the higher one wins every later
     /// [`Store::begin`].
     fn register(
@@ -282,6 +343,16 @@ pub trait Store: Send + Sync {
         now_ms: u64,
         applied_lsn: u64,
     ) -> Result<(), StoreError>;
+
+    /// Sets the node's recorded state, if its epoch is still `epoch` (a
+    /// process that registered since owns the row); returns whether it
+    /// did.
+    fn set_node_state(
+        &self,
+        node_id: &str,
+        epoch: u64,
+        state: NodeState,
+    ) -> Result<bool, StoreError>;
 
     /// Every stored row of `node_id`, in no particular order.
     fn load_shard(&self, node_id: &str) -> Result<Vec<ShardRow>, StoreError>;

@@ -460,6 +460,9 @@ fn decode_node(row: &Row) -> Result<NodeRow, Fail> {
             epoch: stored(row, 8, "written epoch")?,
             lsn: stored(row, 9, "written lsn")?,
         },
+        state: super::NodeState::parse(&col::<String>(row, 10, "state")?)?,
+        host: col(row, 11, "host")?,
+        pid: u32::try_from(col::<i64>(row, 12, "pid")?).unwrap_or(0),
     })
 }
 
@@ -468,13 +471,16 @@ fn limit_param(limit: usize) -> i64 {
 }
 
 const INSERT_NODE: &str = "INSERT INTO tally_nodes (node_id, epoch, address, started_at_ms, \
-     heartbeat_at_ms, flushed_epoch, flushed_lsn, applied_lsn, written_epoch, written_lsn) \
-     VALUES ($1, $4, $2, $3, $3, 0, 0, 0, 0, 0) ON CONFLICT (node_id) DO NOTHING";
+     heartbeat_at_ms, flushed_epoch, flushed_lsn, applied_lsn, written_epoch, written_lsn, \
+     state, host, pid) \
+     VALUES ($1, $4, $2, $3, $3, 0, 0, 0, 0, 0, 'running', $5, $6) ON CONFLICT (node_id) DO NOTHING";
 const SELECT_NODE_FOR_UPDATE: &str = "SELECT node_id, epoch, address, started_at_ms, \
-     heartbeat_at_ms, flushed_epoch, flushed_lsn, applied_lsn, written_epoch, written_lsn \
-     FROM tally_nodes WHERE node_id = $1 FOR UPDATE";
+     heartbeat_at_ms, flushed_epoch, flushed_lsn, applied_lsn, written_epoch, written_lsn, \
+     state, host, pid FROM tally_nodes WHERE node_id = $1 FOR UPDATE";
 const BUMP_EPOCH: &str = "UPDATE tally_nodes SET epoch = GREATEST(epoch + 1, $4), address = $2, \
-     started_at_ms = $3, heartbeat_at_ms = $3 WHERE node_id = $1 RETURNING epoch";
+     started_at_ms = $3, heartbeat_at_ms = $3, state = 'running', host = $5, pid = $6 \
+     WHERE node_id = $1 RETURNING epoch";
+const SET_STATE: &str = "UPDATE tally_nodes SET state = $3 WHERE node_id = $1 AND epoch = $2";
 // `txid_current()` names the transaction, so that a commit whose outcome is
 // left unknown can be asked about later (`txid_status`).
 const LOCK_NODE: &str = "SELECT epoch, txid_current(), written_epoch, written_lsn FROM tally_nodes \
@@ -515,8 +521,8 @@ const RECORD_DELETE: &str = "INSERT INTO tally_deletes (counter, seq, node_id, e
      ON CONFLICT (counter) DO UPDATE SET seq = EXCLUDED.seq, node_id = EXCLUDED.node_id, \
      epoch = EXCLUDED.epoch, deleted_at_ms = EXCLUDED.deleted_at_ms";
 const NODES: &str = "SELECT node_id, epoch, address, started_at_ms, heartbeat_at_ms, \
-     flushed_epoch, flushed_lsn, applied_lsn, written_epoch, written_lsn FROM tally_nodes \
-     ORDER BY node_id";
+     flushed_epoch, flushed_lsn, applied_lsn, written_epoch, written_lsn, state, host, pid \
+     FROM tally_nodes ORDER BY node_id";
 const KEY: &str =
     "SELECT key, node_id, epoch, counter, expires_at_ms FROM tally_keys WHERE key = $1";
 const PURGE_KEYS: &str = "DELETE FROM tally_keys WHERE key IN (SELECT key FROM tally_keys \
@@ -950,13 +956,15 @@ impl Store for PostgresStore {
             StoreError::Invalid(format!("epoch floor {floor} leaves no epoch above it"))
         })?;
         let first_stored = to_stored(first, "epoch")?;
+        let (host, pid) = super::this_process();
+        let pid = i64::from(pid);
         self.call_in_tx("registering the node", |c| {
             // First start: the insert creates the row at epoch 1. A
             // concurrent first start waits for this insert's transaction,
             // then finds the row and bumps it below.
             let inserted = c.execute(
                 INSERT_NODE,
-                &[&node_id, &address, &now, &first_stored],
+                &[&node_id, &address, &now, &first_stored, &host, &pid],
                 "registering",
             )?;
             if inserted == 1 {
@@ -975,7 +983,7 @@ impl Store for PostgresStore {
             })?)?;
             let rows = c.query(
                 BUMP_EPOCH,
-                &[&node_id, &address, &now, &first_stored],
+                &[&node_id, &address, &now, &first_stored, &host, &pid],
                 "taking an epoch",
             )?;
             let epoch = stored(
@@ -1105,6 +1113,23 @@ impl Store for PostgresStore {
                 return Ok(());
             }
             Err(Fail::Store(why_refused(c, node_id, epoch, written)?))
+        })
+    }
+
+    fn set_node_state(
+        &self,
+        node_id: &str,
+        epoch: u64,
+        state: super::NodeState,
+    ) -> Result<bool, StoreError> {
+        let epoch = to_stored(epoch, "epoch")?;
+        self.call(|c| {
+            let n = c.execute(
+                SET_STATE,
+                &[&node_id, &epoch, &state.as_str()],
+                "recording the node's state",
+            )?;
+            Ok(n == 1)
         })
     }
 

@@ -19,7 +19,7 @@
 use super::StoreError;
 
 /// The newest schema version this build knows.
-pub const SCHEMA_VERSION: u64 = 3;
+pub const SCHEMA_VERSION: u64 = 4;
 
 /// How many times a migrator that lost a race retries before giving up.
 pub const MIGRATION_ATTEMPTS_MAX: u32 = 5;
@@ -56,6 +56,11 @@ pub const MIGRATIONS: &[Migration] = &[
         version: 3,
         sqlite: V3_SQLITE,
         postgres: V3_POSTGRES,
+    },
+    Migration {
+        version: 4,
+        sqlite: V4_SQLITE,
+        postgres: V4_POSTGRES,
     },
 ];
 
@@ -178,6 +183,20 @@ CREATE TABLE IF NOT EXISTS tally_deletes (
     deleted_at_ms BIGINT NOT NULL
 );
 CREATE UNIQUE INDEX IF NOT EXISTS tally_deletes_by_seq ON tally_deletes (seq);
+";
+
+// Version 4: node identity. A node's row says whether its last process
+// stopped cleanly or was retired, and which host and process registered it.
+const V4_SQLITE: &str = "
+ALTER TABLE tally_nodes ADD COLUMN state TEXT NOT NULL DEFAULT 'running';
+ALTER TABLE tally_nodes ADD COLUMN host TEXT NOT NULL DEFAULT '';
+ALTER TABLE tally_nodes ADD COLUMN pid BIGINT NOT NULL DEFAULT 0;
+";
+
+const V4_POSTGRES: &str = "
+ALTER TABLE tally_nodes ADD COLUMN IF NOT EXISTS state TEXT NOT NULL DEFAULT 'running';
+ALTER TABLE tally_nodes ADD COLUMN IF NOT EXISTS host TEXT NOT NULL DEFAULT '';
+ALTER TABLE tally_nodes ADD COLUMN IF NOT EXISTS pid BIGINT NOT NULL DEFAULT 0;
 ";
 
 pub const INSERT_VERSION_SQLITE: &str =

@@ -40,7 +40,8 @@ pub struct SqliteStore {
 
 const SHARD_COLUMNS: &str = "counter, node_id, value, epoch, lsn, base";
 const NODE_COLUMNS: &str = "node_id, epoch, address, started_at_ms, heartbeat_at_ms, \
-                            flushed_epoch, flushed_lsn, applied_lsn, written_epoch, written_lsn";
+                            flushed_epoch, flushed_lsn, applied_lsn, written_epoch, written_lsn, \
+                            state, host, pid";
 
 impl SqliteStore {
     /// Opens (creating if needed) the database file at `path` and brings
@@ -231,26 +232,34 @@ fn decode_shard(
     })
 }
 
-type RawNode = (String, i64, String, i64, i64, i64, i64, i64, i64, i64);
+type RawNode = (
+    (String, i64, String, i64, i64, i64, i64, i64, i64, i64),
+    (String, String, i64),
+);
 
 fn node_row(r: &rusqlite::Row<'_>) -> rusqlite::Result<RawNode> {
     Ok((
-        r.get(0)?,
-        r.get(1)?,
-        r.get(2)?,
-        r.get(3)?,
-        r.get(4)?,
-        r.get(5)?,
-        r.get(6)?,
-        r.get(7)?,
-        r.get(8)?,
-        r.get(9)?,
+        (
+            r.get(0)?,
+            r.get(1)?,
+            r.get(2)?,
+            r.get(3)?,
+            r.get(4)?,
+            r.get(5)?,
+            r.get(6)?,
+            r.get(7)?,
+            r.get(8)?,
+            r.get(9)?,
+        ),
+        (r.get(10)?, r.get(11)?, r.get(12)?),
     ))
 }
 
 fn decode_node(raw: RawNode) -> Result<NodeRow, StoreError> {
-    let (node_id, epoch, address, started, heartbeat, f_epoch, f_lsn, applied, w_epoch, w_lsn) =
-        raw;
+    let (
+        (node_id, epoch, address, started, heartbeat, f_epoch, f_lsn, applied, w_epoch, w_lsn),
+        (state, host, pid),
+    ) = raw;
     Ok(NodeRow {
         node_id,
         epoch: from_stored(epoch, "epoch")?,
@@ -266,6 +275,9 @@ fn decode_node(raw: RawNode) -> Result<NodeRow, StoreError> {
             epoch: from_stored(w_epoch, "written epoch")?,
             lsn: from_stored(w_lsn, "written lsn")?,
         },
+        state: super::NodeState::parse(&state)?,
+        host,
+        pid: u32::try_from(pid).unwrap_or(0),
     })
 }
 
@@ -338,6 +350,8 @@ impl Store for SqliteStore {
             StoreError::Invalid(format!("epoch floor {floor} leaves no epoch above it"))
         })?;
         let first_stored = to_stored(first, "epoch")?;
+        let (host, pid) = super::this_process();
+        let pid = i64::from(pid);
         let conn = self.conn.lock();
         conn.execute_batch("BEGIN IMMEDIATE")
             .map_err(|e| unavailable("starting the registration", e))?;
@@ -356,18 +370,21 @@ impl Store for SqliteStore {
                     let stored = to_stored(epoch, "epoch")?;
                     conn.prepare_cached(
                         "UPDATE tally_nodes SET epoch = ?2, address = ?3, started_at_ms = ?4, \
-                         heartbeat_at_ms = ?4 WHERE node_id = ?1",
+                         heartbeat_at_ms = ?4, state = 'running', host = ?5, pid = ?6 \
+                         WHERE node_id = ?1",
                     )
-                    .and_then(|mut s| s.execute(params![node_id, stored, address, now]))
+                    .and_then(|mut s| s.execute(params![node_id, stored, address, now, host, pid]))
                     .map_err(|e| unavailable("taking the next epoch", e))?;
                     epoch
                 }
                 None => {
                     conn.prepare_cached(&format!(
                         "INSERT INTO tally_nodes ({NODE_COLUMNS}) \
-                         VALUES (?1, ?4, ?2, ?3, ?3, 0, 0, 0, 0, 0)"
+                         VALUES (?1, ?4, ?2, ?3, ?3, 0, 0, 0, 0, 0, 'running', ?5, ?6)"
                     ))
-                    .and_then(|mut s| s.execute(params![node_id, address, now, first_stored]))
+                    .and_then(|mut s| {
+                        s.execute(params![node_id, address, now, first_stored, host, pid])
+                    })
                     .map_err(|e| unavailable("inserting the node row", e))?;
                     first
                 }
@@ -436,6 +453,21 @@ impl Store for SqliteStore {
         Err(StoreError::Unavailable(
             "the heartbeat changed no row, yet the node's row allows it".into(),
         ))
+    }
+
+    fn set_node_state(
+        &self,
+        node_id: &str,
+        epoch: u64,
+        state: super::NodeState,
+    ) -> Result<bool, StoreError> {
+        let epoch = to_stored(epoch, "epoch")?;
+        let conn = self.conn.lock();
+        let n = conn
+            .prepare_cached("UPDATE tally_nodes SET state = ?3 WHERE node_id = ?1 AND epoch = ?2")
+            .and_then(|mut s| s.execute(params![node_id, epoch, state.as_str()]))
+            .map_err(|e| unavailable("recording the node's state", e))?;
+        Ok(n == 1)
     }
 
     fn load_shard(&self, node_id: &str) -> Result<Vec<ShardRow>, StoreError> {

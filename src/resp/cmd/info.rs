@@ -309,6 +309,7 @@ fn liveness(state: Liveness) -> &'static str {
         Liveness::Alive => "alive",
         Liveness::Suspect => "suspect",
         Liveness::Down => "down",
+        Liveness::Stopped => "stopped",
     }
 }
 
