@@ -745,7 +745,6 @@ async fn metrics_text(member: &Member) -> String {
 // The system's own figures in `/metrics`: increment latency counted per
 // front end and level (pipelined RESP increments at `local` included, once
 // each), the limits, the epoch, `replicated` availability, and each peer's
-// liveness as this node reads it from the store: alive while it runs, down
 // liveness as this node reads it from the store: alive while it runs, stopped
 // once it has stopped cleanly.
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
