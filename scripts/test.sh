@@ -10,6 +10,8 @@ command -v redis-cli >/dev/null || need_pkgs+=(redis-tools)
 command -v haproxy >/dev/null || need_pkgs+=(haproxy)
 # The benchmark's smoke run drives tally's HTTP increments with wrk.
 command -v wrk >/dev/null || need_pkgs+=(wrk)
+# The dashboard's test loads it in headless Chromium.
+command -v chromium >/dev/null || need_pkgs+=(chromium)
 # The TLS tests drive HTTPS with curl (--cacert, --cert).
 command -v curl >/dev/null || need_pkgs+=(curl)
 # The highly available store: Patroni managing PostgreSQL, with etcd.

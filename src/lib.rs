@@ -28,6 +28,7 @@ pub mod cluster;
 pub mod config;
 pub mod engine;
 pub mod error;
+pub mod hot;
 #[cfg(feature = "http")]
 pub mod http;
 pub mod inspect;

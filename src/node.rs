@@ -173,6 +173,8 @@ struct Shared {
     /// Retries registration while the store cannot be reached.
     registering: Mutex<Option<std::thread::JoinHandle<()>>>,
     metrics: Arc<Metrics>,
+    /// A sample of which counters take the most increments.
+    hot: crate::hot::HotCounters,
     shutting_down: AtomicBool,
     /// Stops the housekeeping thread.
     stop: (Mutex<bool>, Condvar),
@@ -302,6 +304,7 @@ impl Node {
             stores,
             registering: Mutex::new(None),
             metrics,
+            hot: crate::hot::HotCounters::default(),
             shutting_down: AtomicBool::new(false),
             stop: (Mutex::new(false), Condvar::new()),
             housekeeping: Mutex::new(None),
@@ -507,13 +510,20 @@ impl Node {
             urgency,
         })?;
         let (mut outcome, end_pos) = match applied {
-            Applied::New { value, end_pos, .. } => (
-                IncrementOutcome {
-                    value,
-                    duplicate: false,
-                },
+            Applied::New {
+                value,
                 end_pos,
-            ),
+                lsn,
+            } => {
+                shared.hot.record(name, lsn);
+                (
+                    IncrementOutcome {
+                        value,
+                        duplicate: false,
+                    },
+                    end_pos,
+                )
+            }
             // The first request with this key may still be waiting for its
             // fsync; answer only once everything queued is durable.
             Applied::Duplicate { value } => {
@@ -679,6 +689,22 @@ impl Node {
             Ok(cluster) => cluster.map(|c| c.view(applied)),
             Err(e) => Some(Err(e)),
         }
+    }
+
+    /// How long since this node opened.
+    pub fn uptime(&self) -> Duration {
+        self.shared.started.elapsed()
+    }
+
+    /// The highest lsn this node has assigned: each change takes one.
+    pub fn applied_lsn(&self) -> u64 {
+        self.shared.engine.applied_lsn()
+    }
+
+    /// Up to `n` of this node's counters taking the most increments now,
+    /// estimated from a sample (see [`crate::hot`]).
+    pub fn hot_counters(&self, n: usize) -> Vec<crate::hot::HotCounter> {
+        self.shared.hot.top(n)
     }
 
     /// Completes with the reason when this node is fenced (never, for a

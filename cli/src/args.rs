@@ -30,6 +30,19 @@ pub enum Command {
     /// check that no acknowledged increment was lost or counted twice.
     /// Exits 1 on any violation.
     Chaos(Box<ChaosArgs>),
+    /// Show the cluster at a glance: every node (state, epoch, address,
+    /// host and pid, uptime, heartbeat, flush lag), the store, and the
+    /// hottest counters, through any node's HTTP API.
+    Status {
+        #[command(flatten)]
+        target: crate::client::Target,
+        /// Print the views read, as JSON
+        #[arg(long)]
+        json: bool,
+    },
+    /// Manage node ids in the cluster.
+    #[command(subcommand)]
+    Node(NodeCommand),
     /// Verify every checksum in a data directory and print what it holds.
     /// Changes nothing. Exits 1 if strict recovery would refuse it.
     Inspect {
@@ -38,6 +51,24 @@ pub enum Command {
         /// Print JSON instead of a table.
         #[arg(long)]
         json: bool,
+    },
+}
+
+/// `tally node ...`.
+#[derive(Debug, Subcommand)]
+pub enum NodeCommand {
+    /// Take a node id out of the cluster view for good, once the node has
+    /// stopped cleanly (its whole shard in the store); its shard keeps
+    /// counting. Needs the admin role on a node with users.
+    Retire {
+        /// The node id to retire
+        id: String,
+        #[command(flatten)]
+        target: crate::client::Target,
+        /// Retire a node that is down without having stopped cleanly,
+        /// giving up the increments its journal may hold beyond the store
+        #[arg(long)]
+        force: bool,
     },
 }
 

@@ -1,6 +1,7 @@
 //! The `tally` binary: parses flags and hands over to the library.
 
 mod args;
+mod client;
 mod serve;
 mod settings;
 mod signals;
@@ -17,6 +18,12 @@ fn main() -> ExitCode {
         Command::Cluster(args) => cluster(*args),
         Command::Chaos(args) => chaos(*args),
         Command::Inspect { data_dir, json } => inspect(&data_dir, json),
+        Command::Status { target, json } => {
+            client::status(&target, json).map(|()| ExitCode::SUCCESS)
+        }
+        Command::Node(args::NodeCommand::Retire { id, target, force }) => {
+            client::retire(&target, &id, force).map(|()| ExitCode::SUCCESS)
+        }
     };
     match result {
         Ok(code) => code,

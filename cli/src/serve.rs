@@ -107,7 +107,15 @@ pub async fn run(settings: ServeSettings, mut stop: Option<Shutdown>) -> anyhow:
     let (resp_addr, http_addr) = (addr(&resp)?, addr(&http)?);
     let (resp_tls_addr, https_addr) = (addr(&resp_tls)?, addr(&https)?);
     let reload = spawn_reload_on_hangup(tls.clone())?;
-    let config = settings.node.clone();
+    let mut config = settings.node.clone();
+    // An address with port 0 ("any free port") is advertised as the port
+    // bound, so that the cluster view and `tally status` can reach it.
+    if let Some(c) = config.cluster.as_mut()
+        && c.address.parse::<SocketAddr>().is_ok_and(|a| a.port() == 0)
+        && let Some(bound) = http_addr.or(https_addr)
+    {
+        c.address = bound.to_string();
+    }
     let node = tokio::task::spawn_blocking(move || Node::open_waiting_for_store(config))
         .await
         .context("recovery task panicked")?

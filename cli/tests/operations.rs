@@ -181,3 +181,110 @@ fn idempotency_keys_expire_after_the_retention_window() {
     assert!(!again.duplicate, "an expired key was still remembered");
     assert_eq!(again.value, 2);
 }
+
+/// Runs `tally ARGS...`; returns the exit code, stdout and stderr.
+fn tally_cmd(args: &[&str]) -> (i32, String, String) {
+    let out = Command::new(env!("CARGO_BIN_EXE_tally"))
+        .args(args)
+        .output()
+        .unwrap();
+    (
+        out.status.code().unwrap_or(-1),
+        String::from_utf8_lossy(&out.stdout).into_owned(),
+        String::from_utf8_lossy(&out.stderr).into_owned(),
+    )
+}
+
+/// Polls `tally status --json` through `url` until `check` accepts it.
+fn status_until(
+    url: &str,
+    what: &str,
+    check: impl Fn(&serde_json::Value) -> bool,
+) -> serde_json::Value {
+    tally_lab::testing::eventually_blocking(what, || {
+        let (code, out, err) = tally_cmd(&["status", "--url", url, "--json"]);
+        let v: serde_json::Value =
+            serde_json::from_str(&out).map_err(|e| format!("{code} {e}: {out}{err}"))?;
+        if check(&v) { Ok(v) } else { Err(out) }
+    })
+}
+
+// `tally status` shows every node of a cluster with its state, host and
+// pid, the store, and the hottest counters summed over the nodes;
+// `tally node retire` refuses a running node and retires it once it has
+// stopped cleanly, after which status no longer lists it.
+#[test]
+fn status_shows_the_cluster_and_node_retire_takes_out_a_stopped_node() {
+    let dir = tempfile::tempdir().unwrap();
+    let store = format!("sqlite://{}", dir.path().join("store.db").display());
+    let flags = tally_lab::testing::FAST.serve_flags();
+    let start = |id: &str| {
+        let mut args = vec!["--store", store.as_str(), "--node-id", id];
+        args.extend(flags.iter().map(String::as_str));
+        TallyProcess::start(&dir.path().join(id), &args)
+    };
+    let n1 = start("n1");
+    let mut n2 = start("n2");
+    let url = format!("http://{}", n1.http.unwrap());
+    let rt = tokio::runtime::Builder::new_current_thread()
+        .enable_all()
+        .build()
+        .unwrap();
+    rt.block_on(async {
+        let mut con = redis::Client::open(n2.resp_url())
+            .unwrap()
+            .get_multiplexed_async_connection()
+            .await
+            .unwrap();
+        for _ in 0..2000 {
+            let _: i64 = redis::cmd("INCR")
+                .arg("busy")
+                .query_async(&mut con)
+                .await
+                .unwrap();
+        }
+    });
+    let v = status_until(&url, "both nodes alive and busy sampled", |v| {
+        let states: Vec<_> = v["view"]["nodes"]
+            .as_array()
+            .unwrap()
+            .iter()
+            .map(|n| n["state"].clone())
+            .collect();
+        states == vec![serde_json::json!("alive"), serde_json::json!("alive")]
+            && v["hot_counters"][0]["name"] == "busy"
+    });
+    assert_eq!(v["view"]["nodes"][1]["pid"], n2.pid());
+    assert!(v["unreachable"].as_array().unwrap().is_empty(), "{v}");
+    let (code, table, err) = tally_cmd(&["status", "--url", &url]);
+    assert_eq!(code, 0, "{err}");
+    for expected in [
+        "NODE",
+        "n1",
+        "n2",
+        "alive",
+        "store      sqlite, reachable",
+        "busy",
+    ] {
+        assert!(table.contains(expected), "no {expected:?} in:\n{table}");
+    }
+
+    let (code, _, err) = tally_cmd(&["node", "retire", "n2", "--url", &url]);
+    assert_eq!(code, 1);
+    assert!(err.contains("is running"), "{err}");
+    assert!(n2.terminate().success());
+    status_until(&url, "n2 stopped", |v| {
+        v["view"]["nodes"][1]["state"] == "stopped"
+    });
+    let (code, out, err) = tally_cmd(&["node", "retire", "n2", "--url", &url]);
+    assert_eq!(code, 0, "{err}");
+    assert!(out.contains("node n2 retired"), "{out}");
+    let v = status_until(&url, "n2 gone from the view", |v| {
+        v["view"]["nodes"].as_array().unwrap().len() == 1
+    });
+    assert_eq!(v["view"]["nodes"][0]["node_id"], "n1");
+    let (code, _, err) = tally_cmd(&["status", "--url", "https://127.0.0.1:1"]);
+    assert_eq!(code, 1);
+    assert!(err.contains("--cacert"), "{err}");
+    drop(n1);
+}

@@ -29,7 +29,8 @@ fn needed(method: &Method, path: &str, metrics_open: bool) -> Option<Role> {
         .into_iter()
         .find(|e| e.method() == method && e.fits(path).is_some());
     match endpoint {
-        Some(Endpoint::Health | Endpoint::Readiness) => None,
+        // The page holds no data; the cluster view it reads needs a role.
+        Some(Endpoint::Health | Endpoint::Readiness | Endpoint::Dashboard) => None,
         Some(Endpoint::Metrics) if metrics_open => None,
         Some(
             Endpoint::Increment

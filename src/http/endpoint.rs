@@ -20,11 +20,12 @@ pub enum Endpoint {
     Health,
     Readiness,
     OpenApi,
+    Dashboard,
 }
 
 impl Endpoint {
     /// Every endpoint, in the order the API documentation lists them.
-    pub const ALL: [Endpoint; 12] = [
+    pub const ALL: [Endpoint; 13] = [
         Endpoint::Increment,
         Endpoint::IncrementBatch,
         Endpoint::GetCounter,
@@ -37,6 +38,7 @@ impl Endpoint {
         Endpoint::Health,
         Endpoint::Readiness,
         Endpoint::OpenApi,
+        Endpoint::Dashboard,
     ];
 
     pub fn method(self) -> Method {
@@ -52,7 +54,8 @@ impl Endpoint {
             | Endpoint::Metrics
             | Endpoint::Health
             | Endpoint::Readiness
-            | Endpoint::OpenApi => Method::GET,
+            | Endpoint::OpenApi
+            | Endpoint::Dashboard => Method::GET,
         }
     }
 
@@ -71,6 +74,7 @@ impl Endpoint {
             Endpoint::Health => "/healthz",
             Endpoint::Readiness => "/readyz",
             Endpoint::OpenApi => "/openapi.json",
+            Endpoint::Dashboard => "/",
         }
     }
 

@@ -52,6 +52,7 @@ pub(crate) fn method_router(endpoint: Endpoint) -> MethodRouter<AppState> {
         Endpoint::Health => on(filter, health),
         Endpoint::Readiness => on(filter, readiness),
         Endpoint::OpenApi => on(filter, openapi),
+        Endpoint::Dashboard => on(filter, dashboard),
     }
 }
 
@@ -335,24 +336,48 @@ async fn list_counters(
 /// thread; a store error is answered 503. A node without a store answers
 /// 200 with itself alone (`"store": null`), so that a tool polling every
 /// node gets the same shape from each.
+/// How many of this node's hottest counters `GET /v1/cluster` lists.
+pub const HOT_COUNTERS_SHOWN: usize = 10;
+
 async fn cluster(State(state): State<AppState>) -> Result<Response, ApiError> {
     let node = state.node.clone();
     let view = tokio::task::spawn_blocking(move || node.cluster_view())
         .await
         .map_err(|e| blocking_failed("reading the cluster view", e))?;
-    match view {
-        Some(view) => Ok(Json(view?).into_response()),
+    let mut body = match view {
+        Some(view) => serde_json::to_value(view?)
+            .map_err(|e| ApiError::new(StatusCode::INTERNAL_SERVER_ERROR, e.to_string()))?,
         None => {
             let node_id = state.node.node_id();
-            Ok(Json(json!({
+            json!({
                 "node_id": node_id,
                 "store": null,
                 "replicated_available": false,
-                "nodes": [{ "node_id": node_id, "state": "alive" }],
-            }))
-            .into_response())
+                "nodes": [{
+                    "node_id": node_id,
+                    "state": "alive",
+                    "pid": std::process::id(),
+                    "uptime_ms": state.node.uptime().as_millis() as u64,
+                    "applied_lsn": state.node.applied_lsn(),
+                }],
+            })
         }
-    }
+    };
+    body["hot_counters"] = json!(state.node.hot_counters(HOT_COUNTERS_SHOWN));
+    Ok(Json(body).into_response())
+}
+
+/// The dashboard: one page, built into the binary, that reads
+/// `GET /v1/cluster` every second.
+async fn dashboard() -> Response {
+    (
+        [
+            (header::CONTENT_TYPE, "text/html; charset=utf-8"),
+            (header::CACHE_CONTROL, "no-store"),
+        ],
+        include_str!("dashboard.html"),
+    )
+        .into_response()
 }
 
 async fn metrics(State(state): State<AppState>) -> Result<Response, ApiError> {

@@ -198,6 +198,36 @@ pub async fn request_async_with(
         .unwrap_or(Err(HttpError::TimedOut(timeout)))
 }
 
+/// One blocking request over TLS and with a bearer token as `access`
+/// says, every step bounded by `timeout`, the answer by
+/// `response_bytes_max`.
+pub fn request_blocking_with(
+    access: &Access,
+    addr: SocketAddr,
+    method: &str,
+    path: &str,
+    body: Option<&str>,
+    timeout: Duration,
+    response_bytes_max: usize,
+) -> Result<Response, HttpError> {
+    let mut s = access.connect_blocking(addr, timeout)?;
+    let bearer = access.bearer();
+    s.write_all(&encode(addr, method, path, body, bearer.as_deref()))?;
+    let mut raw = Vec::new();
+    let read = s.take(response_bytes_max as u64 + 1).read_to_end(&mut raw);
+    // As above: a TLS server that closes without close_notify after a
+    // whole answer.
+    if let Err(e) = read
+        && !(access.is_tls() && e.kind() == std::io::ErrorKind::UnexpectedEof && !raw.is_empty())
+    {
+        return Err(e.into());
+    }
+    if raw.len() > response_bytes_max {
+        return Err(HttpError::TooLarge(response_bytes_max));
+    }
+    decode(&raw)
+}
+
 /// [`status`] over TLS when `access` says so (no credentials are needed
 /// for a health route).
 pub fn status_with(
