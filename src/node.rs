@@ -485,15 +485,17 @@ impl Node {
             if let (Some(key), Some(idempotency::Seen::Same)) = (options.idempotency_key, seen) {
                 unsettled(Some(key))?;
                 return Ok(IncrementOutcome {
-                    value: self.global_value(name).unwrap_or(0),
+                    value: self.duplicate_value(name).await,
                     duplicate: true,
                 });
             }
             let duplicate = c.replicated(name, delta, options.idempotency_key).await?;
-            return Ok(IncrementOutcome {
-                value: self.global_value(name).unwrap_or(0),
-                duplicate,
-            });
+            let value = if duplicate {
+                self.duplicate_value(name).await
+            } else {
+                self.global_value(name).unwrap_or(0)
+            };
+            return Ok(IncrementOutcome { value, duplicate });
         }
         engine.journal().reserve().await?;
         let urgency = match durability {
@@ -614,6 +616,44 @@ impl Node {
             });
         };
         c.retire(id, force).map(|row| row.address)
+    }
+
+    /// The counter's value with the other nodes' shards read from the
+    /// store now ([`Consistency::Store`]), on a blocking thread; on a node
+    /// without a store, its own value.
+    pub async fn store_value(&self, name: &str) -> Result<Option<i64>> {
+        let node = self.clone();
+        let name = name.to_string();
+        tokio::task::spawn_blocking(move || node.get_detail(&name, Consistency::Store))
+            .await
+            .map_err(|e| Error::StoreUnavailable(format!("reading the store failed: {e}")))
+            .and_then(|r| r)
+            .map(|d| d.map(|d| d.value))
+    }
+
+    /// The value a duplicate `replicated` increment answers: read from the
+    /// store, so that it is never below what the first attempt answered on
+    /// any node (that answer was its node's own committed shard plus the
+    /// others' as its cache had them, all in the store by then), unless
+    /// decrements or a delete came in between.
+    async fn duplicate_value(&self, name: &str) -> i64 {
+        self.value_after(name, 0).await
+    }
+
+    /// The value an increment answers when it asks for the store's: read
+    /// from the store once the increment is done. The increment is applied
+    /// whatever the read does, so a store that cannot be read must not
+    /// turn its success into an error: the answer is then this node's
+    /// view (or `fallback` when it has none), which may be older.
+    pub async fn value_after(&self, name: &str, fallback: i64) -> i64 {
+        match self.store_value(name).await {
+            Ok(Some(v)) => v,
+            Ok(None) => fallback,
+            Err(e) => {
+                tracing::debug!(error = %e, "reading a value from the store; answering this node's view");
+                self.global_value(name).unwrap_or(fallback)
+            }
+        }
     }
 
     /// This node's shard plus the other nodes' (from the cache).

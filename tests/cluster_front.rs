@@ -1156,3 +1156,118 @@ async fn stopped_nodes_show_as_stopped_and_only_they_retire_without_force() {
 fn error_text(body: &Value) -> &str {
     body["error"].as_str().unwrap_or("")
 }
+
+/// `POST /v1/counters/{name}/increment` with `body` through `member`.
+async fn increment_with(member: &Member, name: &str, body: Value) -> Value {
+    let response = reqwest::Client::new()
+        .post(member.http_url(&format!("/v1/counters/{name}/increment")))
+        .body(body.to_string())
+        .send()
+        .await
+        .unwrap();
+    assert_eq!(response.status(), StatusCode::OK);
+    response.json().await.unwrap()
+}
+
+// Honest values on a node whose cache is an hour stale: an increment's
+// reply is that node's view unless it asks for `consistency: store`, which
+// reads the other shards from the store after the increment (HTTP and
+// RESP); and a duplicate `replicated` increment answers from the store, so
+// never below what the first attempt answered on a fresher node.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn store_totals_and_duplicates_never_answer_below_the_first_reply() {
+    let store = tempfile::tempdir().unwrap();
+    let stale = Member::start_in(
+        tempfile::tempdir().unwrap(),
+        Some(store.path()),
+        "stale",
+        Duration::from_secs(3600),
+    )
+    .await;
+    eventually("the stale node's cache goes quiet", async || {
+        let (_, view) = stale.get("/v1/cluster").await;
+        match view["last_refresh_age_ms"].as_u64() {
+            Some(age) if age >= 1000 => Ok(()),
+            _ => Err(view.to_string()),
+        }
+    })
+    .await;
+    let fresh = Member::start(Some(store.path()), "fresh").await;
+    fresh.increment("total", 10).await;
+    settle_on(
+        &stale,
+        "/v1/counters/total?consistency=store",
+        &json!({"name": "total", "value": 10, "nodes": {"fresh": 10}}),
+    )
+    .await;
+    // This node's view: its own shard only.
+    let plain = increment_with(
+        &stale,
+        "total",
+        json!({"by": 1, "durability": "replicated"}),
+    )
+    .await;
+    assert_eq!(plain["value"], 1, "{plain}");
+    let total = increment_with(
+        &stale,
+        "total",
+        json!({"by": 1, "durability": "replicated", "consistency": "store"}),
+    )
+    .await;
+    assert_eq!(total["value"], 12, "{total}");
+    let mut con = stale.redis().await;
+    let reply: (i64, i64) = query(
+        &mut con,
+        &[
+            "TALLY.INCRBY",
+            "total",
+            "1",
+            "DURABILITY",
+            "local",
+            "CONSISTENCY",
+            "store",
+        ],
+    )
+    .await;
+    assert_eq!(reply, (13, 0));
+
+    // The first attempt answers on the fresh node, which sees everything;
+    // its retry on the stale node is a duplicate and answers no less.
+    let keyed = json!({"by": 5, "durability": "replicated", "idempotency_key": "once"});
+    let first = eventually("the fresh node sees the stale node's 3", async || {
+        let (_, v) = fresh.get("/v1/counters/total").await;
+        if v["value"] == 13 {
+            Ok(())
+        } else {
+            Err(v.to_string())
+        }
+    });
+    first.await;
+    let first = increment_with(&fresh, "total", keyed.clone()).await;
+    assert_eq!(
+        (&first["value"], &first["duplicate"]),
+        (&json!(18), &json!(false))
+    );
+    let retry = increment_with(&stale, "total", keyed).await;
+    assert_eq!(retry["duplicate"], true, "{retry}");
+    assert_eq!(
+        retry["value"], 18,
+        "a duplicate answered below the first reply: {retry}"
+    );
+    // Bad consistency values are refused, naming the field or option.
+    let response = reqwest::Client::new()
+        .post(stale.http_url("/v1/counters/total/increment"))
+        .body(r#"{"consistency": "fresh"}"#)
+        .send()
+        .await
+        .unwrap();
+    assert_eq!(response.status(), StatusCode::BAD_REQUEST);
+    let err = redis::cmd("TALLY.INCRBY")
+        .arg(&["total", "1", "CONSISTENCY", "fresh"])
+        .query_async::<redis::Value>(&mut con)
+        .await
+        .unwrap_err();
+    assert!(err.to_string().contains("CONSISTENCY must be"), "{err}");
+    stale.abandon().await;
+    fresh.stop().await;
+}

@@ -15,6 +15,7 @@ use serde_json::{Map, Value};
 
 use super::error::ApiError;
 use crate::config::Durability;
+use crate::node::Consistency;
 
 /// The fields of one increment, without the counter name.
 #[derive(Debug, Clone, PartialEq, Eq)]
@@ -22,6 +23,9 @@ pub(crate) struct IncrementFields {
     pub by: i64,
     pub idempotency_key: Option<String>,
     pub durability: Option<Durability>,
+    /// `store`: the reply's value is read from the store after the
+    /// increment, not from this node's view.
+    pub consistency: Consistency,
 }
 
 /// One item of a batch.
@@ -87,6 +91,7 @@ pub(crate) fn parse_increment(bytes: &[u8]) -> Result<IncrementFields, ApiError>
             by: 1,
             idempotency_key: None,
             durability: None,
+            consistency: Consistency::Cache,
         });
     }
     let Value::Object(object) = parse_json(bytes)? else {
@@ -94,7 +99,11 @@ pub(crate) fn parse_increment(bytes: &[u8]) -> Result<IncrementFields, ApiError>
             "the request body must be a JSON object such as {\"by\": 1}",
         ));
     };
-    parse_fields(object, &["by", "idempotency_key", "durability"]).map_err(ApiError::bad_request)
+    parse_fields(
+        object,
+        &["by", "idempotency_key", "durability", "consistency"],
+    )
+    .map_err(ApiError::bad_request)
 }
 
 /// Parses the body of `POST /v1/increments`: an array of at most `len_max`
@@ -132,7 +141,10 @@ fn parse_batch_item(item: Value) -> Result<BatchItem, String> {
         None | Some(Value::Null) => return Err("field 'name' is required".into()),
         Some(_) => return Err("field 'name' must be a string".into()),
     };
-    let fields = parse_fields(object, &["name", "by", "idempotency_key", "durability"])?;
+    let fields = parse_fields(
+        object,
+        &["name", "by", "idempotency_key", "durability", "consistency"],
+    )?;
     Ok(BatchItem { name, fields })
 }
 
@@ -176,10 +188,22 @@ fn parse_fields(mut object: Map<String, Value>, known: &[&str]) -> Result<Increm
             ));
         }
     };
+    let consistency = match object.remove("consistency") {
+        None | Some(Value::Null) => Consistency::Cache,
+        Some(Value::String(c)) if c == "cache" => Consistency::Cache,
+        Some(Value::String(c)) if c == "store" => Consistency::Store,
+        Some(v) => {
+            return Err(format!(
+                "field 'consistency' must be \"cache\" (this node's view) or \"store\" (read \
+                 from the store after the increment), not {v}"
+            ));
+        }
+    };
     Ok(IncrementFields {
         by,
         idempotency_key,
         durability,
+        consistency,
     })
 }
 
@@ -198,6 +222,7 @@ mod tests {
             by: 1,
             idempotency_key: None,
             durability: None,
+            consistency: Consistency::Cache,
         };
         assert_eq!(parse_increment(b"").unwrap(), expected);
         assert_eq!(parse_increment(b" \n").unwrap(), expected);
@@ -208,15 +233,22 @@ mod tests {
     // Every field is read, and durability is case-insensitive like the config.
     #[test]
     fn all_fields_are_read() {
-        let f = parse_increment(br#"{"by": -7, "idempotency_key": "k", "durability": "Memory"}"#)
-            .unwrap();
+        let f = parse_increment(
+            br#"{"by": -7, "idempotency_key": "k", "durability": "Memory", "consistency": "store"}"#,
+        )
+        .unwrap();
         assert_eq!(
             f,
             IncrementFields {
                 by: -7,
                 idempotency_key: Some("k".into()),
                 durability: Some(Durability::Memory),
+                consistency: Consistency::Store,
             }
+        );
+        assert!(
+            message(parse_increment(br#"{"consistency": "fresh"}"#).unwrap_err())
+                .contains("field 'consistency' must be")
         );
     }
 

@@ -127,7 +127,11 @@ async fn apply(
         started.elapsed(),
         1,
     );
-    result
+    let mut outcome = result?;
+    if fields.consistency == Consistency::Store {
+        outcome.value = node.value_after(name, outcome.value).await;
+    }
+    Ok(outcome)
 }
 
 async fn increment(

@@ -102,7 +102,12 @@ pub async fn run(
                     }),
                     idempotency_key: inc.idempotency_key.as_deref(),
                 };
-                let result = node.increment(&inc.name, inc.delta, options).await;
+                let mut result = node.increment(&inc.name, inc.delta, options).await;
+                if inc.consistency == crate::node::Consistency::Store
+                    && let Ok(outcome) = &mut result
+                {
+                    outcome.value = node.value_after(&inc.name, outcome.value).await;
+                }
                 if !(rides && result.is_ok()) {
                     latency.observe(FrontEnd::Resp, durability, round_start.elapsed(), 1);
                 }

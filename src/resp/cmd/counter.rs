@@ -14,7 +14,7 @@
 //! runs them against the node.
 
 use crate::config::Durability;
-use crate::node::IncrementOutcome;
+use crate::node::{Consistency, IncrementOutcome};
 
 use super::super::frame::Frame;
 use super::super::parse::Args;
@@ -29,6 +29,9 @@ pub struct Increment {
     pub idempotency_key: Option<String>,
     /// The level asked for; the node's default when `None`.
     pub durability: Option<Durability>,
+    /// `store`: the reply's value is read from the store after the
+    /// increment (`TALLY.INCRBY ... CONSISTENCY store`).
+    pub consistency: Consistency,
     pub reply: ReplyShape,
 }
 
@@ -48,6 +51,7 @@ impl Increment {
             delta,
             idempotency_key: None,
             durability: None,
+            consistency: Consistency::Cache,
             reply: ReplyShape::Value,
         })
     }
@@ -99,6 +103,7 @@ pub fn parse_tally_incrby(args: &mut Args) -> Result<Command, ReplyError> {
     let delta = args.next_i64()?;
     let mut idempotency_key = None;
     let mut durability = None;
+    let mut consistency = None;
     while args.remaining() > 0 {
         let option = args.next_bytes()?;
         // Every option takes a value; one given twice is as ambiguous as an
@@ -112,6 +117,18 @@ pub fn parse_tally_incrby(args: &mut Args) -> Result<Command, ReplyError> {
             let level = args.next_bytes()?;
             let level = std::str::from_utf8(&level).unwrap_or("\u{fffd}");
             durability = Some(level.parse::<Durability>()?);
+        } else if option.eq_ignore_ascii_case(b"CONSISTENCY") && consistency.is_none() {
+            let c = args.next_bytes()?;
+            consistency = Some(if c.eq_ignore_ascii_case(b"store") {
+                Consistency::Store
+            } else if c.eq_ignore_ascii_case(b"cache") {
+                Consistency::Cache
+            } else {
+                return Err(ReplyError::err(
+                    "CONSISTENCY must be cache (this node's view) or store (read from the store \
+                     after the increment)",
+                ));
+            });
         } else {
             return Err(ReplyError::syntax());
         }
@@ -121,6 +138,7 @@ pub fn parse_tally_incrby(args: &mut Args) -> Result<Command, ReplyError> {
         delta,
         idempotency_key,
         durability,
+        consistency: consistency.unwrap_or(Consistency::Cache),
         reply: ReplyShape::ValueAndDuplicate,
     }))
 }
