@@ -36,6 +36,11 @@ pub enum Command {
     Status {
         #[command(flatten)]
         target: crate::client::Target,
+        /// HAProxy's stats socket (`stats socket` in its configuration;
+        /// `tally cluster` makes DIR/haproxy.sock): adds the load
+        /// balancer's view of each server
+        #[arg(long)]
+        haproxy_socket: Option<PathBuf>,
         /// Print the views read, as JSON
         #[arg(long)]
         json: bool,

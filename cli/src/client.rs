@@ -97,10 +97,84 @@ fn call(access: &Access, addr: SocketAddr, method: &str, path: &str) -> anyhow::
     Ok(body)
 }
 
+/// Longest wait for HAProxy's stats socket.
+const HAPROXY_TIMEOUT: Duration = Duration::from_secs(2);
+/// Largest answer read from it.
+const HAPROXY_ANSWER_BYTES_MAX: u64 = 1024 * 1024;
+
+/// One server as HAProxy sees it.
+#[derive(Debug, Clone, serde::Serialize)]
+struct LbServer {
+    backend: String,
+    server: String,
+    /// `UP`, `DOWN`, `MAINT`, `UP 1/2` (going down)...
+    status: String,
+    /// The last check's result, e.g. `L7OK`, `L4CON`.
+    check: String,
+    /// Seconds since the status last changed.
+    since_s: Option<u64>,
+}
+
+/// HAProxy's view of its servers, from `show stat` on its stats socket.
+fn haproxy_view(socket: &std::path::Path) -> anyhow::Result<Vec<LbServer>> {
+    use std::io::{Read as _, Write as _};
+    let mut s = std::os::unix::net::UnixStream::connect(socket)
+        .with_context(|| format!("connecting to HAProxy's stats socket {}", socket.display()))?;
+    s.set_read_timeout(Some(HAPROXY_TIMEOUT))?;
+    s.set_write_timeout(Some(HAPROXY_TIMEOUT))?;
+    s.write_all(b"show stat\n")?;
+    let mut text = String::new();
+    s.take(HAPROXY_ANSWER_BYTES_MAX)
+        .read_to_string(&mut text)
+        .with_context(|| format!("reading HAProxy's stats socket {}", socket.display()))?;
+    parse_show_stat(&text)
+}
+
+/// The servers in `show stat`'s CSV (its first line names the columns,
+/// after `# `); the frontend and backend summary rows are left out.
+fn parse_show_stat(text: &str) -> anyhow::Result<Vec<LbServer>> {
+    let mut lines = text.lines();
+    let header = lines
+        .next()
+        .and_then(|h| h.strip_prefix("# "))
+        .with_context(|| format!("not HAProxy's show stat answer: {:?}", text.lines().next()))?;
+    let cols: Vec<&str> = header.split(',').collect();
+    let at = |name: &str| {
+        cols.iter()
+            .position(|c| *c == name)
+            .with_context(|| format!("show stat has no column {name}"))
+    };
+    let (px, sv, st, ck, lc) = (
+        at("pxname")?,
+        at("svname")?,
+        at("status")?,
+        at("check_status")?,
+        at("lastchg")?,
+    );
+    let last = px.max(sv).max(st).max(ck).max(lc);
+    Ok(lines
+        .filter(|l| !l.trim().is_empty())
+        .map(|l| l.split(',').collect::<Vec<_>>())
+        .filter(|f| f.len() > last && f[sv] != "FRONTEND" && f[sv] != "BACKEND")
+        .map(|f| LbServer {
+            backend: f[px].to_string(),
+            server: f[sv].to_string(),
+            status: f[st].to_string(),
+            check: f[ck].to_string(),
+            since_s: f[lc].parse().ok(),
+        })
+        .collect())
+}
+
 /// `tally status`: prints the cluster at a glance; with `json`, the views
 /// it read.
-pub fn status(target: &Target, json: bool) -> anyhow::Result<()> {
+pub fn status(
+    target: &Target,
+    haproxy_socket: Option<&std::path::Path>,
+    json: bool,
+) -> anyhow::Result<()> {
     let (addr, access) = target.resolve()?;
+    let lb = haproxy_socket.map(|p| haproxy_view(p).map_err(|e| format!("{e:#}")));
     let view = call(&access, addr, "GET", "/v1/cluster")?;
     // Each node's own hot counters, from the node itself.
     let mut hot: BTreeMap<String, f64> = BTreeMap::new();
@@ -144,6 +218,11 @@ pub fn status(target: &Target, json: bool) -> anyhow::Result<()> {
     if json {
         let out = serde_json::json!({
             "view": view,
+            "load_balancer": match &lb {
+                Some(Ok(servers)) => serde_json::json!(servers),
+                Some(Err(e)) => serde_json::json!({ "error": e }),
+                None => Value::Null,
+            },
             "hot_counters": hot.iter().map(|(n, r)| serde_json::json!({"name": n, "increments_per_second": r})).collect::<Vec<_>>(),
             "unreachable": unreachable,
         });
@@ -151,7 +230,43 @@ pub fn status(target: &Target, json: bool) -> anyhow::Result<()> {
         return Ok(());
     }
     print!("{}", render(&target.url, &view, &hot, &unreachable));
+    if let Some(lb) = &lb {
+        print!("{}", render_lb(lb));
+    }
     Ok(())
+}
+
+fn render_lb(lb: &Result<Vec<LbServer>, String>) -> String {
+    let mut o = String::new();
+    let _ = writeln!(o);
+    match lb {
+        Err(e) => {
+            let _ = writeln!(o, "load balancer: {e}");
+        }
+        Ok(servers) => {
+            let _ = writeln!(o, "load balancer (HAProxy's view):");
+            let mut rows = vec![
+                ["BACKEND", "SERVER", "STATUS", "LAST CHECK", "SINCE"]
+                    .map(String::from)
+                    .to_vec(),
+            ];
+            for s in servers {
+                rows.push(vec![
+                    s.backend.clone(),
+                    s.server.clone(),
+                    s.status.clone(),
+                    if s.check.is_empty() {
+                        "-".into()
+                    } else {
+                        s.check.clone()
+                    },
+                    s.since_s.map_or("-".into(), |v| format!("{v} s")),
+                ]);
+            }
+            table(&mut o, &rows);
+        }
+    }
+    o
 }
 
 fn ms(v: &Value) -> String {
@@ -312,4 +427,40 @@ fn percent_encode(s: &str) -> String {
         }
     }
     out
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    // The servers come out of HAProxy's CSV by column name; the summary
+    // rows do not, and an answer that is not `show stat` is an error.
+    #[test]
+    fn show_stat_is_read_by_column_name() {
+        let text = "# pxname,svname,qcur,status,lastchg,check_status\n\
+                    tally_http,FRONTEND,,OPEN,,\n\
+                    tally_http_nodes,node1,0,UP,12,L7OK\n\
+                    tally_http_nodes,node2,0,DOWN,3,L4CON\n\
+                    tally_http_nodes,BACKEND,0,UP,40,\n";
+        let servers = parse_show_stat(text).unwrap();
+        let got: Vec<(&str, &str, &str, Option<u64>)> = servers
+            .iter()
+            .map(|s| {
+                (
+                    s.server.as_str(),
+                    s.status.as_str(),
+                    s.check.as_str(),
+                    s.since_s,
+                )
+            })
+            .collect();
+        assert_eq!(
+            got,
+            vec![
+                ("node1", "UP", "L7OK", Some(12)),
+                ("node2", "DOWN", "L4CON", Some(3))
+            ]
+        );
+        assert!(parse_show_stat("Unknown command\n").is_err());
+    }
 }

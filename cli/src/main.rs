@@ -18,9 +18,11 @@ fn main() -> ExitCode {
         Command::Cluster(args) => cluster(*args),
         Command::Chaos(args) => chaos(*args),
         Command::Inspect { data_dir, json } => inspect(&data_dir, json),
-        Command::Status { target, json } => {
-            client::status(&target, json).map(|()| ExitCode::SUCCESS)
-        }
+        Command::Status {
+            target,
+            haproxy_socket,
+            json,
+        } => client::status(&target, haproxy_socket.as_deref(), json).map(|()| ExitCode::SUCCESS),
         Command::Node(args::NodeCommand::Retire { id, target, force }) => {
             client::retire(&target, &id, force).map(|()| ExitCode::SUCCESS)
         }
@@ -101,6 +103,13 @@ fn cluster(args: crate::args::ClusterArgs) -> anyhow::Result<ExitCode> {
         }
         if let Some(pid) = cluster.haproxy_pid() {
             println!("  pid {pid}");
+        }
+        if let Some(socket) = cluster.haproxy_stats_socket() {
+            println!(
+                "  its view: tally status --url {http}://{} --haproxy-socket {}",
+                cluster.lb_http(),
+                socket.display()
+            );
         }
     }
     println!("nodes:");

@@ -242,6 +242,44 @@ fn paused_node_leaves_rotation_and_rejoins() {
     let node = cluster.nodes()[victim].clone();
     cluster.pause(victim).unwrap();
     std::thread::sleep(ROTATION_WINDOW);
+    // `tally status` shows HAProxy's view: the paused node is down in
+    // both backends, the others up.
+    let lb_view = |cluster: &LocalCluster| -> Vec<(String, String, String)> {
+        let socket = cluster.haproxy_stats_socket().expect("HAProxy runs");
+        let out = std::process::Command::new(env!("CARGO_BIN_EXE_tally"))
+            .args(["status", "--json", "--url"])
+            .arg(format!("http://{}", cluster.lb_http()))
+            .arg("--haproxy-socket")
+            .arg(&socket)
+            .output()
+            .unwrap();
+        let v: serde_json::Value = serde_json::from_slice(&out.stdout).unwrap_or_else(|e| {
+            panic!(
+                "{e}: {}{}",
+                String::from_utf8_lossy(&out.stdout),
+                String::from_utf8_lossy(&out.stderr)
+            )
+        });
+        v["load_balancer"]
+            .as_array()
+            .unwrap_or_else(|| panic!("no load balancer view: {v}"))
+            .iter()
+            .map(|s| {
+                let f = |k: &str| s[k].as_str().unwrap().to_string();
+                (f("backend"), f("server"), f("status"))
+            })
+            .collect()
+    };
+    let view = lb_view(&cluster);
+    assert_eq!(view.len(), 2 * NODES, "{view:?}");
+    for (backend, server, status) in &view {
+        let down = *server == node.node_id;
+        assert_eq!(
+            status.starts_with("DOWN"),
+            down,
+            "{backend} {server} {status}: {view:?}"
+        );
+    }
     rt.block_on(async {
         for k in 0..12 {
             http_incr(&c, lb_http, "paused", 1, "local")
@@ -272,6 +310,8 @@ fn paused_node_leaves_rotation_and_rejoins() {
         );
         settle(&c, &cluster, "paused", 36).await;
     });
+    let view = lb_view(&cluster);
+    assert!(view.iter().all(|(_, _, s)| s == "UP"), "{view:?}");
     assert_eq!(cluster.restarts(victim).unwrap(), 0);
 }
 
@@ -350,6 +390,7 @@ fn generated_haproxy_config_is_valid() {
         ([127, 0, 0, 1], 7379).into(),
         &nodes,
         None,
+        Some(&dir.path().join("haproxy.sock")),
     );
     for needle in [
         "option httpchk GET /readyz",

@@ -60,7 +60,7 @@ pub struct ClusterConfig {
     pub fail_fast_window: Duration,
     /// Start even if another process holds this node id and is alive
     /// (fencing it); without it such a start is refused (see
-    /// [`check_not_held`]).
+    /// `check_not_held` in this module).
     pub takeover: bool,
 }
 
