@@ -212,7 +212,8 @@ fn status_until(
 // `tally status` shows every node of a cluster with its state, host and
 // pid, the store, and the hottest counters summed over the nodes;
 // `tally node retire` refuses a running node and retires it once it has
-// stopped cleanly, after which status no longer lists it.
+// stopped cleanly, after which status no longer lists it; a node killed
+// with -9 is down, and retiring it needs --force.
 #[test]
 fn status_shows_the_cluster_and_node_retire_takes_out_a_stopped_node() {
     let dir = tempfile::tempdir().unwrap();
@@ -225,6 +226,7 @@ fn status_shows_the_cluster_and_node_retire_takes_out_a_stopped_node() {
     };
     let n1 = start("n1");
     let mut n2 = start("n2");
+    let mut n3 = start("n3");
     let url = format!("http://{}", n1.http.unwrap());
     let rt = tokio::runtime::Builder::new_current_thread()
         .enable_all()
@@ -244,15 +246,14 @@ fn status_shows_the_cluster_and_node_retire_takes_out_a_stopped_node() {
                 .unwrap();
         }
     });
-    let v = status_until(&url, "both nodes alive and busy sampled", |v| {
+    let v = status_until(&url, "every node alive and busy sampled", |v| {
         let states: Vec<_> = v["view"]["nodes"]
             .as_array()
             .unwrap()
             .iter()
             .map(|n| n["state"].clone())
             .collect();
-        states == vec![serde_json::json!("alive"), serde_json::json!("alive")]
-            && v["hot_counters"][0]["name"] == "busy"
+        states == vec![serde_json::json!("alive"); 3] && v["hot_counters"][0]["name"] == "busy"
     });
     assert_eq!(v["view"]["nodes"][1]["pid"], n2.pid());
     assert!(v["unreachable"].as_array().unwrap().is_empty(), "{v}");
@@ -280,6 +281,22 @@ fn status_shows_the_cluster_and_node_retire_takes_out_a_stopped_node() {
     assert_eq!(code, 0, "{err}");
     assert!(out.contains("node n2 retired"), "{out}");
     let v = status_until(&url, "n2 gone from the view", |v| {
+        v["view"]["nodes"].as_array().unwrap().len() == 2
+    });
+    assert_eq!(v["view"]["nodes"][1]["node_id"], "n3");
+
+    // Killed with -9: down once its heartbeat is ten intervals old, and
+    // its journal may hold what it never flushed, so only --force retires.
+    n3.kill9();
+    status_until(&url, "n3 down", |v| {
+        v["view"]["nodes"][1]["state"] == "down"
+    });
+    let (code, _, err) = tally_cmd(&["node", "retire", "n3", "--url", &url]);
+    assert_eq!(code, 1);
+    assert!(err.contains("--force") || err.contains("force"), "{err}");
+    let (code, _, err) = tally_cmd(&["node", "retire", "n3", "--force", "--url", &url]);
+    assert_eq!(code, 0, "{err}");
+    let v = status_until(&url, "n3 gone from the view", |v| {
         v["view"]["nodes"].as_array().unwrap().len() == 1
     });
     assert_eq!(v["view"]["nodes"][0]["node_id"], "n1");
