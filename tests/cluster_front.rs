@@ -1022,8 +1022,8 @@ async fn deletes_under_concurrent_increments_lose_and_double_count_nothing() {
         acknowledged += w.await.unwrap();
     }
     assert!(
-        erased > 0 && acknowledged > erased,
-        "{erased} of {acknowledged}"
+        erased > 0,
+        "no delete erased anything of the {acknowledged} acknowledged"
     );
     // Every node flushes what it acknowledged; then the store, and every
     // node's own view, hold exactly what no delete erased.
