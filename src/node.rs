@@ -578,9 +578,7 @@ impl Node {
             return Err(Error::ShuttingDown);
         }
         if let Some(c) = self.cluster()? {
-            if let Some(reason) = c.fenced_reason() {
-                return Err(Error::Fenced(reason));
-            }
+            // It refuses a fenced node itself, under its queue's lock.
             return c.delete(name).await;
         }
         let engine = &*shared.engine;
@@ -836,13 +834,20 @@ impl Node {
     /// (for `/metrics`): what this node's shard counts towards it (its
     /// value less its base, on a counter that was deleted).
     pub fn for_each_counter(&self, mut f: impl FnMut(&str, i64)) {
-        let cache = self.shared.cluster.get().map(|c| &c.cache);
+        // Taken once: only deleted counters have a base, so the map is
+        // small, and a lookup per counter then takes no lock.
+        let bases = self
+            .shared
+            .cluster
+            .get()
+            .map(|c| c.cache.own_bases())
+            .unwrap_or_default();
         for shard in 0..table::SHARDS {
             self.shared
                 .engine
                 .table()
                 .for_each_in_shard(shard, |name, e| {
-                    let base = cache.map_or(0, |c| c.own_base(name));
+                    let base = bases.get(name).copied().unwrap_or(0);
                     f(name, e.value.wrapping_sub(base))
                 });
         }

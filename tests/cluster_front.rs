@@ -58,6 +58,29 @@ impl Member {
         Member { served, dir }
     }
 
+    /// A node "stale" on the store in `store` whose cache refreshed once as
+    /// it started and then not for an hour: returned once that refresh is a
+    /// second old, so that nothing written from then on can be in its
+    /// cache. Drop it with [`Member::abandon`].
+    async fn start_stale(store: &Path) -> Member {
+        let stale = Self::start_in(
+            tempfile::tempdir().unwrap(),
+            Some(store),
+            "stale",
+            Duration::from_secs(3600),
+        )
+        .await;
+        eventually("the stale node's cache goes quiet", async || {
+            let (_, view) = stale.get("/v1/cluster").await;
+            match view["last_refresh_age_ms"].as_u64() {
+                Some(age) if age >= 1000 => Ok(()),
+                _ => Err(view.to_string()),
+            }
+        })
+        .await;
+        stale
+    }
+
     async fn get(&self, path: &str) -> (StatusCode, Value) {
         let response = reqwest::get(self.http_url(path)).await.unwrap();
         let status = response.status();
@@ -68,14 +91,7 @@ impl Member {
     }
 
     async fn increment(&self, name: &str, by: i64) -> Value {
-        let response = reqwest::Client::new()
-            .post(self.http_url(&format!("/v1/counters/{name}/increment")))
-            .body(json!({ "by": by }).to_string())
-            .send()
-            .await
-            .unwrap();
-        assert_eq!(response.status(), StatusCode::OK);
-        response.json().await.unwrap()
+        increment_with(self, name, json!({ "by": by })).await
     }
 
     async fn redis(&self) -> MultiplexedConnection {
@@ -152,24 +168,7 @@ async fn global_value_and_shards_reach_every_node() {
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn store_consistency_reads_past_the_cache() {
     let store = tempfile::tempdir().unwrap();
-    let stale = Member::start_in(
-        tempfile::tempdir().unwrap(),
-        Some(store.path()),
-        "stale",
-        Duration::from_secs(3600),
-    )
-    .await;
-    // The cache thread refreshes once as it starts, then not for an hour:
-    // wait until that refresh is a second old, so that nothing written
-    // from now on can be in the cache.
-    eventually("the stale node's cache goes quiet", async || {
-        let (_, view) = stale.get("/v1/cluster").await;
-        match view["last_refresh_age_ms"].as_u64() {
-            Some(age) if age >= 1000 => Ok(()),
-            _ => Err(view.to_string()),
-        }
-    })
-    .await;
+    let stale = Member::start_stale(store.path()).await;
     let writer = Member::start(Some(store.path()), "writer").await;
     writer.increment("fresh", 5).await;
     stale
@@ -1166,21 +1165,7 @@ async fn increment_with(member: &Member, name: &str, body: Value) -> Value {
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn store_totals_and_duplicates_never_answer_below_the_first_reply() {
     let store = tempfile::tempdir().unwrap();
-    let stale = Member::start_in(
-        tempfile::tempdir().unwrap(),
-        Some(store.path()),
-        "stale",
-        Duration::from_secs(3600),
-    )
-    .await;
-    eventually("the stale node's cache goes quiet", async || {
-        let (_, view) = stale.get("/v1/cluster").await;
-        match view["last_refresh_age_ms"].as_u64() {
-            Some(age) if age >= 1000 => Ok(()),
-            _ => Err(view.to_string()),
-        }
-    })
-    .await;
+    let stale = Member::start_stale(store.path()).await;
     let fresh = Member::start(Some(store.path()), "fresh").await;
     fresh.increment("total", 10).await;
     settle_on(

@@ -179,17 +179,16 @@ pub fn status(
     // Each node's own hot counters, from the node itself.
     let mut hot: BTreeMap<String, f64> = BTreeMap::new();
     let mut unreachable = Vec::new();
-    let mut per_node = serde_json::Map::new();
     for n in view["nodes"].as_array().into_iter().flatten() {
         let id = n["node_id"].as_str().unwrap_or("?").to_string();
         let theirs = if id == view["node_id"] {
-            Some(view.clone())
+            Some(view["hot_counters"].clone())
         } else if n["state"] == "stopped" || n["state"] == "down" {
             None
         } else {
             match n["address"].as_str().map(str::parse::<SocketAddr>) {
                 Some(Ok(a)) => match call(&access, a, "GET", "/v1/cluster") {
-                    Ok(v) => Some(v),
+                    Ok(mut v) => Some(v["hot_counters"].take()),
                     Err(e) => {
                         unreachable.push(format!("{id}: {e:#}"));
                         None
@@ -201,15 +200,14 @@ pub fn status(
                 }
             }
         };
-        if let Some(v) = theirs {
-            for h in v["hot_counters"].as_array().into_iter().flatten() {
+        if let Some(counters) = theirs {
+            for h in counters.as_array().into_iter().flatten() {
                 if let (Some(name), Some(rate)) =
                     (h["name"].as_str(), h["increments_per_second"].as_f64())
                 {
                     *hot.entry(name.to_string()).or_default() += rate;
                 }
             }
-            per_node.insert(id, v["hot_counters"].clone());
         }
     }
     let mut hot: Vec<(String, f64)> = hot.into_iter().collect();

@@ -121,6 +121,12 @@ impl Cache {
         self.inner.read().own_bases.get(name).copied().unwrap_or(0)
     }
 
+    /// This node's base of every counter deleted while it held a row of
+    /// it (a copy).
+    pub fn own_bases(&self) -> HashMap<CompactString, i64> {
+        self.inner.read().own_bases.clone()
+    }
+
     /// Takes rows read from the store (a delete's, or a counter read
     /// whole): each node's counted value, and this node's base.
     pub fn apply_rows(&self, rows: &[ShardRow]) {

@@ -113,6 +113,21 @@ pub struct DeletedCounter {
     pub rows: Vec<ShardRow>,
 }
 
+impl DeletedCounter {
+    /// The delete of the rows `before` held just before it: their counted
+    /// values are what it erased, and each row's base becomes its value.
+    pub(crate) fn of(before: Vec<ShardRow>) -> DeletedCounter {
+        let erased = before
+            .iter()
+            .fold(0i64, |acc, r| acc.wrapping_add(r.counted()));
+        let rows = before
+            .into_iter()
+            .map(|r| ShardRow { base: r.value, ..r })
+            .collect();
+        DeletedCounter { erased, rows }
+    }
+}
+
 /// Most deletes [`Store::deleted_since`] reads in one call.
 pub const DELETES_PAGE_MAX: usize = 1_000;
 

@@ -1482,14 +1482,7 @@ impl StoreTx for PgTx<'_> {
             c.execute(SET_BASES, &[&counter, &nodes], what)?;
             let epoch = to_stored(epoch, "epoch")?;
             c.execute(RECORD_DELETE, &[&counter, &node_id, &epoch, &now], what)?;
-            let erased = before
-                .iter()
-                .fold(0i64, |acc, r| acc.wrapping_add(r.counted()));
-            let rows = before
-                .into_iter()
-                .map(|r| ShardRow { base: r.value, ..r })
-                .collect();
-            Ok(Some(DeletedCounter { erased, rows }))
+            Ok(Some(DeletedCounter::of(before)))
         })
     }
 

@@ -809,14 +809,7 @@ impl StoreTx for SqliteTx<'_> {
             )
             .and_then(|mut s| s.execute(params![counter, node_id, epoch, now]))
             .map_err(|e| unavailable(what, e))?;
-            let erased = before
-                .iter()
-                .fold(0i64, |acc, r| acc.wrapping_add(r.counted()));
-            let rows = before
-                .into_iter()
-                .map(|r| ShardRow { base: r.value, ..r })
-                .collect();
-            Ok(Some(DeletedCounter { erased, rows }))
+            Ok(Some(DeletedCounter::of(before)))
         })
     }
 

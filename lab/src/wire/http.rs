@@ -179,19 +179,7 @@ pub async fn request_async_with(
             .take(response_bytes_max as u64 + 1)
             .read_to_end(&mut raw)
             .await;
-        // A TLS server that closes without close_notify after a whole
-        // answer: the answer stands.
-        if let Err(e) = read
-            && !(access.is_tls()
-                && e.kind() == std::io::ErrorKind::UnexpectedEof
-                && !raw.is_empty())
-        {
-            return Err(e.into());
-        }
-        if raw.len() > response_bytes_max {
-            return Err(HttpError::TooLarge(response_bytes_max));
-        }
-        decode(&raw)
+        finish(access, read, &raw, response_bytes_max)
     };
     tokio::time::timeout(timeout, work)
         .await
@@ -215,8 +203,18 @@ pub fn request_blocking_with(
     s.write_all(&encode(addr, method, path, body, bearer.as_deref()))?;
     let mut raw = Vec::new();
     let read = s.take(response_bytes_max as u64 + 1).read_to_end(&mut raw);
-    // As above: a TLS server that closes without close_notify after a
-    // whole answer.
+    finish(access, read, &raw, response_bytes_max)
+}
+
+/// The answer of a whole read of at most `response_bytes_max + 1` bytes.
+fn finish(
+    access: &Access,
+    read: std::io::Result<usize>,
+    raw: &[u8],
+    response_bytes_max: usize,
+) -> Result<Response, HttpError> {
+    // A TLS server that closes without close_notify after a whole answer:
+    // the answer stands.
     if let Err(e) = read
         && !(access.is_tls() && e.kind() == std::io::ErrorKind::UnexpectedEof && !raw.is_empty())
     {
@@ -225,7 +223,7 @@ pub fn request_blocking_with(
     if raw.len() > response_bytes_max {
         return Err(HttpError::TooLarge(response_bytes_max));
     }
-    decode(&raw)
+    decode(raw)
 }
 
 /// [`status`] over TLS when `access` says so (no credentials are needed
