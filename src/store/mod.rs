@@ -116,6 +116,7 @@ pub struct DeletedCounter {
 impl DeletedCounter {
     /// The delete of the rows `before` held just before it: their counted
     /// values are what it erased, and each row's base becomes its value.
+    #[cfg_attr(not(any(feature = "sqlite", feature = "postgres")), allow(dead_code))]
     pub(crate) fn of(before: Vec<ShardRow>) -> DeletedCounter {
         let erased = before
             .iter()
