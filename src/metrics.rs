@@ -202,6 +202,8 @@ pub struct Metrics {
     pub duplicates: AtomicU64,
     /// Counters this node deleted (set to zero for every node).
     pub counters_deleted: AtomicU64,
+    /// Counters this node deleted because their expiry had come.
+    pub counters_expired: AtomicU64,
     /// Latency of one committed store transaction (a flush, with or without
     /// replicated increments).
     pub store_round_seconds: Histogram,
@@ -240,6 +242,7 @@ impl Default for Metrics {
             increment_errors: AtomicU64::new(0),
             duplicates: AtomicU64::new(0),
             counters_deleted: AtomicU64::new(0),
+            counters_expired: AtomicU64::new(0),
             store_round_seconds: Histogram::new(LATENCY_BOUNDS_S),
             store_rows_flushed: AtomicU64::new(0),
             replicated_batch_requests: Histogram::new(BATCH_BOUNDS),
@@ -368,6 +371,12 @@ impl Metrics {
             "tally_counters_deleted",
             "Counters deleted (set to zero for every node) through this node.",
             self.counters_deleted.load(Relaxed),
+        );
+        counter(
+            out,
+            "tally_counters_expired",
+            "Counters deleted through this node because their expiry had come (also counted as deleted).",
+            self.counters_expired.load(Relaxed),
         );
         self.store_round_seconds.render(
             out,

@@ -21,6 +21,7 @@ use parking_lot::{Condvar, Mutex};
 
 use crate::cluster::{Cluster, ClusterView, Stores};
 use crate::config::{Config, Durability};
+use crate::engine::deadlines::ExpireIf;
 use crate::engine::idempotency::{self, now_ms};
 use crate::engine::journal::Urgency;
 use crate::engine::recovery::RecoveryReport;
@@ -45,6 +46,11 @@ const REGISTER_RETRY_MIN: Duration = Duration::from_millis(100);
 const REGISTER_RETRY_MAX: Duration = Duration::from_secs(5);
 /// A node still waiting for its store says so in its log at most this often.
 const REGISTER_LOG_INTERVAL: Duration = Duration::from_secs(10);
+/// Longest wait of a node without a store between two looks at its
+/// counters' expiries (it also wakes when an earlier one is set).
+const EXPIRY_SWEEP_INTERVAL: Duration = Duration::from_millis(50);
+/// Most expired counters one sweep deletes; the next sweep takes the rest.
+pub const EXPIRIES_PER_SWEEP: usize = 1_000;
 /// How often expired idempotency keys are purged.
 const KEY_PURGE_INTERVAL: Duration = Duration::from_secs(60);
 /// Wait after a failed snapshot before trying again.
@@ -178,7 +184,7 @@ struct Shared {
     shutting_down: AtomicBool,
     /// Stops the housekeeping thread.
     stop: (Mutex<bool>, Condvar),
-    housekeeping: Mutex<Option<std::thread::JoinHandle<()>>>,
+    housekeeping: Mutex<Vec<std::thread::JoinHandle<()>>>,
     recovery: RecoveryReport,
     started: Instant,
     /// The data directory's exclusive lock, held until shutdown completes.
@@ -307,7 +313,7 @@ impl Node {
             hot: crate::hot::HotCounters::default(),
             shutting_down: AtomicBool::new(false),
             stop: (Mutex::new(false), Condvar::new()),
-            housekeeping: Mutex::new(None),
+            housekeeping: Mutex::new(Vec::new()),
             recovery: report,
             started: Instant::now(),
             lock: Mutex::new(lock),
@@ -317,7 +323,13 @@ impl Node {
             .name("tally-housekeeping".into())
             .spawn(move || housekeeping_main(weak))
             .map_err(|e| Error::io("starting the housekeeping thread", e))?;
-        *shared.housekeeping.lock() = Some(handle);
+        shared.housekeeping.lock().push(handle);
+        let weak = Arc::downgrade(&shared);
+        let handle = std::thread::Builder::new()
+            .name("tally-expiry".into())
+            .spawn(move || expiry_main(weak))
+            .map_err(|e| Error::io("starting the expiry thread", e))?;
+        shared.housekeeping.lock().push(handle);
         if shared.config.cluster.is_some() {
             match (shared.register().map_err(retryable), wait) {
                 (Ok(()), _) => {}
@@ -382,7 +394,7 @@ impl Node {
             *lock.lock() = true;
             cv.notify_all();
         }
-        if let Some(h) = shared.housekeeping.lock().take() {
+        for h in std::mem::take(&mut *shared.housekeeping.lock()) {
             let _ = h.join();
         }
         shared.engine.journal().close();
@@ -579,7 +591,7 @@ impl Node {
         }
         if let Some(c) = self.cluster()? {
             // It refuses a fenced node itself, under its queue's lock.
-            return c.delete(name).await;
+            return c.delete(name, None).await;
         }
         let engine = &*shared.engine;
         engine.journal().reserve().await?;
@@ -592,6 +604,93 @@ impl Node {
             .counters_deleted
             .fetch_add(1, Ordering::Relaxed);
         Ok(Some(old))
+    }
+
+    /// Sets counter `name` to expire at the unix time `at_ms` (milliseconds),
+    /// or clears its expiry (`None`), if `when` allows it. At its expiry the
+    /// counter is deleted as by [`Node::delete`], by the first sweep after
+    /// it: within [`EXPIRY_SWEEP_INTERVAL`] on a node without a store, and
+    /// within a flush interval and a store round with one (any node's
+    /// sweep; one of them deletes). An expiry already past deletes the
+    /// counter now. A delete clears the expiry.
+    ///
+    /// Returns `None` if the counter does not exist (in this node's view),
+    /// otherwise whether the expiry changed (for one already past: whether
+    /// the counter was deleted; for `None`: whether it had one).
+    ///
+    /// Without a store the expiry is journaled and synced before this
+    /// returns; with one it is a row of the store, written before this
+    /// returns.
+    ///
+    /// Errors: those of [`Node::delete`].
+    pub async fn expire(
+        &self,
+        name: &str,
+        at_ms: Option<u64>,
+        when: ExpireIf,
+    ) -> Result<Option<bool>> {
+        table::validate_name(name)?;
+        if self.shared.shutting_down.load(Ordering::Acquire) {
+            return Err(Error::ShuttingDown);
+        }
+        if self.get(name)?.is_none() {
+            return Ok(None);
+        }
+        if let Some(at) = at_ms
+            && at <= now_ms()
+        {
+            let current = self.expiry(name).await?.flatten();
+            if !when.allows(current, at) {
+                return Ok(Some(false));
+            }
+            return self.delete(name).await.map(|d| Some(d.is_some()));
+        }
+        if let Some(c) = self.cluster()? {
+            if let Some(reason) = c.fenced_reason() {
+                return Err(Error::Fenced(reason));
+            }
+            let store = c.store.clone();
+            let name = name.to_string();
+            let changed = tokio::task::spawn_blocking(move || match at_ms {
+                Some(at) => store.set_expiry(&name, at, when),
+                None => store.clear_expiry(&name),
+            })
+            .await
+            .map_err(|e| Error::StoreUnavailable(format!("setting an expiry failed: {e}")))?
+            .map_err(crate::cluster::store_err)?;
+            return Ok(Some(changed));
+        }
+        let engine = &*self.shared.engine;
+        engine.journal().reserve().await?;
+        let Some((changed, end_pos)) = engine.set_expiry(name, at_ms, when)? else {
+            return Ok(None);
+        };
+        if changed {
+            engine.journal().wait_durable(end_pos).await?;
+        }
+        Ok(Some(changed))
+    }
+
+    /// When counter `name` expires: `None` if it does not exist (in this
+    /// node's view), `Some(None)` if it has no expiry. With a store, read
+    /// from the store.
+    ///
+    /// Errors: [`Error::InvalidInput`], [`Error::StoreUnavailable`].
+    pub async fn expiry(&self, name: &str) -> Result<Option<Option<u64>>> {
+        table::validate_name(name)?;
+        if self.get(name)?.is_none() {
+            return Ok(None);
+        }
+        let Some(c) = self.cluster()? else {
+            return Ok(Some(self.shared.engine.deadlines().get(name)));
+        };
+        let store = c.store.clone();
+        let name = name.to_string();
+        tokio::task::spawn_blocking(move || store.expiry(&name))
+            .await
+            .map_err(|e| Error::StoreUnavailable(format!("reading an expiry failed: {e}")))?
+            .map_err(crate::cluster::store_err)
+            .map(Some)
     }
 
     /// Takes node `id` out of the cluster view for good (blocking: call
@@ -954,7 +1053,7 @@ impl Node {
             *lock.lock() = true;
             cv.notify_all();
         }
-        if let Some(h) = shared.housekeeping.lock().take() {
+        for h in std::mem::take(&mut *shared.housekeeping.lock()) {
             let _ = h.join();
         }
         // The committer makes a last flush while the journal still runs.
@@ -1159,6 +1258,106 @@ fn housekeeping_main(shared: std::sync::Weak<Shared>) {
         }
     }
 }
+/// The thread that deletes counters whose expiry has come: from the
+/// engine's expiries on a node without a store, from the store's with one.
+fn expiry_main(shared: std::sync::Weak<Shared>) {
+    loop {
+        let Some(shared) = shared.upgrade() else {
+            return;
+        };
+        let wait = match (shared.cluster.get(), shared.config.cluster.is_some()) {
+            (Some(c), _) => c.config.flush_interval,
+            (None, true) => EXPIRY_SWEEP_INTERVAL,
+            (None, false) => shared
+                .engine
+                .deadlines()
+                .next()
+                .map_or(EXPIRY_SWEEP_INTERVAL, |at| {
+                    Duration::from_millis(at.saturating_sub(now_ms())).min(EXPIRY_SWEEP_INTERVAL)
+                }),
+        };
+        {
+            let (lock, cv) = &shared.stop;
+            let mut stop = lock.lock();
+            if *stop {
+                return;
+            }
+            if !wait.is_zero() {
+                cv.wait_for(&mut stop, wait);
+            }
+            if *stop {
+                return;
+            }
+        }
+        match (shared.cluster.get(), shared.config.cluster.is_some()) {
+            (Some(c), _) => sweep_store(c),
+            (None, true) => {}
+            (None, false) => sweep_engine(&shared),
+        }
+    }
+}
+
+/// Deletes the counters of this node's engine whose expiry has come.
+fn sweep_engine(shared: &Shared) {
+    let engine = &*shared.engine;
+    let due = engine.deadlines().due(now_ms(), EXPIRIES_PER_SWEEP);
+    let mut expired = 0;
+    for (name, at) in due {
+        match engine.expire(&name, at) {
+            Ok(Some(_)) => expired += 1,
+            Ok(None) => {}
+            Err(e) => {
+                tracing::warn!(counter = %name, error = %e, "deleting an expired counter failed; trying again");
+                break;
+            }
+        }
+    }
+    if expired > 0 {
+        if let Err(e) = engine.sync_blocking() {
+            tracing::warn!(error = %e, "syncing the deletes of expired counters failed");
+            return;
+        }
+        let m = &shared.metrics;
+        m.counters_deleted.fetch_add(expired, Ordering::Relaxed);
+        m.counters_expired.fetch_add(expired, Ordering::Relaxed);
+    }
+}
+
+/// Queues the delete of every counter whose expiry in the store has come,
+/// and waits for their outcome. Every node sweeps: each delete names the
+/// expiry it read, and only the first to commit deletes.
+fn sweep_store(c: &Cluster) {
+    if c.fenced_reason().is_some() {
+        return;
+    }
+    let due = match c.store.due_expiries(now_ms(), EXPIRIES_PER_SWEEP) {
+        Ok(due) => due,
+        Err(e) => {
+            tracing::debug!(error = %e, "reading expiries from the store failed; trying again");
+            return;
+        }
+    };
+    let mut waiting = Vec::with_capacity(due.len());
+    for (name, at) in due {
+        match c.queue_delete(&name, Some(at)) {
+            Ok(rx) => waiting.push((name, rx)),
+            Err(e) => {
+                tracing::debug!(counter = %name, error = %e, "deleting an expired counter must wait");
+                break;
+            }
+        }
+    }
+    for (name, rx) in waiting {
+        match rx.blocking_recv() {
+            Ok(Ok(_)) => {}
+            Ok(Err(e)) => {
+                tracing::debug!(counter = %name, error = %e, "deleting an expired counter failed; trying again")
+            }
+            Err(_) => return,
+        }
+    }
+}
+
 /// Takes an exclusive `flock` on the data directory's lock file, so that
 /// two processes never write one journal.
 fn lock_data_dir(dir: &Path) -> Result<std::fs::File> {

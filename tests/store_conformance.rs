@@ -837,7 +837,9 @@ fn counted(s: &dyn Store, counter: &str) -> i64 {
 /// Deletes `counter` as `node` in a transaction of its own.
 fn delete(s: &dyn Store, node: &str, epoch: u64, counter: &str) -> Option<store::DeletedCounter> {
     let mut tx = s.begin(node, epoch).expect("begin");
-    let d = tx.delete_counter(counter, 1_000).expect("delete_counter");
+    let d = tx
+        .delete_counter(counter, 1_000, None)
+        .expect("delete_counter");
     tx.commit().expect("commit");
     d
 }
@@ -958,7 +960,7 @@ fn a_delete_in_a_failed_transaction_changes_nothing(t: &Target) {
     flush(s.as_ref(), "a", a, &[("c", 5, v(a, 1))]);
     {
         let mut tx = s.begin("a", a).unwrap();
-        assert!(tx.delete_counter("c", 1).unwrap().is_some());
+        assert!(tx.delete_counter("c", 1, None).unwrap().is_some());
     }
     assert_eq!(counted(s.as_ref(), "c"), 5);
     assert!(s.deleted_since(0, 10).unwrap().is_empty());
@@ -1029,6 +1031,109 @@ fn a_node_row_records_its_process_and_state(t: &Target) {
     assert_eq!(s.nodes().unwrap()[0].state, store::NodeState::Running);
 }
 
+fn expiries_are_set_under_their_condition_and_read_back(t: &Target) {
+    // The Redis options, judged by the store: NX only without an expiry,
+    // XX only with one, GT only later (never without one), LT only
+    // earlier (always without one).
+    use store::ExpireIf::*;
+    let s = t.open();
+    assert_eq!(s.expiry("c").unwrap(), None);
+    assert!(!s.set_expiry("c", 500, HasExpiry).unwrap());
+    assert!(!s.set_expiry("c", 500, Later).unwrap());
+    assert_eq!(s.expiry("c").unwrap(), None);
+    assert!(s.set_expiry("c", 500, NoExpiry).unwrap());
+    assert!(!s.set_expiry("c", 400, NoExpiry).unwrap());
+    assert_eq!(s.expiry("c").unwrap(), Some(500));
+    assert!(!s.set_expiry("c", 400, Later).unwrap());
+    assert!(s.set_expiry("c", 600, Later).unwrap());
+    assert!(!s.set_expiry("c", 700, Earlier).unwrap());
+    assert!(s.set_expiry("c", 300, Earlier).unwrap());
+    assert_eq!(s.expiry("c").unwrap(), Some(300));
+    assert!(s.set_expiry("c", 350, HasExpiry).unwrap());
+    assert!(s.set_expiry("c", 900, Always).unwrap());
+    assert_eq!(s.expiry("c").unwrap(), Some(900));
+    assert!(s.clear_expiry("c").unwrap());
+    assert!(!s.clear_expiry("c").unwrap());
+    assert_eq!(s.expiry("c").unwrap(), None);
+    assert!(s.set_expiry("d", 100, Earlier).unwrap());
+    assert_eq!(s.expiry("d").unwrap(), Some(100));
+    assert!(matches!(
+        s.set_expiry("d", 0, Always),
+        Err(StoreError::Invalid(_))
+    ));
+}
+
+/// Deletes `counter` as `node`, as the sweep of the expiry `at`.
+fn expire(s: &dyn Store, node: &str, epoch: u64, counter: &str, at: u64) -> Option<i64> {
+    let mut tx = s.begin(node, epoch).expect("begin");
+    let d = tx
+        .delete_counter(counter, 1_000, Some(at))
+        .expect("delete_counter");
+    tx.commit().expect("commit");
+    d.map(|d| d.erased)
+}
+
+fn an_expiry_is_swept_once_and_only_while_it_stands(t: &Target) {
+    let s = t.open();
+    let a = s.register("a", "x", 1).unwrap().epoch;
+    let b = s.register("b", "x", 1).unwrap().epoch;
+    flush(
+        s.as_ref(),
+        "a",
+        a,
+        &[("w", 5, v(a, 1)), ("x", 7, v(a, 2)), ("y", 1, v(a, 3))],
+    );
+    flush(s.as_ref(), "b", b, &[("w", 3, v(b, 1))]);
+    for (c, at) in [("w", 200), ("x", 100), ("y", 5_000)] {
+        assert!(s.set_expiry(c, at, store::ExpireIf::Always).unwrap());
+    }
+    // Due ones, earliest first, paged.
+    let due = |now, limit| s.due_expiries(now, limit).unwrap();
+    assert_eq!(due(1_000, 10), vec![("x".into(), 100), ("w".into(), 200)]);
+    assert_eq!(due(1_000, 1), vec![("x".into(), 100)]);
+    assert_eq!(due(50, 10), vec![]);
+    // A sweep naming an expiry the counter no longer has changes nothing.
+    assert_eq!(expire(s.as_ref(), "a", a, "w", 199), None);
+    assert_eq!(counted(s.as_ref(), "w"), 8);
+    assert_eq!(s.expiry("w").unwrap(), Some(200));
+    // The right one deletes, and takes the expiry with it...
+    assert_eq!(expire(s.as_ref(), "b", b, "w", 200), Some(8));
+    assert_eq!(counted(s.as_ref(), "w"), 0);
+    assert_eq!(s.expiry("w").unwrap(), None);
+    // ...so a second node sweeping the same expiry erases nothing more:
+    // what b added since stays.
+    flush(s.as_ref(), "b", b, &[("w", 5, v(b, 2))]);
+    assert_eq!(expire(s.as_ref(), "a", a, "w", 200), None);
+    assert_eq!(counted(s.as_ref(), "w"), 2);
+    // A plain delete clears the counter's expiry.
+    assert_eq!(delete(s.as_ref(), "a", a, "y").map(|d| d.erased), Some(1));
+    assert_eq!(s.expiry("y").unwrap(), None);
+    assert_eq!(due(10_000, 10), vec![("x".into(), 100)]);
+
+    // Two nodes sweeping one expiry at once, each on its own connection:
+    // exactly one deletes.
+    let erased: Vec<Option<i64>> = std::thread::scope(|scope| {
+        let barrier = Arc::new(Barrier::new(2));
+        let handles: Vec<_> = [("a", a), ("b", b)]
+            .into_iter()
+            .map(|(node, epoch)| {
+                let store = t.open();
+                let barrier = barrier.clone();
+                scope.spawn(move || {
+                    barrier.wait();
+                    expire(store.as_ref(), node, epoch, "x", 100)
+                })
+            })
+            .collect();
+        handles.into_iter().map(|h| h.join().unwrap()).collect()
+    });
+    let mut erased: Vec<Option<i64>> = erased;
+    erased.sort();
+    assert_eq!(erased, vec![None, Some(7)]);
+    assert_eq!(counted(s.as_ref(), "x"), 0);
+    assert_eq!(due(10_000, 10), vec![]);
+}
+
 /// Runs each scenario on both backends, as `sqlite::NAME` and
 /// `postgres::NAME`.
 macro_rules! conformance {
@@ -1072,6 +1177,8 @@ conformance!(
     a_delete_in_a_failed_transaction_changes_nothing,
     a_delete_waits_for_a_flush_of_the_counter_and_counts_it,
     a_node_row_records_its_process_and_state,
+    expiries_are_set_under_their_condition_and_read_back,
+    an_expiry_is_swept_once_and_only_while_it_stands,
 );
 
 // ---------------------------------------------------------------------

@@ -89,6 +89,7 @@ pub fn measure(data_dir: &Path) -> Result<Phases> {
         data_dir,
         &table,
         &keys,
+        &Default::default(),
         RecoveryMode::Strict,
         now_ms(),
     )?;

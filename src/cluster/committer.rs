@@ -279,10 +279,11 @@ pub(crate) fn run(cluster: Arc<Cluster>, engine: Weak<Engine>) {
                 for (request, outcome) in deletes.into_iter().zip(deleted) {
                     if let Some(d) = &outcome {
                         cluster.cache.apply_rows(&d.rows);
-                        cluster
-                            .metrics
-                            .counters_deleted
-                            .fetch_add(1, Ordering::Relaxed);
+                        let m = &cluster.metrics;
+                        m.counters_deleted.fetch_add(1, Ordering::Relaxed);
+                        if request.expiring.is_some() {
+                            m.counters_expired.fetch_add(1, Ordering::Relaxed);
+                        }
                     }
                     let _ = request.reply.send(Ok(outcome.map(|d| d.erased)));
                 }
@@ -548,7 +549,7 @@ fn round(
         return fail(e, applied, flushed, written, answers);
     }
     for d in deletes {
-        match tx.delete_counter(&d.name, now) {
+        match tx.delete_counter(&d.name, now, d.expiring) {
             Ok(outcome) => deleted.push(outcome),
             Err(e) => return fail(e, applied, flushed, written, answers),
         }

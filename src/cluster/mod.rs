@@ -110,6 +110,9 @@ pub const DELETES_QUEUE_MAX: usize = 1_000;
 /// A delete waiting for the committer.
 pub(crate) struct DeleteRequest {
     pub name: String,
+    /// The expiry this delete is the sweep of: done only if the counter
+    /// still expires then (see [`crate::store::StoreTx::delete_counter`]).
+    pub expiring: Option<u64>,
     /// The value erased, or `None` when no node had written the counter to
     /// the store.
     pub reply: oneshot::Sender<Result<Option<i64>>>,
@@ -365,7 +368,7 @@ pub struct Cluster {
     pub(crate) metrics: Arc<Metrics>,
 }
 
-fn store_err(e: StoreError) -> Error {
+pub(crate) fn store_err(e: StoreError) -> Error {
     match e {
         StoreError::Fenced { .. } => Error::Fenced(e.to_string()),
         StoreError::Indeterminate(m) => Error::Indeterminate(m.into()),
@@ -637,7 +640,18 @@ impl Cluster {
     /// transaction, which first writes this node's own shard of it (so
     /// that what this node acknowledged before is erased too). Returns the
     /// value erased, `None` if no node had the counter in the store.
-    pub(crate) async fn delete(&self, name: &str) -> Result<Option<i64>> {
+    pub(crate) async fn delete(&self, name: &str, expiring: Option<u64>) -> Result<Option<i64>> {
+        let rx = self.queue_delete(name, expiring)?;
+        rx.await.unwrap_or(Err(Error::ShuttingDown))
+    }
+
+    /// Queues a delete for the committer's next round; the receiver gets
+    /// its outcome.
+    pub(crate) fn queue_delete(
+        &self,
+        name: &str,
+        expiring: Option<u64>,
+    ) -> Result<oneshot::Receiver<Result<Option<i64>>>> {
         let (tx, rx) = oneshot::channel();
         {
             let _queue = self.queue.lock();
@@ -655,11 +669,12 @@ impl Cluster {
             }
             deletes.push(DeleteRequest {
                 name: name.to_string(),
+                expiring,
                 reply: tx,
             });
         }
         self.wake.notify_one();
-        rx.await.unwrap_or(Err(Error::ShuttingDown))
+        Ok(rx)
     }
 
     /// How far this node's flushes are known to have reached.

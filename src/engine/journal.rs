@@ -57,6 +57,10 @@ pub const KIND_REVERT: u8 = 4;
 /// take back replicated increments that did commit (see
 /// `docs/design.md`, "Store regression").
 pub const KIND_SETTLED: u8 = 5;
+/// Record kind byte: the counter's expiry set (or cleared); no effect on
+/// its value (see [`crate::engine::deadlines`]). Builds without expiries
+/// stop reading a journal at the first one, as at any unknown kind.
+pub const KIND_EXPIRE: u8 = 6;
 /// Smallest payload: kind, lsn, delta, name length, key length.
 const PAYLOAD_BYTES_MIN: usize = 1 + 8 + 8 + 2 + 2;
 /// Largest valid payload (name, key with its expiry, and the kind's extra
@@ -79,6 +83,9 @@ pub enum Kind {
     /// `(epoch, lsn)`, lsn being the record's (not a new one); `name` is a
     /// counter of that commit and `delta` is 0.
     Settled { epoch: u64 },
+    /// Sets the counter's expiry to the unix time `at_ms` (0: clears it);
+    /// `delta` is 0 and the value is unchanged.
+    Expire { at_ms: u64 },
 }
 
 impl Kind {
@@ -89,6 +96,7 @@ impl Kind {
             Kind::Replicated { .. } => KIND_REPLICATED,
             Kind::Revert { .. } => KIND_REVERT,
             Kind::Settled { .. } => KIND_SETTLED,
+            Kind::Expire { .. } => KIND_EXPIRE,
         }
     }
 
@@ -98,6 +106,7 @@ impl Kind {
             Kind::Replicated { epoch } => Some(epoch),
             Kind::Revert { of_lsn } => Some(of_lsn),
             Kind::Settled { epoch } => Some(epoch),
+            Kind::Expire { at_ms } => Some(at_ms),
         }
     }
 }
@@ -185,7 +194,7 @@ pub fn decode(buf: &[u8]) -> Decoded<'_> {
         return Decoded::Corrupt("record checksum mismatch".into());
     }
     let kind_byte = payload[0];
-    if !(KIND_INCREMENT..=KIND_SETTLED).contains(&kind_byte) {
+    if !(KIND_INCREMENT..=KIND_EXPIRE).contains(&kind_byte) {
         return Decoded::Corrupt(format!("unknown record kind {kind_byte}"));
     }
     let lsn = le_u64(&payload[1..]);
@@ -200,7 +209,10 @@ pub fn decode(buf: &[u8]) -> Decoded<'_> {
     };
     let key_len = le_u16(&rest[name_len..]);
     let rest = &rest[name_len + 2..];
-    let extra_len = if matches!(kind_byte, KIND_REPLICATED | KIND_REVERT | KIND_SETTLED) {
+    let extra_len = if matches!(
+        kind_byte,
+        KIND_REPLICATED | KIND_REVERT | KIND_SETTLED | KIND_EXPIRE
+    ) {
         8
     } else {
         0
@@ -223,6 +235,7 @@ pub fn decode(buf: &[u8]) -> Decoded<'_> {
         (KIND_ADOPT, _) => Kind::Adopt,
         (KIND_REPLICATED, Some(epoch)) => Kind::Replicated { epoch },
         (KIND_SETTLED, Some(epoch)) => Kind::Settled { epoch },
+        (KIND_EXPIRE, Some(at_ms)) => Kind::Expire { at_ms },
         (_, Some(of_lsn)) => Kind::Revert { of_lsn },
         _ => unreachable!("kind checked above"),
     };
@@ -915,6 +928,10 @@ mod tests {
             Kind::Replicated { epoch: 7 },
             Kind::Revert { of_lsn: 41 },
             Kind::Settled { epoch: 9 },
+            Kind::Expire {
+                at_ms: 1_800_000_000_000,
+            },
+            Kind::Expire { at_ms: 0 },
         ];
         let mut all = Vec::new();
         for kind in kinds {

@@ -6,6 +6,7 @@
 //! consistent cut that bounds it, [`recovery`] the rules that rebuild the
 //! state at start, and [`storage`] the one seam to the file system.
 
+pub mod deadlines;
 pub mod idempotency;
 pub mod journal;
 pub mod recovery;
@@ -23,6 +24,7 @@ use parking_lot::Mutex;
 use crate::config::Config;
 use crate::error::{Error, Result};
 use crate::metrics::Metrics;
+use deadlines::{Deadlines, ExpireIf};
 use idempotency::{IdempotencyKeys, Seen, now_ms};
 use journal::{Journal, JournalConfig, Kind, Record, Urgency};
 use recovery::{JOURNAL_DIR, RecoveryReport};
@@ -88,6 +90,8 @@ pub struct Engine {
     storage: Arc<dyn Storage>,
     table: CounterTable,
     keys: IdempotencyKeys,
+    /// Counters' expiries (used by a node without a store).
+    deadlines: Deadlines,
     journal: Journal,
     /// Next lsn to assign; an atomic, not a lock, because it is bumped on
     /// every increment from every connection.
@@ -111,11 +115,13 @@ impl Engine {
         let dir = config.data_dir.clone();
         let table = CounterTable::with_limit(config.counters_max);
         let keys = IdempotencyKeys::new(config.idempotency_keys_max);
+        let deadlines = Deadlines::default();
         let report = recovery::recover(
             storage.as_ref(),
             &dir,
             &table,
             &keys,
+            &deadlines,
             config.recovery_mode,
             now_ms(),
         )?;
@@ -148,6 +154,7 @@ impl Engine {
             storage,
             table,
             keys,
+            deadlines,
             journal,
             next_lsn: AtomicU64::new(report.next_lsn),
             last_snapshot_pos: AtomicU64::new(snapshot_pos),
@@ -196,6 +203,9 @@ impl Engine {
                 Ok(applied)
             }
             Change::Adopt { name, value } => {
+                // Recovery replays an adopt as clearing the expiry.
+                let mut deadlines = self.deadlines.lock();
+                deadlines.set(name, None);
                 let (lsn, end_pos) =
                     self.journal_next(Kind::Adopt, name, value, None, Urgency::Later)?;
                 self.table.replay_op(name, value, lsn, table::Update::Set)?;
@@ -215,15 +225,87 @@ impl Engine {
     /// Returns the value the counter held and the journal position just
     /// past the record; `None`, and nothing journaled, if the counter does
     /// not exist.
+    ///
+    /// A delete also clears the counter's expiry: recovery replays an adopt
+    /// record that way, and the map's lock is held across the append so
+    /// that the journal orders it with the counter's expiry records.
     pub fn reset(&self, name: &str) -> Result<Option<(i64, u64)>> {
         table::validate_name(name)?;
+        let mut deadlines = self.deadlines.lock();
+        self.reset_locked(&mut deadlines, name)
+    }
+
+    fn reset_locked(
+        &self,
+        deadlines: &mut deadlines::Inner,
+        name: &str,
+    ) -> Result<Option<(i64, u64)>> {
         let mut end_pos = 0;
         let old = self.table.reset(name, || {
             let (lsn, pos) = self.journal_next(Kind::Adopt, name, 0, None, Urgency::Now)?;
             end_pos = pos;
             Ok(lsn)
         })?;
+        if old.is_some() {
+            deadlines.set(name, None);
+        }
         Ok(old.map(|v| (v, end_pos)))
+    }
+
+    /// Sets counter `name` to expire at the unix time `at_ms` (`None`:
+    /// never, clearing its expiry), if `when` allows it: journaled as an
+    /// expire record and synced with the journal's next sync (wait for the
+    /// position returned). Returns whether the expiry changed and the
+    /// journal position to wait for (0 if nothing was journaled); `None`,
+    /// and nothing journaled, if the counter does not exist.
+    pub fn set_expiry(
+        &self,
+        name: &str,
+        at_ms: Option<u64>,
+        when: ExpireIf,
+    ) -> Result<Option<(bool, u64)>> {
+        table::validate_name(name)?;
+        let mut deadlines = self.deadlines.lock();
+        if self.table.get(name).is_none() {
+            return Ok(None);
+        }
+        let current = deadlines.get(name);
+        let allowed = match at_ms {
+            Some(at) => at > 0 && when.allows(current, at),
+            None => current.is_some(),
+        };
+        if !allowed {
+            return Ok(Some((false, 0)));
+        }
+        let kind = Kind::Expire {
+            at_ms: at_ms.unwrap_or(0),
+        };
+        let (_, end_pos) = self.journal_next(kind, name, 0, None, Urgency::Now)?;
+        deadlines.set(name, at_ms);
+        Ok(Some((true, end_pos)))
+    }
+
+    /// Deletes counter `name` if it still expires at `at_ms` (the deadline
+    /// read from [`Engine::deadlines`]): as [`Engine::reset`], which also
+    /// clears the expiry. `None`, and nothing journaled, if its expiry has
+    /// changed since.
+    pub fn expire(&self, name: &str, at_ms: u64) -> Result<Option<(i64, u64)>> {
+        let mut deadlines = self.deadlines.lock();
+        if deadlines.get(name) != Some(at_ms) {
+            return Ok(None);
+        }
+        let done = self.reset_locked(&mut deadlines, name)?;
+        if done.is_none() {
+            // No such counter (never the case: an expiry is set only on a
+            // counter that exists, and counters are never removed).
+            deadlines.set(name, None);
+        }
+        Ok(done)
+    }
+
+    /// Counters' expiries.
+    pub fn deadlines(&self) -> &Deadlines {
+        &self.deadlines
     }
 
     /// An increment that carries an optional key: the key is checked,
@@ -398,6 +480,7 @@ impl Engine {
             covers,
             &self.table,
             &self.keys,
+            &self.deadlines,
             &self.next_lsn,
             now_ms(),
         )?;

@@ -19,6 +19,7 @@ use std::path::{Path, PathBuf};
 use std::time::{Duration, Instant};
 
 use crate::config::RecoveryMode;
+use crate::engine::deadlines::Deadlines;
 use crate::engine::idempotency::{self, IdempotencyKeys};
 use crate::engine::journal::Kind;
 use crate::engine::journal::{self, Decoded, SEGMENT_HEADER_BYTES};
@@ -110,6 +111,9 @@ struct Chunk {
     replicated: Vec<PendingReplicated>,
     reverted: Vec<u64>,
     settled: Option<(u64, u64)>,
+    /// Counters' expiries set (`Some`) or cleared (`None`: an expire
+    /// record of 0, or an adopt, which a delete writes), in journal order.
+    deadlines: Vec<(CompactString, Option<u64>)>,
     max_lsn: u64,
     read: u64,
     /// Index (in the segment's record list) and reason of the first record
@@ -148,6 +152,7 @@ fn replay_segment(
     reverted: &mut Vec<u64>,
     table: &CounterTable,
     keys: &IdempotencyKeys,
+    deadlines: &Deadlines,
     bytes: &[u8],
     start: u64,
     covers: u64,
@@ -192,6 +197,7 @@ fn replay_segment(
         chunk.replicated.clear();
         chunk.reverted.clear();
         chunk.settled = None;
+        chunk.deadlines.clear();
         chunk.max_lsn = 0;
         chunk.read = 0;
         chunk.bad = None;
@@ -215,7 +221,25 @@ fn replay_segment(
                             chunk.settled = chunk.settled.max(Some((epoch, r.lsn)));
                             continue;
                         }
-                        Kind::Increment | Kind::Adopt => {}
+                        // Changes the expiry, never the value. Replayed
+                        // from the snapshot's position on, in journal
+                        // order, whatever the snapshot holds: the last
+                        // record of a counter decides, as it did in memory.
+                        Kind::Expire { at_ms } => {
+                            if o as u64 >= first_applied_off {
+                                chunk.deadlines.push((
+                                    CompactString::from(r.name),
+                                    (at_ms > 0).then_some(at_ms),
+                                ));
+                            }
+                            continue;
+                        }
+                        Kind::Adopt => {
+                            if o as u64 >= first_applied_off {
+                                chunk.deadlines.push((CompactString::from(r.name), None));
+                            }
+                        }
+                        Kind::Increment => {}
                     }
                     if let Some((key, expiry)) = r.key {
                         let forget = matches!(r.kind, Kind::Revert { .. });
@@ -282,6 +306,12 @@ fn replay_segment(
         }
         pending.extend(chunk.replicated.iter().cloned());
         reverted.extend(chunk.reverted.iter().copied());
+        if !chunk.deadlines.is_empty() {
+            let mut d = deadlines.lock();
+            for (name, at_ms) in &chunk.deadlines {
+                d.set(name, *at_ms);
+            }
+        }
     }
 
     let apply = |part: usize| -> std::result::Result<u64, (String, u64)> {
@@ -327,12 +357,14 @@ fn replay_segment(
     Ok(result)
 }
 
-/// Recovers `table` and `keys` (both empty) from `data_dir`.
+/// Recovers `table`, `keys` and `deadlines` (all empty) from `data_dir`.
+#[allow(clippy::too_many_arguments)]
 pub fn recover(
     storage: &dyn Storage,
     data_dir: &Path,
     table: &CounterTable,
     keys: &IdempotencyKeys,
+    deadlines: &Deadlines,
     mode: RecoveryMode,
     now_ms: u64,
 ) -> Result<RecoveryReport> {
@@ -381,6 +413,9 @@ pub fn recover(
                 Item::Counter(name, entry) => table.restore(name, entry),
                 Item::Key(key, expiry, fingerprint) => {
                     keys.restore(key, expiry, fingerprint, now_ms)
+                }
+                Item::Deadline(name, at_ms) => {
+                    deadlines.lock().set(name, Some(at_ms));
                 }
             }
             Ok(())
@@ -482,6 +517,7 @@ pub fn recover(
             &mut reverted,
             table,
             keys,
+            deadlines,
             bytes,
             start,
             covers,

@@ -15,6 +15,7 @@
 use std::path::{Path, PathBuf};
 use std::sync::atomic::{AtomicU64, Ordering};
 
+use crate::engine::deadlines::Deadlines;
 use crate::engine::idempotency::IdempotencyKeys;
 use crate::engine::storage::Storage;
 use crate::engine::table::{CounterTable, Entry, SHARDS};
@@ -23,8 +24,9 @@ use crate::error::{Error, Result};
 pub const SNAPSHOT_MAGIC: &[u8; 8] = b"TALLYSNP";
 pub const SNAPSHOT_END_MAGIC: &[u8; 8] = b"TALLYEND";
 /// Version 2 added the fingerprint to every key (`TAG_KEY_FP`); version 1
-/// snapshots (keys without one, `TAG_KEY`) are still read.
-pub const SNAPSHOT_VERSION: u32 = 2;
+/// snapshots (keys without one, `TAG_KEY`) are still read. Version 3 added
+/// counters' expiries (`TAG_DEADLINE`).
+pub const SNAPSHOT_VERSION: u32 = 3;
 /// The oldest version still read.
 const SNAPSHOT_VERSION_MIN: u32 = 1;
 const HEADER_BYTES: usize = 32;
@@ -36,6 +38,9 @@ const TAG_COUNTER: u8 = 1;
 const TAG_KEY: u8 = 2;
 /// A key, its expiry and its request's fingerprint (version 2).
 const TAG_KEY_FP: u8 = 3;
+/// A counter's expiry: its name and the unix time (ms) it is deleted at
+/// (version 3).
+const TAG_DEADLINE: u8 = 4;
 /// The writer hands the file this many bytes at a time.
 const WRITE_CHUNK_BYTES: usize = 1 << 20;
 pub const TEMP_FILE_NAME: &str = "snapshot.tmp";
@@ -69,17 +74,22 @@ pub enum Item<'a> {
     Counter(&'a str, Entry),
     /// A key, its expiry, and its request's fingerprint (0: unknown).
     Key(&'a str, u64, u64),
+    /// A counter and the unix time (ms) at which it expires.
+    Deadline(&'a str, u64),
 }
 
-/// Writes a snapshot of `table` and `keys` covering the journal up to
-/// `covers_pos` into `dir`, durably. `next_lsn` is read after the copy so
-/// that it exceeds every lsn copied. Returns the snapshot's path and meta.
+/// Writes a snapshot of `table`, `keys` and `deadlines` covering the
+/// journal up to `covers_pos` into `dir`, durably. `next_lsn` is read after
+/// the copy so that it exceeds every lsn copied. Returns the snapshot's
+/// path and meta.
+#[allow(clippy::too_many_arguments)]
 pub fn write(
     storage: &dyn Storage,
     dir: &Path,
     covers_pos: u64,
     table: &CounterTable,
     keys: &IdempotencyKeys,
+    deadlines: &Deadlines,
     next_lsn: &AtomicU64,
     now_ms: u64,
 ) -> Result<(PathBuf, SnapshotMeta)> {
@@ -125,6 +135,16 @@ pub fn write(
             buf.extend_from_slice(&fingerprint.to_le_bytes());
             key_count += 1;
         });
+        flush(&mut buf, &mut crc, false)?;
+    }
+    // Copied after `covers_pos` was taken: every expiry record before it
+    // changed the map before its writer let go of the map's lock, so the
+    // copy holds it (see the module docs of `deadlines`).
+    for (name, at_ms) in deadlines.all() {
+        buf.push(TAG_DEADLINE);
+        buf.extend_from_slice(&(name.len() as u16).to_le_bytes());
+        buf.extend_from_slice(name.as_bytes());
+        buf.extend_from_slice(&at_ms.to_le_bytes());
         flush(&mut buf, &mut crc, false)?;
     }
     let next = next_lsn.load(Ordering::SeqCst);
@@ -269,6 +289,7 @@ pub fn read(
                 visit(Item::Key(text, n1, fingerprint))?;
                 seen_keys += 1;
             }
+            TAG_DEADLINE if version >= 3 => visit(Item::Deadline(text, n1))?,
             _ => return Err(corrupt(at - 3, &format!("unknown item tag {tag}"))),
         }
         at += len + fixed;

@@ -36,11 +36,14 @@ fn needed(method: &Method, path: &str, metrics_open: bool) -> Option<Role> {
             Endpoint::Increment
             | Endpoint::IncrementBatch
             | Endpoint::DeleteCounter
-            | Endpoint::ResetCounter,
+            | Endpoint::ResetCounter
+            | Endpoint::SetExpiry
+            | Endpoint::ClearExpiry,
         ) => Some(Role::Write),
         Some(Endpoint::RetireNode) => Some(Role::Admin),
         Some(
             Endpoint::GetCounter
+            | Endpoint::GetExpiry
             | Endpoint::ListCounters
             | Endpoint::Cluster
             | Endpoint::Metrics

@@ -15,6 +15,7 @@ use serde_json::{Map, Value};
 
 use super::error::ApiError;
 use crate::config::Durability;
+use crate::engine::deadlines::ExpireIf;
 use crate::node::Consistency;
 
 /// The fields of one increment, without the counter name.
@@ -147,6 +148,69 @@ fn parse_batch_item(item: Value) -> Result<BatchItem, String> {
     )?;
     Ok(BatchItem { name, fields })
 }
+
+/// The body of `PUT /v1/counters/{name}/expiry`.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub(crate) struct ExpiryFields {
+    /// The unix time (ms) to expire at; at or before now (0 included)
+    /// deletes the counter now.
+    pub at_ms: u64,
+    pub when: ExpireIf,
+}
+
+/// Parses `{"in_ms": N}` or `{"at_ms": N}`, with an optional `"when"`.
+pub(crate) fn parse_expiry(bytes: &[u8], now_ms: u64) -> Result<ExpiryFields, ApiError> {
+    const KNOWN: [&str; 3] = ["in_ms", "at_ms", "when"];
+    let example = "the request body must be a JSON object such as {\"in_ms\": 60000} or \
+                   {\"at_ms\": 1767225600000}";
+    let Value::Object(mut object) = parse_json(bytes)? else {
+        return Err(ApiError::bad_request(example));
+    };
+    if let Some(unknown) = object.keys().find(|k| !KNOWN.contains(&k.as_str())) {
+        return Err(ApiError::bad_request(format!(
+            "unknown field '{unknown}'; the fields are {}",
+            KNOWN.join(", ")
+        )));
+    }
+    let mut int = |field: &str| -> Result<Option<i64>, ApiError> {
+        match object.remove(field) {
+            None | Some(Value::Null) => Ok(None),
+            Some(v) => v.as_i64().map(Some).ok_or_else(|| {
+                ApiError::bad_request(format!(
+                    "field '{field}' must be an integer number of milliseconds"
+                ))
+            }),
+        }
+    };
+    let at_ms = match (int("in_ms")?, int("at_ms")?) {
+        (Some(d), None) => d.saturating_add(i64::try_from(now_ms).unwrap_or(i64::MAX)),
+        (None, Some(at)) => at,
+        _ => {
+            return Err(ApiError::bad_request(format!(
+                "give exactly one of 'in_ms' and 'at_ms': {example}"
+            )));
+        }
+    };
+    let when = match object.remove("when") {
+        None | Some(Value::Null) => ExpireIf::Always,
+        Some(Value::String(s)) => match s.as_str() {
+            "always" => ExpireIf::Always,
+            "no_expiry" => ExpireIf::NoExpiry,
+            "has_expiry" => ExpireIf::HasExpiry,
+            "later" => ExpireIf::Later,
+            "earlier" => ExpireIf::Earlier,
+            _ => return Err(ApiError::bad_request(WHEN_VALUES)),
+        },
+        Some(_) => return Err(ApiError::bad_request(WHEN_VALUES)),
+    };
+    Ok(ExpiryFields {
+        at_ms: u64::try_from(at_ms).unwrap_or(0).max(1),
+        when,
+    })
+}
+
+const WHEN_VALUES: &str =
+    "field 'when' must be one of always, no_expiry, has_expiry, later, earlier";
 
 fn parse_json(bytes: &[u8]) -> Result<Value, ApiError> {
     serde_json::from_slice(bytes)

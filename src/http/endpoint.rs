@@ -13,6 +13,9 @@ pub enum Endpoint {
     GetCounter,
     DeleteCounter,
     ResetCounter,
+    SetExpiry,
+    GetExpiry,
+    ClearExpiry,
     ListCounters,
     Cluster,
     RetireNode,
@@ -25,12 +28,15 @@ pub enum Endpoint {
 
 impl Endpoint {
     /// Every endpoint, in the order the API documentation lists them.
-    pub const ALL: [Endpoint; 13] = [
+    pub const ALL: [Endpoint; 16] = [
         Endpoint::Increment,
         Endpoint::IncrementBatch,
         Endpoint::GetCounter,
         Endpoint::DeleteCounter,
         Endpoint::ResetCounter,
+        Endpoint::SetExpiry,
+        Endpoint::GetExpiry,
+        Endpoint::ClearExpiry,
         Endpoint::ListCounters,
         Endpoint::Cluster,
         Endpoint::RetireNode,
@@ -47,8 +53,10 @@ impl Endpoint {
             | Endpoint::IncrementBatch
             | Endpoint::ResetCounter
             | Endpoint::RetireNode => Method::POST,
-            Endpoint::DeleteCounter => Method::DELETE,
+            Endpoint::SetExpiry => Method::PUT,
+            Endpoint::DeleteCounter | Endpoint::ClearExpiry => Method::DELETE,
             Endpoint::GetCounter
+            | Endpoint::GetExpiry
             | Endpoint::ListCounters
             | Endpoint::Cluster
             | Endpoint::Metrics
@@ -67,6 +75,9 @@ impl Endpoint {
             Endpoint::IncrementBatch => "/v1/increments",
             Endpoint::GetCounter | Endpoint::DeleteCounter => "/v1/counters/{name}",
             Endpoint::ResetCounter => "/v1/counters/{name}/reset",
+            Endpoint::SetExpiry | Endpoint::GetExpiry | Endpoint::ClearExpiry => {
+                "/v1/counters/{name}/expiry"
+            }
             Endpoint::ListCounters => "/v1/counters",
             Endpoint::Cluster => "/v1/cluster",
             Endpoint::RetireNode => "/v1/nodes/{name}/retire",

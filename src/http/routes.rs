@@ -45,6 +45,9 @@ pub(crate) fn method_router(endpoint: Endpoint) -> MethodRouter<AppState> {
         Endpoint::IncrementBatch => on(filter, increment_batch),
         Endpoint::GetCounter => on(filter, get_counter),
         Endpoint::DeleteCounter | Endpoint::ResetCounter => on(filter, delete_counter),
+        Endpoint::SetExpiry => on(filter, set_expiry),
+        Endpoint::GetExpiry => on(filter, get_expiry),
+        Endpoint::ClearExpiry => on(filter, clear_expiry),
         Endpoint::ListCounters => on(filter, list_counters),
         Endpoint::Cluster => on(filter, cluster),
         Endpoint::RetireNode => on(filter, retire_node),
@@ -246,6 +249,86 @@ async fn delete_counter(
         deleted: erased.is_some(),
         erased: erased.unwrap_or(0),
     }))
+}
+
+/// `GET /v1/counters/{name}/expiry`, and the reply of the `PUT`.
+#[derive(Serialize)]
+struct ExpiryReply {
+    name: String,
+    /// Unix time (ms) at which the counter is deleted; `null` if never.
+    expires_at_ms: Option<u64>,
+    /// Milliseconds left until then (0 once it has come and the sweep
+    /// has not run yet); `null` if never.
+    ttl_ms: Option<u64>,
+}
+
+/// `PUT` and `DELETE /v1/counters/{name}/expiry`.
+#[derive(Serialize)]
+struct ExpiryChangeReply {
+    name: String,
+    /// Whether the expiry changed (`PUT`: set, or the counter deleted for
+    /// an expiry already past; `DELETE`: there was one to clear).
+    changed: bool,
+}
+
+fn not_found(name: &str) -> ApiError {
+    ApiError::new(StatusCode::NOT_FOUND, format!("counter '{name}' not found"))
+}
+
+async fn set_expiry(
+    State(state): State<AppState>,
+    path: Result<Path<String>, PathRejection>,
+    headers: HeaderMap,
+    request_body: Body,
+) -> Result<Json<ExpiryChangeReply>, ApiError> {
+    let name = name_from(path)?;
+    let bytes = body::read(
+        &headers,
+        request_body,
+        state.config.http_body_bytes_max,
+        state.config.frame_timeout,
+    )
+    .await?;
+    let fields = body::parse_expiry(&bytes, crate::engine::idempotency::now_ms())?;
+    match state
+        .node
+        .expire(&name, Some(fields.at_ms), fields.when)
+        .await?
+    {
+        Some(changed) => Ok(Json(ExpiryChangeReply { name, changed })),
+        None => Err(not_found(&name)),
+    }
+}
+
+async fn get_expiry(
+    State(state): State<AppState>,
+    path: Result<Path<String>, PathRejection>,
+) -> Result<Json<ExpiryReply>, ApiError> {
+    let name = name_from(path)?;
+    let Some(at) = state.node.expiry(&name).await? else {
+        return Err(not_found(&name));
+    };
+    let now = crate::engine::idempotency::now_ms();
+    Ok(Json(ExpiryReply {
+        name,
+        expires_at_ms: at,
+        ttl_ms: at.map(|at| at.saturating_sub(now)),
+    }))
+}
+
+async fn clear_expiry(
+    State(state): State<AppState>,
+    path: Result<Path<String>, PathRejection>,
+) -> Result<Json<ExpiryChangeReply>, ApiError> {
+    let name = name_from(path)?;
+    match state
+        .node
+        .expire(&name, None, crate::engine::deadlines::ExpireIf::Always)
+        .await?
+    {
+        Some(changed) => Ok(Json(ExpiryChangeReply { name, changed })),
+        None => Err(not_found(&name)),
+    }
 }
 
 #[derive(Deserialize)]

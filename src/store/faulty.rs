@@ -171,6 +171,31 @@ impl Store for FaultyStore {
         self.inner.purge_expired_keys(now_ms, limit)
     }
 
+    fn expiry(&self, counter: &str) -> Result<Option<u64>, StoreError> {
+        self.check()?;
+        self.inner.expiry(counter)
+    }
+
+    fn set_expiry(
+        &self,
+        counter: &str,
+        at_ms: u64,
+        when: super::ExpireIf,
+    ) -> Result<bool, StoreError> {
+        self.check()?;
+        self.inner.set_expiry(counter, at_ms, when)
+    }
+
+    fn clear_expiry(&self, counter: &str) -> Result<bool, StoreError> {
+        self.check()?;
+        self.inner.clear_expiry(counter)
+    }
+
+    fn due_expiries(&self, now_ms: u64, limit: usize) -> Result<Vec<(String, u64)>, StoreError> {
+        self.check()?;
+        self.inner.due_expiries(now_ms, limit)
+    }
+
     fn commit_settled(&self) -> Result<bool, StoreError> {
         self.check()?;
         self.inner.commit_settled()
@@ -217,9 +242,10 @@ impl StoreTx for FaultyTx<'_> {
         &mut self,
         counter: &str,
         now_ms: u64,
+        expiring: Option<u64>,
     ) -> Result<Option<super::DeletedCounter>, StoreError> {
         self.store.check()?;
-        self.inner.delete_counter(counter, now_ms)
+        self.inner.delete_counter(counter, now_ms, expiring)
     }
 
     fn commit(self: Box<Self>) -> Result<(), StoreError> {

@@ -284,6 +284,42 @@ pub enum StoreError {
 ///
 /// Call only from blocking threads, never from an async task (see the
 /// module documentation).
+/// Most expiries one [`Store::due_expiries`] returns.
+pub const EXPIRIES_PAGE_MAX: usize = 1000;
+
+pub use crate::engine::deadlines::ExpireIf;
+
+/// The one statement of [`Store::set_expiry`] under `when`, parameters
+/// `$1` counter and `$2` the time: the condition is judged by the store as
+/// it writes. Both backends read the same SQL (SQLite with `?` for `$`).
+pub(crate) fn set_expiry_sql(when: ExpireIf) -> &'static str {
+    match when {
+        ExpireIf::Always => {
+            "INSERT INTO tally_expiries (counter, at_ms) VALUES ($1, $2) \
+             ON CONFLICT (counter) DO UPDATE SET at_ms = EXCLUDED.at_ms"
+        }
+        ExpireIf::NoExpiry => {
+            "INSERT INTO tally_expiries (counter, at_ms) VALUES ($1, $2) \
+             ON CONFLICT (counter) DO NOTHING"
+        }
+        ExpireIf::HasExpiry => "UPDATE tally_expiries SET at_ms = $2 WHERE counter = $1",
+        ExpireIf::Later => "UPDATE tally_expiries SET at_ms = $2 WHERE counter = $1 AND at_ms < $2",
+        ExpireIf::Earlier => {
+            "INSERT INTO tally_expiries (counter, at_ms) VALUES ($1, $2) \
+             ON CONFLICT (counter) DO UPDATE SET at_ms = EXCLUDED.at_ms \
+             WHERE tally_expiries.at_ms > EXCLUDED.at_ms"
+        }
+    }
+}
+
+pub(crate) const EXPIRY_SQL: &str = "SELECT at_ms FROM tally_expiries WHERE counter = $1";
+pub(crate) const CLEAR_EXPIRY_SQL: &str = "DELETE FROM tally_expiries WHERE counter = $1";
+/// The expiry a sweeping delete names, taken away: no row, no delete.
+pub(crate) const TAKE_EXPIRY_SQL: &str =
+    "DELETE FROM tally_expiries WHERE counter = $1 AND at_ms = $2";
+pub(crate) const DUE_EXPIRIES_SQL: &str = "SELECT counter, at_ms FROM tally_expiries \
+     WHERE at_ms <= $1 ORDER BY at_ms, counter LIMIT $2";
+
 pub trait Store: Send + Sync {
     /// `"sqlite"` or `"postgres"`.
     fn backend(&self) -> &'static str;
@@ -409,6 +445,24 @@ pub trait Store: Send + Sync {
     /// oldest first; returns how many were deleted.
     fn purge_expired_keys(&self, now_ms: u64, limit: usize) -> Result<u64, StoreError>;
 
+    /// The unix time (ms) at which `counter` expires, if it has an expiry.
+    fn expiry(&self, counter: &str) -> Result<Option<u64>, StoreError>;
+
+    /// Sets `counter` to expire at `at_ms` (above 0) if `when` allows it,
+    /// judged and written in one statement, so two nodes setting expiries
+    /// at once are ordered by the store. Returns whether it was set. The
+    /// store does not know whether the counter exists: the caller checks.
+    fn set_expiry(&self, counter: &str, at_ms: u64, when: ExpireIf) -> Result<bool, StoreError>;
+
+    /// Clears `counter`'s expiry; returns whether it had one.
+    fn clear_expiry(&self, counter: &str) -> Result<bool, StoreError>;
+
+    /// At most `limit` (capped at [`EXPIRIES_PAGE_MAX`]) counters whose
+    /// expiry is at or before `now_ms`, earliest first, with their expiry.
+    /// A node deletes each with [`StoreTx::delete_counter`], naming the
+    /// expiry it read.
+    fn due_expiries(&self, now_ms: u64, limit: usize) -> Result<Vec<(String, u64)>, StoreError>;
+
     /// Whether the last commit whose outcome this store left unknown
     /// ([`StoreError::Indeterminate`]) can no longer take effect: `false`
     /// while the server still has that transaction in progress (a primary
@@ -476,10 +530,17 @@ pub trait StoreTx {
     ///
     /// Deletes take the store's deletes lock until the transaction ends:
     /// two transactions deleting never run at once.
+    ///
+    /// A delete clears the counter's expiry. With `expiring` = `Some(at)`,
+    /// the delete is that expiry's: it happens only if the counter still
+    /// expires at `at`, and takes the expiry away in the same transaction,
+    /// so that of several nodes sweeping one expiry, one deletes; `None`
+    /// (and nothing done) otherwise.
     fn delete_counter(
         &mut self,
         counter: &str,
         now_ms: u64,
+        expiring: Option<u64>,
     ) -> Result<Option<DeletedCounter>, StoreError>;
 
     /// Commits. [`StoreError::Indeterminate`] means the commit was sent and

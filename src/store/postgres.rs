@@ -1252,6 +1252,60 @@ impl Store for PostgresStore {
             )
         })
     }
+
+    fn expiry(&self, counter: &str) -> Result<Option<u64>, StoreError> {
+        self.call(|c| {
+            c.query(super::EXPIRY_SQL, &[&counter], "reading an expiry")?
+                .first()
+                .map(|row| stored(row, 0, "expiry"))
+                .transpose()
+        })
+    }
+
+    fn set_expiry(
+        &self,
+        counter: &str,
+        at_ms: u64,
+        when: super::ExpireIf,
+    ) -> Result<bool, StoreError> {
+        if at_ms == 0 {
+            return Err(StoreError::Invalid("an expiry must be above 0".into()));
+        }
+        let at = to_stored(at_ms, "expiry")?;
+        self.call(|c| {
+            c.execute(
+                super::set_expiry_sql(when),
+                &[&counter, &at],
+                "setting an expiry",
+            )
+            .map(|n| n > 0)
+        })
+    }
+
+    fn clear_expiry(&self, counter: &str) -> Result<bool, StoreError> {
+        self.call(|c| {
+            c.execute(super::CLEAR_EXPIRY_SQL, &[&counter], "clearing an expiry")
+                .map(|n| n > 0)
+        })
+    }
+
+    fn due_expiries(&self, now_ms: u64, limit: usize) -> Result<Vec<(String, u64)>, StoreError> {
+        let limit = limit.min(super::EXPIRIES_PAGE_MAX);
+        if limit == 0 {
+            return Ok(Vec::new());
+        }
+        let now = to_stored(now_ms, "time")?;
+        self.call(|c| {
+            c.query(
+                super::DUE_EXPIRIES_SQL,
+                &[&now, &limit_param(limit)],
+                "reading expiries",
+            )?
+            .iter()
+            .map(|row| Ok((col(row, 0, "counter")?, stored(row, 1, "expiry")?)))
+            .collect()
+        })
+    }
 }
 
 /// A statement of a write transaction whose answer is not needed before
@@ -1458,8 +1512,10 @@ impl StoreTx for PgTx<'_> {
         &mut self,
         counter: &str,
         now_ms: u64,
+        expiring: Option<u64>,
     ) -> Result<Option<DeletedCounter>, StoreError> {
         let now = to_stored(now_ms, "time")?;
+        let expiring = expiring.map(|at| to_stored(at, "expiry")).transpose()?;
         // The rows this transaction upserted must be in the counter's rows
         // the delete reads: the deferred statements go first.
         let deferred = std::mem::take(&mut self.deferred);
@@ -1470,6 +1526,18 @@ impl StoreTx for PgTx<'_> {
                 c.note(r)?;
             }
             c.execute(LOCK_DELETES, &[], what)?;
+            // After the deletes' lock, always: an expiry's row is only ever
+            // locked by a delete holding it, or by one statement that
+            // takes no other lock (`set_expiry`), so no two transactions
+            // wait on each other. Of two nodes sweeping one expiry, the
+            // second finds its row gone here.
+            let cleared = match expiring {
+                Some(at) => c.execute(super::TAKE_EXPIRY_SQL, &[&counter, &at], what)?,
+                None => c.execute(super::CLEAR_EXPIRY_SQL, &[&counter], what)?,
+            };
+            if expiring.is_some() && cleared == 0 {
+                return Ok(None);
+            }
             let before = c
                 .query(LOCK_COUNTER_ROWS, &[&counter], what)?
                 .iter()

@@ -19,7 +19,7 @@
 use super::StoreError;
 
 /// The newest schema version this build knows.
-pub const SCHEMA_VERSION: u64 = 4;
+pub const SCHEMA_VERSION: u64 = 5;
 
 /// How many times a migrator that lost a race retries before giving up.
 pub const MIGRATION_ATTEMPTS_MAX: u32 = 5;
@@ -61,6 +61,11 @@ pub const MIGRATIONS: &[Migration] = &[
         version: 4,
         sqlite: V4_SQLITE,
         postgres: V4_POSTGRES,
+    },
+    Migration {
+        version: 5,
+        sqlite: V5_SQLITE,
+        postgres: V5_POSTGRES,
     },
 ];
 
@@ -197,6 +202,24 @@ const V4_POSTGRES: &str = "
 ALTER TABLE tally_nodes ADD COLUMN IF NOT EXISTS state TEXT NOT NULL DEFAULT 'running';
 ALTER TABLE tally_nodes ADD COLUMN IF NOT EXISTS host TEXT NOT NULL DEFAULT '';
 ALTER TABLE tally_nodes ADD COLUMN IF NOT EXISTS pid BIGINT NOT NULL DEFAULT 0;
+";
+
+// Version 5: counters' expiries. One row per counter that has one; the
+// index serves the sweep (the earliest first).
+const V5_SQLITE: &str = "
+CREATE TABLE IF NOT EXISTS tally_expiries (
+    counter TEXT PRIMARY KEY NOT NULL,
+    at_ms BIGINT NOT NULL
+) WITHOUT ROWID;
+CREATE INDEX IF NOT EXISTS tally_expiries_by_time ON tally_expiries (at_ms, counter);
+";
+
+const V5_POSTGRES: &str = "
+CREATE TABLE IF NOT EXISTS tally_expiries (
+    counter TEXT PRIMARY KEY NOT NULL,
+    at_ms BIGINT NOT NULL
+);
+CREATE INDEX IF NOT EXISTS tally_expiries_by_time ON tally_expiries (at_ms, counter);
 ";
 
 pub const INSERT_VERSION_SQLITE: &str =

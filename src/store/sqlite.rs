@@ -644,6 +644,66 @@ impl Store for SqliteStore {
             .map_err(|e| unavailable("purging expired keys", e))?;
         Ok(deleted as u64)
     }
+
+    fn expiry(&self, counter: &str) -> Result<Option<u64>, StoreError> {
+        let conn = self.conn.lock();
+        let at: Option<i64> = conn
+            .prepare_cached(&sqlite_sql(super::EXPIRY_SQL))
+            .and_then(|mut s| s.query_row([counter], |r| r.get(0)).optional())
+            .map_err(|e| unavailable("reading an expiry", e))?;
+        at.map(|at| from_stored(at, "expiry")).transpose()
+    }
+
+    fn set_expiry(
+        &self,
+        counter: &str,
+        at_ms: u64,
+        when: super::ExpireIf,
+    ) -> Result<bool, StoreError> {
+        if at_ms == 0 {
+            return Err(StoreError::Invalid("an expiry must be above 0".into()));
+        }
+        let at = to_stored(at_ms, "expiry")?;
+        let conn = self.conn.lock();
+        let changed = conn
+            .prepare_cached(&sqlite_sql(super::set_expiry_sql(when)))
+            .and_then(|mut s| s.execute(params![counter, at]))
+            .map_err(|e| unavailable("setting an expiry", e))?;
+        Ok(changed > 0)
+    }
+
+    fn clear_expiry(&self, counter: &str) -> Result<bool, StoreError> {
+        let conn = self.conn.lock();
+        let changed = conn
+            .prepare_cached(&sqlite_sql(super::CLEAR_EXPIRY_SQL))
+            .and_then(|mut s| s.execute([counter]))
+            .map_err(|e| unavailable("clearing an expiry", e))?;
+        Ok(changed > 0)
+    }
+
+    fn due_expiries(&self, now_ms: u64, limit: usize) -> Result<Vec<(String, u64)>, StoreError> {
+        let limit = limit.min(super::EXPIRIES_PAGE_MAX);
+        if limit == 0 {
+            return Ok(Vec::new());
+        }
+        let now = to_stored(now_ms, "time")?;
+        let conn = self.conn.lock();
+        let raw: Vec<(String, i64)> = conn
+            .prepare_cached(&sqlite_sql(super::DUE_EXPIRIES_SQL))
+            .and_then(|mut s| {
+                s.query_map(params![now, limit as i64], |r| Ok((r.get(0)?, r.get(1)?)))?
+                    .collect()
+            })
+            .map_err(|e| unavailable("reading expiries", e))?;
+        raw.into_iter()
+            .map(|(c, at)| Ok((c, from_stored(at, "expiry")?)))
+            .collect()
+    }
+}
+
+/// A statement shared with PostgreSQL, its `$n` parameters written `?n`.
+fn sqlite_sql(sql: &str) -> String {
+    sql.replace('$', "?")
 }
 
 /// An open `BEGIN IMMEDIATE` transaction; holds the store's connection
@@ -781,13 +841,27 @@ impl StoreTx for SqliteTx<'_> {
         &mut self,
         counter: &str,
         now_ms: u64,
+        expiring: Option<u64>,
     ) -> Result<Option<DeletedCounter>, StoreError> {
         let now = to_stored(now_ms, "time")?;
+        let expiring = expiring.map(|at| to_stored(at, "expiry")).transpose()?;
         self.step(|conn, node_id, epoch| {
             let what = "deleting a counter";
             let epoch = to_stored(epoch, "epoch")?;
             // The transaction holds the database's write lock: nothing
             // changes the rows between these statements.
+            let cleared = match expiring {
+                Some(at) => conn
+                    .prepare_cached(&sqlite_sql(super::TAKE_EXPIRY_SQL))
+                    .and_then(|mut s| s.execute(params![counter, at])),
+                None => conn
+                    .prepare_cached(&sqlite_sql(super::CLEAR_EXPIRY_SQL))
+                    .and_then(|mut s| s.execute([counter])),
+            }
+            .map_err(|e| unavailable(what, e))?;
+            if expiring.is_some() && cleared == 0 {
+                return Ok(None);
+            }
             let before = select_shards(
                 conn,
                 &format!("SELECT {SHARD_COLUMNS} FROM tally_shards WHERE counter = ?1"),

@@ -16,6 +16,7 @@
 pub mod command;
 pub mod config;
 pub mod counter;
+pub mod expiry;
 pub mod info;
 pub mod keyspace;
 pub mod session;
@@ -39,6 +40,8 @@ pub enum Command {
     Keyspace(keyspace::Read),
     /// Deletes counters.
     Delete(keyspace::Delete),
+    /// Sets, clears or reads counters' expiries.
+    Expiry(expiry::Expiry),
     /// Reads or changes the connection's own state.
     Session(session::SessionCommand),
     Info(info::Info),
@@ -87,6 +90,8 @@ impl Command {
         use session::SessionCommand as S;
         match self {
             Command::Increment(_) | Command::Delete(_) => Some(Role::Write),
+            Command::Expiry(e) if e.writes() => Some(Role::Write),
+            Command::Expiry(_) => Some(Role::Read),
             Command::Session(S::Auth(_) | S::Hello { .. } | S::Quit | S::Reset) => None,
             Command::Keyspace(_)
             | Command::Session(_)
@@ -135,6 +140,7 @@ impl Command {
             )),
             Command::Keyspace(read) => read.run(&cx.shared.node).await,
             Command::Delete(delete) => delete.run(&cx.shared.node).await,
+            Command::Expiry(expiry) => expiry.run(&cx.shared.node).await,
             Command::Session(cmd) => cmd.apply(cx),
             Command::Info(info) => Ok(info.run(cx.shared).await),
             Command::Command(introspect) => introspect.apply(),
@@ -269,6 +275,78 @@ pub const COMMANDS: &[Spec] = &[
         categories: &["@write", "@string", "@fast"],
         keys: ONE_KEY,
         parse: keyspace::parse_getdel,
+    },
+    Spec {
+        name: "expire",
+        arity: -3,
+        flags: &["write", "fast"],
+        categories: &["@keyspace", "@write", "@fast"],
+        keys: ONE_KEY,
+        parse: expiry::parse_expire,
+    },
+    Spec {
+        name: "pexpire",
+        arity: -3,
+        flags: &["write", "fast"],
+        categories: &["@keyspace", "@write", "@fast"],
+        keys: ONE_KEY,
+        parse: expiry::parse_pexpire,
+    },
+    Spec {
+        name: "expireat",
+        arity: -3,
+        flags: &["write", "fast"],
+        categories: &["@keyspace", "@write", "@fast"],
+        keys: ONE_KEY,
+        parse: expiry::parse_expireat,
+    },
+    Spec {
+        name: "pexpireat",
+        arity: -3,
+        flags: &["write", "fast"],
+        categories: &["@keyspace", "@write", "@fast"],
+        keys: ONE_KEY,
+        parse: expiry::parse_pexpireat,
+    },
+    Spec {
+        name: "persist",
+        arity: 2,
+        flags: &["write", "fast"],
+        categories: &["@keyspace", "@write", "@fast"],
+        keys: ONE_KEY,
+        parse: expiry::parse_persist,
+    },
+    Spec {
+        name: "ttl",
+        arity: 2,
+        flags: READ,
+        categories: &["@keyspace", "@read", "@fast"],
+        keys: ONE_KEY,
+        parse: expiry::parse_ttl,
+    },
+    Spec {
+        name: "pttl",
+        arity: 2,
+        flags: READ,
+        categories: &["@keyspace", "@read", "@fast"],
+        keys: ONE_KEY,
+        parse: expiry::parse_pttl,
+    },
+    Spec {
+        name: "expiretime",
+        arity: 2,
+        flags: READ,
+        categories: &["@keyspace", "@read", "@fast"],
+        keys: ONE_KEY,
+        parse: expiry::parse_expiretime,
+    },
+    Spec {
+        name: "pexpiretime",
+        arity: 2,
+        flags: READ,
+        categories: &["@keyspace", "@read", "@fast"],
+        keys: ONE_KEY,
+        parse: expiry::parse_pexpiretime,
     },
     Spec {
         name: "dbsize",
