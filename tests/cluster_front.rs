@@ -1245,3 +1245,163 @@ async fn store_totals_and_duplicates_never_answer_below_the_first_reply() {
     stale.abandon().await;
     fresh.stop().await;
 }
+
+/// How many counters `member` deleted because their expiry had come.
+fn expired_by(member: &Member) -> u64 {
+    member
+        .node
+        .metrics()
+        .counters_expired
+        .load(std::sync::atomic::Ordering::Relaxed)
+}
+
+/// `PUT /v1/counters/{name}/expiry` with `body` through `member`.
+async fn put_expiry(member: &Member, name: &str, body: Value) -> (StatusCode, Value) {
+    let response = reqwest::Client::new()
+        .put(member.http_url(&format!("/v1/counters/{name}/expiry")))
+        .json(&body)
+        .send()
+        .await
+        .unwrap();
+    let status = response.status();
+    (status, response.json().await.unwrap())
+}
+
+// An expiry set through one node deletes the counter for every node once
+// its time has come, exactly once however many nodes sweep it; the
+// counter then reads 0 with no expiry, and increments after it count from
+// zero. RESP and HTTP agree on what is set, and a counter no node knows
+// gets no expiry.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn an_expiry_deletes_the_counter_once_for_every_node() {
+    let store = tempfile::tempdir().unwrap();
+    let a = Member::start(Some(store.path()), "a").await;
+    let b = Member::start(Some(store.path()), "b").await;
+    let c = Member::start(Some(store.path()), "c").await;
+    a.increment("w", 3).await;
+    b.increment("w", 4).await;
+    let seven = json!({"name": "w", "value": 7, "nodes": {"a": 3, "b": 4}});
+    settle_on(&c, "/v1/counters/w", &seven).await;
+    let mut con_b = b.redis().await;
+    let mut con_c = c.redis().await;
+    assert_eq!(query::<i64>(&mut con_b, &["EXPIRE", "w", "60"]).await, 1);
+    // Read from the store on any node.
+    let ttl: i64 = query(&mut con_c, &["TTL", "w"]).await;
+    assert_eq!(ttl, 60);
+    assert_eq!(
+        query::<i64>(&mut con_c, &["EXPIRE", "w", "90", "NX"]).await,
+        0
+    );
+    assert_eq!(
+        query::<i64>(&mut con_c, &["EXPIRE", "w", "30", "GT"]).await,
+        0
+    );
+    assert_eq!(query::<i64>(&mut con_c, &["PERSIST", "w"]).await, 1);
+    assert_eq!(query::<i64>(&mut con_b, &["TTL", "w"]).await, -1);
+    assert_eq!(query::<i64>(&mut con_b, &["TTL", "nobody"]).await, -2);
+    assert_eq!(
+        query::<i64>(&mut con_b, &["EXPIRE", "nobody", "5"]).await,
+        0
+    );
+    let (status, body) = put_expiry(&a, "nobody", json!({"in_ms": 5000})).await;
+    assert_eq!(status, StatusCode::NOT_FOUND, "{body}");
+    let (status, body) = put_expiry(&a, "w", json!({"in_ms": 5000, "at_ms": 1})).await;
+    assert_eq!(status, StatusCode::BAD_REQUEST, "{body}");
+    let (status, body) = put_expiry(&a, "w", json!({"in_ms": 300, "when": "no_expiry"})).await;
+    assert_eq!((status, &body["changed"]), (StatusCode::OK, &json!(true)));
+    let (_, expiry) = b.get("/v1/counters/w/expiry").await;
+    let ttl_ms = expiry["ttl_ms"].as_u64().expect("an expiry");
+    assert!(ttl_ms > 0 && ttl_ms <= 300, "{expiry}");
+
+    // The time comes: every node reads 0, and one node deleted it.
+    let zero = json!({"name": "w", "value": 0, "nodes": {"a": 0, "b": 0}});
+    for m in [&a, &b, &c] {
+        settle_on(m, "/v1/counters/w", &zero).await;
+    }
+    let zero = json!({"name": "w", "value": 0, "nodes": {"a": 0, "b": 0, "c": 0}});
+    assert_eq!(query::<i64>(&mut con_c, &["PTTL", "w"]).await, -1);
+    let expired = || expired_by(&a) + expired_by(&b) + expired_by(&c);
+    assert_eq!(expired(), 1, "one node deletes an expiry all three sweep");
+    assert_eq!(c.increment("w", 5).await["value"], 5);
+    let five = json!({"name": "w", "value": 5, "nodes": {"a": 0, "b": 0, "c": 5}});
+    settle_on(&a, "/v1/counters/w", &five).await;
+
+    // Windows, one after another, set through different nodes: each is
+    // deleted exactly once, and what is added after counts from zero.
+    for (round, m) in [&a, &b, &c, &a].into_iter().enumerate() {
+        let mut con = m.redis().await;
+        let _: i64 = query(&mut con, &["INCRBY", "w", "2"]).await;
+        assert_eq!(
+            query::<i64>(&mut con, &["PEXPIRE", "w", "100", "NX"]).await,
+            1
+        );
+        for n in [&a, &b, &c] {
+            settle_on(n, "/v1/counters/w", &zero).await;
+        }
+        assert_eq!(expired(), 2 + round as u64);
+    }
+    // An expiry in the past deletes at once, through the node asked; a
+    // delete clears an expiry.
+    b.increment("w", 9).await;
+    assert_eq!(query::<i64>(&mut con_b, &["PEXPIRE", "w", "-5"]).await, 1);
+    assert_eq!(
+        query::<Option<String>>(&mut con_b, &["GET", "w"])
+            .await
+            .as_deref(),
+        Some("0")
+    );
+    b.increment("w", 1).await;
+    assert_eq!(query::<i64>(&mut con_b, &["EXPIRE", "w", "100"]).await, 1);
+    assert_eq!(delete_over_http(&a, "w", false).await.0, true);
+    assert_eq!(query::<i64>(&mut con_b, &["TTL", "w"]).await, -1);
+    for m in [a, b, c] {
+        m.stop().await;
+    }
+}
+
+// On a node without a store, an expiry is journaled: it outlives a
+// restart (and a snapshot), then deletes the counter when its time comes;
+// `PERSIST` and a delete clear it.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn an_expiry_without_a_store_outlives_a_restart_and_then_deletes() {
+    let solo = Member::start(None, "solo").await;
+    solo.increment("w", 5).await;
+    solo.increment("kept", 1).await;
+    let mut con = solo.redis().await;
+    assert_eq!(query::<i64>(&mut con, &["PEXPIRE", "w", "1500"]).await, 1);
+    assert_eq!(query::<i64>(&mut con, &["EXPIRE", "kept", "1"]).await, 1);
+    assert_eq!(query::<i64>(&mut con, &["PERSIST", "kept"]).await, 1);
+    assert_eq!(query::<i64>(&mut con, &["PERSIST", "kept"]).await, 0);
+    solo.node.snapshot().unwrap();
+    let dir = solo.stop().await;
+    let solo = Member::start_in(dir, None, "solo", FAST.refresh_interval).await;
+    let mut con = solo.redis().await;
+    let left: i64 = query(&mut con, &["PTTL", "w"]).await;
+    assert!(left > 0 && left <= 1500, "PTTL after the restart: {left}");
+    assert_eq!(query::<i64>(&mut con, &["TTL", "kept"]).await, -1);
+    eventually("w expires", async || {
+        match query::<Option<String>>(&mut con, &["GET", "w"]).await {
+            Some(v) if v == "0" => Ok(()),
+            other => Err(format!("{other:?}")),
+        }
+    })
+    .await;
+    assert_eq!(query::<i64>(&mut con, &["TTL", "w"]).await, -1);
+    assert_eq!(expired_by(&solo), 1);
+    assert_eq!(query::<i64>(&mut con, &["INCR", "w"]).await, 1);
+    assert_eq!(
+        query::<Option<String>>(&mut con, &["GET", "kept"])
+            .await
+            .as_deref(),
+        Some("1")
+    );
+    assert_eq!(query::<i64>(&mut con, &["EXPIRE", "w", "100"]).await, 1);
+    assert_eq!(query::<i64>(&mut con, &["DEL", "w"]).await, 1);
+    assert_eq!(query::<i64>(&mut con, &["TTL", "w"]).await, -1);
+    // After a restart the delete still cleared it.
+    let dir = solo.stop().await;
+    let solo = Member::start_in(dir, None, "solo", FAST.refresh_interval).await;
+    let mut con = solo.redis().await;
+    assert_eq!(query::<i64>(&mut con, &["TTL", "w"]).await, -1);
+    solo.stop().await;
+}

@@ -10,6 +10,7 @@ use std::path::{Path, PathBuf};
 use std::sync::Arc;
 use std::time::Duration;
 
+use tally::engine::deadlines::ExpireIf;
 use tally::engine::storage::{SimOp, SimStorage, Storage};
 use tally::{Config, Durability, Error, IncrementOptions, Node, RecoveryMode};
 
@@ -880,6 +881,131 @@ fn resets_survive_a_power_cut_at_every_sync_point() {
             assert!(
                 possible.contains(&value),
                 "cut {cut} keep {keep}/{unsynced}: c = {value}, but after {acked} acknowledged \
+                 of {attempted} attempted steps it can only be one of {possible:?}"
+            );
+            recoveries += 1;
+        }
+        drop(node);
+    }
+    assert!(recoveries as u64 > syncs);
+}
+
+/// One step of [`expiry_workload`] on counter `w`.
+#[derive(Debug, Clone, Copy)]
+enum ExpiryStep {
+    Add(i64),
+    /// Expire at this unix time (ms), far in the future: never reached.
+    ExpireAt(u64),
+    Persist,
+    Delete,
+}
+
+const FAR: u64 = 4_000_000_000_000;
+
+const EXPIRY_PLAN: [ExpiryStep; 10] = [
+    ExpiryStep::Add(1),
+    ExpiryStep::ExpireAt(FAR + 1),
+    ExpiryStep::Add(2),
+    ExpiryStep::ExpireAt(FAR + 2),
+    ExpiryStep::Persist,
+    ExpiryStep::ExpireAt(FAR + 3),
+    ExpiryStep::Delete,
+    ExpiryStep::Add(4),
+    ExpiryStep::ExpireAt(FAR + 4),
+    ExpiryStep::Add(8),
+];
+
+/// The steps of [`EXPIRY_PLAN`], each acknowledged before the next, a
+/// snapshot after the fourth; returns how many steps were attempted and
+/// how many, from the first, were acknowledged without a break.
+async fn expiry_workload(node: &Node) -> (usize, usize) {
+    let mut acked = 0;
+    for (i, step) in EXPIRY_PLAN.iter().enumerate() {
+        if i == 4 {
+            let _ = node.snapshot();
+        }
+        let ok = match *step {
+            ExpiryStep::Add(delta) => node
+                .increment("w", delta, IncrementOptions::default())
+                .await
+                .is_ok(),
+            ExpiryStep::ExpireAt(at) => node
+                .expire("w", Some(at), ExpireIf::Always)
+                .await
+                .is_ok_and(|changed| changed == Some(true)),
+            ExpiryStep::Persist => node
+                .expire("w", None, ExpireIf::Always)
+                .await
+                .is_ok_and(|changed| changed == Some(true)),
+            ExpiryStep::Delete => node.delete("w").await.is_ok(),
+        };
+        if !ok {
+            return (i + 1, acked);
+        }
+        acked = i + 1;
+    }
+    (EXPIRY_PLAN.len(), acked)
+}
+
+/// Counter `w`'s value and expiry after the first `steps` steps.
+fn expiry_model(steps: usize) -> (i64, Option<u64>) {
+    EXPIRY_PLAN[..steps]
+        .iter()
+        .fold((0, None), |(v, at), s| match *s {
+            ExpiryStep::Add(d) => (v + d, at),
+            ExpiryStep::ExpireAt(t) => (v, Some(t)),
+            ExpiryStep::Persist => (v, None),
+            ExpiryStep::Delete => (0, None),
+        })
+}
+
+// A counter's expiry is journaled (and carried by snapshots) like its
+// value: cut power at every sync point and tear the unsynced tail at every
+// byte, and the counter recovers to the value and expiry after a prefix of
+// its history that holds every acknowledged step (a delete clearing the
+// expiry included).
+#[test]
+fn expiries_survive_a_power_cut_at_every_sync_point() {
+    let rt = runtime();
+    let clean = SimStorage::new();
+    let node = Node::open_with_storage(config(), Arc::new(clean.clone())).unwrap();
+    assert_eq!(rt.block_on(expiry_workload(&node)), (10, 10));
+    let got = (
+        node.get("w").unwrap().unwrap(),
+        rt.block_on(node.expiry("w")).unwrap().unwrap(),
+    );
+    assert_eq!(got, expiry_model(10));
+    let (_, syncs) = clean.op_counts();
+    node.shutdown().unwrap();
+    let reopened = Node::open_with_storage(config(), Arc::new(clean.crash(&[]))).unwrap();
+    assert_eq!(
+        rt.block_on(reopened.expiry("w")).unwrap().unwrap(),
+        Some(FAR + 4),
+        "the expiry outlives a clean restart from the snapshot and journal"
+    );
+    drop(reopened);
+    let mut recoveries = 0;
+    for cut in 1..=syncs + 1 {
+        let fs = SimStorage::new();
+        fs.fail_from(SimOp::Sync, cut);
+        let Ok(node) = Node::open_with_storage(config(), Arc::new(fs.clone())) else {
+            continue;
+        };
+        let (attempted, acked) = rt.block_on(expiry_workload(&node));
+        let tail = last_segment(&fs);
+        let unsynced = tail.as_ref().map_or(0, |p| fs.unsynced_len(p));
+        for keep in 0..=unsynced {
+            let keep_list: Vec<(PathBuf, usize)> = tail.iter().map(|p| (p.clone(), keep)).collect();
+            let recovered = Node::open_with_storage(config(), Arc::new(fs.crash(&keep_list)))
+                .unwrap_or_else(|e| panic!("cut {cut} keep {keep}: recovery failed: {e}"));
+            let state = (
+                recovered.get("w").unwrap().unwrap_or(0),
+                rt.block_on(recovered.expiry("w")).unwrap().flatten(),
+            );
+            let possible: Vec<(i64, Option<u64>)> = (acked..=attempted).map(expiry_model).collect();
+            assert!(
+                possible.contains(&state),
+                "cut {cut} keep {keep}/{unsynced}: w = {state:?}, but after {acked} acknowledged \
                  of {attempted} attempted steps it can only be one of {possible:?}"
             );
             recoveries += 1;
