@@ -48,7 +48,7 @@ const REGISTER_RETRY_MAX: Duration = Duration::from_secs(5);
 const REGISTER_LOG_INTERVAL: Duration = Duration::from_secs(10);
 /// Longest wait of a node without a store between two looks at its
 /// counters' expiries (it also wakes when an earlier one is set).
-const EXPIRY_SWEEP_INTERVAL: Duration = Duration::from_millis(50);
+pub const EXPIRY_SWEEP_INTERVAL: Duration = Duration::from_millis(50);
 /// Most expired counters one sweep deletes; the next sweep takes the rest.
 pub const EXPIRIES_PER_SWEEP: usize = 1_000;
 /// How often expired idempotency keys are purged.

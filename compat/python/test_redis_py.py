@@ -238,6 +238,51 @@ def group_counters(run):
         same(r.incr(gone), 1, "INCR after GETDEL counts from zero")
         same(r.getdel(missing), None, "GETDEL of a missing counter")
 
+        # Expiries: an expired counter is deleted as by DEL, so tally reads
+        # it as 0 where Redis reads nil (checked per server below); the
+        # rest answers alike. TTL rounds to the nearest second on both.
+        ex = run.key("ex")
+        same(r.incr(ex), 1, "INCR before EXPIRE")
+        same(r.expire(ex, 100), True, "EXPIRE 100 of a counter")
+        same(r.ttl(ex), 100, "TTL right after EXPIRE 100")
+        left = r.pttl(ex)
+        check(
+            type(left) is int and 99000 <= left <= 100000,
+            f"PTTL right after EXPIRE 100: {left!r}, want 99000 to 100000",
+        )
+        same(r.expire(ex, 200, nx=True), False, "EXPIRE NX of a counter with an expiry")
+        same(r.expire(ex, 200, xx=True), True, "EXPIRE XX of a counter with an expiry")
+        same(r.ttl(ex), 200, "TTL after EXPIRE 200 XX")
+        same(r.expire(ex, 100, gt=True), False, "EXPIRE GT with an earlier time")
+        same(r.expire(ex, 50, lt=True), True, "EXPIRE LT with an earlier time")
+        same(r.ttl(ex), 50, "TTL after EXPIRE 50 LT")
+        same(r.persist(ex), True, "PERSIST of a counter with an expiry")
+        same(r.persist(ex), False, "PERSIST of a counter without an expiry")
+        same(r.ttl(ex), -1, "TTL of a counter without an expiry")
+        same(r.get(ex), b"1", "GET after PERSIST: the value is kept")
+        same(r.ttl(missing), -2, "TTL of a missing counter")
+        same(r.pttl(missing), -2, "PTTL of a missing counter")
+        same(r.expire(missing, 10), False, "EXPIRE of a missing counter")
+        same(r.exists(missing), 0, "EXPIRE does not make a missing counter")
+
+        at_s = int(time.time()) + 86400
+        same(r.expireat(ex, at_s), True, "EXPIREAT a day ahead")
+        same(r.expiretime(ex), at_s, "EXPIRETIME after EXPIREAT")
+        at_ms = (int(time.time()) + 2 * 86400) * 1000 + 123
+        same(r.pexpireat(ex, at_ms), True, "PEXPIREAT two days ahead")
+        same(r.pexpiretime(ex), at_ms, "PEXPIRETIME after PEXPIREAT")
+        same(r.expiretime(ex), at_ms // 1000, "EXPIRETIME after PEXPIREAT")
+
+        same(r.pexpire(ex, 150), True, "PEXPIRE 150")
+        time.sleep(0.5)
+        if run.server == "tally":
+            same(r.get(ex), b"0", "GET of an expired counter on tally (deleted counters read 0)")
+        else:
+            same(r.get(ex), None, "GET of an expired key on Redis (nil)")
+        same(r.incr(ex), 1, "INCR after the expiry counts from zero")
+        same(r.expire(ex, -1), True, "EXPIRE -1 (a time already past deletes now)")
+        same(r.incr(ex), 1, "INCR after EXPIRE -1 counts from zero")
+
     with run.client(decode_responses=True) as d:
         same(d.get(k), "5", "GET with decode_responses")
         same(d.mget(k, missing), ["5", None], "MGET with decode_responses")
@@ -501,6 +546,8 @@ def group_command(run):
             ("mget", -2), ("exists", -2), ("dbsize", 1), ("ping", -1), ("echo", 2),
             ("hello", -1), ("client", -2), ("info", -1), ("config", -2),
             ("del", -2), ("getdel", 2),
+            ("expire", -3), ("pexpire", -3), ("expireat", -3), ("pexpireat", -3),
+            ("persist", 2), ("ttl", 2), ("pttl", 2), ("expiretime", 2), ("pexpiretime", 2),
         ]:
             check(name in table, f"COMMAND lists {name}")
             same(table[name]["arity"], arity, f"COMMAND arity of {name}")
