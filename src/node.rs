@@ -1260,38 +1260,51 @@ fn housekeeping_main(shared: std::sync::Weak<Shared>) {
 }
 /// The thread that deletes counters whose expiry has come: from the
 /// engine's expiries on a node without a store, from the store's with one.
+///
+/// It sleeps without holding the node (at most [`EXPIRY_SWEEP_INTERVAL`]
+/// at a time), and holds it only while it sweeps: with the housekeeping
+/// thread also taking the node in turns, two threads holding it in
+/// alternation would keep a node dropped without a shutdown (and its data
+/// directory's lock) alive for ever.
 fn expiry_main(shared: std::sync::Weak<Shared>) {
+    let mut last_store_sweep = Instant::now();
     loop {
+        let wait = {
+            let Some(shared) = shared.upgrade() else {
+                return;
+            };
+            if *shared.stop.0.lock() {
+                return;
+            }
+            match (shared.cluster.get(), shared.config.cluster.is_some()) {
+                (Some(c), _) => c
+                    .config
+                    .flush_interval
+                    .saturating_sub(last_store_sweep.elapsed()),
+                (None, true) => EXPIRY_SWEEP_INTERVAL,
+                (None, false) => shared
+                    .engine
+                    .deadlines()
+                    .next()
+                    .map_or(EXPIRY_SWEEP_INTERVAL, |at| {
+                        Duration::from_millis(at.saturating_sub(now_ms()))
+                    }),
+            }
+            .min(EXPIRY_SWEEP_INTERVAL)
+        };
+        std::thread::sleep(wait);
         let Some(shared) = shared.upgrade() else {
             return;
         };
-        let wait = match (shared.cluster.get(), shared.config.cluster.is_some()) {
-            (Some(c), _) => c.config.flush_interval,
-            (None, true) => EXPIRY_SWEEP_INTERVAL,
-            (None, false) => shared
-                .engine
-                .deadlines()
-                .next()
-                .map_or(EXPIRY_SWEEP_INTERVAL, |at| {
-                    Duration::from_millis(at.saturating_sub(now_ms())).min(EXPIRY_SWEEP_INTERVAL)
-                }),
-        };
-        {
-            let (lock, cv) = &shared.stop;
-            let mut stop = lock.lock();
-            if *stop {
-                return;
-            }
-            if !wait.is_zero() {
-                cv.wait_for(&mut stop, wait);
-            }
-            if *stop {
-                return;
-            }
+        if *shared.stop.0.lock() {
+            return;
         }
         match (shared.cluster.get(), shared.config.cluster.is_some()) {
-            (Some(c), _) => sweep_store(c),
-            (None, true) => {}
+            (Some(c), _) if last_store_sweep.elapsed() >= c.config.flush_interval => {
+                sweep_store(c);
+                last_store_sweep = Instant::now();
+            }
+            (Some(_), _) | (None, true) => {}
             (None, false) => sweep_engine(&shared),
         }
     }

@@ -462,6 +462,7 @@ async fn openapi_document_matches_the_router() {
         let request = match method.as_str() {
             "GET" => client.get(&url),
             "POST" => client.post(&url).body("[]"),
+            "PUT" => client.put(&url).body("{}"),
             "DELETE" => client.delete(&url),
             other => panic!("unexpected method {other}"),
         };
