@@ -292,6 +292,7 @@ pub use crate::engine::deadlines::ExpireIf;
 /// The one statement of [`Store::set_expiry`] under `when`, parameters
 /// `$1` counter and `$2` the time: the condition is judged by the store as
 /// it writes. Both backends read the same SQL (SQLite with `?` for `$`).
+#[cfg_attr(not(any(feature = "sqlite", feature = "postgres")), allow(dead_code))]
 pub(crate) fn set_expiry_sql(when: ExpireIf) -> &'static str {
     match when {
         ExpireIf::Always => {
@@ -312,11 +313,15 @@ pub(crate) fn set_expiry_sql(when: ExpireIf) -> &'static str {
     }
 }
 
+#[cfg_attr(not(any(feature = "sqlite", feature = "postgres")), allow(dead_code))]
 pub(crate) const EXPIRY_SQL: &str = "SELECT at_ms FROM tally_expiries WHERE counter = $1";
+#[cfg_attr(not(any(feature = "sqlite", feature = "postgres")), allow(dead_code))]
 pub(crate) const CLEAR_EXPIRY_SQL: &str = "DELETE FROM tally_expiries WHERE counter = $1";
 /// The expiry a sweeping delete names, taken away: no row, no delete.
+#[cfg_attr(not(any(feature = "sqlite", feature = "postgres")), allow(dead_code))]
 pub(crate) const TAKE_EXPIRY_SQL: &str =
     "DELETE FROM tally_expiries WHERE counter = $1 AND at_ms = $2";
+#[cfg_attr(not(any(feature = "sqlite", feature = "postgres")), allow(dead_code))]
 pub(crate) const DUE_EXPIRIES_SQL: &str = "SELECT counter, at_ms FROM tally_expiries \
      WHERE at_ms <= $1 ORDER BY at_ms, counter LIMIT $2";
 
