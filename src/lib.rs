@@ -32,6 +32,7 @@ pub mod hot;
 #[cfg(feature = "http")]
 pub mod http;
 pub mod inspect;
+pub mod labels;
 #[cfg(any(feature = "resp", feature = "http"))]
 pub mod listen;
 pub mod metrics;

@@ -13,8 +13,12 @@
 //! | POST | `/v1/counters/{name}/increment` | `{"name", "value", "duplicate"}` |
 //! | POST | `/v1/increments` | one result per item, in order |
 //! | GET | `/v1/counters/{name}?consistency=cache\|store` | `{"name", "value", "nodes": {"<node id>": <shard>}}`, 404 if no node holds it |
+//! | DELETE | `/v1/counters/{name}` (or POST `.../reset`) | `{"name", "deleted", "erased"}` |
+//! | PUT, GET, DELETE | `/v1/counters/{name}/expiry` | `{"name", "changed"}`; GET `{"name", "expires_at_ms", "ttl_ms"}` |
 //! | GET | `/v1/counters?prefix=&after=&limit=` | `{"counters": [...], "next_after"}` |
 //! | GET | `/v1/cluster` | the cluster view: every node, its epoch, liveness and flush lag |
+//! | POST | `/v1/nodes/{id}/retire?force=` | `{"node_id", "retired", "address"}` |
+//! | GET | `/` | the dashboard page |
 //! | GET | `/metrics` | OpenMetrics text |
 //! | GET | `/healthz` | `{"status": "alive"}` |
 //! | GET | `/readyz` | 200 `{"ready": true, "replicated", ...}` or 503 `{"ready": false, "reason", ...}` |
