@@ -862,6 +862,26 @@ fn resets_survive_a_power_cut_at_every_sync_point() {
     assert_eq!(node.get("c").unwrap(), Some(reset_model(9)));
     let (_, syncs) = clean.op_counts();
     node.shutdown().unwrap();
+    power_cut_at_every_sync_point(
+        syncs,
+        |node| rt.block_on(reset_workload(node)),
+        |node| node.get("c").unwrap().unwrap_or(0),
+        reset_model,
+    );
+}
+
+/// Runs `workload` (returning how many steps it attempted and how many,
+/// from the first, were acknowledged) on a node whose storage fails from
+/// its `cut`-th sync on, for every cut up to `syncs + 1`, then recovers
+/// with the unsynced tail of the last segment torn at every byte: the
+/// state read by `state` must be `model` of some number of steps between
+/// the acknowledged and the attempted ones.
+fn power_cut_at_every_sync_point<S: PartialEq + std::fmt::Debug>(
+    syncs: u64,
+    workload: impl Fn(&Node) -> (usize, usize),
+    state: impl Fn(&Node) -> S,
+    model: impl Fn(usize) -> S,
+) {
     let mut recoveries = 0;
     for cut in 1..=syncs + 1 {
         let fs = SimStorage::new();
@@ -869,19 +889,19 @@ fn resets_survive_a_power_cut_at_every_sync_point() {
         let Ok(node) = Node::open_with_storage(config(), Arc::new(fs.clone())) else {
             continue;
         };
-        let (attempted, acked) = rt.block_on(reset_workload(&node));
+        let (attempted, acked) = workload(&node);
         let tail = last_segment(&fs);
         let unsynced = tail.as_ref().map_or(0, |p| fs.unsynced_len(p));
         for keep in 0..=unsynced {
             let keep_list: Vec<(PathBuf, usize)> = tail.iter().map(|p| (p.clone(), keep)).collect();
             let recovered = Node::open_with_storage(config(), Arc::new(fs.crash(&keep_list)))
                 .unwrap_or_else(|e| panic!("cut {cut} keep {keep}: recovery failed: {e}"));
-            let value = recovered.get("c").unwrap().unwrap_or(0);
-            let possible: Vec<i64> = (acked..=attempted).map(reset_model).collect();
+            let got = state(&recovered);
+            let possible: Vec<S> = (acked..=attempted).map(&model).collect();
             assert!(
-                possible.contains(&value),
-                "cut {cut} keep {keep}/{unsynced}: c = {value}, but after {acked} acknowledged \
-                 of {attempted} attempted steps it can only be one of {possible:?}"
+                possible.contains(&got),
+                "cut {cut} keep {keep}/{unsynced}: recovered {got:?}, but after {acked} \
+                 acknowledged of {attempted} attempted steps it can only be one of {possible:?}"
             );
             recoveries += 1;
         }
@@ -984,33 +1004,15 @@ fn expiries_survive_a_power_cut_at_every_sync_point() {
         "the expiry outlives a clean restart from the snapshot and journal"
     );
     drop(reopened);
-    let mut recoveries = 0;
-    for cut in 1..=syncs + 1 {
-        let fs = SimStorage::new();
-        fs.fail_from(SimOp::Sync, cut);
-        let Ok(node) = Node::open_with_storage(config(), Arc::new(fs.clone())) else {
-            continue;
-        };
-        let (attempted, acked) = rt.block_on(expiry_workload(&node));
-        let tail = last_segment(&fs);
-        let unsynced = tail.as_ref().map_or(0, |p| fs.unsynced_len(p));
-        for keep in 0..=unsynced {
-            let keep_list: Vec<(PathBuf, usize)> = tail.iter().map(|p| (p.clone(), keep)).collect();
-            let recovered = Node::open_with_storage(config(), Arc::new(fs.crash(&keep_list)))
-                .unwrap_or_else(|e| panic!("cut {cut} keep {keep}: recovery failed: {e}"));
-            let state = (
-                recovered.get("w").unwrap().unwrap_or(0),
-                rt.block_on(recovered.expiry("w")).unwrap().flatten(),
-            );
-            let possible: Vec<(i64, Option<u64>)> = (acked..=attempted).map(expiry_model).collect();
-            assert!(
-                possible.contains(&state),
-                "cut {cut} keep {keep}/{unsynced}: w = {state:?}, but after {acked} acknowledged \
-                 of {attempted} attempted steps it can only be one of {possible:?}"
-            );
-            recoveries += 1;
-        }
-        drop(node);
-    }
-    assert!(recoveries as u64 > syncs);
+    power_cut_at_every_sync_point(
+        syncs,
+        |node| rt.block_on(expiry_workload(node)),
+        |node| {
+            (
+                node.get("w").unwrap().unwrap_or(0),
+                rt.block_on(node.expiry("w")).unwrap().flatten(),
+            )
+        },
+        expiry_model,
+    );
 }

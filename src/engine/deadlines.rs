@@ -77,15 +77,6 @@ impl Deadlines {
         self.inner.lock().get(name)
     }
 
-    /// How many counters have a deadline.
-    pub fn len(&self) -> usize {
-        self.inner.lock().by_name.len()
-    }
-
-    pub fn is_empty(&self) -> bool {
-        self.len() == 0
-    }
-
     /// The earliest deadline, if any.
     pub fn next(&self) -> Option<u64> {
         self.inner.lock().by_time.first().map(|(at, _)| *at)
@@ -152,7 +143,6 @@ mod tests {
         assert_eq!(m.set("c", None), Some(20));
         assert_eq!(m.set("c", None), None);
         drop(m);
-        assert_eq!(d.len(), 2);
         assert_eq!(d.next(), Some(5));
         assert_eq!(d.due(10, 10), vec![("a".into(), 5), ("b".into(), 10)]);
         assert_eq!(d.due(10, 1), vec![("a".into(), 5)]);

@@ -221,10 +221,7 @@ async fn get_counter(
             value: detail.value,
             nodes: detail.shards.into_iter().collect(),
         })),
-        None => Err(ApiError::new(
-            StatusCode::NOT_FOUND,
-            format!("counter '{name}' not found"),
-        )),
+        None => Err(not_found(&name)),
     }
 }
 
@@ -271,6 +268,18 @@ struct ExpiryChangeReply {
     changed: bool,
 }
 
+/// The reply of a change to `name`'s expiry: 404 if the counter does not
+/// exist (`None`).
+fn expiry_changed(
+    name: String,
+    changed: Option<bool>,
+) -> Result<Json<ExpiryChangeReply>, ApiError> {
+    match changed {
+        Some(changed) => Ok(Json(ExpiryChangeReply { name, changed })),
+        None => Err(not_found(&name)),
+    }
+}
+
 fn not_found(name: &str) -> ApiError {
     ApiError::new(StatusCode::NOT_FOUND, format!("counter '{name}' not found"))
 }
@@ -290,14 +299,11 @@ async fn set_expiry(
     )
     .await?;
     let fields = body::parse_expiry(&bytes, crate::engine::idempotency::now_ms())?;
-    match state
+    let changed = state
         .node
         .expire(&name, Some(fields.at_ms), fields.when)
-        .await?
-    {
-        Some(changed) => Ok(Json(ExpiryChangeReply { name, changed })),
-        None => Err(not_found(&name)),
-    }
+        .await?;
+    expiry_changed(name, changed)
 }
 
 async fn get_expiry(
@@ -321,14 +327,11 @@ async fn clear_expiry(
     path: Result<Path<String>, PathRejection>,
 ) -> Result<Json<ExpiryChangeReply>, ApiError> {
     let name = name_from(path)?;
-    match state
+    let changed = state
         .node
         .expire(&name, None, crate::engine::deadlines::ExpireIf::Always)
-        .await?
-    {
-        Some(changed) => Ok(Json(ExpiryChangeReply { name, changed })),
-        None => Err(not_found(&name)),
-    }
+        .await?;
+    expiry_changed(name, changed)
 }
 
 #[derive(Deserialize)]
